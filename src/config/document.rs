@@ -1,0 +1,260 @@
+//! A config document as a tree of values that remember where they were written, so
+//! every later complaint (a bad CIDR, a wrong type) can point at file:line:column.
+
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_saphyr::Spanned;
+
+/// Line and column of a value in the config file, both 1-based.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub line: u64,
+    pub column: u64,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i128),
+    Float(f64),
+    Str(String),
+    List(Vec<Located>),
+    Map(Vec<(Located, Located)>),
+}
+
+impl Value {
+    /// The JSON type name Go's encoding/json uses in "cannot unmarshal X into ..." messages.
+    pub fn json_type(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Int(_) | Value::Float(_) => "number",
+            Value::Str(_) => "string",
+            Value::List(_) => "array",
+            Value::Map(_) => "object",
+        }
+    }
+
+    /// A short rendering of the value for error messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Value::Null => "null".to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Int(i) => i.to_string(),
+            Value::Float(f) => f.to_string(),
+            Value::Str(s) => format!("{s:?}"),
+            Value::List(items) => format!("a list of {} item(s)", items.len()),
+            Value::Map(entries) => format!("a mapping of {} key(s)", entries.len()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Located {
+    pub value: Value,
+    pub position: Option<Position>,
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Located {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let spanned = Spanned::<Value>::deserialize(deserializer)?;
+        let line = spanned.referenced.line();
+        let position = (line > 0).then(|| Position {
+            line,
+            column: spanned.referenced.column(),
+        });
+        Ok(Located {
+            value: spanned.value,
+            position,
+        })
+    }
+}
+
+struct ValueVisitor;
+
+impl<'de> Visitor<'de> for ValueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any YAML or JSON value")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        Value::deserialize(d)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Int(v.into()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Int(v.into()))
+    }
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value, E> {
+        Ok(Value::Int(v))
+    }
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
+        Ok(i128::try_from(v).map_or(Value::Float(v as f64), Value::Int))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::Float(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::Str(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        Ok(Value::Str(v))
+    }
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Value, E> {
+        Ok(Value::Str(String::from_utf8_lossy(v).into_owned()))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Located>()? {
+            items.push(item);
+        }
+        Ok(Value::List(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut entries = Vec::new();
+        while let Some((key, value)) = map.next_entry::<Located, Located>()? {
+            entries.push((key, value));
+        }
+        Ok(Value::Map(entries))
+    }
+}
+
+/// Why a document could not be read as YAML or JSON at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyntaxError {
+    pub position: Option<Position>,
+    pub message: String,
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    // Keys are matched case-insensitively later, so every entry must reach us.
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::PassThrough;
+    // Kubernetes reads this file with a YAML 1.1 parser: yes/no/on/off are booleans.
+    options.strict_booleans = false;
+    options
+}
+
+fn saphyr_error(err: &serde_saphyr::Error) -> SyntaxError {
+    let position = err.location().and_then(|loc| {
+        (loc.line() > 0).then(|| Position {
+            line: loc.line(),
+            column: loc.column(),
+        })
+    });
+    let message = err.without_snippet().to_string();
+    // The message may repeat the location; keep the first line for a one-line log.
+    let message = message.lines().next().unwrap_or_default().to_string();
+    SyntaxError { position, message }
+}
+
+/// True when the text is JSON by Kubernetes' rule: the first non-space character is `{`.
+pub fn looks_like_json(text: &str) -> bool {
+    text.trim_start().starts_with('{')
+}
+
+/// Parses the text into a located tree; `Ok(None)` for an empty document.
+pub fn parse_document(text: &str) -> Result<Option<Located>, SyntaxError> {
+    if looks_like_json(text) {
+        // Kubernetes passes JSON straight to Go's strict decoder: check it strictly first.
+        if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            return Err(SyntaxError {
+                position: Some(Position {
+                    line: err.line() as u64,
+                    column: err.column() as u64,
+                }),
+                message: err.to_string(),
+            });
+        }
+    }
+    let no_content = text
+        .lines()
+        .all(|line| line.trim().is_empty() || line.trim_start().starts_with('#'));
+    if no_content {
+        return Ok(None);
+    }
+    let doc: Option<Located> =
+        serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| saphyr_error(&e))?;
+    Ok(doc.filter(|d| d.value != Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map_of(text: &str) -> Vec<(Located, Located)> {
+        match parse_document(text).unwrap().unwrap().value {
+            Value::Map(m) => m,
+            other => panic!("not a map: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn yaml_values_keep_their_positions() {
+        let m = map_of("a: 1\nlist:\n  - x\n  - y\n");
+        assert_eq!(m[0].1.value, Value::Int(1));
+        let Value::List(items) = &m[1].1.value else {
+            panic!()
+        };
+        assert_eq!(
+            items[1].position,
+            Some(Position { line: 4, column: 5 })
+        );
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_are_booleans() {
+        let m = map_of("a: yes\nb: off\nc: On\nd: 'yes'\n");
+        assert_eq!(m[0].1.value, Value::Bool(true));
+        assert_eq!(m[1].1.value, Value::Bool(false));
+        assert_eq!(m[2].1.value, Value::Bool(true));
+        assert_eq!(m[3].1.value, Value::Str("yes".into()));
+    }
+
+    #[test]
+    fn json_is_checked_strictly() {
+        let err = parse_document("{\"a\": yes}").unwrap_err();
+        assert_eq!(err.position, Some(Position { line: 1, column: 7 }));
+        assert!(parse_document("{\"a\": 1} trailing").is_err());
+        let m = map_of("{\"a\": true,\n \"b\": [\"x\"]}");
+        assert_eq!(m[1].1.position.map(|p| p.line), Some(2));
+    }
+
+    #[test]
+    fn empty_and_comment_only_documents_are_empty() {
+        assert_eq!(parse_document("").unwrap(), None);
+        assert_eq!(parse_document("\n# nothing\n  \n").unwrap(), None);
+        assert_eq!(parse_document("null\n").unwrap(), None);
+    }
+
+    #[test]
+    fn duplicate_keys_reach_the_caller() {
+        assert_eq!(map_of("a: 1\na: 2\n").len(), 2);
+    }
+}

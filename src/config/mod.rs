@@ -1,0 +1,399 @@
+//! The agent's config file: raw document -> validated [`Config`], with upstream's
+//! defaults, key matching, value semantics and error texts.
+
+mod document;
+pub mod duration;
+
+use std::fmt;
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub use document::Position;
+use document::{Located, Value, parse_document};
+use duration::parse_go_duration;
+
+/// Where the ConfigMap is mounted in upstream's manifests.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/config/ip-masq-agent";
+
+/// Files larger than this are refused before parsing: even 50,000 CIDRs fit in 2 MiB.
+pub const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
+const RFC1918: [&str; 3] = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"];
+const OTHER_RESERVED: [&str; 8] = [
+    "100.64.0.0/10",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "240.0.0.0/4",
+];
+
+/// Config keys as upstream spells them; matching is case-insensitive like Go's encoding/json.
+pub const KNOWN_KEYS: [&str; 5] = [
+    "nonMasqueradeCIDRs",
+    "cidrLimit",
+    "masqLinkLocal",
+    "masqLinkLocalIPv6",
+    "resyncInterval",
+];
+
+/// Settings that come from flags but change how the file is read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ParseOptions {
+    pub enable_ipv6: bool,
+    pub nomasq_all_reserved_ranges: bool,
+}
+
+/// A validated config: every prefix parses, is aligned, and belongs to an enabled family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub non_masquerade_cidrs: Vec<IpNet>,
+    pub cidr_limit: usize,
+    pub masq_link_local: bool,
+    pub masq_link_local_ipv6: bool,
+    pub resync_interval: Duration,
+}
+
+impl Config {
+    pub fn defaults(options: ParseOptions) -> Config {
+        let mut cidrs: Vec<&str> = RFC1918.to_vec();
+        if options.nomasq_all_reserved_ranges {
+            cidrs.extend(OTHER_RESERVED);
+        }
+        Config {
+            non_masquerade_cidrs: cidrs
+                .into_iter()
+                .filter_map(|c| c.parse().ok())
+                .collect(),
+            cidr_limit: 64,
+            masq_link_local: false,
+            masq_link_local_ipv6: false,
+            resync_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where a loaded config came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// No file at the path: upstream's defaults apply.
+    Missing(PathBuf),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadedConfig {
+    pub config: Config,
+    pub source: ConfigSource,
+    /// Things worth an operator's attention that do not make the file invalid.
+    pub warnings: Vec<String>,
+}
+
+/// A rejected config file: names the file, the position, the key and the problem.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub position: Option<Position>,
+    pub key: Option<String>,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(position) = self.position {
+            write!(f, ":{position}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+/// Reads and validates the config at `path`; a missing file means defaults, as upstream.
+pub fn load(path: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigError> {
+    let fail = |problem: String| ConfigError {
+        file: path.to_path_buf(),
+        position: None,
+        key: None,
+        problem,
+    };
+    // metadata() follows symlinks, so a dangling `..data` link reads as missing, like Go's os.Stat.
+    match std::fs::metadata(path) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(LoadedConfig {
+                config: Config::defaults(options),
+                source: ConfigSource::Missing(path.to_path_buf()),
+                warnings: Vec::new(),
+            });
+        }
+        Err(err) => return Err(fail(format!("cannot read config file: {err}"))),
+        Ok(meta) if meta.is_dir() => {
+            return Err(fail(
+                "is a directory, expected a YAML or JSON file (mount the ConfigMap directory and point --config at the file in it)".into(),
+            ));
+        }
+        Ok(_) => {}
+    }
+    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read config file: {e}")))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read config file: {e}")))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(fail(format!(
+            "file is larger than {MAX_CONFIG_BYTES} bytes; refusing to parse it"
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        fail(format!(
+            "not UTF-8 text (invalid byte at offset {}); is this a binary file?",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
+    let mut loaded = parse(&text, path, options)?;
+    loaded.source = ConfigSource::File(path.to_path_buf());
+    Ok(loaded)
+}
+
+/// Parses config text as if read from `file` (used for messages only).
+pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigError> {
+    let error = |position: Option<Position>, key: Option<&str>, problem: String| ConfigError {
+        file: file.to_path_buf(),
+        position,
+        key: key.map(str::to_owned),
+        problem,
+    };
+    let document = parse_document(text).map_err(|e| {
+        error(
+            e.position,
+            None,
+            format!("not valid YAML or JSON: {}", e.message),
+        )
+    })?;
+    let mut config = Config::defaults(options);
+    let mut warnings = Vec::new();
+    let Some(document) = document else {
+        return Ok(LoadedConfig {
+            config,
+            source: ConfigSource::File(file.to_path_buf()),
+            warnings,
+        });
+    };
+    let Value::Map(entries) = document.value else {
+        return Err(error(
+            document.position,
+            None,
+            format!(
+                "expected a mapping of config keys ({}), got {}",
+                KNOWN_KEYS.join(", "),
+                document.value.describe()
+            ),
+        ));
+    };
+
+    let mut cidrs_node: Option<(Vec<Located>, Option<Position>)> = None;
+    for (key_node, value) in entries {
+        let key_text = match &key_node.value {
+            Value::Str(s) => s.clone(),
+            other => other.describe(),
+        };
+        let Some(key) = match_key(&key_text) else {
+            let place = key_node
+                .position
+                .map(|p| format!("{}:{p}: ", file.display()))
+                .unwrap_or_else(|| format!("{}: ", file.display()));
+            warnings.push(format!(
+                "{place}unknown key {key_text:?} is ignored; did you mean {:?}?",
+                closest_key(&key_text)
+            ));
+            continue;
+        };
+        let type_error = |expected: &str| {
+            error(
+                value.position,
+                Some(key),
+                format!(
+                    "expected {expected}, got {} {}",
+                    value.value.json_type(),
+                    value.value.describe()
+                ),
+            )
+        };
+        // As in Go's encoding/json, null leaves a scalar untouched and empties a list.
+        match (key, &value.value) {
+            ("nonMasqueradeCIDRs", Value::Null) => cidrs_node = Some((Vec::new(), value.position)),
+            ("nonMasqueradeCIDRs", Value::List(items)) => {
+                cidrs_node = Some((items.clone(), value.position));
+            }
+            ("nonMasqueradeCIDRs", _) => {
+                return Err(type_error("a list of CIDR strings such as [\"10.0.0.0/8\"]"));
+            }
+            (_, Value::Null) => {}
+            ("cidrLimit", Value::Int(n)) => {
+                config.cidr_limit = usize::try_from(*n).map_err(|_| {
+                    error(
+                        value.position,
+                        Some(key),
+                        format!("must be a whole number from 0 up, got {n}"),
+                    )
+                })?;
+            }
+            ("cidrLimit", _) => return Err(type_error("a whole number")),
+            ("masqLinkLocal", Value::Bool(b)) => config.masq_link_local = *b,
+            ("masqLinkLocalIPv6", Value::Bool(b)) => config.masq_link_local_ipv6 = *b,
+            ("masqLinkLocal" | "masqLinkLocalIPv6", _) => {
+                return Err(type_error("a boolean (true/false, yes/no, on/off)"));
+            }
+            ("resyncInterval", Value::Str(text)) => {
+                let parsed = parse_go_duration(text).map_err(|e| {
+                    error(value.position, Some(key), format!("{e}"))
+                })?;
+                if parsed.0 <= 0 {
+                    return Err(error(
+                        value.position,
+                        Some(key),
+                        format!(
+                            "{text:?} must be a positive duration such as \"60s\" or \"1m30s\" (upstream busy-loops on this value)"
+                        ),
+                    ));
+                }
+                config.resync_interval = Duration::from_nanos(parsed.0.unsigned_abs());
+            }
+            ("resyncInterval", _) => {
+                return Err(type_error("a duration string such as \"60s\" or \"1m30s\""));
+            }
+            _ => {}
+        }
+    }
+
+    if let Some((items, list_position)) = cidrs_node {
+        let key = "nonMasqueradeCIDRs";
+        if items.len() > config.cidr_limit {
+            return Err(error(
+                list_position,
+                Some(key),
+                format!(
+                    "the daemon can only accept up to {} CIDRs (excluding link-local), but got {} CIDRs (excluding link local)",
+                    config.cidr_limit,
+                    items.len()
+                ),
+            ));
+        }
+        let mut cidrs = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let item_key = format!("{key}[{index}]");
+            let Value::Str(text) = &item.value else {
+                return Err(error(
+                    item.position,
+                    Some(&item_key),
+                    format!(
+                        "expected a CIDR string such as \"10.0.0.0/8\", got {} {}",
+                        item.value.json_type(),
+                        item.value.describe()
+                    ),
+                ));
+            };
+            let cidr = validate_cidr(text, options.enable_ipv6)
+                .map_err(|problem| error(item.position, Some(&item_key), problem))?;
+            cidrs.push(cidr);
+        }
+        config.non_masquerade_cidrs = cidrs;
+    } else if config.non_masquerade_cidrs.len() > config.cidr_limit {
+        return Err(error(
+            None,
+            Some("cidrLimit"),
+            format!(
+                "the daemon can only accept up to {} CIDRs (excluding link-local), but got {} CIDRs (excluding link local)",
+                config.cidr_limit,
+                config.non_masquerade_cidrs.len()
+            ),
+        ));
+    }
+
+    Ok(LoadedConfig {
+        config,
+        source: ConfigSource::File(file.to_path_buf()),
+        warnings,
+    })
+}
+
+/// Go's encoding/json rule: an exact match wins, otherwise a case-insensitive one.
+fn match_key(key: &str) -> Option<&'static str> {
+    KNOWN_KEYS
+        .iter()
+        .find(|k| **k == key)
+        .or_else(|| KNOWN_KEYS.iter().find(|k| k.eq_ignore_ascii_case(key)))
+        .copied()
+}
+
+fn closest_key(key: &str) -> &'static str {
+    let lower = key.to_ascii_lowercase();
+    KNOWN_KEYS
+        .iter()
+        .min_by_key(|k| {
+            let known = k.to_ascii_lowercase();
+            // A truncated or extended spelling ("resync", "nonMasqueradeCIDR") is the likeliest slip.
+            let related = known.contains(&lower) || lower.contains(&known);
+            (!related, edit_distance(&lower, &known))
+        })
+        .copied()
+        .unwrap_or(KNOWN_KEYS[0])
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+/// Go's `net.ParseCIDR` plus upstream's alignment and family checks, with upstream's texts.
+pub fn validate_cidr(text: &str, enable_ipv6: bool) -> Result<IpNet, String> {
+    let unparsable = || format!("CIDR {text:?} could not be parsed, invalid CIDR address: {text}");
+    let (addr_text, len_text) = text.split_once('/').ok_or_else(unparsable)?;
+    let addr: IpAddr = addr_text.parse().map_err(|_| unparsable())?;
+    // Go's dtoi: decimal digits only, leading zeros allowed.
+    if len_text.is_empty() || len_text.len() > 3 || !len_text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(unparsable());
+    }
+    let prefix_len: u8 = len_text.parse().map_err(|_| unparsable())?;
+    let net = IpNet::new(addr, prefix_len).map_err(|_| unparsable())?;
+    if net.network() != addr {
+        return Err(format!(
+            "CIDR {text:?} is not aligned to a CIDR block, ip: \"{addr}\" network: \"{}\"",
+            net.trunc()
+        ));
+    }
+    if let IpAddr::V6(v6) = addr {
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            let v4_len = prefix_len.saturating_sub(96);
+            return Err(format!(
+                "CIDR {text:?} is an IPv4-mapped IPv6 prefix, which iptables cannot load; write it as {v4}/{v4_len}"
+            ));
+        }
+        if !enable_ipv6 {
+            return Err(format!(
+                "ipv6 is not enabled, but ipv6 cidr {text} provided. Enable ipv6 using --enable-ipv6 agent flag"
+            ));
+        }
+    }
+    Ok(net)
+}
+
+#[cfg(test)]
+mod tests;

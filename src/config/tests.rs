@@ -1,0 +1,287 @@
+use super::*;
+
+fn opts() -> ParseOptions {
+    ParseOptions::default()
+}
+
+fn v6() -> ParseOptions {
+    ParseOptions {
+        enable_ipv6: true,
+        ..ParseOptions::default()
+    }
+}
+
+fn parse_ok(text: &str, options: ParseOptions) -> LoadedConfig {
+    parse(text, Path::new("/etc/config/ip-masq-agent"), options)
+        .unwrap_or_else(|e| panic!("{text:?} rejected: {e}"))
+}
+
+fn parse_err(text: &str, options: ParseOptions) -> String {
+    parse(text, Path::new("/etc/config/ip-masq-agent"), options)
+        .expect_err(text)
+        .to_string()
+}
+
+fn nets(list: &[&str]) -> Vec<IpNet> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+#[test]
+fn defaults_match_upstream() {
+    let c = Config::defaults(opts());
+    assert_eq!(
+        c.non_masquerade_cidrs,
+        nets(&["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"])
+    );
+    assert_eq!(c.cidr_limit, 64);
+    assert!(!c.masq_link_local);
+    assert!(!c.masq_link_local_ipv6);
+    assert_eq!(c.resync_interval, Duration::from_secs(60));
+}
+
+#[test]
+fn reserved_ranges_follow_rfc1918_in_upstream_order() {
+    let c = Config::defaults(ParseOptions {
+        nomasq_all_reserved_ranges: true,
+        ..opts()
+    });
+    assert_eq!(
+        c.non_masquerade_cidrs,
+        nets(&[
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "100.64.0.0/10",
+            "192.0.0.0/24",
+            "192.0.2.0/24",
+            "192.88.99.0/24",
+            "198.18.0.0/15",
+            "198.51.100.0/24",
+            "203.0.113.0/24",
+            "240.0.0.0/4",
+        ])
+    );
+}
+
+#[test]
+fn empty_file_means_defaults() {
+    assert_eq!(parse_ok("", opts()).config, Config::defaults(opts()));
+    assert_eq!(parse_ok("# only a comment\n", opts()).config, Config::defaults(opts()));
+}
+
+#[test]
+fn yaml_keys_override_and_absent_keys_keep_defaults() {
+    let c = parse_ok(
+        "nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n  - 100.64.0.0/10\nmasqLinkLocal: true\nresyncInterval: 1m30s\n",
+        opts(),
+    )
+    .config;
+    assert_eq!(c.non_masquerade_cidrs, nets(&["10.0.0.0/8", "100.64.0.0/10"]));
+    assert!(c.masq_link_local);
+    assert!(!c.masq_link_local_ipv6);
+    assert_eq!(c.cidr_limit, 64);
+    assert_eq!(c.resync_interval, Duration::from_secs(90));
+}
+
+#[test]
+fn json_config_is_read_like_upstream() {
+    let c = parse_ok(
+        r#"{"nonMasqueradeCIDRs": ["192.168.0.0/16"], "cidrLimit": 3, "masqLinkLocalIPv6": true, "resyncInterval": "500ms"}"#,
+        opts(),
+    )
+    .config;
+    assert_eq!(c.non_masquerade_cidrs, nets(&["192.168.0.0/16"]));
+    assert_eq!(c.cidr_limit, 3);
+    assert!(c.masq_link_local_ipv6);
+    assert_eq!(c.resync_interval, Duration::from_millis(500));
+}
+
+#[test]
+fn explicit_empty_list_means_no_cidrs() {
+    assert!(parse_ok("nonMasqueradeCIDRs: []\n", opts()).config.non_masquerade_cidrs.is_empty());
+    // Go's encoding/json sets a slice to nil on null.
+    assert!(parse_ok("nonMasqueradeCIDRs:\n", opts()).config.non_masquerade_cidrs.is_empty());
+    assert!(parse_ok(r#"{"nonMasqueradeCIDRs": []}"#, opts()).config.non_masquerade_cidrs.is_empty());
+}
+
+#[test]
+fn null_scalars_keep_defaults() {
+    let c = parse_ok("masqLinkLocal:\ncidrLimit: ~\nresyncInterval: null\n", opts()).config;
+    assert_eq!(c, Config::defaults(opts()));
+}
+
+#[test]
+fn keys_match_case_insensitively() {
+    let c = parse_ok(
+        "NonMasqueradeCidrs: [10.1.0.0/16]\nMASQLINKLOCAL: true\nResyncinterval: 5s\ncidrlimit: 2\n",
+        opts(),
+    )
+    .config;
+    assert_eq!(c.non_masquerade_cidrs, nets(&["10.1.0.0/16"]));
+    assert!(c.masq_link_local);
+    assert_eq!(c.resync_interval, Duration::from_secs(5));
+    assert_eq!(c.cidr_limit, 2);
+}
+
+#[test]
+fn later_duplicate_key_wins_like_go() {
+    let c = parse_ok("masqLinkLocal: true\nmasqlinklocal: false\n", opts()).config;
+    assert!(!c.masq_link_local);
+}
+
+#[test]
+fn yaml_1_1_booleans_are_accepted() {
+    for (text, want) in [("yes", true), ("no", false), ("on", true), ("off", false), ("True", true)] {
+        let c = parse_ok(&format!("masqLinkLocal: {text}\n"), opts()).config;
+        assert_eq!(c.masq_link_local, want, "{text}");
+    }
+}
+
+#[test]
+fn duplicate_cidrs_are_kept_in_order() {
+    let c = parse_ok("nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16, 10.0.0.0/8]\n", opts()).config;
+    assert_eq!(
+        c.non_masquerade_cidrs,
+        nets(&["10.0.0.0/8", "192.168.0.0/16", "10.0.0.0/8"])
+    );
+}
+
+#[test]
+fn unknown_key_warns_with_the_closest_known_key() {
+    let loaded = parse_ok("nonMasqueradeCIDR:\n  - 10.0.0.0/8\n", opts());
+    assert_eq!(loaded.config, Config::defaults(opts()));
+    assert_eq!(loaded.warnings.len(), 1);
+    let w = &loaded.warnings[0];
+    assert!(w.starts_with("/etc/config/ip-masq-agent:1:1: "), "{w}");
+    assert!(w.contains("\"nonMasqueradeCIDR\""), "{w}");
+    assert!(w.contains("did you mean \"nonMasqueradeCIDRs\"?"), "{w}");
+    let w = &parse_ok("resync: 5s\n", opts()).warnings[0];
+    assert!(w.contains("did you mean \"resyncInterval\"?"), "{w}");
+}
+
+#[test]
+fn ipv6_cidrs_are_accepted_with_enable_ipv6() {
+    let c = parse_ok("nonMasqueradeCIDRs: [10.0.0.0/8, 'fd00::/8']\n", v6()).config;
+    assert_eq!(c.non_masquerade_cidrs, nets(&["10.0.0.0/8", "fd00::/8"]));
+}
+
+#[test]
+fn rejects_unparsable_cidr_with_upstream_text_and_position() {
+    let e = parse_err("nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n  - 10.0.0.0/33\n", opts());
+    assert_eq!(
+        e,
+        "/etc/config/ip-masq-agent:3:5: nonMasqueradeCIDRs[1]: CIDR \"10.0.0.0/33\" could not be parsed, invalid CIDR address: 10.0.0.0/33"
+    );
+    for bad in ["not-a-cidr", "10.0.0.0", " 10.0.0.0/8", "10.0.0.0/8 ", "010.0.0.0/8", "10.0.0.0/-1", "fe80::%eth0/64"] {
+        let e = parse_err(&format!("nonMasqueradeCIDRs: [{bad:?}]\n"), v6());
+        assert!(e.contains("could not be parsed, invalid CIDR address"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn rejects_host_bits_with_upstream_text() {
+    let e = parse_err("nonMasqueradeCIDRs: [10.0.0.1/8]\n", opts());
+    assert_eq!(
+        e,
+        "/etc/config/ip-masq-agent:1:22: nonMasqueradeCIDRs[0]: CIDR \"10.0.0.1/8\" is not aligned to a CIDR block, ip: \"10.0.0.1\" network: \"10.0.0.0/8\""
+    );
+    let e = parse_err("nonMasqueradeCIDRs: ['fd00::1/8']\n", v6());
+    assert!(e.ends_with("CIDR \"fd00::1/8\" is not aligned to a CIDR block, ip: \"fd00::1\" network: \"fd00::/8\""), "{e}");
+}
+
+#[test]
+fn rejects_more_cidrs_than_the_limit() {
+    let e = parse_err("cidrLimit: 2\nnonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16, 10.2.0.0/16]\n", opts());
+    assert_eq!(
+        e,
+        "/etc/config/ip-masq-agent:2:21: nonMasqueradeCIDRs: the daemon can only accept up to 2 CIDRs (excluding link-local), but got 3 CIDRs (excluding link local)"
+    );
+    // The defaults count too when only the limit is lowered.
+    let e = parse_err("cidrLimit: 1\n", opts());
+    assert!(e.contains("up to 1 CIDRs (excluding link-local), but got 3"), "{e}");
+}
+
+#[test]
+fn rejects_ipv6_without_enable_ipv6() {
+    let e = parse_err("nonMasqueradeCIDRs: ['fd00::/8']\n", opts());
+    assert!(
+        e.ends_with("ipv6 is not enabled, but ipv6 cidr fd00::/8 provided. Enable ipv6 using --enable-ipv6 agent flag"),
+        "{e}"
+    );
+}
+
+#[test]
+fn rejects_ipv4_mapped_ipv6() {
+    let e = parse_err("nonMasqueradeCIDRs: ['::ffff:10.0.0.0/104']\n", v6());
+    assert!(e.contains("IPv4-mapped IPv6 prefix"), "{e}");
+    assert!(e.contains("10.0.0.0/8"), "{e}");
+}
+
+#[test]
+fn rejects_bad_resync_intervals() {
+    for (text, want) in [
+        ("0s", "must be a positive duration"),
+        ("0", "must be a positive duration"),
+        ("-5s", "must be a positive duration"),
+        ("5", "time: missing unit in duration \"5\""),
+        ("1d", "time: unknown unit \"d\" in duration \"1d\""),
+    ] {
+        let e = parse_err(&format!("resyncInterval: {text:?}\n"), opts());
+        assert!(e.starts_with("/etc/config/ip-masq-agent:1:17: resyncInterval: "), "{e}");
+        assert!(e.contains(want), "{text}: {e}");
+    }
+    let e = parse_err("resyncInterval: 60\n", opts());
+    assert!(e.contains("expected a duration string"), "{e}");
+    assert!(e.contains("got number 60"), "{e}");
+}
+
+#[test]
+fn rejects_wrong_types() {
+    let cases = [
+        ("nonMasqueradeCIDRs: 10.0.0.0/8\n", "nonMasqueradeCIDRs: expected a list of CIDR strings"),
+        ("nonMasqueradeCIDRs: [10]\n", "nonMasqueradeCIDRs[0]: expected a CIDR string"),
+        ("masqLinkLocal: maybe\n", "masqLinkLocal: expected a boolean"),
+        ("masqLinkLocalIPv6: 1\n", "masqLinkLocalIPv6: expected a boolean"),
+        ("cidrLimit: many\n", "cidrLimit: expected a whole number"),
+        ("cidrLimit: 1.5\n", "cidrLimit: expected a whole number"),
+        ("cidrLimit: -1\n", "cidrLimit: must be a whole number from 0 up"),
+        ("- 10.0.0.0/8\n", "expected a mapping of config keys"),
+    ];
+    for (text, want) in cases {
+        let e = parse_err(text, opts());
+        assert!(e.contains(want), "{text:?}: {e}");
+        assert!(e.starts_with("/etc/config/ip-masq-agent:1:"), "{text:?}: {e}");
+    }
+}
+
+#[test]
+fn rejects_syntax_errors_with_position() {
+    let e = parse_err("nonMasqueradeCIDRs: [10.0.0.0/8\nmasqLinkLocal: true\n", opts());
+    assert!(e.contains("not valid YAML or JSON"), "{e}");
+    assert!(e.starts_with("/etc/config/ip-masq-agent:"), "{e}");
+    let e = parse_err("{\"masqLinkLocal\": true,}\n", opts());
+    assert!(e.starts_with("/etc/config/ip-masq-agent:1:24: not valid YAML or JSON"), "{e}");
+    let e = parse_err("{\"masqLinkLocal\": true} extra\n", opts());
+    assert!(e.contains("trailing characters"), "{e}");
+}
+
+#[test]
+fn missing_file_means_defaults() {
+    let dir = std::env::temp_dir().join(format!("ima-missing-{}", std::process::id()));
+    let loaded = load(&dir.join("nope"), opts()).unwrap();
+    assert_eq!(loaded.config, Config::defaults(opts()));
+    assert!(matches!(loaded.source, ConfigSource::Missing(_)));
+}
+
+#[test]
+fn directory_and_binary_files_are_rejected() {
+    let dir = std::env::temp_dir().join(format!("ima-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let e = load(&dir, opts()).unwrap_err().to_string();
+    assert!(e.contains("is a directory"), "{e}");
+    let bin = dir.join("binary");
+    std::fs::write(&bin, [0x7f, b'E', b'L', b'F', 0xff, 0xfe, 0]).unwrap();
+    let e = load(&bin, opts()).unwrap_err().to_string();
+    assert!(e.contains("not UTF-8"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

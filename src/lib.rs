@@ -1,0 +1,4 @@
+//! ip-masq-agent: keeps a node's NAT so pod traffic to destinations outside the
+//! configured non-masquerade CIDRs leaves with the node's address.
+
+pub mod config;
