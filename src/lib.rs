@@ -2,3 +2,5 @@
 //! configured non-masquerade CIDRs leaves with the node's address.
 
 pub mod config;
+pub mod backend;
+pub mod policy;

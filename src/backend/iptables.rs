@@ -1,0 +1,461 @@
+//! The upstream-compatible backend: one nat chain per family, replaced atomically by
+//! `iptables-restore --noflush`, and one POSTROUTING jump into it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::Context;
+
+use super::command::{Program, find_on_path, spawned_processes};
+use super::{Backend, SyncReport};
+use crate::policy::{Family, FamilyPolicy, Masquerade, PORT_PROTOCOLS, Policy};
+
+pub const DEFAULT_CHAIN: &str = "IP-MASQ-AGENT";
+
+const NON_MASQ_COMMENT: &str = "ip-masq-agent: local traffic is not subject to MASQUERADE";
+const MASQ_COMMENT: &str =
+    "ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)";
+/// Every comment the agent has ever written starts like this (older releases quoted it).
+const COMMENT_PREFIX: &str = "ip-masq-agent:";
+
+/// A nat chain name iptables will accept and that cannot collide with a built-in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainName(String);
+
+impl ChainName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for ChainName {
+    fn default() -> Self {
+        ChainName(DEFAULT_CHAIN.to_string())
+    }
+}
+
+impl fmt::Display for ChainName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for ChainName {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        const RESERVED: [&str; 9] = [
+            "PREROUTING",
+            "INPUT",
+            "OUTPUT",
+            "FORWARD",
+            "POSTROUTING",
+            "ACCEPT",
+            "DROP",
+            "RETURN",
+            "QUEUE",
+        ];
+        if name.is_empty() {
+            return Err("chain name is empty".into());
+        }
+        // XT_EXTENSION_MAXNAMELEN is 29 including the terminating NUL.
+        if name.len() > 28 {
+            return Err(format!(
+                "chain name {name:?} is {} characters long; iptables allows at most 28",
+                name.len()
+            ));
+        }
+        if let Some(bad) = name
+            .chars()
+            .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\'))
+        {
+            return Err(format!(
+                "chain name {name:?} contains {bad:?}; iptables refuses whitespace and quotes"
+            ));
+        }
+        if name.starts_with('-') || name.starts_with('!') {
+            return Err(format!(
+                "chain name {name:?} starts with {:?}, which iptables reads as an option",
+                &name[..1]
+            ));
+        }
+        if RESERVED.contains(&name) {
+            return Err(format!(
+                "chain name {name:?} is a built-in chain or target"
+            ));
+        }
+        Ok(ChainName(name.to_string()))
+    }
+}
+
+/// Which of the two iptables implementations holds the host's rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    Nft,
+    Legacy,
+}
+
+impl Flavour {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flavour::Nft => "nft",
+            Flavour::Legacy => "legacy",
+        }
+    }
+}
+
+impl fmt::Display for Flavour {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `--iptables-mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum IptablesMode {
+    #[default]
+    Auto,
+    Nft,
+    Legacy,
+}
+
+const KUBELET_HINT_CHAINS: [&str; 2] = [":KUBE-IPTABLES-HINT ", ":KUBE-KUBELET-CANARY "];
+
+fn has_kubelet_hint(saved: &str) -> bool {
+    saved
+        .lines()
+        .any(|line| KUBELET_HINT_CHAINS.iter().any(|hint| line.starts_with(hint)))
+}
+
+fn count_rules(saved: &str) -> usize {
+    saved.lines().filter(|line| line.starts_with('-')).count()
+}
+
+/// Kubernetes' iptables-wrapper rule: kubelet's hint chain decides, then the flavour
+/// holding more rules, then nft. Inputs are the concatenated iptables-save and
+/// ip6tables-save outputs (nft: mangle table only; legacy: all tables).
+pub fn choose_flavour(nft_saved: &str, legacy_saved: &str) -> Flavour {
+    if has_kubelet_hint(nft_saved) {
+        return Flavour::Nft;
+    }
+    if has_kubelet_hint(legacy_saved) {
+        return Flavour::Legacy;
+    }
+    if count_rules(legacy_saved) > count_rules(nft_saved) {
+        Flavour::Legacy
+    } else {
+        Flavour::Nft
+    }
+}
+
+/// The tools of one flavour and family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyTools {
+    pub save: Program,
+    pub restore: Program,
+}
+
+fn base_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    }
+}
+
+/// `iptables-nft-save`, else `xtables-nft-multi iptables-save`, else plain `iptables-save`.
+fn resolve_tool(family: Family, flavour: Flavour, suffix: &str) -> Option<Program> {
+    let base = base_name(family);
+    let flavoured = format!("{base}-{}-{suffix}", flavour.as_str());
+    if find_on_path(&flavoured).is_some() {
+        return Some(Program::new(flavoured));
+    }
+    let multi = format!("xtables-{}-multi", flavour.as_str());
+    if find_on_path(&multi).is_some() {
+        return Some(Program {
+            path: multi,
+            leading_args: vec![format!("{base}-{suffix}")],
+        });
+    }
+    let plain = format!("{base}-{suffix}");
+    find_on_path(&plain).map(|_| Program::new(plain))
+}
+
+pub fn resolve_tools(family: Family, flavour: Flavour) -> Option<FamilyTools> {
+    Some(FamilyTools {
+        save: resolve_tool(family, flavour, "save")?,
+        restore: resolve_tool(family, flavour, "restore")?,
+    })
+}
+
+/// Reads the host's tables and applies the iptables-wrapper rule.
+pub fn detect_flavour() -> Flavour {
+    let collect = |flavour: Flavour, args: &[&str]| -> Option<String> {
+        let mut text = String::new();
+        let mut any = false;
+        for family in [Family::V4, Family::V6] {
+            if let Some(save) = resolve_tool(family, flavour, "save")
+                && let Ok(out) = save.run(args, None)
+            {
+                text.push_str(&out);
+                any = true;
+            }
+        }
+        any.then_some(text)
+    };
+    // Naming a legacy table would make the kernel create it, so legacy is read whole.
+    let nft = collect(Flavour::Nft, &["-t", "mangle"]);
+    let legacy = collect(Flavour::Legacy, &[]);
+    match (nft, legacy) {
+        (Some(nft), Some(legacy)) => choose_flavour(&nft, &legacy),
+        (None, Some(_)) => Flavour::Legacy,
+        _ => Flavour::Nft,
+    }
+}
+
+/// `--random-fully` needs iptables 1.6.2 or newer (the same check kube-proxy makes).
+pub fn supports_random_fully(version_output: &str) -> bool {
+    let Some(version) = version_output
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix('v'))
+    else {
+        return false;
+    };
+    let numbers: Vec<u32> = version
+        .split('.')
+        .map(|n| n.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| numbers.get(i).copied().unwrap_or(0);
+    (at(0), at(1), at(2)) >= (1, 6, 2)
+}
+
+fn jump_rule(chain: &ChainName) -> String {
+    format!(
+        "-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain\" -m addrtype ! --dst-type LOCAL -j {chain}"
+    )
+}
+
+/// The chain's rules as `-A` lines, in the order iptables-save prints them.
+pub fn render_chain_rules(
+    chain: &ChainName,
+    family: &FamilyPolicy,
+    masquerade: &Masquerade,
+) -> Vec<String> {
+    let mut rules = Vec::new();
+    let keep = |prefix: &ipnet::IpNet| {
+        format!("-A {chain} -d {prefix} -m comment --comment \"{NON_MASQ_COMMENT}\" -j RETURN")
+    };
+    rules.extend(family.link_local.iter().map(keep));
+    rules.extend(family.non_masq.0.iter().map(keep));
+    let random_fully = if masquerade.random_fully {
+        " --random-fully"
+    } else {
+        ""
+    };
+    let weighted = masquerade.to_ports.weighted();
+    for protocol in PORT_PROTOCOLS {
+        for w in &weighted {
+            let statistic = w
+                .probability
+                .map(|p| format!(" -m statistic --mode random --probability {p}"))
+                .unwrap_or_default();
+            rules.push(format!(
+                "-A {chain} -p {protocol} -m comment --comment \"{MASQ_COMMENT}\"{statistic} -j MASQUERADE --to-ports {}{random_fully}",
+                w.range
+            ));
+        }
+    }
+    rules.push(format!(
+        "-A {chain} -m comment --comment \"{MASQ_COMMENT}\" -j MASQUERADE{random_fully}"
+    ));
+    rules
+}
+
+/// What must change in POSTROUTING so exactly one canonical jump into `chain` exists:
+/// restore lines that delete stale or duplicate jumps and, if needed, append ours.
+pub fn plan_jump_repairs(saved_nat: &str, chain: &ChainName) -> Vec<String> {
+    let canonical = jump_rule(chain);
+    let target = format!(" -j {chain}");
+    let mut repairs = Vec::new();
+    let mut have_canonical = false;
+    for line in saved_nat.lines() {
+        let Some(spec) = line.strip_prefix("-A POSTROUTING ") else {
+            continue;
+        };
+        let ours = line.ends_with(&target)
+            && (spec.contains(&format!("--comment \"{COMMENT_PREFIX}"))
+                || spec.contains(&format!("--comment \"\\\"{COMMENT_PREFIX}")));
+        if !ours {
+            continue;
+        }
+        if line == canonical && !have_canonical {
+            have_canonical = true;
+        } else {
+            repairs.push(format!("-D POSTROUTING {spec}"));
+        }
+    }
+    if !have_canonical {
+        repairs.push(canonical);
+    }
+    repairs
+}
+
+/// The whole `iptables-restore --noflush` input for one family: declaring the chain
+/// flushes it, so old and new rules never mix.
+pub fn render_restore_payload(
+    chain: &ChainName,
+    jump_repairs: &[String],
+    chain_rules: &[String],
+) -> String {
+    let mut payload = String::with_capacity(128 * (chain_rules.len() + 4));
+    payload.push_str("*nat\n");
+    payload.push_str(&format!(":{chain} - [0:0]\n"));
+    for line in jump_repairs.iter().chain(chain_rules) {
+        payload.push_str(line);
+        payload.push('\n');
+    }
+    payload.push_str("COMMIT\n");
+    payload
+}
+
+/// How the iptables backend is set up on this node.
+#[derive(Clone, Debug)]
+pub struct IptablesBackend {
+    chain: ChainName,
+    flavour: Flavour,
+    random_fully_supported: bool,
+    v4: FamilyTools,
+    v6: Option<FamilyTools>,
+}
+
+impl IptablesBackend {
+    /// Picks the flavour (probing the host for `auto`) and finds its tools.
+    pub fn new(chain: ChainName, mode: IptablesMode, enable_ipv6: bool) -> anyhow::Result<Self> {
+        let flavour = match mode {
+            IptablesMode::Auto => detect_flavour(),
+            IptablesMode::Nft => Flavour::Nft,
+            IptablesMode::Legacy => Flavour::Legacy,
+        };
+        let missing = |family| {
+            anyhow::anyhow!(
+                "no {} tools for iptables-{flavour} on PATH (looked for {}-{flavour}-save/-restore, xtables-{flavour}-multi, {}-save/-restore)",
+                base_name(family),
+                base_name(family),
+                base_name(family)
+            )
+        };
+        let v4 = resolve_tools(Family::V4, flavour).ok_or_else(|| missing(Family::V4))?;
+        let v6 = if enable_ipv6 {
+            Some(resolve_tools(Family::V6, flavour).ok_or_else(|| missing(Family::V6))?)
+        } else {
+            None
+        };
+        let version = v4
+            .restore
+            .run(&["--version"], None)
+            .with_context(|| "asking iptables-restore for its version")?;
+        Ok(IptablesBackend {
+            chain,
+            flavour,
+            random_fully_supported: supports_random_fully(&version),
+            v4,
+            v6,
+        })
+    }
+
+    /// A backend for rendering only: no tools, every feature assumed present.
+    pub fn for_rendering(chain: ChainName) -> Self {
+        let tools = FamilyTools {
+            save: Program::new("iptables-save"),
+            restore: Program::new("iptables-restore"),
+        };
+        IptablesBackend {
+            chain,
+            flavour: Flavour::Nft,
+            random_fully_supported: true,
+            v4: tools.clone(),
+            v6: Some(tools),
+        }
+    }
+
+    pub fn flavour(&self) -> Flavour {
+        self.flavour
+    }
+
+    pub fn random_fully_supported(&self) -> bool {
+        self.random_fully_supported
+    }
+
+    fn effective_masquerade(&self, policy: &Policy) -> Masquerade {
+        let mut masquerade = policy.masquerade.clone();
+        masquerade.random_fully &= self.random_fully_supported;
+        masquerade
+    }
+
+    fn tools(&self, family: Family) -> Option<&FamilyTools> {
+        match family {
+            Family::V4 => Some(&self.v4),
+            Family::V6 => self.v6.as_ref(),
+        }
+    }
+}
+
+impl Backend for IptablesBackend {
+    fn describe(&self) -> String {
+        format!(
+            "iptables ({}; chain {}; --random-fully {})",
+            self.flavour,
+            self.chain,
+            if self.random_fully_supported {
+                "supported"
+            } else {
+                "not supported"
+            }
+        )
+    }
+
+    fn render(&self, policy: &Policy) -> String {
+        let masquerade = self.effective_masquerade(policy);
+        let mut out = String::new();
+        for family in &policy.families {
+            let rules = render_chain_rules(&self.chain, family, &masquerade);
+            let jump = plan_jump_repairs("", &self.chain);
+            out.push_str(&format!(
+                "# {}-restore --noflush ({})\n",
+                base_name(family.family),
+                family.family
+            ));
+            out.push_str(&render_restore_payload(&self.chain, &jump, &rules));
+        }
+        out
+    }
+
+    fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
+        let started_with = spawned_processes();
+        let masquerade = self.effective_masquerade(policy);
+        let mut rules_total = 0;
+        for family in &policy.families {
+            let tools = self
+                .tools(family.family)
+                .with_context(|| format!("{} is not enabled", family.family))?;
+            let saved = tools
+                .save
+                .run(&["-t", "nat"], None)
+                .with_context(|| format!("reading the {} nat table", family.family))?;
+            let rules = render_chain_rules(&self.chain, family, &masquerade);
+            let repairs = plan_jump_repairs(&saved, &self.chain);
+            let payload = render_restore_payload(&self.chain, &repairs, &rules);
+            tools
+                .restore
+                .run(&["-w", "5", "--noflush"], Some(payload.as_bytes()))
+                .with_context(|| format!("replacing the {} chain {}", family.family, self.chain))?;
+            rules_total += rules.len();
+        }
+        Ok(SyncReport {
+            processes: spawned_processes() - started_with,
+            rules: rules_total,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
