@@ -4,3 +4,7 @@
 pub mod config;
 pub mod backend;
 pub mod policy;
+pub mod cli;
+pub mod agent;
+pub mod commands;
+pub mod logging;

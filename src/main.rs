@@ -1,3 +1,94 @@
-fn main() {
-    println!("Hello, world!");
+use std::process::ExitCode;
+use std::sync::mpsc;
+
+use anyhow::Context;
+use ip_masq_agent::agent::{Agent, Event};
+use ip_masq_agent::backend::Backend;
+use ip_masq_agent::backend::dry_run::DryRunBackend;
+use ip_masq_agent::backend::iptables::IptablesBackend;
+use ip_masq_agent::cli::{Cli, Command, Settings};
+use ip_masq_agent::{commands, logging};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+fn main() -> ExitCode {
+    let cli = match Cli::parse_go_style(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(2);
+        }
+    };
+    match &cli.version.as_deref() {
+        Some("raw") => {
+            println!("{}", commands::version_raw());
+            return ExitCode::SUCCESS;
+        }
+        Some("true") | Some("1") | Some("t") | Some("T") | Some("TRUE") | Some("True") => {
+            println!("{}", commands::version_line());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
+    let settings = cli.agent.settings();
+    let result = match &cli.command {
+        Some(Command::Version) => {
+            println!("{}", commands::version_line());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Check { file }) => {
+            return commands::check(&settings, file.as_ref().unwrap_or(&settings.config_path));
+        }
+        Some(Command::Render) => commands::render(&settings),
+        None => run_agent(&cli, settings),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ip-masq-agent: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
+    logging::init(cli.klog.verbosity);
+    tracing::info!("{}", commands::version_line());
+    let ignored = cli.klog.ignored();
+    if !ignored.is_empty() {
+        tracing::info!("accepted klog flags that have no effect here: {}", ignored.join(" "));
+    }
+    let iptables = IptablesBackend::new(
+        settings.chain.clone(),
+        settings.iptables_mode,
+        settings.policy_settings.enable_ipv6,
+    )
+    .context("setting up the iptables backend")?;
+    let backend: Box<dyn Backend> = if settings.dry_run {
+        Box::new(DryRunBackend::new(Box::new(iptables)))
+    } else {
+        Box::new(iptables)
+    };
+
+    let (sender, events) = mpsc::channel();
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            for signal in signals.forever() {
+                let event = match signal {
+                    SIGHUP => Event::Reload("SIGHUP"),
+                    SIGINT => Event::Shutdown("SIGINT"),
+                    _ => Event::Shutdown("SIGTERM"),
+                };
+                if sender.send(event).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+
+    Agent::new(settings, backend).run(&events);
+    Ok(())
 }

@@ -1,0 +1,314 @@
+//! The sync loop: read the config, keep the kernel in step with it, and keep the
+//! last good rules when the config is bad or a tool fails.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use crate::backend::Backend;
+use crate::cli::Settings;
+use crate::config::{self, Config, ConfigSource, LoadedConfig};
+use crate::policy::Policy;
+
+/// Something that should interrupt the wait between syncs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Exit now, leaving the rules in place.
+    Shutdown(&'static str),
+    /// Re-read the config and sync now.
+    Reload(&'static str),
+}
+
+/// How the most recent sync ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// The kernel matches the config just read.
+    Applied { changed: bool },
+    /// The config was rejected; the last good rules (if any) were re-applied.
+    ConfigRejected,
+    /// The backend failed to write the rules.
+    BackendFailed,
+}
+
+/// The first retry after a failed write; doubled per failure up to the resync interval.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// A rejected config that stays the same is reported again this often, not every resync.
+const REPEAT_ERROR_EVERY: Duration = Duration::from_secs(600);
+
+pub struct Agent {
+    settings: Settings,
+    backend: Box<dyn Backend>,
+    applied: Option<Applied>,
+    last_loaded: Option<LoadedConfig>,
+    last_error: Option<(String, Instant)>,
+    consecutive_backend_failures: u32,
+    last_outcome: Option<SyncOutcome>,
+    started: Instant,
+}
+
+struct Applied {
+    config: Config,
+    policy: Policy,
+}
+
+impl Agent {
+    pub fn new(settings: Settings, backend: Box<dyn Backend>) -> Agent {
+        Agent {
+            settings,
+            backend,
+            applied: None,
+            last_loaded: None,
+            last_error: None,
+            consecutive_backend_failures: 0,
+            last_outcome: None,
+            started: Instant::now(),
+        }
+    }
+
+    /// Reads the config and makes the kernel match it (or the last good config).
+    pub fn sync_once(&mut self) -> SyncOutcome {
+        let outcome = match config::load(&self.settings.config_path, self.settings.parse_options) {
+            Ok(loaded) => {
+                self.last_error = None;
+                self.note_loaded(&loaded);
+                let policy = Policy::new(&loaded.config, &self.settings.policy_settings);
+                self.apply(loaded.config, policy)
+            }
+            Err(err) => {
+                self.report_config_error(&err.to_string());
+                // Last-known-good: keep the previous rules, and repair drift from them.
+                if let Some(applied) = self.applied.take() {
+                    let _ = self.apply(applied.config, applied.policy);
+                }
+                SyncOutcome::ConfigRejected
+            }
+        };
+        self.last_outcome = Some(outcome.clone());
+        outcome
+    }
+
+    fn note_loaded(&mut self, loaded: &LoadedConfig) {
+        if self.last_loaded.as_ref() == Some(loaded) {
+            return;
+        }
+        if let ConfigSource::Missing(path) = &loaded.source {
+            tracing::info!(path = %path.display(), "no config file; using default values");
+        }
+        for warning in &loaded.warnings {
+            tracing::warn!("{warning}");
+        }
+        self.last_loaded = Some(loaded.clone());
+    }
+
+    fn report_config_error(&mut self, message: &str) {
+        let now = Instant::now();
+        let repeat = matches!(&self.last_error, Some((last, at)) if last == message && now.duration_since(*at) < REPEAT_ERROR_EVERY);
+        if repeat {
+            tracing::debug!("config still rejected: {message}");
+            return;
+        }
+        let keeping = if self.applied.is_some() {
+            "keeping the last good rules"
+        } else {
+            "no rules applied yet"
+        };
+        tracing::error!("config rejected, {keeping}: {message}");
+        self.last_error = Some((message.to_string(), now));
+    }
+
+    fn apply(&mut self, config: Config, policy: Policy) -> SyncOutcome {
+        let started = Instant::now();
+        match self.backend.sync(&policy) {
+            Ok(report) => {
+                let changed = self.applied.as_ref().map(|a| &a.policy) != Some(&policy);
+                let first = self.applied.is_none();
+                if changed {
+                    let prefixes: usize = policy.families.iter().map(|f| f.non_masq.0.len()).sum();
+                    tracing::info!(
+                        prefixes,
+                        rules = report.rules,
+                        resync_interval = ?config.resync_interval,
+                        elapsed_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
+                        since_start_ms = format!("{:.3}", self.started.elapsed().as_secs_f64() * 1e3),
+                        processes = report.processes,
+                        "{}",
+                        if first { "rules applied" } else { "config changed; rules applied" }
+                    );
+                } else {
+                    tracing::debug!(
+                        rules = report.rules,
+                        elapsed_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
+                        processes = report.processes,
+                        "rules resynced"
+                    );
+                }
+                if self.consecutive_backend_failures > 0 {
+                    tracing::info!("rules written again after {} failed attempt(s)", self.consecutive_backend_failures);
+                }
+                self.consecutive_backend_failures = 0;
+                self.applied = Some(Applied { config, policy });
+                SyncOutcome::Applied { changed }
+            }
+            Err(err) => {
+                self.consecutive_backend_failures += 1;
+                tracing::error!(attempt = self.consecutive_backend_failures, "syncing masquerade rules failed: {err:#}");
+                // Remember what the kernel should hold, so a retry targets it.
+                if self.applied.is_none() {
+                    tracing::debug!("no rules applied yet");
+                }
+                SyncOutcome::BackendFailed
+            }
+        }
+    }
+
+    /// How long to wait before the next sync.
+    pub fn next_wait(&self) -> Duration {
+        let interval = self
+            .last_loaded
+            .as_ref()
+            .filter(|_| self.last_error.is_none())
+            .map(|l| l.config.resync_interval)
+            .or_else(|| self.applied.as_ref().map(|a| a.config.resync_interval))
+            .unwrap_or_else(|| Config::defaults(self.settings.parse_options).resync_interval);
+        if self.consecutive_backend_failures == 0 {
+            return interval;
+        }
+        let exponent = self.consecutive_backend_failures.saturating_sub(1).min(16);
+        FIRST_RETRY.saturating_mul(1 << exponent).min(interval)
+    }
+
+    pub fn last_outcome(&self) -> Option<&SyncOutcome> {
+        self.last_outcome.as_ref()
+    }
+
+    /// Syncs now and then after every wait, until a shutdown event arrives.
+    pub fn run(&mut self, events: &Receiver<Event>) {
+        tracing::info!(backend = %self.backend.describe(), config = %self.settings.config_path.display(), "starting");
+        loop {
+            self.sync_once();
+            match events.recv_timeout(self.next_wait()) {
+                Ok(Event::Shutdown(why)) => {
+                    tracing::info!("{why}: exiting and leaving the rules in place");
+                    return;
+                }
+                Ok(Event::Reload(why)) => tracing::info!("{why}: reloading"),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::SyncReport;
+    use crate::cli::Cli;
+    use std::cell::RefCell;
+    use std::ffi::OsString;
+    use std::rc::Rc;
+
+    /// Records what it is asked to write and fails on demand; tests the loop's
+    /// decisions, while the real kernel path is covered by tests/ in namespaces.
+    struct Recorder {
+        synced: Rc<RefCell<Vec<Policy>>>,
+        fail: Rc<RefCell<bool>>,
+    }
+
+    impl Backend for Recorder {
+        fn describe(&self) -> String {
+            "recorder".into()
+        }
+        fn render(&self, _: &Policy) -> String {
+            String::new()
+        }
+        fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
+            if *self.fail.borrow() {
+                anyhow::bail!("iptables-restore failed");
+            }
+            self.synced.borrow_mut().push(policy.clone());
+            Ok(SyncReport::default())
+        }
+    }
+
+    struct Fixture {
+        agent: Agent,
+        synced: Rc<RefCell<Vec<Policy>>>,
+        fail: Rc<RefCell<bool>>,
+        file: std::path::PathBuf,
+    }
+
+    fn fixture(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("ima-agent-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ip-masq-agent");
+        let _ = std::fs::remove_file(&file);
+        let cli = Cli::parse_go_style(["ip-masq-agent", "--config", file.to_str().unwrap()].map(OsString::from)).unwrap();
+        let synced = Rc::new(RefCell::new(Vec::new()));
+        let fail = Rc::new(RefCell::new(false));
+        let backend = Recorder { synced: synced.clone(), fail: fail.clone() };
+        Fixture { agent: Agent::new(cli.agent.settings(), Box::new(backend)), synced, fail, file }
+    }
+
+    fn prefixes(policy: &Policy) -> Vec<String> {
+        policy.families[0].non_masq.0.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn bad_config_keeps_the_last_good_policy() {
+        let mut f = fixture("lkg");
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 5s\n").unwrap();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.1/8]\n").unwrap();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::ConfigRejected);
+        let synced = f.synced.borrow();
+        assert_eq!(synced.len(), 2);
+        assert_eq!(prefixes(&synced[1]), vec!["10.0.0.0/8"]);
+        assert_eq!(f.agent.next_wait(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_config_at_start_writes_nothing() {
+        let mut f = fixture("badstart");
+        std::fs::write(&f.file, "resyncInterval: 0s\n").unwrap();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::ConfigRejected);
+        assert!(f.synced.borrow().is_empty());
+        assert_eq!(f.agent.next_wait(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn missing_file_means_defaults() {
+        let mut f = fixture("missing");
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
+        assert_eq!(prefixes(&f.synced.borrow()[0]), vec!["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]);
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: false });
+    }
+
+    /// Regression: before v2.12.2 upstream slept with the previous config's interval.
+    #[test]
+    fn regression_wait_uses_the_interval_just_loaded() {
+        let mut f = fixture("interval");
+        std::fs::write(&f.file, "resyncInterval: 2s\n").unwrap();
+        f.agent.sync_once();
+        assert_eq!(f.agent.next_wait(), Duration::from_secs(2));
+        std::fs::write(&f.file, "resyncInterval: 1m\n").unwrap();
+        f.agent.sync_once();
+        assert_eq!(f.agent.next_wait(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn failed_writes_back_off_up_to_the_interval() {
+        let mut f = fixture("backoff");
+        std::fs::write(&f.file, "resyncInterval: 5s\n").unwrap();
+        *f.fail.borrow_mut() = true;
+        let waits: Vec<Duration> = (0..5)
+            .map(|_| {
+                assert_eq!(f.agent.sync_once(), SyncOutcome::BackendFailed);
+                f.agent.next_wait()
+            })
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 5, 5].map(Duration::from_secs));
+        *f.fail.borrow_mut() = false;
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
+        assert_eq!(f.agent.next_wait(), Duration::from_secs(5));
+    }
+}

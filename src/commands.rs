@@ -1,0 +1,65 @@
+//! The one-shot commands: `check`, `render`, `version`. None needs root.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::backend::Backend;
+use crate::backend::iptables::IptablesBackend;
+use crate::cli::Settings;
+use crate::config;
+use crate::policy::Policy;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub fn version_line() -> String {
+    format!("ip-masq-agent v{VERSION}")
+}
+
+pub fn version_raw() -> String {
+    format!(
+        "ip-masq-agent v{VERSION} (rust, {} {})",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    )
+}
+
+/// Validates one config file: warnings and the verdict on stdout, the error on stderr.
+pub fn check(settings: &Settings, file: &Path) -> ExitCode {
+    match config::load(file, settings.parse_options) {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                println!("warning: {warning}");
+            }
+            match loaded.source {
+                config::ConfigSource::Missing(_) => {
+                    println!("{}: no such file; the agent would use the defaults", file.display())
+                }
+                config::ConfigSource::File(_) => println!(
+                    "{}: OK ({} nonMasqueradeCIDRs, resyncInterval {:?})",
+                    file.display(),
+                    loaded.config.non_masquerade_cidrs.len(),
+                    loaded.config.resync_interval
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints the payload the iptables backend would write for the config.
+pub fn render(settings: &Settings) -> anyhow::Result<()> {
+    let loaded = config::load(&settings.config_path, settings.parse_options)?;
+    for warning in &loaded.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let policy = Policy::new(&loaded.config, &settings.policy_settings);
+    let backend = IptablesBackend::for_rendering(settings.chain.clone());
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(backend.render(&policy).as_bytes())?;
+    Ok(())
+}
