@@ -237,6 +237,14 @@ mod tests {
         file: std::path::PathBuf,
     }
 
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            if let Some(dir) = self.file.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
     fn fixture(name: &str) -> Fixture {
         let dir = std::env::temp_dir().join(format!("ima-agent-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -84,6 +84,8 @@ impl Netns {
         let status = Command::new("ip").args(["netns", "add", &name]).status().expect("run ip");
         assert!(status.success(), "ip netns add {name}");
         let ns = Netns { name };
+        // Duplicate address detection would hold IPv6 back for a second or two on new links.
+        ns.sh(&["sysctl", "-q", "-w", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"]);
         ns.sh(&["ip", "link", "set", "lo", "up"]);
         ns
     }
