@@ -142,7 +142,10 @@ impl Agent {
                     );
                 }
                 if self.consecutive_backend_failures > 0 {
-                    tracing::info!("rules written again after {} failed attempt(s)", self.consecutive_backend_failures);
+                    tracing::info!(
+                        "rules written again after {} failed attempt(s)",
+                        self.consecutive_backend_failures
+                    );
                 }
                 self.consecutive_backend_failures = 0;
                 self.applied = Some(Applied { config, policy });
@@ -150,7 +153,10 @@ impl Agent {
             }
             Err(err) => {
                 self.consecutive_backend_failures += 1;
-                tracing::error!(attempt = self.consecutive_backend_failures, "syncing masquerade rules failed: {err:#}");
+                tracing::error!(
+                    attempt = self.consecutive_backend_failures,
+                    "syncing masquerade rules failed: {err:#}"
+                );
                 // Remember what the kernel should hold, so a retry targets it.
                 if self.applied.is_none() {
                     tracing::debug!("no rules applied yet");
@@ -250,21 +256,41 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("ip-masq-agent");
         let _ = std::fs::remove_file(&file);
-        let cli = Cli::parse_go_style(["ip-masq-agent", "--config", file.to_str().unwrap()].map(OsString::from)).unwrap();
+        let cli = Cli::parse_go_style(
+            ["ip-masq-agent", "--config", file.to_str().unwrap()].map(OsString::from),
+        )
+        .unwrap();
         let synced = Rc::new(RefCell::new(Vec::new()));
         let fail = Rc::new(RefCell::new(false));
-        let backend = Recorder { synced: synced.clone(), fail: fail.clone() };
-        Fixture { agent: Agent::new(cli.agent.settings(), Box::new(backend)), synced, fail, file }
+        let backend = Recorder {
+            synced: synced.clone(),
+            fail: fail.clone(),
+        };
+        Fixture {
+            agent: Agent::new(cli.agent.settings(), Box::new(backend)),
+            synced,
+            fail,
+            file,
+        }
     }
 
     fn prefixes(policy: &Policy) -> Vec<String> {
-        policy.families[0].non_masq.0.iter().map(ToString::to_string).collect()
+        policy.families[0]
+            .non_masq
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     }
 
     #[test]
     fn bad_config_keeps_the_last_good_policy() {
         let mut f = fixture("lkg");
-        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 5s\n").unwrap();
+        std::fs::write(
+            &f.file,
+            "nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 5s\n",
+        )
+        .unwrap();
         assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
         std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.1/8]\n").unwrap();
         assert_eq!(f.agent.sync_once(), SyncOutcome::ConfigRejected);
@@ -287,7 +313,10 @@ mod tests {
     fn missing_file_means_defaults() {
         let mut f = fixture("missing");
         assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
-        assert_eq!(prefixes(&f.synced.borrow()[0]), vec!["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]);
+        assert_eq!(
+            prefixes(&f.synced.borrow()[0]),
+            vec!["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+        );
         assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: false });
     }
 

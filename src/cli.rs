@@ -14,7 +14,9 @@ fn go_bool(text: &str) -> Result<bool, String> {
     match text {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
-        _ => Err(format!("invalid boolean value {text:?} (use true or false)")),
+        _ => Err(format!(
+            "invalid boolean value {text:?} (use true or false)"
+        )),
     }
 }
 
@@ -129,7 +131,10 @@ impl KlogArgs {
         };
         note("vmodule", self.vmodule.clone());
         note("logtostderr", self.logtostderr.map(|b| b.to_string()));
-        note("alsologtostderr", self.alsologtostderr.map(|b| b.to_string()));
+        note(
+            "alsologtostderr",
+            self.alsologtostderr.map(|b| b.to_string()),
+        );
         note("stderrthreshold", self.stderrthreshold.clone());
         note("log_dir", self.log_dir.clone());
         note("log_file", self.log_file.clone());
@@ -137,7 +142,10 @@ impl KlogArgs {
         note("log_backtrace_at", self.log_backtrace_at.clone());
         note("log-flush-frequency", self.log_flush_frequency.clone());
         note("skip_headers", self.skip_headers.map(|b| b.to_string()));
-        note("skip_log_headers", self.skip_log_headers.map(|b| b.to_string()));
+        note(
+            "skip_log_headers",
+            self.skip_log_headers.map(|b| b.to_string()),
+        );
         note("one_output", self.one_output.map(|b| b.to_string()));
         note("add_dir_header", self.add_dir_header.map(|b| b.to_string()));
         ignored
@@ -239,25 +247,60 @@ mod tests {
 
     #[test]
     fn go_flag_spellings_are_accepted() {
-        let cli = parse(&["-masq-chain=CUSTOM", "--enable-ipv6", "-nomasq-all-reserved-ranges=true", "--random-fully=false", "--to-ports", "1024-29999,32768-65535", "-v=4"]).unwrap();
+        let cli = parse(&[
+            "-masq-chain=CUSTOM",
+            "--enable-ipv6",
+            "-nomasq-all-reserved-ranges=true",
+            "--random-fully=false",
+            "--to-ports",
+            "1024-29999,32768-65535",
+            "-v=4",
+        ])
+        .unwrap();
         let s = cli.agent.settings();
         assert_eq!(s.chain.as_str(), "CUSTOM");
         assert!(s.parse_options.enable_ipv6);
         assert!(s.parse_options.nomasq_all_reserved_ranges);
         assert!(!s.policy_settings.masquerade.random_fully);
-        assert_eq!(s.policy_settings.masquerade.to_ports.to_string(), "1024-29999,32768-65535");
+        assert_eq!(
+            s.policy_settings.masquerade.to_ports.to_string(),
+            "1024-29999,32768-65535"
+        );
         assert_eq!(cli.klog.verbosity, 4);
-        assert_eq!(parse(&["--masq-chain", "OTHER"]).unwrap().agent.masq_chain.as_str(), "OTHER");
+        assert_eq!(
+            parse(&["--masq-chain", "OTHER"])
+                .unwrap()
+                .agent
+                .masq_chain
+                .as_str(),
+            "OTHER"
+        );
         assert_eq!(parse(&["--v", "2"]).unwrap().klog.verbosity, 2);
         assert!(parse(&["--enable-ipv6=1"]).unwrap().agent.enable_ipv6);
     }
 
     #[test]
     fn klog_flags_are_accepted_and_reported() {
-        let cli = parse(&["--logtostderr", "--alsologtostderr=false", "--stderrthreshold=INFO", "--log_dir=/tmp", "--vmodule=x=2", "--skip_headers", "--one_output=true", "--log_file=/tmp/x"]).unwrap();
+        let cli = parse(&[
+            "--logtostderr",
+            "--alsologtostderr=false",
+            "--stderrthreshold=INFO",
+            "--log_dir=/tmp",
+            "--vmodule=x=2",
+            "--skip_headers",
+            "--one_output=true",
+            "--log_file=/tmp/x",
+        ])
+        .unwrap();
         let ignored = cli.klog.ignored();
-        assert!(ignored.contains(&"--logtostderr=true".to_string()), "{ignored:?}");
-        assert!(ignored.contains(&"--log_dir=/tmp".to_string()), "{ignored:?}");
+        assert!(
+            ignored.contains(&"--logtostderr=true".to_string()),
+            "{ignored:?}"
+        );
+        assert!(
+            ignored.contains(&"--log_dir=/tmp".to_string()),
+            "{ignored:?}"
+        );
         assert_eq!(ignored.len(), 8);
     }
 
@@ -275,9 +318,21 @@ mod tests {
 
     #[test]
     fn version_flag_and_subcommands_parse() {
-        assert_eq!(parse(&["--version"]).unwrap().version.as_deref(), Some("true"));
-        assert_eq!(parse(&["-version=raw"]).unwrap().version.as_deref(), Some("raw"));
-        assert!(matches!(parse(&["check", "/tmp/x"]).unwrap().command, Some(Command::Check { .. })));
-        assert!(matches!(parse(&["render", "--enable-ipv6"]).unwrap().command, Some(Command::Render)));
+        assert_eq!(
+            parse(&["--version"]).unwrap().version.as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            parse(&["-version=raw"]).unwrap().version.as_deref(),
+            Some("raw")
+        );
+        assert!(matches!(
+            parse(&["check", "/tmp/x"]).unwrap().command,
+            Some(Command::Check { .. })
+        ));
+        assert!(matches!(
+            parse(&["render", "--enable-ipv6"]).unwrap().command,
+            Some(Command::Render)
+        ));
     }
 }

@@ -33,7 +33,10 @@ pub fn check(settings: &Settings, file: &Path) -> ExitCode {
             }
             match loaded.source {
                 config::ConfigSource::Missing(_) => {
-                    println!("{}: no such file; the agent would use the defaults", file.display())
+                    println!(
+                        "{}: no such file; the agent would use the defaults",
+                        file.display()
+                    )
                 }
                 config::ConfigSource::File(_) => println!(
                     "{}: OK ({} nonMasqueradeCIDRs, resyncInterval {:?})",

@@ -55,7 +55,10 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
     tracing::info!("{}", commands::version_line());
     let ignored = cli.klog.ignored();
     if !ignored.is_empty() {
-        tracing::info!("accepted klog flags that have no effect here: {}", ignored.join(" "));
+        tracing::info!(
+            "accepted klog flags that have no effect here: {}",
+            ignored.join(" ")
+        );
     }
     let iptables = IptablesBackend::new(
         settings.chain.clone(),

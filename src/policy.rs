@@ -45,7 +45,7 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub fn len(&self) -> u32 {
+    pub fn port_count(&self) -> u32 {
         u32::from(self.last) - u32::from(self.first) + 1
     }
 }
@@ -110,15 +110,15 @@ pub struct WeightedRange {
 impl ToPorts {
     /// Splits new connections across the ranges in proportion to their sizes.
     pub fn weighted(&self) -> Vec<WeightedRange> {
-        let mut remaining: u32 = self.0.iter().map(PortRange::len).sum();
+        let mut remaining: u32 = self.0.iter().map(PortRange::port_count).sum();
         let count = self.0.len();
         self.0
             .iter()
             .enumerate()
             .map(|(i, range)| {
                 let probability =
-                    (i + 1 < count).then(|| f64::from(range.len()) / f64::from(remaining));
-                remaining -= range.len();
+                    (i + 1 < count).then(|| f64::from(range.port_count()) / f64::from(remaining));
+                remaining -= range.port_count();
                 WeightedRange {
                     range: *range,
                     probability,
@@ -183,19 +183,26 @@ pub enum Decision {
 
 impl Policy {
     pub fn new(config: &Config, settings: &PolicySettings) -> Policy {
-        let family_policy = |family: Family, link_local: &str, masq_link_local: bool| FamilyPolicy {
-            family,
-            link_local: (!masq_link_local).then(|| link_local.parse().ok()).flatten(),
-            non_masq: NonMasqPrefixes(
-                config
-                    .non_masquerade_cidrs
-                    .iter()
-                    .filter(|net| Family::of(net) == family)
-                    .copied()
-                    .collect(),
-            ),
-        };
-        let mut families = vec![family_policy(Family::V4, LINK_LOCAL_V4, config.masq_link_local)];
+        let family_policy =
+            |family: Family, link_local: &str, masq_link_local: bool| FamilyPolicy {
+                family,
+                link_local: (!masq_link_local)
+                    .then(|| link_local.parse().ok())
+                    .flatten(),
+                non_masq: NonMasqPrefixes(
+                    config
+                        .non_masquerade_cidrs
+                        .iter()
+                        .filter(|net| Family::of(net) == family)
+                        .copied()
+                        .collect(),
+                ),
+            };
+        let mut families = vec![family_policy(
+            Family::V4,
+            LINK_LOCAL_V4,
+            config.masq_link_local,
+        )];
         if settings.enable_ipv6 {
             families.push(family_policy(
                 Family::V6,
@@ -283,7 +290,13 @@ mod tests {
         );
         assert_eq!(p.decide(ip("192.168.1.1")), Decision::Masquerade);
         assert!(matches!(p.decide(ip("fd00::1")), Decision::Keep { .. }));
-        assert!(matches!(p.decide(ip("fe80::1")), Decision::Keep { reason: KeepReason::LinkLocal, .. }));
+        assert!(matches!(
+            p.decide(ip("fe80::1")),
+            Decision::Keep {
+                reason: KeepReason::LinkLocal,
+                ..
+            }
+        ));
         assert_eq!(p.decide(ip("2001:db8::1")), Decision::Masquerade);
     }
 
@@ -305,7 +318,10 @@ mod tests {
     fn to_ports_parse_and_weights() {
         let ports: ToPorts = "1024-29999,32768-65535".parse().unwrap();
         let weighted = ports.weighted();
-        assert_eq!(weighted[0].probability.map(|p| p.to_string()).as_deref(), Some("0.469292562840114"));
+        assert_eq!(
+            weighted[0].probability.map(|p| p.to_string()).as_deref(),
+            Some("0.469292562840114")
+        );
         assert_eq!(weighted[1].probability, None);
         let three: ToPorts = "1000-1999,2000-2999,3000-3999".parse().unwrap();
         let w: Vec<Option<f64>> = three.weighted().iter().map(|w| w.probability).collect();

@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::*;
 
 const JUMP: &str = "-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain\" -m addrtype ! --dst-type LOCAL -j IP-MASQ-AGENT";
-const KEEP: &str = "-m comment --comment \"ip-masq-agent: local traffic is not subject to MASQUERADE\" -j RETURN";
+const KEEP: &str =
+    "-m comment --comment \"ip-masq-agent: local traffic is not subject to MASQUERADE\" -j RETURN";
 const MASQ_COMMENT: &str = "-m comment --comment \"ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)\"";
 
 fn keep(chain: &str, prefix: &str) -> String {
@@ -24,7 +25,13 @@ fn masq(chain: &str, random_fully: bool) -> String {
 
 /// Runs the agent once in a fresh namespace and returns the lines of `save_tool`'s
 /// nat table that mention `chain`, after the first sync.
-fn first_sync_lines(config: &str, args: &[&str], save_tool: &str, chain: &str, prepare: impl Fn(&Netns)) -> (Netns, Vec<String>) {
+fn first_sync_lines(
+    config: &str,
+    args: &[&str],
+    save_tool: &str,
+    chain: &str,
+    prepare: impl Fn(&Netns),
+) -> (Netns, Vec<String>) {
     let node = Netns::new("node");
     prepare(&node);
     let volume = ConfigMapVolume::new(config);
@@ -39,7 +46,10 @@ fn first_sync_lines(config: &str, args: &[&str], save_tool: &str, chain: &str, p
 }
 
 fn expected(chain: &str, body: &[String]) -> Vec<String> {
-    let mut lines = vec![format!(":{chain} - [0:0]"), JUMP.replace("IP-MASQ-AGENT", chain)];
+    let mut lines = vec![
+        format!(":{chain} - [0:0]"),
+        JUMP.replace("IP-MASQ-AGENT", chain),
+    ];
     lines.extend(body.iter().cloned());
     lines
 }
@@ -64,7 +74,10 @@ fn default_layout_on_iptables_nft_leaves_legacy_untouched() {
         )
     );
     assert!(chain_lines(&node.save("iptables-legacy-save"), "IP-MASQ-AGENT").is_empty());
-    assert!(!node.sh(&["nft", "list", "ruleset"]).contains("ip6 nat"), "IPv6 untouched without --enable-ipv6");
+    assert!(
+        !node.sh(&["nft", "list", "ruleset"]).contains("ip6 nat"),
+        "IPv6 untouched without --enable-ipv6"
+    );
 }
 
 #[test]
@@ -73,7 +86,13 @@ fn default_layout_lands_in_legacy_when_kubelet_uses_legacy() {
         return;
     }
     let (node, lines) = first_sync_lines("", &[], "iptables-legacy-save", "IP-MASQ-AGENT", |ns| {
-        ns.sh(&["iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
+        ns.sh(&[
+            "iptables-legacy",
+            "-t",
+            "mangle",
+            "-N",
+            "KUBE-IPTABLES-HINT",
+        ]);
     });
     assert_eq!(lines.len(), 7, "{lines:#?}");
     assert_eq!(lines[1], JUMP);
@@ -100,7 +119,13 @@ fn iptables_mode_flag_overrides_detection() {
     if !require_root() {
         return;
     }
-    let (node, lines) = first_sync_lines("", &["--iptables-mode=legacy"], "iptables-legacy-save", "IP-MASQ-AGENT", |_| {});
+    let (node, lines) = first_sync_lines(
+        "",
+        &["--iptables-mode=legacy"],
+        "iptables-legacy-save",
+        "IP-MASQ-AGENT",
+        |_| {},
+    );
     assert_eq!(lines.len(), 7, "{lines:#?}");
     assert!(chain_lines(&node.save("iptables-nft-save"), "IP-MASQ-AGENT").is_empty());
 }
@@ -111,7 +136,13 @@ fn custom_list_masq_link_local_and_no_random_fully() {
         return;
     }
     let config = "nonMasqueradeCIDRs:\n  - 100.64.0.0/10\n  - 10.0.0.0/8\n  - 100.64.0.0/10\nmasqLinkLocal: yes\n";
-    let (_node, lines) = first_sync_lines(config, &["--random-fully=false"], "iptables-nft-save", "IP-MASQ-AGENT", |_| {});
+    let (_node, lines) = first_sync_lines(
+        config,
+        &["--random-fully=false"],
+        "iptables-nft-save",
+        "IP-MASQ-AGENT",
+        |_| {},
+    );
     assert_eq!(
         lines,
         expected(
@@ -131,7 +162,13 @@ fn reserved_ranges_and_custom_chain() {
     if !require_root() {
         return;
     }
-    let (_node, lines) = first_sync_lines("", &["--nomasq-all-reserved-ranges", "-masq-chain=MY-MASQ"], "iptables-nft-save", "MY-MASQ", |_| {});
+    let (_node, lines) = first_sync_lines(
+        "",
+        &["--nomasq-all-reserved-ranges", "-masq-chain=MY-MASQ"],
+        "iptables-nft-save",
+        "MY-MASQ",
+        |_| {},
+    );
     let mut body: Vec<String> = [
         "169.254.0.0/16",
         "10.0.0.0/8",
@@ -159,16 +196,32 @@ fn ipv6_layout_in_ip6tables() {
         return;
     }
     let config = "{\"nonMasqueradeCIDRs\": [\"10.0.0.0/8\", \"fd00::/8\"]}";
-    let (node, lines) = first_sync_lines(config, &["--enable-ipv6"], "ip6tables-nft-save", "IP-MASQ-AGENT", |_| {});
+    let (node, lines) = first_sync_lines(
+        config,
+        &["--enable-ipv6"],
+        "ip6tables-nft-save",
+        "IP-MASQ-AGENT",
+        |_| {},
+    );
     assert_eq!(
         lines,
         expected(
             "IP-MASQ-AGENT",
-            &[keep("IP-MASQ-AGENT", "fe80::/10"), keep("IP-MASQ-AGENT", "fd00::/8"), masq("IP-MASQ-AGENT", true)]
+            &[
+                keep("IP-MASQ-AGENT", "fe80::/10"),
+                keep("IP-MASQ-AGENT", "fd00::/8"),
+                masq("IP-MASQ-AGENT", true)
+            ]
         )
     );
     let v4 = chain_lines(&node.save("iptables-nft-save"), "IP-MASQ-AGENT");
-    assert_eq!(v4[2..4], [keep("IP-MASQ-AGENT", "169.254.0.0/16"), keep("IP-MASQ-AGENT", "10.0.0.0/8")]);
+    assert_eq!(
+        v4[2..4],
+        [
+            keep("IP-MASQ-AGENT", "169.254.0.0/16"),
+            keep("IP-MASQ-AGENT", "10.0.0.0/8")
+        ]
+    );
 }
 
 #[test]
@@ -176,7 +229,13 @@ fn to_ports_rules_precede_the_catch_all() {
     if !require_root() {
         return;
     }
-    let (_node, lines) = first_sync_lines("nonMasqueradeCIDRs: []\n", &["--to-ports=1024-29999,32768-65535"], "iptables-nft-save", "IP-MASQ-AGENT", |_| {});
+    let (_node, lines) = first_sync_lines(
+        "nonMasqueradeCIDRs: []\n",
+        &["--to-ports=1024-29999,32768-65535"],
+        "iptables-nft-save",
+        "IP-MASQ-AGENT",
+        |_| {},
+    );
     let mut body = vec![keep("IP-MASQ-AGENT", "169.254.0.0/16")];
     for proto in ["tcp", "udp", "sctp"] {
         // iptables-save prints the probability rounded to 11 places.
@@ -196,13 +255,22 @@ fn regression_old_quoted_jump_is_replaced_by_exactly_one_jump() {
     }
     for flavour in ["nft", "legacy"] {
         let tool = format!("iptables-{flavour}");
-        let (node, lines) = first_sync_lines("", &[&format!("--iptables-mode={flavour}")], &format!("{tool}-save"), "IP-MASQ-AGENT", |ns| {
-            ns.sh(&[&tool, "-t", "nat", "-N", "IP-MASQ-AGENT"]);
-            ns.sh(&[&tool, "-t", "nat", "-A", "POSTROUTING", "-m", "comment", "--comment",
+        let (node, lines) = first_sync_lines(
+            "",
+            &[&format!("--iptables-mode={flavour}")],
+            &format!("{tool}-save"),
+            "IP-MASQ-AGENT",
+            |ns| {
+                ns.sh(&[&tool, "-t", "nat", "-N", "IP-MASQ-AGENT"]);
+                ns.sh(&[&tool, "-t", "nat", "-A", "POSTROUTING", "-m", "comment", "--comment",
                 "\"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain\"",
                 "-m", "addrtype", "!", "--dst-type", "LOCAL", "-j", "IP-MASQ-AGENT"]);
-        });
-        let jumps: Vec<&String> = lines.iter().filter(|l| l.starts_with("-A POSTROUTING")).collect();
+            },
+        );
+        let jumps: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.starts_with("-A POSTROUTING"))
+            .collect();
         assert_eq!(jumps, vec![JUMP], "{flavour}");
         drop(node);
     }
@@ -218,12 +286,66 @@ fn foreign_nat_rules_are_byte_identical_after_sync() {
         let node = Netns::new("node");
         for rule in [
             vec!["-t", "nat", "-N", "KUBE-POSTROUTING"],
-            vec!["-t", "nat", "-A", "POSTROUTING", "-m", "comment", "--comment", "kubernetes postrouting rules", "-j", "KUBE-POSTROUTING"],
-            vec!["-t", "nat", "-A", "KUBE-POSTROUTING", "-m", "mark", "!", "--mark", "0x4000/0x4000", "-j", "RETURN"],
-            vec!["-t", "nat", "-A", "KUBE-POSTROUTING", "-j", "MASQUERADE", "--random-fully"],
+            vec![
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-m",
+                "comment",
+                "--comment",
+                "kubernetes postrouting rules",
+                "-j",
+                "KUBE-POSTROUTING",
+            ],
+            vec![
+                "-t",
+                "nat",
+                "-A",
+                "KUBE-POSTROUTING",
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                "0x4000/0x4000",
+                "-j",
+                "RETURN",
+            ],
+            vec![
+                "-t",
+                "nat",
+                "-A",
+                "KUBE-POSTROUTING",
+                "-j",
+                "MASQUERADE",
+                "--random-fully",
+            ],
             vec!["-t", "nat", "-N", "DOCKER"],
-            vec!["-t", "nat", "-A", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DOCKER"],
-            vec!["-t", "nat", "-A", "POSTROUTING", "-s", "172.17.0.0/16", "!", "-o", "docker0", "-j", "MASQUERADE"],
+            vec![
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-m",
+                "addrtype",
+                "--dst-type",
+                "LOCAL",
+                "-j",
+                "DOCKER",
+            ],
+            vec![
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                "172.17.0.0/16",
+                "!",
+                "-o",
+                "docker0",
+                "-j",
+                "MASQUERADE",
+            ],
         ] {
             let mut args = vec![tool.as_str()];
             args.extend(rule);
@@ -233,11 +355,22 @@ fn foreign_nat_rules_are_byte_identical_after_sync() {
         let before = node.save(&save);
         let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
         let path = volume.path();
-        let mut agent = AgentProcess::start(&node, &["--config", path.to_str().unwrap(), &format!("--iptables-mode={flavour}")]);
+        let mut agent = AgentProcess::start(
+            &node,
+            &[
+                "--config",
+                path.to_str().unwrap(),
+                &format!("--iptables-mode={flavour}"),
+            ],
+        );
         agent.wait_for_log("rules resynced", 3, Duration::from_secs(10));
         let after = node.save(&save);
         assert_eq!(foreign_lines(&after, "IP-MASQ-AGENT"), before, "{flavour}");
-        assert_eq!(chain_lines(&after, "IP-MASQ-AGENT").len(), 7, "{flavour}: {after}");
+        assert_eq!(
+            chain_lines(&after, "IP-MASQ-AGENT").len(),
+            7,
+            "{flavour}: {after}"
+        );
         let status = agent.terminate();
         assert!(status.success(), "{status}");
         // SIGTERM leaves the rules in place.

@@ -43,7 +43,13 @@ fn ipv4_and_ipv6_sources_follow_the_config_on_iptables_legacy() {
         return;
     }
     dual_stack_sources(|node| {
-        node.sh(&["iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
+        node.sh(&[
+            "iptables-legacy",
+            "-t",
+            "mangle",
+            "-N",
+            "KUBE-IPTABLES-HINT",
+        ]);
     });
 }
 
@@ -51,7 +57,10 @@ fn dual_stack_sources(prepare_node: impl Fn(&Netns)) {
     let topology = Topology::new();
     prepare_node(&topology.node);
     // Without the agent nothing is masqueraded: the probes really see the pod address.
-    assert_sources(&topology, &[("203.0.113.10", false), ("2001:db8:99::10", false)]);
+    assert_sources(
+        &topology,
+        &[("203.0.113.10", false), ("2001:db8:99::10", false)],
+    );
     let volume = ConfigMapVolume::new(DUAL_STACK_CONFIG);
     let _agent = start_agent(&topology, &volume, &["--enable-ipv6"]);
     assert_sources(
@@ -79,7 +88,12 @@ fn masq_link_local_and_reserved_ranges_change_the_datapath() {
     let _agent = start_agent(&topology, &volume, &["--nomasq-all-reserved-ranges"]);
     assert_sources(
         &topology,
-        &[("169.254.5.10", true), ("100.64.0.10", false), ("203.0.113.10", false), ("10.99.0.10", false)],
+        &[
+            ("169.254.5.10", true),
+            ("100.64.0.10", false),
+            ("203.0.113.10", false),
+            ("10.99.0.10", false),
+        ],
     );
 }
 
@@ -95,12 +109,23 @@ fn configmap_swap_takes_effect_within_resync_interval() {
 
     volume.update("nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\nresyncInterval: 1s\n");
     let swapped = Instant::now();
-    let applied = eventually(Duration::from_secs(2), || !topology.is_masqueraded("192.168.5.10"));
-    assert!(applied, "new config not in force {:?} after the swap", swapped.elapsed());
+    let applied = eventually(Duration::from_secs(2), || {
+        !topology.is_masqueraded("192.168.5.10")
+    });
+    assert!(
+        applied,
+        "new config not in force {:?} after the swap",
+        swapped.elapsed()
+    );
 
     volume.update("nonMasqueradeCIDRs: []\nresyncInterval: 1s\n");
-    let applied = eventually(Duration::from_secs(2), || topology.is_masqueraded("10.99.0.10"));
-    assert!(applied, "empty list not in force within resyncInterval + 1s");
+    let applied = eventually(Duration::from_secs(2), || {
+        topology.is_masqueraded("10.99.0.10")
+    });
+    assert!(
+        applied,
+        "empty list not in force within resyncInterval + 1s"
+    );
     assert_sources(&topology, &[("169.254.5.10", false)]);
 }
 
@@ -112,7 +137,12 @@ fn broken_config_keeps_the_old_behaviour_and_the_agent_running() {
     let topology = Topology::new();
     let mut volume = ConfigMapVolume::new(DUAL_STACK_CONFIG);
     let mut agent = start_agent(&topology, &volume, &["--enable-ipv6"]);
-    let good = [("203.0.113.10", true), ("192.168.5.10", false), ("2001:db8:99::10", true), ("fd00:99::10", false)];
+    let good = [
+        ("203.0.113.10", true),
+        ("192.168.5.10", false),
+        ("2001:db8:99::10", true),
+        ("fd00:99::10", false),
+    ];
     assert_sources(&topology, &good);
 
     for broken in [
@@ -134,7 +164,8 @@ fn broken_config_keeps_the_old_behaviour_and_the_agent_running() {
     assert!(log.contains("IPv4-mapped IPv6 prefix"), "{log}");
 
     volume.update("nonMasqueradeCIDRs: []\nresyncInterval: 1s\n");
-    assert!(eventually(Duration::from_secs(2), || topology.is_masqueraded("192.168.5.10")));
+    assert!(eventually(Duration::from_secs(2), || topology
+        .is_masqueraded("192.168.5.10")));
 }
 
 #[test]
@@ -145,12 +176,54 @@ fn foreign_rules_in_the_node_are_untouched_while_traffic_flows() {
     let topology = Topology::new();
     let node = &topology.node;
     node.sh(&["iptables-nft", "-t", "nat", "-N", "KUBE-POSTROUTING"]);
-    node.sh(&["iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-m", "comment", "--comment", "kubernetes postrouting rules", "-j", "KUBE-POSTROUTING"]);
-    node.sh(&["iptables-nft", "-t", "nat", "-A", "KUBE-POSTROUTING", "-m", "mark", "!", "--mark", "0x4000/0x4000", "-j", "RETURN"]);
-    node.sh(&["iptables-nft", "-t", "filter", "-A", "FORWARD", "-m", "comment", "--comment", "container runtime", "-j", "ACCEPT"]);
+    node.sh(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-m",
+        "comment",
+        "--comment",
+        "kubernetes postrouting rules",
+        "-j",
+        "KUBE-POSTROUTING",
+    ]);
+    node.sh(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-A",
+        "KUBE-POSTROUTING",
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        "0x4000/0x4000",
+        "-j",
+        "RETURN",
+    ]);
+    node.sh(&[
+        "iptables-nft",
+        "-t",
+        "filter",
+        "-A",
+        "FORWARD",
+        "-m",
+        "comment",
+        "--comment",
+        "container runtime",
+        "-j",
+        "ACCEPT",
+    ]);
     node.sh(&["nft", "add table inet foreign; add chain inet foreign post { type nat hook postrouting priority 50; }; add rule inet foreign post ip daddr 198.51.100.1 counter"]);
     let nat_before = node.save("iptables-nft-save");
-    let filter_before = node.sh(&["iptables-nft-save", "-t", "filter"]).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    let filter_before = node
+        .sh(&["iptables-nft-save", "-t", "filter"])
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
     let foreign_before = node.sh(&["nft", "list", "table", "inet", "foreign"]);
 
     let volume = ConfigMapVolume::new("resyncInterval: 300ms\n");
@@ -158,8 +231,19 @@ fn foreign_rules_in_the_node_are_untouched_while_traffic_flows() {
     assert_sources(&topology, &[("203.0.113.10", true), ("10.99.0.10", false)]);
     agent.wait_for_log("rules resynced", 2, Duration::from_secs(5));
 
-    assert_eq!(foreign_lines(&node.save("iptables-nft-save"), "IP-MASQ-AGENT"), nat_before);
-    let filter_after = node.sh(&["iptables-nft-save", "-t", "filter"]).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    assert_eq!(
+        foreign_lines(&node.save("iptables-nft-save"), "IP-MASQ-AGENT"),
+        nat_before
+    );
+    let filter_after = node
+        .sh(&["iptables-nft-save", "-t", "filter"])
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
     assert_eq!(filter_after, filter_before);
-    assert_eq!(node.sh(&["nft", "list", "table", "inet", "foreign"]), foreign_before);
+    assert_eq!(
+        node.sh(&["nft", "list", "table", "inet", "foreign"]),
+        foreign_before
+    );
 }

@@ -38,7 +38,10 @@ impl Backend for DryRunBackend {
         }
         let rules = payload.lines().filter(|l| l.starts_with("-A ")).count();
         self.last = Some(payload);
-        Ok(SyncReport { processes: 0, rules })
+        Ok(SyncReport {
+            processes: 0,
+            rules,
+        })
     }
 }
 
@@ -51,13 +54,22 @@ mod tests {
 
     #[test]
     fn dry_run_reports_what_it_would_write() {
-        let mut backend =
-            DryRunBackend::new(Box::new(IptablesBackend::for_rendering(ChainName::default())));
-        let policy = Policy::new(&Config::defaults(ParseOptions::default()), &PolicySettings::default());
+        let mut backend = DryRunBackend::new(Box::new(IptablesBackend::for_rendering(
+            ChainName::default(),
+        )));
+        let policy = Policy::new(
+            &Config::defaults(ParseOptions::default()),
+            &PolicySettings::default(),
+        );
         let report = backend.sync(&policy).unwrap();
         assert_eq!(report.processes, 0);
         // Jump, link-local, three RFC 1918 prefixes, masquerade.
         assert_eq!(report.rules, 6);
-        assert!(backend.last_payload().unwrap().contains(":IP-MASQ-AGENT - [0:0]"));
+        assert!(
+            backend
+                .last_payload()
+                .unwrap()
+                .contains(":IP-MASQ-AGENT - [0:0]")
+        );
     }
 }

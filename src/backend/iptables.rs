@@ -80,9 +80,7 @@ impl FromStr for ChainName {
             ));
         }
         if RESERVED.contains(&name) {
-            return Err(format!(
-                "chain name {name:?} is a built-in chain or target"
-            ));
+            return Err(format!("chain name {name:?} is a built-in chain or target"));
         }
         Ok(ChainName(name.to_string()))
     }
@@ -122,9 +120,11 @@ pub enum IptablesMode {
 const KUBELET_HINT_CHAINS: [&str; 2] = [":KUBE-IPTABLES-HINT ", ":KUBE-KUBELET-CANARY "];
 
 fn has_kubelet_hint(saved: &str) -> bool {
-    saved
-        .lines()
-        .any(|line| KUBELET_HINT_CHAINS.iter().any(|hint| line.starts_with(hint)))
+    saved.lines().any(|line| {
+        KUBELET_HINT_CHAINS
+            .iter()
+            .any(|hint| line.starts_with(hint))
+    })
 }
 
 fn count_rules(saved: &str) -> usize {
@@ -220,10 +220,7 @@ pub fn supports_random_fully(version_output: &str) -> bool {
     else {
         return false;
     };
-    let numbers: Vec<u32> = version
-        .split('.')
-        .map(|n| n.parse().unwrap_or(0))
-        .collect();
+    let numbers: Vec<u32> = version.split('.').map(|n| n.parse().unwrap_or(0)).collect();
     let at = |i: usize| numbers.get(i).copied().unwrap_or(0);
     (at(0), at(1), at(2)) >= (1, 6, 2)
 }

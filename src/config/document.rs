@@ -222,10 +222,7 @@ mod tests {
         let Value::List(items) = &m[1].1.value else {
             panic!()
         };
-        assert_eq!(
-            items[1].position,
-            Some(Position { line: 4, column: 5 })
-        );
+        assert_eq!(items[1].position, Some(Position { line: 4, column: 5 }));
     }
 
     #[test]

@@ -67,10 +67,7 @@ impl Config {
             cidrs.extend(OTHER_RESERVED);
         }
         Config {
-            non_masquerade_cidrs: cidrs
-                .into_iter()
-                .filter_map(|c| c.parse().ok())
-                .collect(),
+            non_masquerade_cidrs: cidrs.into_iter().filter_map(|c| c.parse().ok()).collect(),
             cidr_limit: 64,
             masq_link_local: false,
             masq_link_local_ipv6: false,
@@ -142,7 +139,8 @@ pub fn load(path: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigEr
         }
         Ok(_) => {}
     }
-    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read config file: {e}")))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| fail(format!("cannot read config file: {e}")))?;
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -234,7 +232,9 @@ pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedCon
                 cidrs_node = Some((items.clone(), value.position));
             }
             ("nonMasqueradeCIDRs", _) => {
-                return Err(type_error("a list of CIDR strings such as [\"10.0.0.0/8\"]"));
+                return Err(type_error(
+                    "a list of CIDR strings such as [\"10.0.0.0/8\"]",
+                ));
             }
             (_, Value::Null) => {}
             ("cidrLimit", Value::Int(n)) => {
@@ -253,9 +253,8 @@ pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedCon
                 return Err(type_error("a boolean (true/false, yes/no, on/off)"));
             }
             ("resyncInterval", Value::Str(text)) => {
-                let parsed = parse_go_duration(text).map_err(|e| {
-                    error(value.position, Some(key), format!("{e}"))
-                })?;
+                let parsed = parse_go_duration(text)
+                    .map_err(|e| error(value.position, Some(key), format!("{e}")))?;
                 if parsed.0 <= 0 {
                     return Err(error(
                         value.position,

@@ -66,7 +66,10 @@ fn reserved_ranges_follow_rfc1918_in_upstream_order() {
 #[test]
 fn empty_file_means_defaults() {
     assert_eq!(parse_ok("", opts()).config, Config::defaults(opts()));
-    assert_eq!(parse_ok("# only a comment\n", opts()).config, Config::defaults(opts()));
+    assert_eq!(
+        parse_ok("# only a comment\n", opts()).config,
+        Config::defaults(opts())
+    );
 }
 
 #[test]
@@ -76,7 +79,10 @@ fn yaml_keys_override_and_absent_keys_keep_defaults() {
         opts(),
     )
     .config;
-    assert_eq!(c.non_masquerade_cidrs, nets(&["10.0.0.0/8", "100.64.0.0/10"]));
+    assert_eq!(
+        c.non_masquerade_cidrs,
+        nets(&["10.0.0.0/8", "100.64.0.0/10"])
+    );
     assert!(c.masq_link_local);
     assert!(!c.masq_link_local_ipv6);
     assert_eq!(c.cidr_limit, 64);
@@ -98,15 +104,34 @@ fn json_config_is_read_like_upstream() {
 
 #[test]
 fn explicit_empty_list_means_no_cidrs() {
-    assert!(parse_ok("nonMasqueradeCIDRs: []\n", opts()).config.non_masquerade_cidrs.is_empty());
+    assert!(
+        parse_ok("nonMasqueradeCIDRs: []\n", opts())
+            .config
+            .non_masquerade_cidrs
+            .is_empty()
+    );
     // Go's encoding/json sets a slice to nil on null.
-    assert!(parse_ok("nonMasqueradeCIDRs:\n", opts()).config.non_masquerade_cidrs.is_empty());
-    assert!(parse_ok(r#"{"nonMasqueradeCIDRs": []}"#, opts()).config.non_masquerade_cidrs.is_empty());
+    assert!(
+        parse_ok("nonMasqueradeCIDRs:\n", opts())
+            .config
+            .non_masquerade_cidrs
+            .is_empty()
+    );
+    assert!(
+        parse_ok(r#"{"nonMasqueradeCIDRs": []}"#, opts())
+            .config
+            .non_masquerade_cidrs
+            .is_empty()
+    );
 }
 
 #[test]
 fn null_scalars_keep_defaults() {
-    let c = parse_ok("masqLinkLocal:\ncidrLimit: ~\nresyncInterval: null\n", opts()).config;
+    let c = parse_ok(
+        "masqLinkLocal:\ncidrLimit: ~\nresyncInterval: null\n",
+        opts(),
+    )
+    .config;
     assert_eq!(c, Config::defaults(opts()));
 }
 
@@ -131,7 +156,13 @@ fn later_duplicate_key_wins_like_go() {
 
 #[test]
 fn yaml_1_1_booleans_are_accepted() {
-    for (text, want) in [("yes", true), ("no", false), ("on", true), ("off", false), ("True", true)] {
+    for (text, want) in [
+        ("yes", true),
+        ("no", false),
+        ("on", true),
+        ("off", false),
+        ("True", true),
+    ] {
         let c = parse_ok(&format!("masqLinkLocal: {text}\n"), opts()).config;
         assert_eq!(c.masq_link_local, want, "{text}");
     }
@@ -139,7 +170,11 @@ fn yaml_1_1_booleans_are_accepted() {
 
 #[test]
 fn duplicate_cidrs_are_kept_in_order() {
-    let c = parse_ok("nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16, 10.0.0.0/8]\n", opts()).config;
+    let c = parse_ok(
+        "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16, 10.0.0.0/8]\n",
+        opts(),
+    )
+    .config;
     assert_eq!(
         c.non_masquerade_cidrs,
         nets(&["10.0.0.0/8", "192.168.0.0/16", "10.0.0.0/8"])
@@ -167,14 +202,28 @@ fn ipv6_cidrs_are_accepted_with_enable_ipv6() {
 
 #[test]
 fn rejects_unparsable_cidr_with_upstream_text_and_position() {
-    let e = parse_err("nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n  - 10.0.0.0/33\n", opts());
+    let e = parse_err(
+        "nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n  - 10.0.0.0/33\n",
+        opts(),
+    );
     assert_eq!(
         e,
         "/etc/config/ip-masq-agent:3:5: nonMasqueradeCIDRs[1]: CIDR \"10.0.0.0/33\" could not be parsed, invalid CIDR address: 10.0.0.0/33"
     );
-    for bad in ["not-a-cidr", "10.0.0.0", " 10.0.0.0/8", "10.0.0.0/8 ", "010.0.0.0/8", "10.0.0.0/-1", "fe80::%eth0/64"] {
+    for bad in [
+        "not-a-cidr",
+        "10.0.0.0",
+        " 10.0.0.0/8",
+        "10.0.0.0/8 ",
+        "010.0.0.0/8",
+        "10.0.0.0/-1",
+        "fe80::%eth0/64",
+    ] {
         let e = parse_err(&format!("nonMasqueradeCIDRs: [{bad:?}]\n"), v6());
-        assert!(e.contains("could not be parsed, invalid CIDR address"), "{bad}: {e}");
+        assert!(
+            e.contains("could not be parsed, invalid CIDR address"),
+            "{bad}: {e}"
+        );
     }
 }
 
@@ -191,14 +240,20 @@ fn rejects_host_bits_with_upstream_text() {
 
 #[test]
 fn rejects_more_cidrs_than_the_limit() {
-    let e = parse_err("cidrLimit: 2\nnonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16, 10.2.0.0/16]\n", opts());
+    let e = parse_err(
+        "cidrLimit: 2\nnonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16, 10.2.0.0/16]\n",
+        opts(),
+    );
     assert_eq!(
         e,
         "/etc/config/ip-masq-agent:2:21: nonMasqueradeCIDRs: the daemon can only accept up to 2 CIDRs (excluding link-local), but got 3 CIDRs (excluding link local)"
     );
     // The defaults count too when only the limit is lowered.
     let e = parse_err("cidrLimit: 1\n", opts());
-    assert!(e.contains("up to 1 CIDRs (excluding link-local), but got 3"), "{e}");
+    assert!(
+        e.contains("up to 1 CIDRs (excluding link-local), but got 3"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -227,7 +282,10 @@ fn rejects_bad_resync_intervals() {
         ("1d", "time: unknown unit \"d\" in duration \"1d\""),
     ] {
         let e = parse_err(&format!("resyncInterval: {text:?}\n"), opts());
-        assert!(e.starts_with("/etc/config/ip-masq-agent:1:17: resyncInterval: "), "{e}");
+        assert!(
+            e.starts_with("/etc/config/ip-masq-agent:1:17: resyncInterval: "),
+            "{e}"
+        );
         assert!(e.contains(want), "{text}: {e}");
     }
     let e = parse_err("resyncInterval: 60\n", opts());
@@ -238,29 +296,53 @@ fn rejects_bad_resync_intervals() {
 #[test]
 fn rejects_wrong_types() {
     let cases = [
-        ("nonMasqueradeCIDRs: 10.0.0.0/8\n", "nonMasqueradeCIDRs: expected a list of CIDR strings"),
-        ("nonMasqueradeCIDRs: [10]\n", "nonMasqueradeCIDRs[0]: expected a CIDR string"),
-        ("masqLinkLocal: maybe\n", "masqLinkLocal: expected a boolean"),
-        ("masqLinkLocalIPv6: 1\n", "masqLinkLocalIPv6: expected a boolean"),
+        (
+            "nonMasqueradeCIDRs: 10.0.0.0/8\n",
+            "nonMasqueradeCIDRs: expected a list of CIDR strings",
+        ),
+        (
+            "nonMasqueradeCIDRs: [10]\n",
+            "nonMasqueradeCIDRs[0]: expected a CIDR string",
+        ),
+        (
+            "masqLinkLocal: maybe\n",
+            "masqLinkLocal: expected a boolean",
+        ),
+        (
+            "masqLinkLocalIPv6: 1\n",
+            "masqLinkLocalIPv6: expected a boolean",
+        ),
         ("cidrLimit: many\n", "cidrLimit: expected a whole number"),
         ("cidrLimit: 1.5\n", "cidrLimit: expected a whole number"),
-        ("cidrLimit: -1\n", "cidrLimit: must be a whole number from 0 up"),
+        (
+            "cidrLimit: -1\n",
+            "cidrLimit: must be a whole number from 0 up",
+        ),
         ("- 10.0.0.0/8\n", "expected a mapping of config keys"),
     ];
     for (text, want) in cases {
         let e = parse_err(text, opts());
         assert!(e.contains(want), "{text:?}: {e}");
-        assert!(e.starts_with("/etc/config/ip-masq-agent:1:"), "{text:?}: {e}");
+        assert!(
+            e.starts_with("/etc/config/ip-masq-agent:1:"),
+            "{text:?}: {e}"
+        );
     }
 }
 
 #[test]
 fn rejects_syntax_errors_with_position() {
-    let e = parse_err("nonMasqueradeCIDRs: [10.0.0.0/8\nmasqLinkLocal: true\n", opts());
+    let e = parse_err(
+        "nonMasqueradeCIDRs: [10.0.0.0/8\nmasqLinkLocal: true\n",
+        opts(),
+    );
     assert!(e.contains("not valid YAML or JSON"), "{e}");
     assert!(e.starts_with("/etc/config/ip-masq-agent:"), "{e}");
     let e = parse_err("{\"masqLinkLocal\": true,}\n", opts());
-    assert!(e.starts_with("/etc/config/ip-masq-agent:1:24: not valid YAML or JSON"), "{e}");
+    assert!(
+        e.starts_with("/etc/config/ip-masq-agent:1:24: not valid YAML or JSON"),
+        "{e}"
+    );
     let e = parse_err("{\"masqLinkLocal\": true} extra\n", opts());
     assert!(e.contains("trailing characters"), "{e}");
 }

@@ -45,7 +45,10 @@ pub fn require_root() -> bool {
         sweep_stale_namespaces();
         return true;
     }
-    let message = format!("needs {} (run as root after installing iptables nftables iproute2 procps)", missing.join(", "));
+    let message = format!(
+        "needs {} (run as root after installing iptables nftables iproute2 procps)",
+        missing.join(", ")
+    );
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{message}");
     }
@@ -60,7 +63,10 @@ fn sweep_stale_namespaces() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("ima-").and_then(|rest| rest.split('-').next()) else {
+        let Some(pid) = name
+            .strip_prefix("ima-")
+            .and_then(|rest| rest.split('-').next())
+        else {
             continue;
         };
         if !Path::new("/proc").join(pid).exists() {
@@ -70,7 +76,11 @@ fn sweep_stale_namespaces() {
 }
 
 fn unique(tag: &str) -> String {
-    format!("ima-{}-{}-{tag}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "ima-{}-{}-{tag}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// A network namespace, deleted on drop.
@@ -81,11 +91,20 @@ pub struct Netns {
 impl Netns {
     pub fn new(tag: &str) -> Netns {
         let name = unique(tag);
-        let status = Command::new("ip").args(["netns", "add", &name]).status().expect("run ip");
+        let status = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip");
         assert!(status.success(), "ip netns add {name}");
         let ns = Netns { name };
         // Duplicate address detection would hold IPv6 back for a second or two on new links.
-        ns.sh(&["sysctl", "-q", "-w", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"]);
+        ns.sh(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.accept_dad=0",
+        ]);
         ns.sh(&["ip", "link", "set", "lo", "up"]);
         ns
     }
@@ -108,7 +127,10 @@ impl Netns {
     }
 
     pub fn output(&self, args: &[&str]) -> Output {
-        self.command(args[0]).args(&args[1..]).output().expect("spawn in netns")
+        self.command(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("spawn in netns")
     }
 
     /// Runs a command in the namespace and returns stdout; panics on failure.
@@ -147,7 +169,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
     }
 }
 
@@ -181,9 +205,17 @@ pub const CONFIG_KEY: &str = "ip-masq-agent";
 
 impl ConfigMapVolume {
     pub fn new(content: &str) -> ConfigMapVolume {
-        let mut volume = ConfigMapVolume { dir: TempDir::new("cm"), generation: 0, current: None };
+        let mut volume = ConfigMapVolume {
+            dir: TempDir::new("cm"),
+            generation: 0,
+            current: None,
+        };
         volume.update(content);
-        symlink(format!("..data/{CONFIG_KEY}"), volume.dir.path.join(CONFIG_KEY)).expect("key symlink");
+        symlink(
+            format!("..data/{CONFIG_KEY}"),
+            volume.dir.path.join(CONFIG_KEY),
+        )
+        .expect("key symlink");
         volume
     }
 
@@ -194,7 +226,11 @@ impl ConfigMapVolume {
     /// New timestamped directory, `..data_tmp` symlink renamed over `..data`, old directory removed.
     pub fn update(&mut self, content: &str) {
         self.generation += 1;
-        let name = format!("..2026_11_23_04_30_{:02}.{:09}", self.generation % 60, self.generation);
+        let name = format!(
+            "..2026_11_23_04_30_{:02}.{:09}",
+            self.generation % 60,
+            self.generation
+        );
         let new_dir = self.dir.path.join(&name);
         std::fs::create_dir(&new_dir).expect("mkdir ts");
         std::fs::write(new_dir.join(CONFIG_KEY), content).expect("write config");
@@ -214,8 +250,17 @@ pub struct AgentProcess {
     _logdir: TempDir,
 }
 
-pub fn agent_binary() -> &'static str {
-    env!("CARGO_BIN_EXE_ip-masq-agent")
+/// The agent under test: cargo names it for integration tests; the sandbox example
+/// finds it beside its own directory (target/<profile>/examples/..).
+pub fn agent_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_ip-masq-agent") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("ip-masq-agent"))
+        .expect("agent binary next to the example")
 }
 
 impl AgentProcess {
@@ -232,7 +277,11 @@ impl AgentProcess {
             .stderr(file)
             .spawn()
             .expect("spawn agent");
-        AgentProcess { child, log, _logdir: logdir }
+        AgentProcess {
+            child,
+            log,
+            _logdir: logdir,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -260,7 +309,11 @@ impl AgentProcess {
                 return;
             }
             assert!(self.is_running(), "agent exited early:\n{}", self.log());
-            assert!(Instant::now() < deadline, "no {text:?} x{occurrences} in agent log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} x{occurrences} in agent log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -365,37 +418,134 @@ impl Topology {
             full.extend_from_slice(args);
             ns.sh(&full);
         };
-        ip(&pod, &["link", "add", "eth0", "type", "veth", "peer", "name", "pod0", "netns", &node.name]);
-        ip(&node, &["link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &remote.name]);
-        for (ns, dev) in [(&pod, "eth0"), (&node, "pod0"), (&node, "eth1"), (&remote, "eth0")] {
+        ip(
+            &pod,
+            &[
+                "link", "add", "eth0", "type", "veth", "peer", "name", "pod0", "netns", &node.name,
+            ],
+        );
+        ip(
+            &node,
+            &[
+                "link",
+                "add",
+                "eth1",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &remote.name,
+            ],
+        );
+        for (ns, dev) in [
+            (&pod, "eth0"),
+            (&node, "pod0"),
+            (&node, "eth1"),
+            (&remote, "eth0"),
+        ] {
             ip(ns, &["link", "set", dev, "up"]);
         }
         ip(&pod, &["addr", "add", "10.244.1.2/24", "dev", "eth0"]);
-        ip(&pod, &["-6", "addr", "add", "fd00:244::2/64", "dev", "eth0", "nodad"]);
+        ip(
+            &pod,
+            &[
+                "-6",
+                "addr",
+                "add",
+                "fd00:244::2/64",
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
         ip(&node, &["addr", "add", "10.244.1.1/24", "dev", "pod0"]);
-        ip(&node, &["-6", "addr", "add", "fd00:244::1/64", "dev", "pod0", "nodad"]);
+        ip(
+            &node,
+            &[
+                "-6",
+                "addr",
+                "add",
+                "fd00:244::1/64",
+                "dev",
+                "pod0",
+                "nodad",
+            ],
+        );
         ip(&node, &["addr", "add", "192.0.2.1/24", "dev", "eth1"]);
-        ip(&node, &["-6", "addr", "add", "2001:db8:1::1/64", "dev", "eth1", "nodad"]);
+        ip(
+            &node,
+            &[
+                "-6",
+                "addr",
+                "add",
+                "2001:db8:1::1/64",
+                "dev",
+                "eth1",
+                "nodad",
+            ],
+        );
         ip(&remote, &["addr", "add", "192.0.2.2/24", "dev", "eth0"]);
-        ip(&remote, &["-6", "addr", "add", "2001:db8:1::2/64", "dev", "eth0", "nodad"]);
+        ip(
+            &remote,
+            &[
+                "-6",
+                "addr",
+                "add",
+                "2001:db8:1::2/64",
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
         for dest in REMOTE_DESTINATIONS {
             let prefix = if dest.contains(':') { "128" } else { "32" };
-            ip(&remote, &["addr", "add", &format!("{dest}/{prefix}"), "dev", "lo"]);
+            ip(
+                &remote,
+                &["addr", "add", &format!("{dest}/{prefix}"), "dev", "lo"],
+            );
         }
         ip(&pod, &["route", "add", "default", "via", "10.244.1.1"]);
-        ip(&pod, &["-6", "route", "add", "default", "via", "fd00:244::1"]);
+        ip(
+            &pod,
+            &["-6", "route", "add", "default", "via", "fd00:244::1"],
+        );
         ip(&node, &["route", "add", "default", "via", "192.0.2.2"]);
-        ip(&node, &["-6", "route", "add", "default", "via", "2001:db8:1::2"]);
-        ip(&remote, &["route", "add", "10.244.1.0/24", "via", "192.0.2.1"]);
-        ip(&remote, &["-6", "route", "add", "fd00:244::/64", "via", "2001:db8:1::1"]);
+        ip(
+            &node,
+            &["-6", "route", "add", "default", "via", "2001:db8:1::2"],
+        );
+        ip(
+            &remote,
+            &["route", "add", "10.244.1.0/24", "via", "192.0.2.1"],
+        );
+        ip(
+            &remote,
+            &[
+                "-6",
+                "route",
+                "add",
+                "fd00:244::/64",
+                "via",
+                "2001:db8:1::1",
+            ],
+        );
         node.sh(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
         node.sh(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
         let remote_v4 = remote.udp_socket(format!("0.0.0.0:{V4_PORT}").parse().unwrap());
         let remote_v6 = remote.udp_socket(format!("[::]:{V6_PORT}").parse().unwrap());
         for s in [&remote_v4, &remote_v6] {
-            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
         }
-        Topology { pod, node, remote, remote_v4, remote_v6 }
+        Topology {
+            pod,
+            node,
+            remote,
+            remote_v4,
+            remote_v6,
+        }
     }
 
     /// Sends UDP from the pod to `destination` (owned by the remote) from a fresh
@@ -408,7 +558,11 @@ impl Topology {
             IpAddr::V6(_) => ("[::]:0".parse().unwrap(), V6_PORT, &self.remote_v6),
         };
         let sender = self.pod.udp_socket(bind);
-        let nonce = format!("probe-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let nonce = format!(
+            "probe-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
         let mut buf = [0u8; 128];
         for _ in 0..10 {
             // The pod's neighbour entries may still be resolving on the first send.
@@ -427,7 +581,11 @@ impl Topology {
 
     pub fn is_masqueraded(&self, destination: &str) -> bool {
         let source = self.observed_source(destination);
-        let (pod, node) = if destination.contains(':') { (POD_V6, NODE_V6) } else { (POD_V4, NODE_V4) };
+        let (pod, node) = if destination.contains(':') {
+            (POD_V6, NODE_V6)
+        } else {
+            (POD_V4, NODE_V4)
+        };
         match source.to_string() {
             s if s == node => true,
             s if s == pod => false,

@@ -5,7 +5,8 @@ use std::path::Path;
 
 const JUMP: &str = "-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain\" -m addrtype ! --dst-type LOCAL -j IP-MASQ-AGENT";
 const OLD_QUOTED_JUMP: &str = "-A POSTROUTING -m comment --comment \"\\\"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain\\\"\" -m addrtype ! --dst-type LOCAL -j IP-MASQ-AGENT";
-const KEEP: &str = "-m comment --comment \"ip-masq-agent: local traffic is not subject to MASQUERADE\" -j RETURN";
+const KEEP: &str =
+    "-m comment --comment \"ip-masq-agent: local traffic is not subject to MASQUERADE\" -j RETURN";
 const MASQ: &str = "-m comment --comment \"ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)\" -j MASQUERADE";
 
 struct Case {
@@ -36,7 +37,9 @@ impl Case {
     }
 
     fn policy(&self) -> Policy {
-        let config = parse(self.yaml, Path::new("test"), self.options).unwrap().config;
+        let config = parse(self.yaml, Path::new("test"), self.options)
+            .unwrap()
+            .config;
         Policy::new(&config, &self.settings)
     }
 
@@ -70,7 +73,8 @@ fn default_payload_is_upstreams_layout() {
 
 #[test]
 fn custom_list_keeps_config_order_and_duplicates() {
-    let rules = Case::new("nonMasqueradeCIDRs: [192.168.0.0/16, 10.0.0.0/8, 192.168.0.0/16]\n").rules(Family::V4);
+    let rules = Case::new("nonMasqueradeCIDRs: [192.168.0.0/16, 10.0.0.0/8, 192.168.0.0/16]\n")
+        .rules(Family::V4);
     assert_eq!(
         rules,
         vec![
@@ -86,13 +90,26 @@ fn custom_list_keeps_config_order_and_duplicates() {
 #[test]
 fn empty_list_leaves_link_local_and_masquerade() {
     let rules = Case::new("nonMasqueradeCIDRs: []\n").rules(Family::V4);
-    assert_eq!(rules, vec![keep("169.254.0.0/16"), format!("-A IP-MASQ-AGENT {MASQ} --random-fully")]);
+    assert_eq!(
+        rules,
+        vec![
+            keep("169.254.0.0/16"),
+            format!("-A IP-MASQ-AGENT {MASQ} --random-fully")
+        ]
+    );
 }
 
 #[test]
 fn masq_link_local_drops_the_link_local_return() {
-    let rules = Case::new("masqLinkLocal: true\nnonMasqueradeCIDRs: [10.0.0.0/8]\n").rules(Family::V4);
-    assert_eq!(rules, vec![keep("10.0.0.0/8"), format!("-A IP-MASQ-AGENT {MASQ} --random-fully")]);
+    let rules =
+        Case::new("masqLinkLocal: true\nnonMasqueradeCIDRs: [10.0.0.0/8]\n").rules(Family::V4);
+    assert_eq!(
+        rules,
+        vec![
+            keep("10.0.0.0/8"),
+            format!("-A IP-MASQ-AGENT {MASQ} --random-fully")
+        ]
+    );
 }
 
 #[test]
@@ -126,7 +143,8 @@ fn reserved_ranges_flag_adds_them_in_order() {
 
 #[test]
 fn ipv6_chain_holds_only_ipv6_prefixes() {
-    let case = Case::new("nonMasqueradeCIDRs: [10.0.0.0/8, 'fd00::/8', '2001:db8:5::/48']\n").ipv6();
+    let case =
+        Case::new("nonMasqueradeCIDRs: [10.0.0.0/8, 'fd00::/8', '2001:db8:5::/48']\n").ipv6();
     assert_eq!(
         case.rules(Family::V6),
         vec![
@@ -138,16 +156,26 @@ fn ipv6_chain_holds_only_ipv6_prefixes() {
     );
     assert_eq!(
         case.rules(Family::V4),
-        vec![keep("169.254.0.0/16"), keep("10.0.0.0/8"), format!("-A IP-MASQ-AGENT {MASQ} --random-fully")]
+        vec![
+            keep("169.254.0.0/16"),
+            keep("10.0.0.0/8"),
+            format!("-A IP-MASQ-AGENT {MASQ} --random-fully")
+        ]
     );
     let rendered = IptablesBackend::for_rendering(ChainName::default()).render(&case.policy());
-    assert!(rendered.contains("# ip6tables-restore --noflush (IPv6)\n*nat\n"), "{rendered}");
+    assert!(
+        rendered.contains("# ip6tables-restore --noflush (IPv6)\n*nat\n"),
+        "{rendered}"
+    );
 }
 
 #[test]
 fn masq_link_local_ipv6_drops_fe80() {
     let case = Case::new("masqLinkLocalIPv6: true\nnonMasqueradeCIDRs: []\n").ipv6();
-    assert_eq!(case.rules(Family::V6), vec![format!("-A IP-MASQ-AGENT {MASQ} --random-fully")]);
+    assert_eq!(
+        case.rules(Family::V6),
+        vec![format!("-A IP-MASQ-AGENT {MASQ} --random-fully")]
+    );
     assert_eq!(case.rules(Family::V4)[0], keep("169.254.0.0/16"));
 }
 
@@ -155,7 +183,10 @@ fn masq_link_local_ipv6_drops_fe80() {
 fn random_fully_off_or_unsupported_is_omitted() {
     let mut case = Case::new("nonMasqueradeCIDRs: []\n");
     case.settings.masquerade.random_fully = false;
-    assert_eq!(case.rules(Family::V4)[1], format!("-A IP-MASQ-AGENT {MASQ}"));
+    assert_eq!(
+        case.rules(Family::V4)[1],
+        format!("-A IP-MASQ-AGENT {MASQ}")
+    );
 
     let mut old_iptables = IptablesBackend::for_rendering(ChainName::default());
     old_iptables.random_fully_supported = false;
@@ -184,7 +215,9 @@ fn custom_chain_name_is_used_everywhere() {
     let backend = IptablesBackend::for_rendering(chain);
     let rendered = backend.render(&Case::new("nonMasqueradeCIDRs: []\n").policy());
     assert!(rendered.contains(":MY-MASQ - [0:0]\n"));
-    assert!(rendered.contains("traffic to our custom MY-MASQ chain\" -m addrtype ! --dst-type LOCAL -j MY-MASQ\n"));
+    assert!(rendered.contains(
+        "traffic to our custom MY-MASQ chain\" -m addrtype ! --dst-type LOCAL -j MY-MASQ\n"
+    ));
     assert!(rendered.contains("-A MY-MASQ -d 169.254.0.0/16 "));
     assert!(!rendered.contains("IP-MASQ-AGENT"));
 }
@@ -193,7 +226,17 @@ fn custom_chain_name_is_used_everywhere() {
 fn chain_names_iptables_would_refuse_are_rejected() {
     assert!("IP-MASQ-AGENT".parse::<ChainName>().is_ok());
     assert!("A234567890123456789012345678".parse::<ChainName>().is_ok());
-    for bad in ["", "A2345678901234567890123456789", "MY CHAIN", "MY\"CHAIN", "it's", "-X", "POSTROUTING", "RETURN", "TAB\tX"] {
+    for bad in [
+        "",
+        "A2345678901234567890123456789",
+        "MY CHAIN",
+        "MY\"CHAIN",
+        "it's",
+        "-X",
+        "POSTROUTING",
+        "RETURN",
+        "TAB\tX",
+    ] {
         assert!(bad.parse::<ChainName>().is_err(), "{bad:?}");
     }
 }
@@ -201,7 +244,10 @@ fn chain_names_iptables_would_refuse_are_rejected() {
 #[test]
 fn jump_is_appended_when_missing() {
     let saved = "*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\nCOMMIT\n";
-    assert_eq!(plan_jump_repairs(saved, &ChainName::default()), vec![JUMP.to_string()]);
+    assert_eq!(
+        plan_jump_repairs(saved, &ChainName::default()),
+        vec![JUMP.to_string()]
+    );
 }
 
 #[test]
@@ -229,12 +275,17 @@ fn regression_old_quoted_jump_is_replaced_not_duplicated() {
 #[test]
 fn duplicate_jumps_are_reduced_to_one() {
     let saved = format!("*nat\n{JUMP}\n{JUMP}\nCOMMIT\n");
-    assert_eq!(plan_jump_repairs(&saved, &ChainName::default()), vec![JUMP.replacen("-A ", "-D ", 1)]);
+    assert_eq!(
+        plan_jump_repairs(&saved, &ChainName::default()),
+        vec![JUMP.replacen("-A ", "-D ", 1)]
+    );
 }
 
 #[test]
 fn foreign_jumps_into_the_chain_are_left_alone() {
-    let saved = format!("*nat\n-A POSTROUTING -j IP-MASQ-AGENT\n-A POSTROUTING -m comment --comment \"mine\" -j IP-MASQ-AGENT\n{JUMP}\nCOMMIT\n");
+    let saved = format!(
+        "*nat\n-A POSTROUTING -j IP-MASQ-AGENT\n-A POSTROUTING -m comment --comment \"mine\" -j IP-MASQ-AGENT\n{JUMP}\nCOMMIT\n"
+    );
     assert!(plan_jump_repairs(&saved, &ChainName::default()).is_empty());
 }
 
@@ -254,7 +305,9 @@ fn flavour_follows_the_iptables_wrapper_rule() {
 
 #[test]
 fn random_fully_needs_iptables_1_6_2() {
-    assert!(supports_random_fully("iptables-restore v1.8.9 (nf_tables)\n"));
+    assert!(supports_random_fully(
+        "iptables-restore v1.8.9 (nf_tables)\n"
+    ));
     assert!(supports_random_fully("iptables v1.6.2"));
     assert!(!supports_random_fully("iptables v1.6.1"));
     assert!(!supports_random_fully("iptables v1.4.21"));
