@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::backend::BackendChoice;
 use crate::backend::iptables::{ChainName, IptablesMode};
 use crate::config::{DEFAULT_CONFIG_PATH, ParseOptions};
 use crate::policy::{Masquerade, PolicySettings, ToPorts};
@@ -80,6 +81,10 @@ pub struct AgentArgs {
     /// Which iptables holds the rules: auto follows kubelet's choice, as Kubernetes' iptables-wrapper does.
     #[arg(long = "iptables-mode", value_enum, default_value_t = IptablesMode::Auto, global = true)]
     pub iptables_mode: IptablesMode,
+
+    /// Which backend programs the kernel: iptables (upstream's layout) or nftables.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Iptables, global = true)]
+    pub backend: BackendChoice,
 
     /// Log the rules each sync would write instead of writing them.
     #[arg(long = "dry-run", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
@@ -189,6 +194,7 @@ pub struct Settings {
     pub policy_settings: PolicySettings,
     pub chain: ChainName,
     pub iptables_mode: IptablesMode,
+    pub backend: BackendChoice,
     pub dry_run: bool,
 }
 
@@ -209,6 +215,7 @@ impl AgentArgs {
             },
             chain: self.masq_chain.clone(),
             iptables_mode: self.iptables_mode,
+            backend: self.backend,
             dry_run: self.dry_run,
         }
     }
@@ -243,6 +250,18 @@ mod tests {
         assert!(s.policy_settings.masquerade.random_fully);
         assert!(s.policy_settings.masquerade.to_ports.0.is_empty());
         assert_eq!(s.iptables_mode, IptablesMode::Auto);
+        assert_eq!(s.backend, BackendChoice::Iptables);
+        assert_eq!(
+            parse(&["--backend=nftables"]).unwrap().agent.backend,
+            BackendChoice::Nftables
+        );
+        assert_eq!(
+            parse(&["render", "--backend", "auto"])
+                .unwrap()
+                .agent
+                .backend,
+            BackendChoice::Auto
+        );
     }
 
     #[test]

@@ -4,8 +4,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::backend::Backend;
 use crate::backend::iptables::IptablesBackend;
+use crate::backend::nftables::NftablesBackend;
+use crate::backend::{Backend, BackendChoice};
 use crate::cli::Settings;
 use crate::config;
 use crate::policy::Policy;
@@ -54,14 +55,20 @@ pub fn check(settings: &Settings, file: &Path) -> ExitCode {
     }
 }
 
-/// Prints the payload the iptables backend would write for the config.
+/// Prints the payload the chosen backend would write for the config (auto renders
+/// iptables: deciding auto needs to look at the host).
 pub fn render(settings: &Settings) -> anyhow::Result<()> {
     let loaded = config::load(&settings.config_path, settings.parse_options)?;
     for warning in &loaded.warnings {
         eprintln!("warning: {warning}");
     }
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
-    let backend = IptablesBackend::for_rendering(settings.chain.clone());
+    let backend: Box<dyn Backend> = match settings.backend {
+        BackendChoice::Nftables => Box::new(NftablesBackend::for_rendering()),
+        BackendChoice::Iptables | BackendChoice::Auto => {
+            Box::new(IptablesBackend::for_rendering(settings.chain.clone()))
+        }
+    };
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(backend.render(&policy).as_bytes())?;
     Ok(())

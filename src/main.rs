@@ -3,9 +3,10 @@ use std::sync::mpsc;
 
 use anyhow::Context;
 use ip_masq_agent::agent::{Agent, Event};
-use ip_masq_agent::backend::Backend;
 use ip_masq_agent::backend::dry_run::DryRunBackend;
 use ip_masq_agent::backend::iptables::IptablesBackend;
+use ip_masq_agent::backend::nftables::NftablesBackend;
+use ip_masq_agent::backend::{self, Backend, BackendChoice};
 use ip_masq_agent::cli::{Cli, Command, Settings};
 use ip_masq_agent::{commands, logging};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -60,16 +61,28 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
             ignored.join(" ")
         );
     }
-    let iptables = IptablesBackend::new(
-        settings.chain.clone(),
-        settings.iptables_mode,
-        settings.policy_settings.enable_ipv6,
-    )
-    .context("setting up the iptables backend")?;
+    let choice = match settings.backend {
+        BackendChoice::Auto => backend::resolve_auto(),
+        chosen => chosen,
+    };
+    let chosen: Box<dyn Backend> = match choice {
+        BackendChoice::Nftables => Box::new(
+            NftablesBackend::new(settings.chain.clone())
+                .context("setting up the nftables backend")?,
+        ),
+        _ => Box::new(
+            IptablesBackend::new(
+                settings.chain.clone(),
+                settings.iptables_mode,
+                settings.policy_settings.enable_ipv6,
+            )
+            .context("setting up the iptables backend")?,
+        ),
+    };
     let backend: Box<dyn Backend> = if settings.dry_run {
-        Box::new(DryRunBackend::new(Box::new(iptables)))
+        Box::new(DryRunBackend::new(chosen))
     } else {
-        Box::new(iptables)
+        chosen
     };
 
     let (sender, events) = mpsc::channel();

@@ -29,12 +29,34 @@ fn assert_sources(topology: &Topology, cases: &[(&str, bool)]) {
     }
 }
 
-#[test]
-fn ipv4_and_ipv6_sources_follow_the_config() {
-    if !require_root() {
-        return;
-    }
-    dual_stack_sources(|_| {});
+/// Runs a scenario once per backend: the datapath must not depend on which one wrote it.
+macro_rules! on_both_backends {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[test]
+            fn iptables() {
+                if super::require_root() {
+                    super::$scenario("--backend=iptables");
+                }
+            }
+            #[test]
+            fn nftables() {
+                if super::require_root() {
+                    super::$scenario("--backend=nftables");
+                }
+            }
+        }
+    };
+}
+
+on_both_backends!(ipv4_and_ipv6_sources_follow_the_config);
+on_both_backends!(masq_link_local_and_reserved_ranges_change_the_datapath);
+on_both_backends!(configmap_swap_takes_effect_within_resync_interval);
+on_both_backends!(broken_config_keeps_the_old_behaviour_and_the_agent_running);
+on_both_backends!(foreign_rules_in_the_node_are_untouched_while_traffic_flows);
+
+fn ipv4_and_ipv6_sources_follow_the_config(backend: &str) {
+    dual_stack_sources(backend, |_| {});
 }
 
 #[test]
@@ -42,7 +64,7 @@ fn ipv4_and_ipv6_sources_follow_the_config_on_iptables_legacy() {
     if !require_root() {
         return;
     }
-    dual_stack_sources(|node| {
+    dual_stack_sources("--backend=iptables", |node| {
         node.sh(&[
             "iptables-legacy",
             "-t",
@@ -53,7 +75,7 @@ fn ipv4_and_ipv6_sources_follow_the_config_on_iptables_legacy() {
     });
 }
 
-fn dual_stack_sources(prepare_node: impl Fn(&Netns)) {
+fn dual_stack_sources(backend: &str, prepare_node: impl Fn(&Netns)) {
     let topology = Topology::new();
     prepare_node(&topology.node);
     // Without the agent nothing is masqueraded: the probes really see the pod address.
@@ -62,7 +84,7 @@ fn dual_stack_sources(prepare_node: impl Fn(&Netns)) {
         &[("203.0.113.10", false), ("2001:db8:99::10", false)],
     );
     let volume = ConfigMapVolume::new(DUAL_STACK_CONFIG);
-    let _agent = start_agent(&topology, &volume, &["--enable-ipv6"]);
+    let _agent = start_agent(&topology, &volume, &["--enable-ipv6", backend]);
     assert_sources(
         &topology,
         &[
@@ -78,14 +100,14 @@ fn dual_stack_sources(prepare_node: impl Fn(&Netns)) {
     );
 }
 
-#[test]
-fn masq_link_local_and_reserved_ranges_change_the_datapath() {
-    if !require_root() {
-        return;
-    }
+fn masq_link_local_and_reserved_ranges_change_the_datapath(backend: &str) {
     let topology = Topology::new();
     let volume = ConfigMapVolume::new("masqLinkLocal: true\n");
-    let _agent = start_agent(&topology, &volume, &["--nomasq-all-reserved-ranges"]);
+    let _agent = start_agent(
+        &topology,
+        &volume,
+        &["--nomasq-all-reserved-ranges", backend],
+    );
     assert_sources(
         &topology,
         &[
@@ -97,14 +119,10 @@ fn masq_link_local_and_reserved_ranges_change_the_datapath() {
     );
 }
 
-#[test]
-fn configmap_swap_takes_effect_within_resync_interval() {
-    if !require_root() {
-        return;
-    }
+fn configmap_swap_takes_effect_within_resync_interval(backend: &str) {
     let topology = Topology::new();
     let mut volume = ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 1s\n");
-    let _agent = start_agent(&topology, &volume, &[]);
+    let _agent = start_agent(&topology, &volume, &[backend]);
     assert_sources(&topology, &[("192.168.5.10", true), ("10.99.0.10", false)]);
 
     volume.update("nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\nresyncInterval: 1s\n");
@@ -129,14 +147,10 @@ fn configmap_swap_takes_effect_within_resync_interval() {
     assert_sources(&topology, &[("169.254.5.10", false)]);
 }
 
-#[test]
-fn broken_config_keeps_the_old_behaviour_and_the_agent_running() {
-    if !require_root() {
-        return;
-    }
+fn broken_config_keeps_the_old_behaviour_and_the_agent_running(backend: &str) {
     let topology = Topology::new();
     let mut volume = ConfigMapVolume::new(DUAL_STACK_CONFIG);
-    let mut agent = start_agent(&topology, &volume, &["--enable-ipv6"]);
+    let mut agent = start_agent(&topology, &volume, &["--enable-ipv6", backend]);
     let good = [
         ("203.0.113.10", true),
         ("192.168.5.10", false),
@@ -168,11 +182,7 @@ fn broken_config_keeps_the_old_behaviour_and_the_agent_running() {
         .is_masqueraded("192.168.5.10")));
 }
 
-#[test]
-fn foreign_rules_in_the_node_are_untouched_while_traffic_flows() {
-    if !require_root() {
-        return;
-    }
+fn foreign_rules_in_the_node_are_untouched_while_traffic_flows(backend: &str) {
     let topology = Topology::new();
     let node = &topology.node;
     node.sh(&["iptables-nft", "-t", "nat", "-N", "KUBE-POSTROUTING"]);
@@ -227,7 +237,7 @@ fn foreign_rules_in_the_node_are_untouched_while_traffic_flows() {
     let foreign_before = node.sh(&["nft", "list", "table", "inet", "foreign"]);
 
     let volume = ConfigMapVolume::new("resyncInterval: 300ms\n");
-    let mut agent = start_agent(&topology, &volume, &[]);
+    let mut agent = start_agent(&topology, &volume, &[backend]);
     assert_sources(&topology, &[("203.0.113.10", true), ("10.99.0.10", false)]);
     agent.wait_for_log("rules resynced", 2, Duration::from_secs(5));
 

@@ -267,21 +267,26 @@ pub fn render_chain_rules(
     rules
 }
 
+/// True for a POSTROUTING rule spec (after `-A POSTROUTING `) that some release of the
+/// agent wrote: it jumps to `chain` and its comment starts with `ip-masq-agent:`, quoted
+/// literally or not.
+fn is_agent_jump(spec: &str, chain: &ChainName) -> bool {
+    spec.ends_with(&format!(" -j {chain}"))
+        && (spec.contains(&format!("--comment \"{COMMENT_PREFIX}"))
+            || spec.contains(&format!("--comment \"\\\"{COMMENT_PREFIX}")))
+}
+
 /// What must change in POSTROUTING so exactly one canonical jump into `chain` exists:
 /// restore lines that delete stale or duplicate jumps and, if needed, append ours.
 pub fn plan_jump_repairs(saved_nat: &str, chain: &ChainName) -> Vec<String> {
     let canonical = jump_rule(chain);
-    let target = format!(" -j {chain}");
     let mut repairs = Vec::new();
     let mut have_canonical = false;
     for line in saved_nat.lines() {
         let Some(spec) = line.strip_prefix("-A POSTROUTING ") else {
             continue;
         };
-        let ours = line.ends_with(&target)
-            && (spec.contains(&format!("--comment \"{COMMENT_PREFIX}"))
-                || spec.contains(&format!("--comment \"\\\"{COMMENT_PREFIX}")));
-        if !ours {
+        if !is_agent_jump(spec, chain) {
             continue;
         }
         if line == canonical && !have_canonical {
@@ -294,6 +299,92 @@ pub fn plan_jump_repairs(saved_nat: &str, chain: &ChainName) -> Vec<String> {
         repairs.push(canonical);
     }
     repairs
+}
+
+/// The `*nat` section of an iptables-save dump that may hold several tables.
+pub fn nat_section(saved: &str) -> String {
+    let mut inside = false;
+    let mut out = String::new();
+    for line in saved.lines() {
+        if line == "*nat" {
+            inside = true;
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+            if line == "COMMIT" {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Restore lines that remove every jump the agent wrote into `chain`, then the chain.
+pub fn plan_removal(saved_nat: &str, chain: &ChainName) -> Vec<String> {
+    let mut lines: Vec<String> = saved_nat
+        .lines()
+        .filter_map(|line| line.strip_prefix("-A POSTROUTING "))
+        .filter(|spec| is_agent_jump(spec, chain))
+        .map(|spec| format!("-D POSTROUTING {spec}"))
+        .collect();
+    let declared = format!(":{chain} ");
+    if saved_nat.lines().any(|line| line.starts_with(&declared)) {
+        lines.push(format!("-F {chain}"));
+        lines.push(format!("-X {chain}"));
+    }
+    lines
+}
+
+/// Removes the agent's chain and jumps from every iptables flavour and family present;
+/// returns where it removed something, e.g. `iptables-legacy`.
+pub fn remove_agent_rules(chain: &ChainName) -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for flavour in [Flavour::Nft, Flavour::Legacy] {
+        for family in [Family::V4, Family::V6] {
+            let Some(tools) = resolve_tools(family, flavour) else {
+                continue;
+            };
+            // Naming a legacy table makes the kernel create it, so legacy is read whole.
+            let args: &[&str] = match flavour {
+                Flavour::Nft => &["-t", "nat"],
+                Flavour::Legacy => &[],
+            };
+            let saved = match tools.save.run(args, None) {
+                Ok(saved) => saved,
+                Err(err) => {
+                    tracing::debug!("skipping {}-{flavour}: {err:#}", base_name(family));
+                    continue;
+                }
+            };
+            let lines = plan_removal(&nat_section(&saved), chain);
+            if lines.is_empty() {
+                continue;
+            }
+            let payload = render_restore_payload_lines(&lines);
+            tools
+                .restore
+                .run(&["-w", "5", "--noflush"], Some(payload.as_bytes()))
+                .with_context(|| {
+                    format!(
+                        "removing chain {chain} from {}-{flavour}",
+                        base_name(family)
+                    )
+                })?;
+            removed.push(format!("{}-{flavour}", base_name(family)));
+        }
+    }
+    Ok(removed)
+}
+
+fn render_restore_payload_lines(lines: &[String]) -> String {
+    let mut payload = String::from("*nat\n");
+    for line in lines {
+        payload.push_str(line);
+        payload.push('\n');
+    }
+    payload.push_str("COMMIT\n");
+    payload
 }
 
 /// The whole `iptables-restore --noflush` input for one family: declaring the chain
@@ -322,6 +413,8 @@ pub struct IptablesBackend {
     random_fully_supported: bool,
     v4: FamilyTools,
     v6: Option<FamilyTools>,
+    /// Whether the nftables backend's table has been looked for and removed.
+    nft_table_removed: bool,
 }
 
 impl IptablesBackend {
@@ -356,6 +449,7 @@ impl IptablesBackend {
             random_fully_supported: supports_random_fully(&version),
             v4,
             v6,
+            nft_table_removed: false,
         })
     }
 
@@ -371,6 +465,7 @@ impl IptablesBackend {
             random_fully_supported: true,
             v4: tools.clone(),
             v6: Some(tools),
+            nft_table_removed: true,
         }
     }
 
@@ -446,6 +541,18 @@ impl Backend for IptablesBackend {
                 .run(&["-w", "5", "--noflush"], Some(payload.as_bytes()))
                 .with_context(|| format!("replacing the {} chain {}", family.family, self.chain))?;
             rules_total += rules.len();
+        }
+        // Only after our chain is in force, so traffic is never left unmasqueraded.
+        if !self.nft_table_removed {
+            if find_on_path("nft").is_some() {
+                match super::nftables::remove_table(&Program::new("nft")) {
+                    Ok(true) => tracing::info!("removed the nftables backend's table"),
+                    Ok(false) => {}
+                    // A host without nf_tables cannot hold that table either.
+                    Err(err) => tracing::debug!("not checking for the nftables table: {err:#}"),
+                }
+            }
+            self.nft_table_removed = true;
         }
         Ok(SyncReport {
             processes: spawned_processes() - started_with,

@@ -3,8 +3,46 @@
 pub mod command;
 pub mod dry_run;
 pub mod iptables;
+pub mod nftables;
 
 use crate::policy::Policy;
+
+/// `--backend`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// Upstream's chain and rules (the drop-in default).
+    #[default]
+    Iptables,
+    /// One private nft table with interval sets.
+    Nftables,
+    /// nftables when kube-proxy runs in nftables mode or no iptables is installed.
+    Auto,
+}
+
+/// The backend `auto` picks on this host.
+pub fn resolve_auto() -> BackendChoice {
+    let has_iptables = [
+        "iptables-nft-restore",
+        "iptables-legacy-restore",
+        "iptables-restore",
+        "xtables-nft-multi",
+        "xtables-legacy-multi",
+    ]
+    .iter()
+    .any(|tool| command::find_on_path(tool).is_some());
+    if !has_iptables {
+        return BackendChoice::Nftables;
+    }
+    let kube_proxy_nft = command::find_on_path("nft").is_some()
+        && command::Program::new("nft")
+            .run(&["list", "tables"], None)
+            .is_ok_and(|tables| nftables::lists_kube_proxy_table(&tables));
+    if kube_proxy_nft {
+        BackendChoice::Nftables
+    } else {
+        BackendChoice::Iptables
+    }
+}
 
 /// What one sync did, for logs and benchmarks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -313,3 +313,32 @@ fn random_fully_needs_iptables_1_6_2() {
     assert!(!supports_random_fully("iptables v1.4.21"));
     assert!(!supports_random_fully("garbage"));
 }
+
+#[test]
+fn removal_deletes_every_agent_jump_then_the_chain() {
+    let saved = format!(
+        "*nat\n:POSTROUTING ACCEPT [0:0]\n:IP-MASQ-AGENT - [0:0]\n-A POSTROUTING -j KUBE-POSTROUTING\n{OLD_QUOTED_JUMP}\n{JUMP}\n-A POSTROUTING -j IP-MASQ-AGENT\n-A IP-MASQ-AGENT -j MASQUERADE\nCOMMIT\n"
+    );
+    assert_eq!(
+        plan_removal(&saved, &ChainName::default()),
+        vec![
+            OLD_QUOTED_JUMP.replacen("-A ", "-D ", 1),
+            JUMP.replacen("-A ", "-D ", 1),
+            "-F IP-MASQ-AGENT".to_string(),
+            "-X IP-MASQ-AGENT".to_string(),
+        ]
+    );
+    assert!(
+        plan_removal(
+            "*nat\n-A POSTROUTING -j KUBE-POSTROUTING\nCOMMIT\n",
+            &ChainName::default()
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn nat_section_is_cut_from_a_whole_dump() {
+    let dump = "*mangle\n:A - [0:0]\nCOMMIT\n*nat\n:IP-MASQ-AGENT - [0:0]\nCOMMIT\n*filter\n:B - [0:0]\nCOMMIT\n";
+    assert_eq!(nat_section(dump), "*nat\n:IP-MASQ-AGENT - [0:0]\nCOMMIT\n");
+}

@@ -1,0 +1,328 @@
+//! The native backend: one private `inet` table with an interval set per family, so a
+//! packet costs the same whether the list holds 3 prefixes or 50,000. Each sync is one
+//! `nft -f -` transaction that replaces the whole table atomically.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::Context;
+use ipnet::IpNet;
+
+use super::command::{Program, find_on_path, spawned_processes};
+use super::iptables::{self, ChainName};
+use super::{Backend, SyncReport};
+use crate::policy::{Family, FamilyPolicy, Masquerade, Policy};
+
+pub const TABLE: &str = "ip-masq-agent";
+
+/// Sorts, de-duplicates and merges overlapping or adjacent prefixes of one family into
+/// the fewest prefixes covering the same addresses (nft refuses overlapping intervals).
+pub fn merge_prefixes(prefixes: &[IpNet]) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let bits: u32 = if family == Family::V4 { 32 } else { 128 };
+        let mut ranges: Vec<(u128, u128)> = prefixes
+            .iter()
+            .filter(|p| Family::of(p) == family)
+            .map(|p| (to_u128(p.network()), to_u128(p.broadcast())))
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        for (start, end) in merged {
+            split_range(start, end, bits, family, &mut out);
+        }
+    }
+    out
+}
+
+fn to_u128(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn from_u128(value: u128, family: Family) -> IpAddr {
+    match family {
+        // Values of the IPv4 family never exceed 32 bits.
+        Family::V4 => IpAddr::V4(Ipv4Addr::from(value as u32)),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from(value)),
+    }
+}
+
+/// Covers [start, end] with the fewest aligned prefixes.
+fn split_range(mut start: u128, end: u128, bits: u32, family: Family, out: &mut Vec<IpNet>) {
+    loop {
+        let alignment = if start == 0 {
+            bits
+        } else {
+            start.trailing_zeros().min(bits)
+        };
+        let span = end - start; // addresses left, minus one
+        let fits = if span == u128::MAX {
+            128
+        } else {
+            127 - (span + 1).leading_zeros()
+        };
+        let host_bits = alignment.min(fits).min(bits);
+        // host_bits <= bits <= 128, so the prefix length fits in u8.
+        let prefix_len = (bits - host_bits) as u8;
+        if let Ok(net) = IpNet::new(from_u128(start, family), prefix_len) {
+            out.push(net);
+        }
+        if host_bits >= 128 {
+            return;
+        }
+        let size = 1u128 << host_bits;
+        match start.checked_add(size) {
+            Some(next) if next <= end && next > start => start = next,
+            _ => return,
+        }
+    }
+}
+
+fn set_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "non-masq-v4",
+        Family::V6 => "non-masq-v6",
+    }
+}
+
+fn chain_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "masq-v4",
+        Family::V6 => "masq-v6",
+    }
+}
+
+fn address_keyword(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+/// The masquerade statements, with `--to-ports` ranges weighted by size like the iptables
+/// layout; `numgen random mod R < S` is the exact integer form of probability S/R.
+pub fn masquerade_statements(masquerade: &Masquerade) -> Vec<String> {
+    let flags = if masquerade.random_fully {
+        " fully-random"
+    } else {
+        ""
+    };
+    let ranges = &masquerade.to_ports.0;
+    let mut remaining: u32 = ranges.iter().map(|r| r.port_count()).sum();
+    let mut statements = Vec::new();
+    for (i, range) in ranges.iter().enumerate() {
+        let split = if i + 1 < ranges.len() {
+            format!(" numgen random mod {remaining} < {}", range.port_count())
+        } else {
+            String::new()
+        };
+        statements.push(format!(
+            "meta l4proto {{ tcp, udp, sctp }}{split} masquerade to :{range}{flags}"
+        ));
+        remaining -= range.port_count();
+    }
+    statements.push(format!("masquerade{flags}"));
+    statements
+}
+
+fn render_set(out: &mut String, family: Family, prefixes: &[IpNet]) {
+    out.push_str(&format!(
+        "\tset {} {{\n\t\ttype {}\n\t\tflags interval\n",
+        set_name(family),
+        set_type(family)
+    ));
+    if !prefixes.is_empty() {
+        out.push_str("\t\telements = {");
+        for (i, prefix) in prefixes.iter().enumerate() {
+            out.push_str(if i % 8 == 0 { "\n\t\t\t" } else { " " });
+            out.push_str(&prefix.to_string());
+            out.push(',');
+        }
+        out.push_str("\n\t\t}\n");
+    }
+    out.push_str("\t}\n");
+}
+
+fn render_family_chain(out: &mut String, family: &FamilyPolicy, masquerade: &[String]) {
+    let keyword = address_keyword(family.family);
+    out.push_str(&format!("\tchain {} {{\n", chain_name(family.family)));
+    if let Some(link_local) = family.link_local {
+        out.push_str(&format!("\t\t{keyword} daddr {link_local} return\n"));
+    }
+    out.push_str(&format!(
+        "\t\t{keyword} daddr @{} return\n",
+        set_name(family.family)
+    ));
+    for statement in masquerade {
+        out.push_str(&format!("\t\t{statement}\n"));
+    }
+    out.push_str("\t}\n");
+}
+
+fn set_type(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    }
+}
+
+/// The whole `nft -f -` input, one transaction. The table and sets are declared (so the
+/// flushes cannot fail), emptied and refilled. The set objects are kept from one sync to
+/// the next rather than deleted and recreated: a freshly created set can answer a lookup
+/// made right at the commit as empty, which would masquerade traffic to listed prefixes.
+pub fn render_transaction(policy: &Policy) -> String {
+    let masquerade = masquerade_statements(&policy.masquerade);
+    let mut out = format!("table inet {TABLE} {{}}\n");
+    for family in &policy.families {
+        out.push_str(&format!(
+            "add set inet {TABLE} {} {{ type {}; flags interval; }}\n",
+            set_name(family.family),
+            set_type(family.family)
+        ));
+    }
+    out.push_str(&format!("flush table inet {TABLE}\n"));
+    for family in &policy.families {
+        out.push_str(&format!(
+            "flush set inet {TABLE} {}\n",
+            set_name(family.family)
+        ));
+    }
+    // A family turned off since the last run: declare-then-delete removes its objects.
+    for family in [Family::V4, Family::V6] {
+        if policy.family(family).is_none() {
+            let (chain, set) = (chain_name(family), set_name(family));
+            out.push_str(&format!(
+                "add chain inet {TABLE} {chain}\ndelete chain inet {TABLE} {chain}\nadd set inet {TABLE} {set} {{ type {}; flags interval; }}\ndelete set inet {TABLE} {set}\n",
+                set_type(family)
+            ));
+        }
+    }
+    out.push_str(&format!("table inet {TABLE} {{\n"));
+    for family in &policy.families {
+        render_set(&mut out, family.family, &merge_prefixes(&family.non_masq.0));
+    }
+    // After kube-proxy's srcnat chains, as upstream's jump is appended after KUBE-POSTROUTING.
+    out.push_str("\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat + 10; policy accept;\n\t\tfib daddr type local return\n");
+    for family in &policy.families {
+        let nfproto = match family.family {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        };
+        out.push_str(&format!(
+            "\t\tmeta nfproto {nfproto} jump {}\n",
+            chain_name(family.family)
+        ));
+    }
+    out.push_str("\t}\n");
+    for family in &policy.families {
+        render_family_chain(&mut out, family, &masquerade);
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// The input that removes the agent's table, whether or not it exists.
+pub fn render_removal() -> String {
+    format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n")
+}
+
+/// True when `nft list tables` shows the agent's table.
+pub fn lists_agent_table(tables: &str) -> bool {
+    tables
+        .lines()
+        .any(|line| line.trim() == format!("table inet {TABLE}"))
+}
+
+/// True when kube-proxy runs in nftables mode (it owns `ip`/`ip6` tables named kube-proxy).
+pub fn lists_kube_proxy_table(tables: &str) -> bool {
+    tables.lines().any(|line| {
+        let line = line.trim();
+        line == "table ip kube-proxy" || line == "table ip6 kube-proxy"
+    })
+}
+
+/// Removes the agent's nft table if it exists; returns whether it did.
+pub fn remove_table(nft: &Program) -> anyhow::Result<bool> {
+    let tables = nft.run(&["list", "tables"], None)?;
+    if !lists_agent_table(&tables) {
+        return Ok(false);
+    }
+    nft.run(&["-f", "-"], Some(render_removal().as_bytes()))?;
+    Ok(true)
+}
+
+pub struct NftablesBackend {
+    nft: Program,
+    /// The iptables chain a previous iptables-backend run may have left behind.
+    iptables_chain: ChainName,
+    iptables_removed: bool,
+}
+
+impl NftablesBackend {
+    pub fn new(iptables_chain: ChainName) -> anyhow::Result<Self> {
+        find_on_path("nft").context("the nftables backend needs the nft binary on PATH")?;
+        Ok(NftablesBackend {
+            nft: Program::new("nft"),
+            iptables_chain,
+            iptables_removed: false,
+        })
+    }
+
+    pub fn for_rendering() -> Self {
+        NftablesBackend {
+            nft: Program::new("nft"),
+            iptables_chain: ChainName::default(),
+            iptables_removed: true,
+        }
+    }
+}
+
+impl Backend for NftablesBackend {
+    fn describe(&self) -> String {
+        format!("nftables (table inet {TABLE})")
+    }
+
+    fn render(&self, policy: &Policy) -> String {
+        format!("# nft -f -\n{}", render_transaction(policy))
+    }
+
+    fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
+        let started_with = spawned_processes();
+        let transaction = render_transaction(policy);
+        self.nft
+            .run(&["-f", "-"], Some(transaction.as_bytes()))
+            .with_context(|| format!("replacing nft table inet {TABLE}"))?;
+        // Only after our table is in force, so traffic is never left unmasqueraded.
+        if !self.iptables_removed {
+            let removed = iptables::remove_agent_rules(&self.iptables_chain)
+                .context("removing the iptables backend's rules")?;
+            for place in removed {
+                tracing::info!("removed the iptables backend's rules from {place}");
+            }
+            self.iptables_removed = true;
+        }
+        let rules = policy
+            .families
+            .iter()
+            .map(|f| {
+                2 + usize::from(f.link_local.is_some())
+                    + masquerade_statements(&policy.masquerade).len()
+            })
+            .sum();
+        Ok(SyncReport {
+            processes: spawned_processes() - started_with,
+            rules,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
