@@ -33,6 +33,8 @@ pub enum SyncOutcome {
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// A rejected config that stays the same is reported again this often, not every resync.
 const REPEAT_ERROR_EVERY: Duration = Duration::from_secs(600);
+/// Kubelet's swap is several directory events; gather them into one sync.
+const SETTLE: Duration = Duration::from_millis(15);
 
 pub struct Agent {
     settings: Settings,
@@ -42,6 +44,7 @@ pub struct Agent {
     last_error: Option<(String, Instant)>,
     consecutive_backend_failures: u32,
     last_outcome: Option<SyncOutcome>,
+    drift_repairs: u64,
     started: Instant,
 }
 
@@ -60,6 +63,7 @@ impl Agent {
             last_error: None,
             consecutive_backend_failures: 0,
             last_outcome: None,
+            drift_repairs: 0,
             started: Instant::now(),
         }
     }
@@ -133,6 +137,13 @@ impl Agent {
                         "{}",
                         if first { "rules applied" } else { "config changed; rules applied" }
                     );
+                } else if report.wrote {
+                    self.drift_repairs += 1;
+                    tracing::info!(
+                        rules = report.rules,
+                        processes = report.processes,
+                        "the kernel's rules differed from the config; rewritten"
+                    );
                 } else {
                     tracing::debug!(
                         rules = report.rules,
@@ -182,8 +193,29 @@ impl Agent {
         FIRST_RETRY.saturating_mul(1 << exponent).min(interval)
     }
 
+    /// Syncs that found the kernel out of step with an unchanged config.
+    pub fn drift_repairs(&self) -> u64 {
+        self.drift_repairs
+    }
+
     pub fn last_outcome(&self) -> Option<&SyncOutcome> {
         self.last_outcome.as_ref()
+    }
+
+    /// Swallows the burst of events that follows the first; true if one asks to exit.
+    fn settle(&self, events: &Receiver<Event>) -> bool {
+        let until = Instant::now() + SETTLE;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match events.recv_timeout(left) {
+                Ok(Event::Shutdown(why)) => {
+                    tracing::info!("{why}: exiting and leaving the rules in place");
+                    return true;
+                }
+                Ok(Event::Reload(_)) => {}
+                Err(_) => break,
+            }
+        }
+        false
     }
 
     /// Syncs now and then after every wait, until a shutdown event arrives.
@@ -196,7 +228,12 @@ impl Agent {
                     tracing::info!("{why}: exiting and leaving the rules in place");
                     return;
                 }
-                Ok(Event::Reload(why)) => tracing::info!("{why}: reloading"),
+                Ok(Event::Reload(why)) => {
+                    tracing::debug!("{why}: reloading");
+                    if self.settle(events) {
+                        return;
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }

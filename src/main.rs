@@ -8,7 +8,7 @@ use ip_masq_agent::backend::iptables::IptablesBackend;
 use ip_masq_agent::backend::nftables::NftablesBackend;
 use ip_masq_agent::backend::{self, Backend, BackendChoice};
 use ip_masq_agent::cli::{Cli, Command, Settings};
-use ip_masq_agent::{commands, logging};
+use ip_masq_agent::{commands, logging, watch};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 fn main() -> ExitCode {
@@ -86,6 +86,7 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
     };
 
     let (sender, events) = mpsc::channel();
+    let sender_for_watch = sender.clone();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
     std::thread::Builder::new()
@@ -105,6 +106,23 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
         })
         .context("starting the signal thread")?;
 
+    // Kept alive for the whole run; without a directory the resync timer is the backstop.
+    let config_dir = settings
+        .config_path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    let _watcher = match watch::watch_config_dir(&config_dir, sender_for_watch) {
+        Ok(watcher) => Some(watcher),
+        Err(err) => {
+            tracing::warn!(
+                "cannot watch {} ({err}); config changes are picked up every resyncInterval",
+                config_dir.display()
+            );
+            None
+        }
+    };
     Agent::new(settings, backend).run(&events);
     Ok(())
 }

@@ -37,10 +37,12 @@ impl Backend for DryRunBackend {
             tracing::info!("dry run: would apply\n{payload}");
         }
         let rules = payload.lines().filter(|l| l.starts_with("-A ")).count();
+        let wrote = self.last.as_deref() != Some(payload.as_str());
         self.last = Some(payload);
         Ok(SyncReport {
             processes: 0,
             rules,
+            wrote,
         })
     }
 }

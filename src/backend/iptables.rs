@@ -387,6 +387,41 @@ fn render_restore_payload_lines(lines: &[String]) -> String {
     payload
 }
 
+/// A rule as iptables-save prints it back: the same text, except that probabilities
+/// are printed with 11 decimals.
+pub fn as_saved(rule: &str) -> String {
+    const KEY: &str = "--probability ";
+    let Some(at) = rule.find(KEY) else {
+        return rule.to_string();
+    };
+    let value_start = at + KEY.len();
+    let value_end = rule[value_start..]
+        .find(' ')
+        .map_or(rule.len(), |i| value_start + i);
+    match rule[value_start..value_end].parse::<f64>() {
+        Ok(p) => format!("{}{p:.11}{}", &rule[..value_start], &rule[value_end..]),
+        Err(_) => rule.to_string(),
+    }
+}
+
+/// True when the saved nat table already holds `chain` with exactly `rules`.
+pub fn chain_matches(saved_nat: &str, chain: &ChainName, rules: &[String]) -> bool {
+    let declared = format!(":{chain} ");
+    let prefix = format!("-A {chain} ");
+    if !saved_nat.lines().any(|line| line.starts_with(&declared)) {
+        return false;
+    }
+    let current: Vec<&str> = saved_nat
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .collect();
+    current.len() == rules.len()
+        && current
+            .iter()
+            .zip(rules)
+            .all(|(now, want)| *now == as_saved(want))
+}
+
 /// The whole `iptables-restore --noflush` input for one family: declaring the chain
 /// flushes it, so old and new rules never mix.
 pub fn render_restore_payload(
@@ -525,6 +560,7 @@ impl Backend for IptablesBackend {
         let started_with = spawned_processes();
         let masquerade = self.effective_masquerade(policy);
         let mut rules_total = 0;
+        let mut wrote = false;
         for family in &policy.families {
             let tools = self
                 .tools(family.family)
@@ -534,13 +570,18 @@ impl Backend for IptablesBackend {
                 .run(&["-t", "nat"], None)
                 .with_context(|| format!("reading the {} nat table", family.family))?;
             let rules = render_chain_rules(&self.chain, family, &masquerade);
+            rules_total += rules.len();
             let repairs = plan_jump_repairs(&saved, &self.chain);
+            // Write only on difference: no xtables lock, no churn for kube-proxy.
+            if repairs.is_empty() && chain_matches(&saved, &self.chain, &rules) {
+                continue;
+            }
             let payload = render_restore_payload(&self.chain, &repairs, &rules);
             tools
                 .restore
                 .run(&["-w", "5", "--noflush"], Some(payload.as_bytes()))
                 .with_context(|| format!("replacing the {} chain {}", family.family, self.chain))?;
-            rules_total += rules.len();
+            wrote = true;
         }
         // Only after our chain is in force, so traffic is never left unmasqueraded.
         if !self.nft_table_removed {
@@ -557,6 +598,7 @@ impl Backend for IptablesBackend {
         Ok(SyncReport {
             processes: spawned_processes() - started_with,
             rules: rules_total,
+            wrote,
         })
     }
 }

@@ -51,6 +51,8 @@ pub struct SyncReport {
     pub processes: u64,
     /// Rules now in the agent's chain(s), summed over families.
     pub rules: usize,
+    /// False when the kernel already matched and nothing was written.
+    pub wrote: bool,
 }
 
 pub trait Backend {

@@ -264,6 +264,8 @@ pub struct NftablesBackend {
     /// The iptables chain a previous iptables-backend run may have left behind.
     iptables_chain: ChainName,
     iptables_removed: bool,
+    /// The last transaction written and how nft listed the table right after it.
+    last_written: Option<(String, String)>,
 }
 
 impl NftablesBackend {
@@ -273,6 +275,7 @@ impl NftablesBackend {
             nft: Program::new("nft"),
             iptables_chain,
             iptables_removed: false,
+            last_written: None,
         })
     }
 
@@ -281,7 +284,15 @@ impl NftablesBackend {
             nft: Program::new("nft"),
             iptables_chain: ChainName::default(),
             iptables_removed: true,
+            last_written: None,
         }
+    }
+}
+
+impl NftablesBackend {
+    /// The table as nft lists it, or None when it is missing or nft fails.
+    fn list_table(&self) -> Option<String> {
+        self.nft.run(&["list", "table", "inet", TABLE], None).ok()
     }
 }
 
@@ -297,9 +308,30 @@ impl Backend for NftablesBackend {
     fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
         let started_with = spawned_processes();
         let transaction = render_transaction(policy);
+        let rules = policy
+            .families
+            .iter()
+            .map(|f| {
+                2 + usize::from(f.link_local.is_some())
+                    + masquerade_statements(&policy.masquerade).len()
+            })
+            .sum();
+        // Write only on difference: the same transaction as last time and the table
+        // still listed exactly as it was right after that write.
+        if let Some((last_transaction, last_listing)) = &self.last_written
+            && *last_transaction == transaction
+            && self.list_table().as_deref() == Some(last_listing.as_str())
+        {
+            return Ok(SyncReport {
+                processes: spawned_processes() - started_with,
+                rules,
+                wrote: false,
+            });
+        }
         self.nft
             .run(&["-f", "-"], Some(transaction.as_bytes()))
             .with_context(|| format!("replacing nft table inet {TABLE}"))?;
+        self.last_written = self.list_table().map(|listing| (transaction, listing));
         // Only after our table is in force, so traffic is never left unmasqueraded.
         if !self.iptables_removed {
             let removed = iptables::remove_agent_rules(&self.iptables_chain)
@@ -309,17 +341,10 @@ impl Backend for NftablesBackend {
             }
             self.iptables_removed = true;
         }
-        let rules = policy
-            .families
-            .iter()
-            .map(|f| {
-                2 + usize::from(f.link_local.is_some())
-                    + masquerade_statements(&policy.masquerade).len()
-            })
-            .sum();
         Ok(SyncReport {
             processes: spawned_processes() - started_with,
             rules,
+            wrote: true,
         })
     }
 }

@@ -342,3 +342,58 @@ fn nat_section_is_cut_from_a_whole_dump() {
     let dump = "*mangle\n:A - [0:0]\nCOMMIT\n*nat\n:IP-MASQ-AGENT - [0:0]\nCOMMIT\n*filter\n:B - [0:0]\nCOMMIT\n";
     assert_eq!(nat_section(dump), "*nat\n:IP-MASQ-AGENT - [0:0]\nCOMMIT\n");
 }
+
+#[test]
+fn saved_form_rounds_probabilities_like_iptables_save() {
+    let rule = "-A IP-MASQ-AGENT -p tcp -m statistic --mode random --probability 0.469292562840114 -j MASQUERADE --to-ports 1024-29999";
+    assert_eq!(
+        as_saved(rule),
+        "-A IP-MASQ-AGENT -p tcp -m statistic --mode random --probability 0.46929256284 -j MASQUERADE --to-ports 1024-29999"
+    );
+    assert_eq!(
+        as_saved("-A X --probability 0.5"),
+        "-A X --probability 0.50000000000"
+    );
+    assert_eq!(as_saved(JUMP), JUMP);
+}
+
+#[test]
+fn chain_matches_only_the_exact_saved_rules() {
+    let chain = ChainName::default();
+    let rules = vec![
+        keep("169.254.0.0/16"),
+        format!("-A IP-MASQ-AGENT {MASQ} --random-fully"),
+    ];
+    let saved = format!(
+        "*nat\n:IP-MASQ-AGENT - [0:0]\n{JUMP}\n{}\n{}\nCOMMIT\n",
+        rules[0], rules[1]
+    );
+    assert!(chain_matches(&saved, &chain, &rules));
+    // Flushed, edited, extended, or never declared: all differ.
+    assert!(!chain_matches(
+        &format!("*nat\n:IP-MASQ-AGENT - [0:0]\n{JUMP}\nCOMMIT\n"),
+        &chain,
+        &rules
+    ));
+    assert!(!chain_matches(
+        &saved.replace("169.254.0.0/16", "169.254.0.0/17"),
+        &chain,
+        &rules
+    ));
+    assert!(!chain_matches(
+        &saved.replace("COMMIT", "-A IP-MASQ-AGENT -j RETURN\nCOMMIT"),
+        &chain,
+        &rules
+    ));
+    assert!(!chain_matches(
+        &saved.replace(":IP-MASQ-AGENT - [0:0]\n", ""),
+        &chain,
+        &rules
+    ));
+    // Another chain whose name starts like ours does not count.
+    assert!(chain_matches(
+        &saved.replace("COMMIT", "-A IP-MASQ-AGENT2 -j RETURN\nCOMMIT"),
+        &chain,
+        &rules
+    ));
+}
