@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::cli::Settings;
-use crate::config::{self, Config, ConfigSource, LoadedConfig};
+use crate::config::{Config, ConfigSource, LoadedConfig};
 use crate::policy::Policy;
 
 /// Something that should interrupt the wait between syncs.
@@ -70,7 +70,7 @@ impl Agent {
 
     /// Reads the config and makes the kernel match it (or the last good config).
     pub fn sync_once(&mut self) -> SyncOutcome {
-        let outcome = match config::load(&self.settings.config_path, self.settings.parse_options) {
+        let outcome = match self.settings.load_config() {
             Ok(loaded) => {
                 self.last_error = None;
                 self.note_loaded(&loaded);
@@ -95,7 +95,15 @@ impl Agent {
             return;
         }
         if let ConfigSource::Missing(path) = &loaded.source {
-            tracing::info!(path = %path.display(), "no config file; using default values");
+            let had_file = self
+                .last_loaded
+                .as_ref()
+                .is_some_and(|last| !matches!(last.source, ConfigSource::Missing(_)));
+            if had_file {
+                tracing::warn!(path = %path.display(), "config file removed; reverting to the default values, as upstream does");
+            } else {
+                tracing::info!(path = %path.display(), "no config file; using default values");
+            }
         }
         for warning in &loaded.warnings {
             tracing::warn!("{warning}");

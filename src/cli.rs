@@ -1,7 +1,7 @@
 //! Command-line flags in Go's flag syntax, kept apart from the settings derived from them.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -48,6 +48,8 @@ pub enum Command {
     },
     /// Print the exact rules the agent would apply for the config, without root.
     Render,
+    /// Remove the agent's chain, every jump into it and its nft table (needs root).
+    Cleanup,
     /// Print the version.
     Version,
 }
@@ -57,6 +59,11 @@ pub struct AgentArgs {
     /// Config file (YAML or JSON), normally a ConfigMap key mounted as a directory volume.
     #[arg(long, default_value = DEFAULT_CONFIG_PATH, global = true)]
     pub config: PathBuf,
+
+    /// Merge every file named ip-masq* in this directory instead of reading --config
+    /// (Azure ip-masq-agent-v2's layout).
+    #[arg(long = "config-dir", global = true)]
+    pub config_dir: Option<PathBuf>,
 
     /// Name of nat chain for iptables masquerade rules.
     #[arg(long = "masq-chain", default_value = "IP-MASQ-AGENT", global = true)]
@@ -85,6 +92,10 @@ pub struct AgentArgs {
     /// Which backend programs the kernel: iptables (upstream's layout) or nftables.
     #[arg(long, value_enum, default_value_t = BackendChoice::Iptables, global = true)]
     pub backend: BackendChoice,
+
+    /// On SIGTERM/SIGINT, remove everything the agent installed before exiting.
+    #[arg(long = "cleanup-on-exit", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub cleanup_on_exit: bool,
 
     /// Log the rules each sync would write instead of writing them.
     #[arg(long = "dry-run", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
@@ -190,18 +201,43 @@ pub fn normalize_go_flags<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsSt
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub config_path: PathBuf,
+    pub config_dir: Option<PathBuf>,
     pub parse_options: ParseOptions,
     pub policy_settings: PolicySettings,
     pub chain: ChainName,
     pub iptables_mode: IptablesMode,
     pub backend: BackendChoice,
+    pub cleanup_on_exit: bool,
     pub dry_run: bool,
+}
+
+impl Settings {
+    /// Reads the config the way the flags say: one file, or a merged directory.
+    pub fn load_config(&self) -> Result<crate::config::LoadedConfig, crate::config::ConfigError> {
+        match &self.config_dir {
+            Some(dir) => crate::config::load_dir(dir, self.parse_options),
+            None => crate::config::load(&self.config_path, self.parse_options),
+        }
+    }
+
+    /// The directory whose changes mean the config may have changed.
+    pub fn watched_dir(&self) -> PathBuf {
+        match &self.config_dir {
+            Some(dir) => dir.clone(),
+            None => self
+                .config_path
+                .parent()
+                .filter(|dir| !dir.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        }
+    }
 }
 
 impl AgentArgs {
     pub fn settings(&self) -> Settings {
         Settings {
             config_path: self.config.clone(),
+            config_dir: self.config_dir.clone(),
             parse_options: ParseOptions {
                 enable_ipv6: self.enable_ipv6,
                 nomasq_all_reserved_ranges: self.nomasq_all_reserved_ranges,
@@ -216,6 +252,7 @@ impl AgentArgs {
             chain: self.masq_chain.clone(),
             iptables_mode: self.iptables_mode,
             backend: self.backend,
+            cleanup_on_exit: self.cleanup_on_exit,
             dry_run: self.dry_run,
         }
     }

@@ -25,9 +25,15 @@ pub fn version_raw() -> String {
     )
 }
 
-/// Validates one config file: warnings and the verdict on stdout, the error on stderr.
+/// Validates a config file, or a `--config-dir` style directory: warnings and the
+/// verdict on stdout, the error on stderr.
 pub fn check(settings: &Settings, file: &Path) -> ExitCode {
-    match config::load(file, settings.parse_options) {
+    let loaded = if file.is_dir() {
+        config::load_dir(file, settings.parse_options)
+    } else {
+        config::load(file, settings.parse_options)
+    };
+    match loaded {
         Ok(loaded) => {
             for warning in &loaded.warnings {
                 println!("warning: {warning}");
@@ -39,6 +45,13 @@ pub fn check(settings: &Settings, file: &Path) -> ExitCode {
                         file.display()
                     )
                 }
+                config::ConfigSource::Dir(_, ref files) => println!(
+                    "{}: OK, {} file(s) merged ({} nonMasqueradeCIDRs, resyncInterval {:?})",
+                    file.display(),
+                    files.len(),
+                    loaded.config.non_masquerade_cidrs.len(),
+                    loaded.config.resync_interval
+                ),
                 config::ConfigSource::File(_) => println!(
                     "{}: OK ({} nonMasqueradeCIDRs, resyncInterval {:?})",
                     file.display(),
@@ -58,7 +71,7 @@ pub fn check(settings: &Settings, file: &Path) -> ExitCode {
 /// Prints the payload the chosen backend would write for the config (auto renders
 /// iptables: deciding auto needs to look at the host).
 pub fn render(settings: &Settings) -> anyhow::Result<()> {
-    let loaded = config::load(&settings.config_path, settings.parse_options)?;
+    let loaded = settings.load_config()?;
     for warning in &loaded.warnings {
         eprintln!("warning: {warning}");
     }
@@ -71,5 +84,17 @@ pub fn render(settings: &Settings) -> anyhow::Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(backend.render(&policy).as_bytes())?;
+    Ok(())
+}
+
+/// Removes everything the agent installs and says what it removed.
+pub fn cleanup(settings: &Settings) -> anyhow::Result<()> {
+    let removed = crate::backend::cleanup_everything(&settings.chain)?;
+    if removed.is_empty() {
+        println!("nothing to remove");
+    }
+    for place in removed {
+        println!("removed the agent's rules from {place}");
+    }
     Ok(())
 }

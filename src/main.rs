@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             return commands::check(&settings, file.as_ref().unwrap_or(&settings.config_path));
         }
         Some(Command::Render) => commands::render(&settings),
+        Some(Command::Cleanup) => commands::cleanup(&settings),
         None => run_agent(&cli, settings),
     };
     match result {
@@ -107,12 +108,7 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
         .context("starting the signal thread")?;
 
     // Kept alive for the whole run; without a directory the resync timer is the backstop.
-    let config_dir = settings
-        .config_path
-        .parent()
-        .filter(|dir| !dir.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."))
-        .to_path_buf();
+    let config_dir = settings.watched_dir();
     let _watcher = match watch::watch_config_dir(&config_dir, sender_for_watch) {
         Ok(watcher) => Some(watcher),
         Err(err) => {
@@ -123,6 +119,12 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
             None
         }
     };
+    let cleanup_on_exit = settings.cleanup_on_exit.then(|| settings.chain.clone());
     Agent::new(settings, backend).run(&events);
+    if let Some(chain) = cleanup_on_exit {
+        for place in backend::cleanup_everything(&chain).context("cleaning up on exit")? {
+            tracing::info!("removed the agent's rules from {place}");
+        }
+    }
     Ok(())
 }

@@ -267,13 +267,79 @@ pub fn render_chain_rules(
     rules
 }
 
-/// True for a POSTROUTING rule spec (after `-A POSTROUTING `) that some release of the
-/// agent wrote: it jumps to `chain` and its comment starts with `ip-masq-agent:`, quoted
-/// literally or not.
+/// The chain a POSTROUTING rule spec (after `-A POSTROUTING `) jumps to, if some release
+/// of the agent wrote it: its comment starts with `ip-masq-agent:`, quoted literally or not.
+fn agent_jump_target(spec: &str) -> Option<&str> {
+    let ours = spec.contains(&format!("--comment \"{COMMENT_PREFIX}"))
+        || spec.contains(&format!("--comment \"\\\"{COMMENT_PREFIX}"));
+    let target = spec.rsplit_once(" -j ")?.1;
+    (ours && !target.contains(' ')).then_some(target)
+}
+
 fn is_agent_jump(spec: &str, chain: &ChainName) -> bool {
-    spec.ends_with(&format!(" -j {chain}"))
-        && (spec.contains(&format!("--comment \"{COMMENT_PREFIX}"))
-            || spec.contains(&format!("--comment \"\\\"{COMMENT_PREFIX}")))
+    agent_jump_target(spec) == Some(chain.as_str())
+}
+
+fn declares(saved_nat: &str, chain: &str) -> bool {
+    let declared = format!(":{chain} ");
+    saved_nat.lines().any(|line| line.starts_with(&declared))
+}
+
+/// True when a rule other than the agent's own jumps or the chain's own rules uses `chain`.
+fn referenced_elsewhere(saved_nat: &str, chain: &str) -> bool {
+    let own = format!("-A {chain} ");
+    saved_nat
+        .lines()
+        .filter(|l| l.starts_with("-A ") && !l.starts_with(&own))
+        .any(|line| {
+            let agent_jump = line
+                .strip_prefix("-A POSTROUTING ")
+                .and_then(agent_jump_target)
+                .is_some();
+            !agent_jump
+                && (line.ends_with(&format!(" -j {chain}"))
+                    || line.ends_with(&format!(" -g {chain}"))
+                    || line.contains(&format!(" -j {chain} "))
+                    || line.contains(&format!(" -g {chain} ")))
+        })
+}
+
+/// Restore lines removing the agent's jumps into any chain but `keep` (left by a renamed
+/// `--masq-chain`, or all of them when `keep` is None), then those chains. A chain that
+/// something else still uses is emptied but kept.
+pub fn plan_stale_removal(saved_nat: &str, keep: Option<&ChainName>) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut targets: Vec<&str> = Vec::new();
+    for spec in saved_nat
+        .lines()
+        .filter_map(|l| l.strip_prefix("-A POSTROUTING "))
+    {
+        let Some(target) = agent_jump_target(spec) else {
+            continue;
+        };
+        if Some(target) == keep.map(ChainName::as_str) {
+            continue;
+        }
+        lines.push(format!("-D POSTROUTING {spec}"));
+        if !targets.contains(&target) {
+            targets.push(target);
+        }
+    }
+    for target in targets {
+        lines.extend(plan_chain_removal(saved_nat, target));
+    }
+    lines
+}
+
+fn plan_chain_removal(saved_nat: &str, chain: &str) -> Vec<String> {
+    if !declares(saved_nat, chain) {
+        return Vec::new();
+    }
+    let mut lines = vec![format!("-F {chain}")];
+    if !referenced_elsewhere(saved_nat, chain) {
+        lines.push(format!("-X {chain}"));
+    }
+    lines
 }
 
 /// What must change in POSTROUTING so exactly one canonical jump into `chain` exists:
@@ -320,18 +386,12 @@ pub fn nat_section(saved: &str) -> String {
     out
 }
 
-/// Restore lines that remove every jump the agent wrote into `chain`, then the chain.
+/// Restore lines that remove every jump the agent wrote (into any chain), those chains,
+/// and `chain` itself.
 pub fn plan_removal(saved_nat: &str, chain: &ChainName) -> Vec<String> {
-    let mut lines: Vec<String> = saved_nat
-        .lines()
-        .filter_map(|line| line.strip_prefix("-A POSTROUTING "))
-        .filter(|spec| is_agent_jump(spec, chain))
-        .map(|spec| format!("-D POSTROUTING {spec}"))
-        .collect();
-    let declared = format!(":{chain} ");
-    if saved_nat.lines().any(|line| line.starts_with(&declared)) {
-        lines.push(format!("-F {chain}"));
-        lines.push(format!("-X {chain}"));
+    let mut lines = plan_stale_removal(saved_nat, None);
+    if !lines.iter().any(|l| l == &format!("-F {chain}")) {
+        lines.extend(plan_chain_removal(saved_nat, chain.as_str()));
     }
     lines
 }
@@ -571,7 +631,8 @@ impl Backend for IptablesBackend {
                 .with_context(|| format!("reading the {} nat table", family.family))?;
             let rules = render_chain_rules(&self.chain, family, &masquerade);
             rules_total += rules.len();
-            let repairs = plan_jump_repairs(&saved, &self.chain);
+            let mut repairs = plan_stale_removal(&saved, Some(&self.chain));
+            repairs.extend(plan_jump_repairs(&saved, &self.chain));
             // Write only on difference: no xtables lock, no churn for kube-proxy.
             if repairs.is_empty() && chain_matches(&saved, &self.chain, &rules) {
                 continue;

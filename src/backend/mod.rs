@@ -66,3 +66,15 @@ pub trait Backend {
     /// Makes the kernel match `policy`.
     fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport>;
 }
+
+/// Removes everything any backend of the agent installs, in every iptables flavour and
+/// family and in nftables; returns where it removed something.
+pub fn cleanup_everything(chain: &iptables::ChainName) -> anyhow::Result<Vec<String>> {
+    let mut removed = iptables::remove_agent_rules(chain)?;
+    if command::find_on_path("nft").is_some()
+        && nftables::remove_table(&command::Program::new("nft"))?
+    {
+        removed.push(format!("nft table inet {}", nftables::TABLE));
+    }
+    Ok(removed)
+}

@@ -80,8 +80,10 @@ impl Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConfigSource {
     File(PathBuf),
-    /// No file at the path: upstream's defaults apply.
+    /// No file at the path (or no `ip-masq*` file in the directory): upstream's defaults apply.
     Missing(PathBuf),
+    /// `--config-dir`: the directory and the files merged from it.
+    Dir(PathBuf, Vec<PathBuf>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,8 +116,55 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Reads and validates the config at `path`; a missing file means defaults, as upstream.
-pub fn load(path: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigError> {
+/// What one file sets explicitly; `None` keeps the default (or another file's value).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileSettings {
+    pub non_masquerade_cidrs: Option<Vec<IpNet>>,
+    pub cidr_limit: Option<usize>,
+    pub masq_link_local: Option<bool>,
+    pub masq_link_local_ipv6: Option<bool>,
+    pub resync_interval: Option<Duration>,
+}
+
+fn limit_error(
+    file: &Path,
+    position: Option<Position>,
+    key: &str,
+    limit: usize,
+    count: usize,
+) -> ConfigError {
+    ConfigError {
+        file: file.to_path_buf(),
+        position,
+        key: Some(key.to_string()),
+        problem: format!(
+            "the daemon can only accept up to {limit} CIDRs (excluding link-local), but got {count} CIDRs (excluding link local)"
+        ),
+    }
+}
+
+impl FileSettings {
+    /// The settings over upstream's defaults.
+    pub fn over_defaults(&self, options: ParseOptions) -> Config {
+        let defaults = Config::defaults(options);
+        Config {
+            non_masquerade_cidrs: self
+                .non_masquerade_cidrs
+                .clone()
+                .unwrap_or(defaults.non_masquerade_cidrs),
+            cidr_limit: self.cidr_limit.unwrap_or(defaults.cidr_limit),
+            masq_link_local: self.masq_link_local.unwrap_or(defaults.masq_link_local),
+            masq_link_local_ipv6: self
+                .masq_link_local_ipv6
+                .unwrap_or(defaults.masq_link_local_ipv6),
+            resync_interval: self.resync_interval.unwrap_or(defaults.resync_interval),
+        }
+    }
+}
+
+/// Reads a file with the agent's limits: regular files only (a FIFO would block the
+/// agent on open), at most [`MAX_CONFIG_BYTES`], UTF-8. `Ok(None)` when it does not exist.
+fn read_config_text(path: &Path) -> Result<Option<String>, ConfigError> {
     let fail = |problem: String| ConfigError {
         file: path.to_path_buf(),
         position: None,
@@ -123,46 +172,87 @@ pub fn load(path: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigEr
         problem,
     };
     // metadata() follows symlinks, so a dangling `..data` link reads as missing, like Go's os.Stat.
-    match std::fs::metadata(path) {
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(LoadedConfig {
-                config: Config::defaults(options),
-                source: ConfigSource::Missing(path.to_path_buf()),
-                warnings: Vec::new(),
-            });
-        }
+    let meta = match std::fs::metadata(path) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(fail(format!("cannot read config file: {err}"))),
-        Ok(meta) if meta.is_dir() => {
-            return Err(fail(
-                "is a directory, expected a YAML or JSON file (mount the ConfigMap directory and point --config at the file in it)".into(),
-            ));
-        }
-        Ok(_) => {}
+        Ok(meta) => meta,
+    };
+    if meta.is_dir() {
+        return Err(fail(
+            "is a directory, expected a YAML or JSON file (mount the ConfigMap directory and point --config at the file in it)".into(),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(fail(
+            "is not a regular file (a FIFO, socket or device); expected a YAML or JSON file".into(),
+        ));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(fail(format!(
+            "file is {} bytes, larger than the {MAX_CONFIG_BYTES} bytes the agent reads; refusing to parse it",
+            meta.len()
+        )));
     }
     let file =
         std::fs::File::open(path).map_err(|e| fail(format!("cannot read config file: {e}")))?;
     let mut bytes = Vec::new();
+    // The size can change between stat and read: the limit holds for the read too.
     file.take(MAX_CONFIG_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| fail(format!("cannot read config file: {e}")))?;
     if bytes.len() as u64 > MAX_CONFIG_BYTES {
         return Err(fail(format!(
-            "file is larger than {MAX_CONFIG_BYTES} bytes; refusing to parse it"
+            "file is larger than the {MAX_CONFIG_BYTES} bytes the agent reads; refusing to parse it"
         )));
     }
-    let text = String::from_utf8(bytes).map_err(|e| {
+    String::from_utf8(bytes).map(Some).map_err(|e| {
         fail(format!(
             "not UTF-8 text (invalid byte at offset {}); is this a binary file?",
             e.utf8_error().valid_up_to()
         ))
-    })?;
-    let mut loaded = parse(&text, path, options)?;
-    loaded.source = ConfigSource::File(path.to_path_buf());
-    Ok(loaded)
+    })
+}
+
+/// Reads and validates the config at `path`; a missing file means defaults, as upstream.
+pub fn load(path: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigError> {
+    match read_config_text(path)? {
+        None => Ok(LoadedConfig {
+            config: Config::defaults(options),
+            source: ConfigSource::Missing(path.to_path_buf()),
+            warnings: Vec::new(),
+        }),
+        Some(text) => parse(&text, path, options),
+    }
 }
 
 /// Parses config text as if read from `file` (used for messages only).
 pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigError> {
+    let (settings, warnings) = parse_settings(text, file, options)?;
+    let config = settings.over_defaults(options);
+    if settings.non_masquerade_cidrs.is_none()
+        && config.non_masquerade_cidrs.len() > config.cidr_limit
+    {
+        return Err(limit_error(
+            file,
+            None,
+            "cidrLimit",
+            config.cidr_limit,
+            config.non_masquerade_cidrs.len(),
+        ));
+    }
+    Ok(LoadedConfig {
+        config,
+        source: ConfigSource::File(file.to_path_buf()),
+        warnings,
+    })
+}
+
+/// Parses one file into what it sets explicitly, validating every value it sets.
+pub fn parse_settings(
+    text: &str,
+    file: &Path,
+    options: ParseOptions,
+) -> Result<(FileSettings, Vec<String>), ConfigError> {
     let error = |position: Option<Position>, key: Option<&str>, problem: String| ConfigError {
         file: file.to_path_buf(),
         position,
@@ -176,14 +266,10 @@ pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedCon
             format!("not valid YAML or JSON: {}", e.message),
         )
     })?;
-    let mut config = Config::defaults(options);
+    let mut settings = FileSettings::default();
     let mut warnings = Vec::new();
     let Some(document) = document else {
-        return Ok(LoadedConfig {
-            config,
-            source: ConfigSource::File(file.to_path_buf()),
-            warnings,
-        });
+        return Ok((settings, warnings));
     };
     let Value::Map(entries) = document.value else {
         return Err(error(
@@ -238,17 +324,17 @@ pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedCon
             }
             (_, Value::Null) => {}
             ("cidrLimit", Value::Int(n)) => {
-                config.cidr_limit = usize::try_from(*n).map_err(|_| {
+                settings.cidr_limit = Some(usize::try_from(*n).map_err(|_| {
                     error(
                         value.position,
                         Some(key),
                         format!("must be a whole number from 0 up, got {n}"),
                     )
-                })?;
+                })?);
             }
             ("cidrLimit", _) => return Err(type_error("a whole number")),
-            ("masqLinkLocal", Value::Bool(b)) => config.masq_link_local = *b,
-            ("masqLinkLocalIPv6", Value::Bool(b)) => config.masq_link_local_ipv6 = *b,
+            ("masqLinkLocal", Value::Bool(b)) => settings.masq_link_local = Some(*b),
+            ("masqLinkLocalIPv6", Value::Bool(b)) => settings.masq_link_local_ipv6 = Some(*b),
             ("masqLinkLocal" | "masqLinkLocalIPv6", _) => {
                 return Err(type_error("a boolean (true/false, yes/no, on/off)"));
             }
@@ -264,7 +350,7 @@ pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedCon
                         ),
                     ));
                 }
-                config.resync_interval = Duration::from_nanos(parsed.0.unsigned_abs());
+                settings.resync_interval = Some(Duration::from_nanos(parsed.0.unsigned_abs()));
             }
             ("resyncInterval", _) => {
                 return Err(type_error("a duration string such as \"60s\" or \"1m30s\""));
@@ -275,16 +361,11 @@ pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedCon
 
     if let Some((items, list_position)) = cidrs_node {
         let key = "nonMasqueradeCIDRs";
-        if items.len() > config.cidr_limit {
-            return Err(error(
-                list_position,
-                Some(key),
-                format!(
-                    "the daemon can only accept up to {} CIDRs (excluding link-local), but got {} CIDRs (excluding link local)",
-                    config.cidr_limit,
-                    items.len()
-                ),
-            ));
+        let limit = settings
+            .cidr_limit
+            .unwrap_or(Config::defaults(options).cidr_limit);
+        if items.len() > limit {
+            return Err(limit_error(file, list_position, key, limit, items.len()));
         }
         let mut cidrs = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
@@ -304,24 +385,144 @@ pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedCon
                 .map_err(|problem| error(item.position, Some(&item_key), problem))?;
             cidrs.push(cidr);
         }
-        config.non_masquerade_cidrs = cidrs;
-    } else if config.non_masquerade_cidrs.len() > config.cidr_limit {
-        return Err(error(
+        settings.non_masquerade_cidrs = Some(cidrs);
+    }
+    Ok((settings, warnings))
+}
+
+/// Reads every file in `dir` whose name starts with `ip-masq` (Azure ip-masq-agent-v2's
+/// layout) and merges them: CIDRs in file-name then list order without duplicates,
+/// booleans OR-ed, the largest cidrLimit, the shortest resyncInterval. One bad file
+/// rejects the whole set. No files means the defaults.
+pub fn load_dir(dir: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigError> {
+    let unreadable = |err: std::io::Error| ConfigError {
+        file: dir.to_path_buf(),
+        position: None,
+        key: None,
+        problem: format!("cannot list the config directory: {err}"),
+    };
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(unreadable)?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("ip-masq"))
+        .collect();
+    names.sort();
+    let mut files = Vec::new();
+    let mut warnings = Vec::new();
+    for name in &names {
+        let path = dir.join(name);
+        if let Some(text) = read_config_text(&path)? {
+            let (settings, file_warnings) = parse_settings(&text, &path, options)?;
+            warnings.extend(file_warnings);
+            files.push((path, settings));
+        }
+    }
+    if files.is_empty() {
+        return Ok(LoadedConfig {
+            config: Config::defaults(options),
+            source: ConfigSource::Missing(dir.to_path_buf()),
+            warnings,
+        });
+    }
+    let (merged, conflicts) = merge_files(&files);
+    warnings.extend(conflicts);
+    let config = merged.over_defaults(options);
+    if config.non_masquerade_cidrs.len() > config.cidr_limit {
+        return Err(limit_error(
+            dir,
             None,
-            Some("cidrLimit"),
-            format!(
-                "the daemon can only accept up to {} CIDRs (excluding link-local), but got {} CIDRs (excluding link local)",
-                config.cidr_limit,
-                config.non_masquerade_cidrs.len()
-            ),
+            "nonMasqueradeCIDRs",
+            config.cidr_limit,
+            config.non_masquerade_cidrs.len(),
         ));
     }
-
     Ok(LoadedConfig {
         config,
-        source: ConfigSource::File(file.to_path_buf()),
+        source: ConfigSource::Dir(
+            dir.to_path_buf(),
+            files.into_iter().map(|(p, _)| p).collect(),
+        ),
         warnings,
     })
+}
+
+/// Merges per-file settings; returns the merge and warnings about conflicts between files.
+pub fn merge_files(files: &[(PathBuf, FileSettings)]) -> (FileSettings, Vec<String>) {
+    let mut merged = FileSettings::default();
+    let mut warnings = Vec::new();
+    let mut owners: Vec<(IpNet, &Path)> = Vec::new();
+    let mut bool_owner: [Option<(bool, &Path)>; 2] = [None, None];
+    for (path, settings) in files {
+        if let Some(cidrs) = &settings.non_masquerade_cidrs {
+            let list = merged.non_masquerade_cidrs.get_or_insert_with(Vec::new);
+            for cidr in cidrs {
+                for (other, other_path) in &owners {
+                    if other_path != path
+                        && other != cidr
+                        && (other.contains(cidr) || cidr.contains(other))
+                    {
+                        let (inner, inner_path, outer, outer_path) = if other.contains(cidr) {
+                            (cidr, path.as_path(), other, *other_path)
+                        } else {
+                            (other, *other_path, cidr, path.as_path())
+                        };
+                        warnings.push(format!(
+                            "{} lists {inner}, which is inside {outer} from {}",
+                            inner_path.display(),
+                            outer_path.display()
+                        ));
+                    }
+                }
+                if !list.contains(cidr) {
+                    list.push(*cidr);
+                    owners.push((*cidr, path));
+                }
+            }
+        }
+        for (slot, (name, value)) in [
+            ("masqLinkLocal", settings.masq_link_local),
+            ("masqLinkLocalIPv6", settings.masq_link_local_ipv6),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let Some(value) = value else { continue };
+            if let Some((earlier, earlier_path)) = bool_owner[slot]
+                && earlier != value
+            {
+                warnings.push(format!(
+                    "{name} is {earlier} in {} but {value} in {}; using true",
+                    earlier_path.display(),
+                    path.display()
+                ));
+            }
+            bool_owner[slot].get_or_insert((value, path));
+        }
+        merged.masq_link_local = or_option(merged.masq_link_local, settings.masq_link_local);
+        merged.masq_link_local_ipv6 =
+            or_option(merged.masq_link_local_ipv6, settings.masq_link_local_ipv6);
+        merged.cidr_limit = max_option(merged.cidr_limit, settings.cidr_limit);
+        merged.resync_interval = match (merged.resync_interval, settings.resync_interval) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    (merged, warnings)
+}
+
+fn or_option(a: Option<bool>, b: Option<bool>) -> Option<bool> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a || b),
+        (a, b) => a.or(b),
+    }
+}
+
+fn max_option(a: Option<usize>, b: Option<usize>) -> Option<usize> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Go's encoding/json rule: an exact match wins, otherwise a case-insensitive one.

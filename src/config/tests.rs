@@ -367,3 +367,127 @@ fn directory_and_binary_files_are_rejected() {
     assert!(e.contains("not UTF-8"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+struct Dir(PathBuf);
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let path = std::env::temp_dir().join(format!("ima-cfgdir-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Dir(path)
+    }
+    fn write(&self, name: &str, text: &str) -> &Dir {
+        std::fs::write(self.0.join(name), text).unwrap();
+        self
+    }
+}
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn config_dir_merges_ip_masq_files_in_name_order() {
+    let dir = Dir::new("merge");
+    dir.write(
+        "ip-masq-b",
+        "nonMasqueradeCIDRs: [192.168.0.0/16, 10.0.0.0/8]\nresyncInterval: 30s\n",
+    )
+    .write(
+        "ip-masq-agent",
+        "nonMasqueradeCIDRs: [10.0.0.0/8, 100.64.0.0/10]\nmasqLinkLocal: true\n",
+    )
+    .write("other", "nonMasqueradeCIDRs: [1.0.0.0/8]\n")
+    .write("ip-masq-c", "cidrLimit: 100\nresyncInterval: 1m\n");
+    let loaded = load_dir(&dir.0, opts()).unwrap();
+    assert_eq!(
+        loaded.config.non_masquerade_cidrs,
+        nets(&["10.0.0.0/8", "100.64.0.0/10", "192.168.0.0/16"])
+    );
+    assert!(loaded.config.masq_link_local);
+    assert!(!loaded.config.masq_link_local_ipv6);
+    assert_eq!(loaded.config.cidr_limit, 100);
+    assert_eq!(loaded.config.resync_interval, Duration::from_secs(30));
+    assert!(matches!(&loaded.source, ConfigSource::Dir(_, files) if files.len() == 3));
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+}
+
+#[test]
+fn config_dir_warns_about_conflicts_naming_both_files() {
+    let dir = Dir::new("conflict");
+    dir.write(
+        "ip-masq-a",
+        "nonMasqueradeCIDRs: [10.0.0.0/8]\nmasqLinkLocal: false\n",
+    )
+    .write(
+        "ip-masq-b",
+        "nonMasqueradeCIDRs: [10.1.0.0/16]\nmasqLinkLocal: true\n",
+    );
+    let loaded = load_dir(&dir.0, opts()).unwrap();
+    assert!(loaded.config.masq_link_local, "booleans are OR-ed");
+    let joined = loaded.warnings.join("\n");
+    assert!(
+        joined.contains("ip-masq-b lists 10.1.0.0/16, which is inside 10.0.0.0/8 from"),
+        "{joined}"
+    );
+    assert!(joined.contains("masqLinkLocal is false in"), "{joined}");
+    assert!(
+        joined.contains("ip-masq-a") && joined.contains("ip-masq-b"),
+        "{joined}"
+    );
+}
+
+#[test]
+fn config_dir_rejects_the_whole_set_for_one_bad_file() {
+    let dir = Dir::new("bad");
+    dir.write("ip-masq-a", "nonMasqueradeCIDRs: [10.0.0.0/8]\n")
+        .write("ip-masq-b", "nonMasqueradeCIDRs: [10.0.0.1/8]\n");
+    let e = load_dir(&dir.0, opts()).unwrap_err().to_string();
+    assert!(e.contains("ip-masq-b:1:22: nonMasqueradeCIDRs[0]"), "{e}");
+}
+
+#[test]
+fn config_dir_without_files_means_defaults() {
+    let dir = Dir::new("empty");
+    dir.write("unrelated", "x: 1\n");
+    let loaded = load_dir(&dir.0, opts()).unwrap();
+    assert_eq!(loaded.config, Config::defaults(opts()));
+    assert!(matches!(loaded.source, ConfigSource::Missing(_)));
+}
+
+#[test]
+fn config_dir_limit_applies_to_the_union() {
+    let dir = Dir::new("limit");
+    dir.write(
+        "ip-masq-a",
+        "cidrLimit: 2\nnonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16]\n",
+    )
+    .write("ip-masq-b", "nonMasqueradeCIDRs: [192.168.0.0/16]\n");
+    let e = load_dir(&dir.0, opts()).unwrap_err().to_string();
+    assert!(
+        e.contains("up to 2 CIDRs (excluding link-local), but got 3"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fifo_and_oversized_files_are_refused_without_blocking() {
+    let dir = Dir::new("special");
+    let fifo = dir.0.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let e = load(&fifo, opts()).unwrap_err().to_string();
+    assert!(e.contains("is not a regular file"), "{e}");
+    let big = dir.0.join("big");
+    let file = std::fs::File::create(&big).unwrap();
+    file.set_len(MAX_CONFIG_BYTES + 1).unwrap();
+    let e = load(&big, opts()).unwrap_err().to_string();
+    assert!(e.contains("larger than the 16777216 bytes"), "{e}");
+    let looped = dir.0.join("loop");
+    std::os::unix::fs::symlink(&looped, &looped).unwrap();
+    let e = load(&looped, opts()).unwrap_err().to_string();
+    assert!(
+        e.contains("cannot read config file") && e.contains("symbolic links"),
+        "{e}"
+    );
+}

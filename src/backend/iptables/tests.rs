@@ -317,7 +317,7 @@ fn random_fully_needs_iptables_1_6_2() {
 #[test]
 fn removal_deletes_every_agent_jump_then_the_chain() {
     let saved = format!(
-        "*nat\n:POSTROUTING ACCEPT [0:0]\n:IP-MASQ-AGENT - [0:0]\n-A POSTROUTING -j KUBE-POSTROUTING\n{OLD_QUOTED_JUMP}\n{JUMP}\n-A POSTROUTING -j IP-MASQ-AGENT\n-A IP-MASQ-AGENT -j MASQUERADE\nCOMMIT\n"
+        "*nat\n:POSTROUTING ACCEPT [0:0]\n:IP-MASQ-AGENT - [0:0]\n-A POSTROUTING -j KUBE-POSTROUTING\n{OLD_QUOTED_JUMP}\n{JUMP}\n-A IP-MASQ-AGENT -j MASQUERADE\nCOMMIT\n"
     );
     assert_eq!(
         plan_removal(&saved, &ChainName::default()),
@@ -335,6 +335,42 @@ fn removal_deletes_every_agent_jump_then_the_chain() {
         )
         .is_empty()
     );
+}
+
+#[test]
+fn removal_keeps_a_chain_that_a_foreign_rule_still_uses() {
+    let saved = format!(
+        "*nat\n:IP-MASQ-AGENT - [0:0]\n{JUMP}\n-A POSTROUTING -o eth9 -j IP-MASQ-AGENT\n-A IP-MASQ-AGENT -j MASQUERADE\nCOMMIT\n"
+    );
+    assert_eq!(
+        plan_removal(&saved, &ChainName::default()),
+        vec![
+            JUMP.replacen("-A ", "-D ", 1),
+            "-F IP-MASQ-AGENT".to_string()
+        ]
+    );
+}
+
+#[test]
+fn renamed_chain_and_its_jump_are_removed_but_the_current_one_kept() {
+    let old = JUMP.replace("IP-MASQ-AGENT", "OLD-MASQ");
+    let saved = format!(
+        "*nat\n:OLD-MASQ - [0:0]\n:IP-MASQ-AGENT - [0:0]\n{old}\n{JUMP}\n-A OLD-MASQ -j MASQUERADE\nCOMMIT\n"
+    );
+    assert_eq!(
+        plan_stale_removal(&saved, Some(&ChainName::default())),
+        vec![
+            old.replacen("-A ", "-D ", 1),
+            "-F OLD-MASQ".to_string(),
+            "-X OLD-MASQ".to_string()
+        ]
+    );
+    // Removing everything takes both.
+    assert_eq!(plan_removal(&saved, &ChainName::default()).len(), 6);
+    // A jump without the agent's comment is not the agent's.
+    let foreign =
+        "*nat\n:OTHER - [0:0]\n-A POSTROUTING -m comment --comment \"mine\" -j OTHER\nCOMMIT\n";
+    assert!(plan_stale_removal(foreign, Some(&ChainName::default())).is_empty());
 }
 
 #[test]
