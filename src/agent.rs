@@ -121,7 +121,7 @@ impl Agent {
         let keeping = if self.applied.is_some() {
             "keeping the last good rules"
         } else {
-            "no rules applied yet"
+            "nothing applied yet"
         };
         tracing::error!("config rejected, {keeping}: {message}");
         self.last_error = Some((message.to_string(), now));
@@ -176,10 +176,6 @@ impl Agent {
                     attempt = self.consecutive_backend_failures,
                     "syncing masquerade rules failed: {err:#}"
                 );
-                // Remember what the kernel should hold, so a retry targets it.
-                if self.applied.is_none() {
-                    tracing::debug!("no rules applied yet");
-                }
                 SyncOutcome::BackendFailed
             }
         }

@@ -186,19 +186,15 @@ fn rapid_config_flips_are_atomic() {
     let topology = Topology::new();
     const A: &str = "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\nresyncInterval: 20ms\n";
     const B: &str = "nonMasqueradeCIDRs: [172.16.0.0/12, 10.0.0.0/8]\nresyncInterval: 20ms\n";
-    let mut volume = ConfigMapVolume::new(A);
+    let volume = ConfigMapVolume::new(A);
     let mut agent = start(&topology.node, &volume, &["--backend=nftables"]);
     let path = volume.path();
-    let flipper = std::thread::spawn(move || {
-        let until = Instant::now() + Duration::from_secs(10);
-        let mut flips = 0;
-        while Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(100));
-            volume.update(if flips % 2 == 0 { B } else { A });
-            flips += 1;
-        }
-        (volume, flips)
-    });
+    let flipper = Flipper::start(
+        volume,
+        [A, B],
+        Duration::from_millis(100),
+        Duration::from_secs(10),
+    );
     let mut probes = 0;
     while !flipper.is_finished() {
         assert!(
@@ -211,7 +207,7 @@ fn rapid_config_flips_are_atomic() {
         );
         probes += 2;
     }
-    let (_volume, flips) = flipper.join().expect("flipper");
+    let flips = flipper.finish();
     let applied = agent.log().matches("config changed; rules applied").count();
     eprintln!(
         "{flips} flips, {applied} applied, {probes} probes ({})",
@@ -224,6 +220,56 @@ fn rapid_config_flips_are_atomic() {
     );
     assert!(probes >= 100, "only {probes} probes");
     assert!(agent.is_running());
+}
+
+/// Rewrites the volume alternately with two configs on its own thread; stopped and
+/// joined on drop, so a failing assertion still removes the volume.
+struct Flipper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Flipper {
+    fn start(
+        mut volume: ConfigMapVolume,
+        configs: [&'static str; 2],
+        every: Duration,
+        total: Duration,
+    ) -> Flipper {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_seen = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let until = Instant::now() + total;
+            let mut flips = 0;
+            while Instant::now() < until && !stop_seen.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(every);
+                flips += 1;
+                volume.update(configs[flips % 2]);
+            }
+            flips
+        });
+        Flipper {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    fn finish(mut self) -> usize {
+        self.thread.take().map_or(0, |t| t.join().expect("flipper"))
+    }
+}
+
+impl Drop for Flipper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 #[test]

@@ -505,7 +505,9 @@ pub fn render_restore_payload(
 pub struct IptablesBackend {
     chain: ChainName,
     flavour: Flavour,
-    random_fully_supported: bool,
+    /// Learnt from `iptables-restore --version` at the first sync, so a failing tool
+    /// at start-up is retried like any failed sync instead of stopping the agent.
+    random_fully_supported: Option<bool>,
     v4: FamilyTools,
     v6: Option<FamilyTools>,
     /// Whether the nftables backend's table has been looked for and removed.
@@ -534,14 +536,10 @@ impl IptablesBackend {
         } else {
             None
         };
-        let version = v4
-            .restore
-            .run(&["--version"], None)
-            .with_context(|| "asking iptables-restore for its version")?;
         Ok(IptablesBackend {
             chain,
             flavour,
-            random_fully_supported: supports_random_fully(&version),
+            random_fully_supported: None,
             v4,
             v6,
             nft_table_removed: false,
@@ -557,7 +555,7 @@ impl IptablesBackend {
         IptablesBackend {
             chain,
             flavour: Flavour::Nft,
-            random_fully_supported: true,
+            random_fully_supported: Some(true),
             v4: tools.clone(),
             v6: Some(tools),
             nft_table_removed: true,
@@ -568,13 +566,34 @@ impl IptablesBackend {
         self.flavour
     }
 
-    pub fn random_fully_supported(&self) -> bool {
+    /// None until the first sync has asked iptables-restore for its version.
+    pub fn random_fully_supported(&self) -> Option<bool> {
         self.random_fully_supported
+    }
+
+    fn learn_random_fully_support(&mut self) -> anyhow::Result<bool> {
+        if let Some(known) = self.random_fully_supported {
+            return Ok(known);
+        }
+        let version = self
+            .v4
+            .restore
+            .run(&["--version"], None)
+            .context("asking iptables-restore for its version")?;
+        let supported = supports_random_fully(&version);
+        if !supported {
+            tracing::warn!(
+                "{} does not support --random-fully; masquerading without it",
+                version.trim()
+            );
+        }
+        self.random_fully_supported = Some(supported);
+        Ok(supported)
     }
 
     fn effective_masquerade(&self, policy: &Policy) -> Masquerade {
         let mut masquerade = policy.masquerade.clone();
-        masquerade.random_fully &= self.random_fully_supported;
+        masquerade.random_fully &= self.random_fully_supported.unwrap_or(true);
         masquerade
     }
 
@@ -588,16 +607,7 @@ impl IptablesBackend {
 
 impl Backend for IptablesBackend {
     fn describe(&self) -> String {
-        format!(
-            "iptables ({}; chain {}; --random-fully {})",
-            self.flavour,
-            self.chain,
-            if self.random_fully_supported {
-                "supported"
-            } else {
-                "not supported"
-            }
-        )
+        format!("iptables ({}; chain {})", self.flavour, self.chain)
     }
 
     fn render(&self, policy: &Policy) -> String {
@@ -618,6 +628,7 @@ impl Backend for IptablesBackend {
 
     fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
         let started_with = spawned_processes();
+        self.learn_random_fully_support()?;
         let masquerade = self.effective_masquerade(policy);
         let mut rules_total = 0;
         let mut wrote = false;

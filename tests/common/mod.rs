@@ -225,6 +225,14 @@ impl ConfigMapVolume {
 
     /// New timestamped directory, `..data_tmp` symlink renamed over `..data`, old directory removed.
     pub fn update(&mut self, content: &str) {
+        self.update_with(|dir| {
+            std::fs::write(dir.join(CONFIG_KEY), content).expect("write config")
+        });
+    }
+
+    /// Like `update`, but `fill` decides what the new directory holds (nothing, a
+    /// directory, a symlink loop, an unreadable file, ...).
+    pub fn update_with(&mut self, fill: impl FnOnce(&Path)) {
         self.generation += 1;
         let name = format!(
             "..2026_11_23_04_30_{:02}.{:09}",
@@ -233,7 +241,7 @@ impl ConfigMapVolume {
         );
         let new_dir = self.dir.path.join(&name);
         std::fs::create_dir(&new_dir).expect("mkdir ts");
-        std::fs::write(new_dir.join(CONFIG_KEY), content).expect("write config");
+        fill(&new_dir);
         let tmp = self.dir.path.join("..data_tmp");
         symlink(&name, &tmp).expect("data_tmp symlink");
         std::fs::rename(&tmp, self.dir.path.join("..data")).expect("swap ..data");
@@ -265,11 +273,31 @@ pub fn agent_binary() -> PathBuf {
 
 impl AgentProcess {
     pub fn start(ns: &Netns, args: &[&str]) -> AgentProcess {
+        Self::start_with(ns, args, &[], &[])
+    }
+
+    /// Starts the agent behind `wrapper` (e.g. `setpriv ...`) with extra environment.
+    pub fn start_with(
+        ns: &Netns,
+        args: &[&str],
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
         let logdir = TempDir::new("log");
         let log = logdir.path.join("agent.log");
         let file = File::create(&log).expect("log file");
-        let child = ns
-            .command(agent_binary())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = ns.command(program);
+                c.args(rest).arg(agent_binary());
+                c
+            }
+            None => ns.command(agent_binary()),
+        };
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command
             .args(args)
             .arg("--v=2")
             .stdin(Stdio::null())
@@ -318,13 +346,14 @@ impl AgentProcess {
         }
     }
 
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .expect("kill");
+    }
+
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("kill");
+        self.signal(nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {

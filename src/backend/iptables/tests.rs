@@ -189,7 +189,7 @@ fn random_fully_off_or_unsupported_is_omitted() {
     );
 
     let mut old_iptables = IptablesBackend::for_rendering(ChainName::default());
-    old_iptables.random_fully_supported = false;
+    old_iptables.random_fully_supported = Some(false);
     let rendered = old_iptables.render(&Case::new("").policy());
     assert!(!rendered.contains("--random-fully"), "{rendered}");
 }
