@@ -5,6 +5,9 @@ pub mod dry_run;
 pub mod iptables;
 pub mod nftables;
 
+#[cfg(test)]
+mod agreement_tests;
+
 use crate::policy::Policy;
 
 /// `--backend`.
