@@ -1,0 +1,42 @@
+//! Config parsing and validation never panic, whatever the bytes; whatever validates
+//! also renders for both backends, and every rejection can be displayed.
+#![no_main]
+
+use std::path::Path;
+
+use ip_masq_agent::backend::Backend;
+use ip_masq_agent::backend::iptables::{ChainName, IptablesBackend};
+use ip_masq_agent::backend::nftables::NftablesBackend;
+use ip_masq_agent::config::{ParseOptions, duration::parse_go_duration, parse};
+use ip_masq_agent::policy::{Masquerade, Policy, PolicySettings};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = parse_go_duration(text);
+    for (enable_ipv6, nomasq_all_reserved_ranges) in [(false, false), (true, true)] {
+        let options = ParseOptions {
+            enable_ipv6,
+            nomasq_all_reserved_ranges,
+        };
+        match parse(text, Path::new("/etc/config/ip-masq-agent"), options) {
+            Ok(loaded) => {
+                let settings = PolicySettings {
+                    enable_ipv6,
+                    masquerade: Masquerade {
+                        random_fully: true,
+                        to_ports: "1024-29999,32768-65535".parse().unwrap_or_default(),
+                    },
+                };
+                let policy = Policy::new(&loaded.config, &settings);
+                let _ = IptablesBackend::for_rendering(ChainName::default()).render(&policy);
+                let _ = NftablesBackend::for_rendering().render(&policy);
+            }
+            Err(err) => {
+                let _ = err.to_string();
+            }
+        }
+    }
+});
