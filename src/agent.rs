@@ -4,10 +4,13 @@
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use crate::backend::Backend;
 use crate::cli::Settings;
 use crate::config::{Config, ConfigSource, LoadedConfig};
 use crate::policy::Policy;
+use crate::telemetry::{SyncResult, Telemetry, config_hash};
 
 /// Something that should interrupt the wait between syncs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +49,7 @@ pub struct Agent {
     last_outcome: Option<SyncOutcome>,
     drift_repairs: u64,
     started: Instant,
+    telemetry: Arc<Telemetry>,
 }
 
 struct Applied {
@@ -65,19 +69,28 @@ impl Agent {
             last_outcome: None,
             drift_repairs: 0,
             started: Instant::now(),
+            telemetry: Arc::new(Telemetry::new()),
         }
+    }
+
+    /// Reports into `telemetry` (shared with the HTTP endpoint) instead of a private one.
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Agent {
+        self.telemetry = telemetry;
+        self
     }
 
     /// Reads the config and makes the kernel match it (or the last good config).
     pub fn sync_once(&mut self) -> SyncOutcome {
         let outcome = match self.settings.load_config() {
             Ok(loaded) => {
+                self.telemetry.config_loaded(true);
                 self.last_error = None;
                 self.note_loaded(&loaded);
                 let policy = Policy::new(&loaded.config, &self.settings.policy_settings);
                 self.apply(loaded.config, policy)
             }
             Err(err) => {
+                self.telemetry.config_loaded(false);
                 self.report_config_error(&err.to_string());
                 // Last-known-good: keep the previous rules, and repair drift from them.
                 if let Some(applied) = self.applied.take() {
@@ -147,6 +160,7 @@ impl Agent {
                     );
                 } else if report.wrote {
                     self.drift_repairs += 1;
+                    self.telemetry.drift_repaired();
                     tracing::info!(
                         rules = report.rules,
                         processes = report.processes,
@@ -167,11 +181,41 @@ impl Agent {
                     );
                 }
                 self.consecutive_backend_failures = 0;
+                self.telemetry.sync_finished(
+                    SyncResult::Success,
+                    started.elapsed(),
+                    config.resync_interval,
+                    None,
+                );
+                if changed {
+                    let prefixes: Vec<(&'static str, usize)> = policy
+                        .families
+                        .iter()
+                        .map(|f| {
+                            let family = match f.family {
+                                crate::policy::Family::V4 => "ipv4",
+                                crate::policy::Family::V6 => "ipv6",
+                            };
+                            (family, f.non_masq.0.len())
+                        })
+                        .collect();
+                    self.telemetry.applied(
+                        &config_hash(&format!("{config:?}")),
+                        self.backend.kind(),
+                        &prefixes,
+                    );
+                }
                 self.applied = Some(Applied { config, policy });
                 SyncOutcome::Applied { changed }
             }
             Err(err) => {
                 self.consecutive_backend_failures += 1;
+                self.telemetry.sync_finished(
+                    SyncResult::Failure,
+                    started.elapsed(),
+                    config.resync_interval,
+                    Some(format!("{err:#}")),
+                );
                 tracing::error!(
                     attempt = self.consecutive_backend_failures,
                     "syncing masquerade rules failed: {err:#}"
@@ -264,6 +308,9 @@ mod tests {
     impl Backend for Recorder {
         fn describe(&self) -> String {
             "recorder".into()
+        }
+        fn kind(&self) -> &'static str {
+            "recorder"
         }
         fn render(&self, _: &Policy) -> String {
             String::new()

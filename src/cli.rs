@@ -21,6 +21,23 @@ fn go_bool(text: &str) -> Result<bool, String> {
     }
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn metrics_address(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.parse::<std::net::SocketAddr>().is_ok() {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not HOST:PORT (e.g. 127.0.0.1:9910), or empty to disable"
+        ))
+    }
+}
+
 /// Keeps the Kubernetes IP masquerade rules of a node in step with a ConfigMap.
 #[derive(Debug, Parser)]
 #[command(name = "ip-masq-agent", disable_version_flag = true)]
@@ -92,6 +109,14 @@ pub struct AgentArgs {
     /// Which backend programs the kernel: iptables (upstream's layout) or nftables.
     #[arg(long, value_enum, default_value_t = BackendChoice::Iptables, global = true)]
     pub backend: BackendChoice,
+
+    /// Address of the /metrics, /healthz and /readyz endpoint; empty disables it.
+    #[arg(long = "metrics-address", default_value = "127.0.0.1:9910", value_parser = metrics_address, global = true)]
+    pub metrics_address: String,
+
+    /// Log format: text (severity, time, message, key=value fields) or json.
+    #[arg(long = "log-format", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
 
     /// On SIGTERM/SIGINT, remove everything the agent installed before exiting.
     #[arg(long = "cleanup-on-exit", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
@@ -209,6 +234,8 @@ pub struct Settings {
     pub backend: BackendChoice,
     pub cleanup_on_exit: bool,
     pub dry_run: bool,
+    /// None when the endpoint is disabled.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 impl Settings {
@@ -254,6 +281,7 @@ impl AgentArgs {
             backend: self.backend,
             cleanup_on_exit: self.cleanup_on_exit,
             dry_run: self.dry_run,
+            metrics_address: self.metrics_address.parse().ok(),
         }
     }
 }

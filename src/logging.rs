@@ -10,11 +10,14 @@ pub fn level_for_verbosity(verbosity: u8) -> Level {
     }
 }
 
-pub fn init(verbosity: u8) {
-    tracing_subscriber::fmt()
+pub fn init(verbosity: u8, format: crate::cli::LogFormat) {
+    let builder = tracing_subscriber::fmt()
         .with_max_level(level_for_verbosity(verbosity))
         .with_target(false)
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    match format {
+        crate::cli::LogFormat::Text => builder.init(),
+        crate::cli::LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }

@@ -1,5 +1,5 @@
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use anyhow::Context;
 use ip_masq_agent::agent::{Agent, Event};
@@ -8,7 +8,8 @@ use ip_masq_agent::backend::iptables::IptablesBackend;
 use ip_masq_agent::backend::nftables::NftablesBackend;
 use ip_masq_agent::backend::{self, Backend, BackendChoice};
 use ip_masq_agent::cli::{Cli, Command, Settings};
-use ip_masq_agent::{commands, logging, watch};
+use ip_masq_agent::telemetry::Telemetry;
+use ip_masq_agent::{commands, http, logging, watch};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 fn main() -> ExitCode {
@@ -53,7 +54,7 @@ fn main() -> ExitCode {
 }
 
 fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
-    logging::init(cli.klog.verbosity);
+    logging::init(cli.klog.verbosity, cli.agent.log_format);
     tracing::info!("{}", commands::version_line());
     let ignored = cli.klog.ignored();
     if !ignored.is_empty() {
@@ -119,8 +120,15 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
             None
         }
     };
+    let telemetry = Arc::new(Telemetry::new());
+    if let Some(address) = settings.metrics_address {
+        let bound = http::serve(address, telemetry.clone())?;
+        tracing::info!("serving /metrics, /healthz and /readyz on http://{bound}");
+    }
     let cleanup_on_exit = settings.cleanup_on_exit.then(|| settings.chain.clone());
-    Agent::new(settings, backend).run(&events);
+    Agent::new(settings, backend)
+        .with_telemetry(telemetry)
+        .run(&events);
     if let Some(chain) = cleanup_on_exit {
         for place in backend::cleanup_everything(&chain).context("cleaning up on exit")? {
             tracing::info!("removed the agent's rules from {place}");

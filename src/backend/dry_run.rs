@@ -27,6 +27,10 @@ impl Backend for DryRunBackend {
         format!("dry run of {}", self.renderer.describe())
     }
 
+    fn kind(&self) -> &'static str {
+        self.renderer.kind()
+    }
+
     fn render(&self, policy: &Policy) -> String {
         self.renderer.render(policy)
     }

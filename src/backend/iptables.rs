@@ -610,6 +610,10 @@ impl Backend for IptablesBackend {
         format!("iptables ({}; chain {})", self.flavour, self.chain)
     }
 
+    fn kind(&self) -> &'static str {
+        "iptables"
+    }
+
     fn render(&self, policy: &Policy) -> String {
         let masquerade = self.effective_masquerade(policy);
         let mut out = String::new();

@@ -62,6 +62,9 @@ pub trait Backend {
     /// A one-line description for the start-up log, e.g. "iptables (nft)".
     fn describe(&self) -> String;
 
+    /// The backend's name for metrics labels.
+    fn kind(&self) -> &'static str;
+
     /// The exact text this backend would hand the kernel for `policy` on a node
     /// that carries none of the agent's rules yet.
     fn render(&self, policy: &Policy) -> String;

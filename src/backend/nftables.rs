@@ -301,6 +301,10 @@ impl Backend for NftablesBackend {
         format!("nftables (table inet {TABLE})")
     }
 
+    fn kind(&self) -> &'static str {
+        "nftables"
+    }
+
     fn render(&self, policy: &Policy) -> String {
         format!("# nft -f -\n{}", render_transaction(policy))
     }

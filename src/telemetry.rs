@@ -1,0 +1,308 @@
+//! What the agent reports about itself: Prometheus metrics and the health state behind
+//! /healthz and /readyz. The agent loop writes it; the HTTP thread reads it.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConfigLabels {
+    hash: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrefixLabels {
+    family: &'static str,
+    backend: &'static str,
+}
+
+/// How one sync ended, for the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncResult {
+    Success,
+    /// Writing the rules failed.
+    Failure,
+}
+
+#[derive(Debug)]
+struct Health {
+    started: Instant,
+    last_attempt_ok: Option<bool>,
+    last_success: Option<Instant>,
+    last_error: Option<String>,
+    resync_interval: Duration,
+}
+
+pub struct Telemetry {
+    registry: Registry,
+    syncs: Family<ResultLabels, Counter>,
+    sync_duration: Histogram,
+    last_success_time: Gauge<f64, AtomicU64>,
+    reloads: Family<ResultLabels, Counter>,
+    config_info: Family<ConfigLabels, Gauge>,
+    prefixes: Family<PrefixLabels, Gauge>,
+    drift_repairs: Counter,
+    health: Mutex<Health>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Telemetry {
+        let mut registry = Registry::with_prefix("ip_masq_agent");
+        let syncs = Family::<ResultLabels, Counter>::default();
+        let sync_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let last_success_time = Gauge::<f64, AtomicU64>::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        let config_info = Family::<ConfigLabels, Gauge>::default();
+        let prefixes = Family::<PrefixLabels, Gauge>::default();
+        let drift_repairs = Counter::default();
+        registry.register(
+            "syncs",
+            "Syncs of the kernel's rules, by result",
+            syncs.clone(),
+        );
+        registry.register(
+            "sync_duration_seconds",
+            "Time one sync took, reading and (if needed) writing the rules",
+            sync_duration.clone(),
+        );
+        registry.register(
+            "last_successful_sync_timestamp_seconds",
+            "Unix time of the last sync that left the kernel matching the config",
+            last_success_time.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reads, by result (success, or failure for a rejected config)",
+            reloads.clone(),
+        );
+        registry.register(
+            "config",
+            "The applied config, as a hash label (value always 1)",
+            config_info.clone(),
+        );
+        registry.register(
+            "prefixes",
+            "Non-masquerade prefixes installed, by family and backend",
+            prefixes.clone(),
+        );
+        registry.register(
+            "drift_repairs",
+            "Syncs that found the kernel's rules out of step with an unchanged config",
+            drift_repairs.clone(),
+        );
+        Telemetry {
+            registry,
+            syncs,
+            sync_duration,
+            last_success_time,
+            reloads,
+            config_info,
+            prefixes,
+            drift_repairs,
+            health: Mutex::new(Health {
+                started: Instant::now(),
+                last_attempt_ok: None,
+                last_success: None,
+                last_error: None,
+                resync_interval: Duration::from_secs(60),
+            }),
+        }
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        // A poisoned lock only means a panic elsewhere; the data is still usable.
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn config_loaded(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn sync_finished(
+        &self,
+        result: SyncResult,
+        took: Duration,
+        resync_interval: Duration,
+        error: Option<String>,
+    ) {
+        let label = match result {
+            SyncResult::Success => "success",
+            SyncResult::Failure => "failure",
+        };
+        self.syncs
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        self.sync_duration.observe(took.as_secs_f64());
+        let mut health = self.health();
+        health.resync_interval = resync_interval;
+        health.last_attempt_ok = Some(result == SyncResult::Success);
+        if result == SyncResult::Success {
+            health.last_success = Some(Instant::now());
+            health.last_error = None;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or_default();
+            self.last_success_time.set(now);
+        } else {
+            health.last_error = error;
+        }
+    }
+
+    pub fn drift_repaired(&self) {
+        self.drift_repairs.inc();
+    }
+
+    /// Records the applied config's hash and prefix counts.
+    pub fn applied(&self, hash: &str, backend: &'static str, prefixes: &[(&'static str, usize)]) {
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&ConfigLabels {
+                hash: hash.to_string(),
+            })
+            .set(1);
+        self.prefixes.clear();
+        for (family, count) in prefixes {
+            self.prefixes
+                .get_or_create(&PrefixLabels { family, backend })
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The Prometheus (OpenMetrics) text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            return format!("# encoding failed: {err}\n");
+        }
+        out
+    }
+
+    /// Ok while the last sync succeeded or the last success is younger than three
+    /// resync intervals (counted from start-up before the first success).
+    pub fn liveness(&self) -> Result<String, String> {
+        let health = self.health();
+        if health.last_attempt_ok != Some(false) && health.last_success.is_some() {
+            return Ok("ok: the last sync succeeded\n".into());
+        }
+        let since = health.last_success.unwrap_or(health.started);
+        let grace = health.resync_interval.saturating_mul(3);
+        let age = since.elapsed();
+        let reason = health
+            .last_error
+            .as_deref()
+            .unwrap_or("no sync has succeeded yet");
+        if age < grace {
+            Ok(format!(
+                "ok: last success {age:.1?} ago (within {grace:?}); last attempt failed: {reason}\n"
+            ))
+        } else {
+            Err(format!(
+                "unhealthy: no successful sync for {age:.1?} (more than 3 x resyncInterval = {grace:?}); last error: {reason}\n"
+            ))
+        }
+    }
+
+    pub fn readiness(&self) -> Result<String, String> {
+        if self.health().last_success.is_some() {
+            Ok("ready\n".into())
+        } else {
+            Err("not ready: the first sync has not succeeded yet\n".into())
+        }
+    }
+}
+
+/// A short, stable hash of a config's canonical text (FNV-1a, 64 bits).
+pub fn config_hash(canonical: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in canonical.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_move_with_syncs() {
+        let t = Telemetry::new();
+        t.config_loaded(true);
+        t.sync_finished(
+            SyncResult::Success,
+            Duration::from_millis(3),
+            Duration::from_secs(60),
+            None,
+        );
+        t.applied("abc", "iptables", &[("ipv4", 3)]);
+        t.drift_repaired();
+        let text = t.encode();
+        for line in [
+            "ip_masq_agent_syncs_total{result=\"success\"} 1",
+            "ip_masq_agent_config_reloads_total{result=\"success\"} 1",
+            "ip_masq_agent_config{hash=\"abc\"} 1",
+            "ip_masq_agent_prefixes{family=\"ipv4\",backend=\"iptables\"} 3",
+            "ip_masq_agent_drift_repairs_total 1",
+            "ip_masq_agent_sync_duration_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(text.contains("ip_masq_agent_last_successful_sync_timestamp_seconds "));
+        t.applied("def", "iptables", &[("ipv4", 1)]);
+        assert!(!t.encode().contains("hash=\"abc\""));
+    }
+
+    #[test]
+    fn liveness_allows_three_intervals_of_failure() {
+        let t = Telemetry::new();
+        assert!(t.readiness().is_err());
+        t.sync_finished(
+            SyncResult::Success,
+            Duration::ZERO,
+            Duration::from_millis(20),
+            None,
+        );
+        assert!(t.liveness().is_ok() && t.readiness().is_ok());
+        t.sync_finished(
+            SyncResult::Failure,
+            Duration::ZERO,
+            Duration::from_millis(20),
+            Some("boom".into()),
+        );
+        assert!(t.liveness().is_ok(), "still within 3 x interval");
+        std::thread::sleep(Duration::from_millis(80));
+        let reason = t.liveness().unwrap_err();
+        assert!(reason.contains("boom"), "{reason}");
+        assert!(
+            t.readiness().is_ok(),
+            "ready stays true once the first sync is done"
+        );
+    }
+
+    #[test]
+    fn config_hash_is_stable() {
+        assert_eq!(config_hash(""), "cbf29ce484222325");
+        assert_ne!(config_hash("a"), config_hash("b"));
+    }
+}
