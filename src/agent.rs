@@ -315,6 +315,9 @@ mod tests {
         fn render(&self, _: &Policy) -> String {
             String::new()
         }
+        fn diff(&mut self, _: &Policy) -> anyhow::Result<Vec<String>> {
+            Ok(Vec::new())
+        }
         fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
             if *self.fail.borrow() {
                 anyhow::bail!("iptables-restore failed");

@@ -67,6 +67,19 @@ pub enum Command {
     Render,
     /// Remove the agent's chain, every jump into it and its nft table (needs root).
     Cleanup,
+    /// Say for each address whether pod traffic to it is masqueraded, and which rule decides.
+    Explain {
+        #[arg(required = true, value_name = "IP")]
+        addresses: Vec<String>,
+    },
+    /// Compare the kernel's rules with the config; exit 1 with a diff if they differ (needs root).
+    Status,
+    /// Rewrite the OutBoundNAT exception list of a Windows CNI config in place.
+    WindowsCni {
+        /// The CNI config (.conf or .conflist) to rewrite.
+        #[arg(long = "cni-conf", value_name = "PATH")]
+        cni_conf: PathBuf,
+    },
     /// Print the version.
     Version,
 }

@@ -78,6 +78,11 @@ pub fn render(settings: &Settings) -> anyhow::Result<()> {
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
     let backend: Box<dyn Backend> = match settings.backend {
         BackendChoice::Nftables => Box::new(NftablesBackend::for_rendering()),
+        BackendChoice::Windows => {
+            let list = crate::windows::exception_list(&policy);
+            println!("{}", serde_json::to_string_pretty(&list)?);
+            return Ok(());
+        }
         BackendChoice::Iptables | BackendChoice::Auto => {
             Box::new(IptablesBackend::for_rendering(settings.chain.clone()))
         }
@@ -95,6 +100,88 @@ pub fn cleanup(settings: &Settings) -> anyhow::Result<()> {
     }
     for place in removed {
         println!("removed the agent's rules from {place}");
+    }
+    Ok(())
+}
+
+/// One line per address: the verdict and the rule that decides it, in both backends' terms.
+pub fn explain_lines(policy: &Policy, chain: &str, addresses: &[String]) -> Vec<String> {
+    use crate::policy::{Decision, KeepReason};
+    addresses
+        .iter()
+        .map(|text| {
+            let Ok(ip) = text.parse::<std::net::IpAddr>() else {
+                return format!("{text}: not an IP address");
+            };
+            let family = if ip.is_ipv4() { "v4" } else { "v6" };
+            match policy.decide(ip) {
+                Decision::Keep { prefix, reason: KeepReason::LinkLocal } => format!(
+                    "{ip}: not masqueraded (keeps the pod address): link-local {prefix} (masqLinkLocal{} is false); iptables: -A {chain} -d {prefix} ... -j RETURN; nftables: chain masq-{family} daddr {prefix} return",
+                    if ip.is_ipv4() { "" } else { "IPv6" }
+                ),
+                Decision::Keep { prefix, reason: KeepReason::NonMasqueradeCidr } => format!(
+                    "{ip}: not masqueraded (keeps the pod address): nonMasqueradeCIDRs entry {prefix}; iptables: -A {chain} -d {prefix} ... -j RETURN; nftables: set non-masq-{family}"
+                ),
+                Decision::Masquerade => format!(
+                    "{ip}: MASQUERADED (leaves with the node address): no nonMasqueradeCIDRs entry contains it; iptables: the last rule of {chain}, -j MASQUERADE; nftables: chain masq-{family} masquerade"
+                ),
+                Decision::Unmanaged => format!(
+                    "{ip}: not handled by the agent: IPv6 rules are only written with --enable-ipv6"
+                ),
+            }
+        })
+        .collect()
+}
+
+/// `explain IP...`: the verdict for each address under the current config. A local
+/// destination of the node is never masqueraded; this answers for remote ones.
+pub fn explain(settings: &Settings, addresses: &[String]) -> anyhow::Result<()> {
+    let loaded = settings.load_config()?;
+    let policy = Policy::new(&loaded.config, &settings.policy_settings);
+    for line in explain_lines(&policy, settings.chain.as_str(), addresses) {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// `status`: reads the kernel's rules and compares them with the config.
+pub fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let loaded = settings.load_config()?;
+    let policy = Policy::new(&loaded.config, &settings.policy_settings);
+    let mut backend = crate::backend::build(
+        settings.backend,
+        &settings.chain,
+        settings.iptables_mode,
+        settings.policy_settings.enable_ipv6,
+    )?;
+    let diff = backend.diff(&policy)?;
+    if diff.is_empty() {
+        println!("in sync: the {} rules match the config", backend.describe());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "out of sync: the {} rules differ from the config",
+        backend.describe()
+    );
+    for line in diff {
+        println!("  {line}");
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+/// `windows-cni --cni-conf PATH`: rewrites the OutBoundNAT exception list in place.
+pub fn windows_cni(settings: &Settings, cni_conf: &Path) -> anyhow::Result<()> {
+    let loaded = settings.load_config()?;
+    let policy = Policy::new(&loaded.config, &settings.policy_settings);
+    let list = crate::windows::exception_list(&policy);
+    if crate::windows::rewrite_file(cni_conf, &list)? {
+        println!(
+            "{}: exception list set to {}",
+            cni_conf.display(),
+            list.join(", ")
+        );
+    } else {
+        println!("{}: exception list already up to date", cni_conf.display());
     }
     Ok(())
 }

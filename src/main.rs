@@ -4,9 +4,7 @@ use std::sync::{Arc, mpsc};
 use anyhow::Context;
 use ip_masq_agent::agent::{Agent, Event};
 use ip_masq_agent::backend::dry_run::DryRunBackend;
-use ip_masq_agent::backend::iptables::IptablesBackend;
-use ip_masq_agent::backend::nftables::NftablesBackend;
-use ip_masq_agent::backend::{self, Backend, BackendChoice};
+use ip_masq_agent::backend::{self, Backend};
 use ip_masq_agent::cli::{Cli, Command, Settings};
 use ip_masq_agent::telemetry::Telemetry;
 use ip_masq_agent::{commands, http, logging, watch};
@@ -42,6 +40,12 @@ fn main() -> ExitCode {
         }
         Some(Command::Render) => commands::render(&settings),
         Some(Command::Cleanup) => commands::cleanup(&settings),
+        Some(Command::Explain { addresses }) => commands::explain(&settings, addresses),
+        Some(Command::Status) => match commands::status(&settings) {
+            Ok(code) => return code,
+            Err(err) => Err(err),
+        },
+        Some(Command::WindowsCni { cni_conf }) => commands::windows_cni(&settings, cni_conf),
         None => run_agent(&cli, settings),
     };
     match result {
@@ -63,24 +67,12 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
             ignored.join(" ")
         );
     }
-    let choice = match settings.backend {
-        BackendChoice::Auto => backend::resolve_auto(),
-        chosen => chosen,
-    };
-    let chosen: Box<dyn Backend> = match choice {
-        BackendChoice::Nftables => Box::new(
-            NftablesBackend::new(settings.chain.clone())
-                .context("setting up the nftables backend")?,
-        ),
-        _ => Box::new(
-            IptablesBackend::new(
-                settings.chain.clone(),
-                settings.iptables_mode,
-                settings.policy_settings.enable_ipv6,
-            )
-            .context("setting up the iptables backend")?,
-        ),
-    };
+    let chosen = backend::build(
+        settings.backend,
+        &settings.chain,
+        settings.iptables_mode,
+        settings.policy_settings.enable_ipv6,
+    )?;
     let backend: Box<dyn Backend> = if settings.dry_run {
         Box::new(DryRunBackend::new(chosen))
     } else {

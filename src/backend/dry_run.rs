@@ -35,6 +35,10 @@ impl Backend for DryRunBackend {
         self.renderer.render(policy)
     }
 
+    fn diff(&mut self, _policy: &Policy) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
         let payload = self.renderer.render(policy);
         if self.last.as_deref() != Some(payload.as_str()) {

@@ -464,6 +464,26 @@ pub fn as_saved(rule: &str) -> String {
     }
 }
 
+/// The rules of `chain` when it belongs to someone else: it holds rules and none of them
+/// carries the agent's comment. A rule edited or inserted among the agent's own rules is
+/// drift, repaired by the next sync; a chain with only foreign rules is not the agent's
+/// to flush. Empty when the chain is the agent's (or empty, or missing).
+pub fn foreign_rules(saved_nat: &str, chain: &ChainName) -> Vec<String> {
+    let prefix = format!("-A {chain} ");
+    let rules: Vec<&str> = saved_nat
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .collect();
+    let agent_wrote_some = rules.iter().any(|line| {
+        line.contains(&format!("--comment \"{COMMENT_PREFIX}"))
+            || line.contains(&format!("--comment \"\\\"{COMMENT_PREFIX}"))
+    });
+    if agent_wrote_some {
+        return Vec::new();
+    }
+    rules.into_iter().map(str::to_owned).collect()
+}
+
 /// True when the saved nat table already holds `chain` with exactly `rules`.
 pub fn chain_matches(saved_nat: &str, chain: &ChainName, rules: &[String]) -> bool {
     let declared = format!(":{chain} ");
@@ -630,6 +650,47 @@ impl Backend for IptablesBackend {
         out
     }
 
+    fn diff(&mut self, policy: &Policy) -> anyhow::Result<Vec<String>> {
+        self.learn_random_fully_support()?;
+        let masquerade = self.effective_masquerade(policy);
+        let mut diff = Vec::new();
+        for family in &policy.families {
+            let tools = self
+                .tools(family.family)
+                .with_context(|| format!("{} is not enabled", family.family))?;
+            let saved = tools.save.run(&["-t", "nat"], None)?;
+            let mut expected = vec![format!(":{} - [0:0]", self.chain), jump_rule(&self.chain)];
+            expected.extend(
+                render_chain_rules(&self.chain, family, &masquerade)
+                    .iter()
+                    .map(|rule| as_saved(rule)),
+            );
+            let declared = format!(":{} ", self.chain);
+            let actual: Vec<String> = saved
+                .lines()
+                .filter(|line| {
+                    line.starts_with(&declared)
+                        || line.starts_with(&format!("-A {} ", self.chain))
+                        || line
+                            .strip_prefix("-A POSTROUTING ")
+                            .and_then(agent_jump_target)
+                            .is_some()
+                })
+                // Packet counters in the declaration are not part of the rules.
+                .map(|line| match line.strip_prefix(&declared) {
+                    Some(_) => format!(":{} - [0:0]", self.chain),
+                    None => line.to_string(),
+                })
+                .collect();
+            diff.extend(
+                super::line_diff(&expected, &actual)
+                    .into_iter()
+                    .map(|line| format!("{}: {line}", base_name(family.family))),
+            );
+        }
+        Ok(diff)
+    }
+
     fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
         let started_with = spawned_processes();
         self.learn_random_fully_support()?;
@@ -644,6 +705,15 @@ impl Backend for IptablesBackend {
                 .save
                 .run(&["-t", "nat"], None)
                 .with_context(|| format!("reading the {} nat table", family.family))?;
+            let foreign = foreign_rules(&saved, &self.chain);
+            if let Some(example) = foreign.first() {
+                anyhow::bail!(
+                    "the {} nat chain {} holds only rules the agent did not write ({}, e.g. `{example}`); refusing to flush it — remove them or choose another --masq-chain",
+                    family.family,
+                    self.chain,
+                    foreign.len()
+                );
+            }
             let rules = render_chain_rules(&self.chain, family, &masquerade);
             rules_total += rules.len();
             let mut repairs = plan_stale_removal(&saved, Some(&self.chain));

@@ -20,6 +20,8 @@ pub enum BackendChoice {
     Nftables,
     /// nftables when kube-proxy runs in nftables mode or no iptables is installed.
     Auto,
+    /// `render` only: the OutBoundNAT exception list for Windows win-bridge networks.
+    Windows,
 }
 
 /// The backend `auto` picks on this host.
@@ -71,6 +73,10 @@ pub trait Backend {
 
     /// Makes the kernel match `policy`.
     fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport>;
+
+    /// Reads the kernel's rules and lists how they differ from `policy`: lines the
+    /// kernel lacks start with `-`, lines it has but should not start with `+`.
+    fn diff(&mut self, policy: &Policy) -> anyhow::Result<Vec<String>>;
 }
 
 /// Removes everything any backend of the agent installs, in every iptables flavour and
@@ -83,4 +89,50 @@ pub fn cleanup_everything(chain: &iptables::ChainName) -> anyhow::Result<Vec<Str
         removed.push(format!("nft table inet {}", nftables::TABLE));
     }
     Ok(removed)
+}
+
+/// `-` for expected lines missing from `actual`, `+` for extra ones, in order.
+pub fn line_diff(expected: &[String], actual: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = expected
+        .iter()
+        .filter(|line| !actual.contains(line))
+        .map(|line| format!("- {line}"))
+        .collect();
+    out.extend(
+        actual
+            .iter()
+            .filter(|line| !expected.contains(line))
+            .map(|line| format!("+ {line}")),
+    );
+    if out.is_empty() && expected != actual {
+        out.push("~ the same rules in a different order".to_string());
+    }
+    out
+}
+
+/// The backend the flags ask for, set up for this host (probing it for `auto`).
+pub fn build(
+    choice: BackendChoice,
+    chain: &iptables::ChainName,
+    mode: iptables::IptablesMode,
+    enable_ipv6: bool,
+) -> anyhow::Result<Box<dyn Backend>> {
+    use anyhow::Context;
+    let choice = match choice {
+        BackendChoice::Auto => resolve_auto(),
+        chosen => chosen,
+    };
+    Ok(match choice {
+        BackendChoice::Nftables => Box::new(
+            nftables::NftablesBackend::new(chain.clone())
+                .context("setting up the nftables backend")?,
+        ),
+        BackendChoice::Windows => anyhow::bail!(
+            "--backend=windows only renders; the agent is Linux-only (use windows-cni on Windows nodes)"
+        ),
+        BackendChoice::Iptables | BackendChoice::Auto => Box::new(
+            iptables::IptablesBackend::new(chain.clone(), mode, enable_ipv6)
+                .context("setting up the iptables backend")?,
+        ),
+    })
 }

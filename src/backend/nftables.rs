@@ -229,6 +229,40 @@ pub fn render_transaction(policy: &Policy) -> String {
     out
 }
 
+/// The table's contents as comparable lines: one per set element, rule, or
+/// declaration, whatever the line wrapping (so nft's listing and our own rendering of
+/// the same table give the same lines).
+pub fn normalized_table(text: &str) -> Vec<String> {
+    let start = text.rfind(&format!("table inet {TABLE} {{")).unwrap_or(0);
+    let mut lines = Vec::new();
+    let mut in_elements = false;
+    let mut container = String::new();
+    for raw in text[start..].lines() {
+        let line = raw.trim();
+        if in_elements || line.starts_with("elements = {") {
+            let body = line.trim_start_matches("elements = {");
+            in_elements = !body.contains('}');
+            for element in body.trim_end_matches('}').split(',') {
+                let element = element.trim();
+                if !element.is_empty() {
+                    lines.push(format!("{container}: element {element}"));
+                }
+            }
+            continue;
+        }
+        if line.is_empty() || line == "}" || line.starts_with("table ") {
+            continue;
+        }
+        if line.starts_with("set ") || line.starts_with("chain ") {
+            container = line.trim_end_matches('{').trim().to_string();
+            lines.push(container.clone());
+            continue;
+        }
+        lines.push(format!("{container}: {line}"));
+    }
+    lines
+}
+
 /// The input that removes the agent's table, whether or not it exists.
 pub fn render_removal() -> String {
     format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n")
@@ -307,6 +341,15 @@ impl Backend for NftablesBackend {
 
     fn render(&self, policy: &Policy) -> String {
         format!("# nft -f -\n{}", render_transaction(policy))
+    }
+
+    fn diff(&mut self, policy: &Policy) -> anyhow::Result<Vec<String>> {
+        let expected = normalized_table(&render_transaction(policy));
+        let actual = match self.list_table() {
+            Some(listing) => normalized_table(&listing),
+            None => Vec::new(),
+        };
+        Ok(super::line_diff(&expected, &actual))
     }
 
     fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {

@@ -157,6 +157,41 @@ impl Netns {
         .expect("socket thread")
     }
 
+    /// A plain HTTP/1.1 GET from inside this namespace; returns status and body.
+    pub fn http_get(&self, address: &str, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let handle = self.handle();
+        let address: SocketAddr = address.parse().expect("address");
+        let path = path.to_string();
+        std::thread::spawn(move || {
+            setns(&handle, CloneFlags::CLONE_NEWNET).expect("setns");
+            let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
+                .expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+            )
+            .expect("send");
+            let mut response = String::new();
+            stream.read_to_string(&mut response).expect("read");
+            let status = response
+                .split(' ')
+                .nth(1)
+                .and_then(|code| code.parse().ok())
+                .unwrap_or(0);
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            (status, body)
+        })
+        .join()
+        .expect("http thread")
+    }
+
     /// `iptables-save -t nat` (or another save tool), without its timestamp comments.
     pub fn save(&self, tool: &str) -> String {
         self.sh(&[tool, "-t", "nat"])

@@ -433,3 +433,23 @@ fn chain_matches_only_the_exact_saved_rules() {
         &rules
     ));
 }
+
+#[test]
+fn a_chain_is_foreign_only_when_no_rule_is_the_agents() {
+    let chain = ChainName::default();
+    let ours = format!(
+        "*nat\n:IP-MASQ-AGENT - [0:0]\n{}\n-A IP-MASQ-AGENT -j ACCEPT\nCOMMIT\n",
+        keep("10.0.0.0/8")
+    );
+    assert!(
+        foreign_rules(&ours, &chain).is_empty(),
+        "an inserted rule is drift"
+    );
+    assert!(foreign_rules("*nat\n:IP-MASQ-AGENT - [0:0]\nCOMMIT\n", &chain).is_empty());
+    let theirs =
+        "*nat\n:IP-MASQ-AGENT - [0:0]\n-A IP-MASQ-AGENT -s 10.9.9.9/32 -j ACCEPT\nCOMMIT\n";
+    assert_eq!(
+        foreign_rules(theirs, &chain),
+        vec!["-A IP-MASQ-AGENT -s 10.9.9.9/32 -j ACCEPT"]
+    );
+}

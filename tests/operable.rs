@@ -1,0 +1,409 @@
+//! The operator's view: the HTTP endpoint against a running agent, the commands, and
+//! the deployment manifests.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+
+const METRICS: &str = "127.0.0.1:9910";
+
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_and_health_follow_syncs_that_succeed_then_keep_failing() {
+    if !require_root() {
+        return;
+    }
+    let node = Netns::new("node");
+    let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
+    let path = volume.path();
+    let mut agent = AgentProcess::start(
+        &node,
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--iptables-mode=nft",
+            &format!("--metrics-address={METRICS}"),
+        ],
+    );
+    agent.wait_for_log("rules resynced", 2, Duration::from_secs(5));
+
+    let (status, body) = node.http_get(METRICS, "/metrics");
+    assert_eq!(status, 200);
+    let successes = metric(&body, "ip_masq_agent_syncs_total{result=\"success\"}");
+    assert!(successes >= 3.0, "{body}");
+    assert_eq!(
+        metric(
+            &body,
+            "ip_masq_agent_config_reloads_total{result=\"success\"}"
+        ),
+        successes
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "ip_masq_agent_prefixes{family=\"ipv4\",backend=\"iptables\"}"
+        ),
+        3.0,
+        "{body}"
+    );
+    assert!(body.contains("ip_masq_agent_config{hash=\""), "{body}");
+    assert!(
+        metric(
+            &body,
+            "ip_masq_agent_last_successful_sync_timestamp_seconds"
+        ) > 1.7e9,
+        "{body}"
+    );
+    assert!(
+        metric(&body, "ip_masq_agent_sync_duration_seconds_count") >= successes,
+        "{body}"
+    );
+    assert_eq!(node.http_get(METRICS, "/healthz").0, 200);
+    assert_eq!(node.http_get(METRICS, "/readyz").0, 200);
+    assert_eq!(node.http_get(METRICS, "/nope").0, 404);
+
+    // Drift is counted.
+    node.sh(&["iptables-nft", "-t", "nat", "-F", "IP-MASQ-AGENT"]);
+    assert!(eventually(Duration::from_secs(3), || {
+        metric(
+            &node.http_get(METRICS, "/metrics").1,
+            "ip_masq_agent_drift_repairs_total",
+        ) >= 1.0
+    }));
+
+    // Someone else takes the chain over (only their rules in it, written in one
+    // transaction so no resync lands in between): the agent may not flush it, so every
+    // sync fails.
+    let mut restore = node
+        .command("iptables-nft-restore")
+        .arg("--noflush")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("iptables-nft-restore");
+    std::io::Write::write_all(
+        &mut restore.stdin.take().expect("stdin"),
+        b"*nat\n:IP-MASQ-AGENT - [0:0]\n-A IP-MASQ-AGENT -s 10.9.9.9 -j ACCEPT\nCOMMIT\n",
+    )
+    .expect("write");
+    assert!(restore.wait().expect("wait").success());
+    agent.wait_for_log("refusing to flush it", 1, Duration::from_secs(3));
+    assert!(eventually(Duration::from_secs(3), || {
+        metric(
+            &node.http_get(METRICS, "/metrics").1,
+            "ip_masq_agent_syncs_total{result=\"failure\"}",
+        ) >= 2.0
+    }));
+    // 3 x resyncInterval (600 ms) after the last success, liveness fails with the reason.
+    assert!(eventually(Duration::from_secs(5), || node
+        .http_get(METRICS, "/healthz")
+        .0
+        == 503));
+    let (_, reason) = node.http_get(METRICS, "/healthz");
+    assert!(
+        reason.contains("holds only rules the agent did not write (1, e.g."),
+        "{reason}"
+    );
+    assert_eq!(
+        node.http_get(METRICS, "/readyz").0,
+        200,
+        "ready stays true after the first sync"
+    );
+    assert!(agent.is_running());
+
+    // Giving the chain back brings health back.
+    node.sh(&["iptables-nft", "-t", "nat", "-F", "IP-MASQ-AGENT"]);
+    assert!(eventually(Duration::from_secs(5), || node
+        .http_get(METRICS, "/healthz")
+        .0
+        == 200));
+}
+
+#[test]
+fn readyz_waits_for_the_first_successful_sync() {
+    if !require_root() {
+        return;
+    }
+    let node = Netns::new("node");
+    node.sh(&["iptables-nft", "-t", "nat", "-N", "IP-MASQ-AGENT"]);
+    node.sh(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-A",
+        "IP-MASQ-AGENT",
+        "-j",
+        "ACCEPT",
+    ]);
+    let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
+    let path = volume.path();
+    let mut agent = AgentProcess::start(
+        &node,
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--iptables-mode=nft",
+            &format!("--metrics-address={METRICS}"),
+        ],
+    );
+    agent.wait_for_log("refusing to flush it", 1, Duration::from_secs(5));
+    let (status, body) = node.http_get(METRICS, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    node.sh(&["iptables-nft", "-t", "nat", "-F", "IP-MASQ-AGENT"]);
+    assert!(eventually(Duration::from_secs(5), || node
+        .http_get(METRICS, "/readyz")
+        .0
+        == 200));
+}
+
+#[test]
+fn json_logs_carry_level_time_message_and_fields() {
+    if !require_root() {
+        return;
+    }
+    let node = Netns::new("node");
+    let volume = ConfigMapVolume::new("");
+    let path = volume.path();
+    let mut agent = AgentProcess::start(
+        &node,
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--log-format=json",
+            "--metrics-address=",
+        ],
+    );
+    agent.wait_for_log("rules applied", 1, Duration::from_secs(5));
+    let line = agent
+        .log()
+        .lines()
+        .find(|l| l.contains("rules applied"))
+        .unwrap_or_default()
+        .to_string();
+    let event: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(event["level"], "INFO");
+    assert!(event["timestamp"].is_string());
+    assert_eq!(event["message"], "rules applied");
+    assert_eq!(event["prefixes"], 3);
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(agent_binary())
+        .args(args)
+        .output()
+        .expect("run agent binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_reports_warnings_and_errors_with_exit_codes() {
+    let dir = TempDir::new("check");
+    let good = dir.path.join("good");
+    std::fs::write(&good, "nonMasqueradeCIDR: [10.0.0.0/8]\n").unwrap();
+    let (code, out, _) = run(&["check", good.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("did you mean \"nonMasqueradeCIDRs\"?"),
+        "{out}"
+    );
+    let bad = dir.path.join("bad");
+    std::fs::write(&bad, "nonMasqueradeCIDRs:\n  - 10.0.0.1/8\n").unwrap();
+    let (code, _, err) = run(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "{}:2:5: nonMasqueradeCIDRs[0]: CIDR \"10.0.0.1/8\" is not aligned",
+            bad.display()
+        )),
+        "{err}"
+    );
+    let (code, out, _) = run(&["check", dir.path.join("missing").to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("the agent would use the defaults"), "{out}");
+}
+
+#[test]
+fn render_prints_each_backends_payload() {
+    let dir = TempDir::new("render");
+    let config = dir.path.join("config");
+    std::fs::write(&config, "nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16]\n").unwrap();
+    let c = format!("--config={}", config.display());
+    let (code, iptables, _) = run(&["render", &c]);
+    assert_eq!(code, 0);
+    assert!(
+        iptables.contains("*nat\n:IP-MASQ-AGENT - [0:0]\n"),
+        "{iptables}"
+    );
+    assert!(
+        iptables.contains("-A IP-MASQ-AGENT -d 10.1.0.0/16 "),
+        "{iptables}"
+    );
+    let (_, nft, _) = run(&["render", "--backend=nftables", &c]);
+    assert!(nft.contains("\t\t\t10.0.0.0/8,\n"), "overlap merged: {nft}");
+    assert!(!nft.contains("10.1.0.0/16"), "{nft}");
+    let (_, windows, _) = run(&["render", "--backend", "windows", &c]);
+    let list: Vec<String> = serde_json::from_str(&windows).expect("a JSON list");
+    assert_eq!(list, ["169.254.0.0/16", "10.0.0.0/8", "10.1.0.0/16"]);
+}
+
+#[test]
+fn windows_cni_round_trip_changes_only_the_list() {
+    let dir = TempDir::new("cni");
+    let config = dir.path.join("config");
+    std::fs::write(
+        &config,
+        "nonMasqueradeCIDRs: [10.0.0.0/8]\nmasqLinkLocal: true\n",
+    )
+    .unwrap();
+    for sample in ["win-bridge-v1.conf", "win-bridge-v2.conf"] {
+        let original = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data")
+                .join(sample),
+        )
+        .unwrap();
+        let conf = dir.path.join(sample);
+        std::fs::write(&conf, &original).unwrap();
+        let (code, out, err) = run(&[
+            "windows-cni",
+            "--cni-conf",
+            conf.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("exception list set to 10.0.0.0/8"), "{out}");
+        let rewritten = std::fs::read_to_string(&conf).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&rewritten).unwrap();
+        let policy = &parsed["policies"][0]["value"];
+        let list = if sample.contains("v2") {
+            &policy["Settings"]["Exceptions"]
+        } else {
+            &policy["ExceptionList"]
+        };
+        assert_eq!(list, &serde_json::json!(["10.0.0.0/8"]));
+        // Outside the list the file is byte-identical: splice the old list back in.
+        let start = original
+            .find(if sample.contains("v2") {
+                "\"Exceptions\": ["
+            } else {
+                "\"ExceptionList\": ["
+            })
+            .unwrap();
+        let old_end = original[start..].find(']').unwrap() + start + 1;
+        let new_end = rewritten[start..].find(']').unwrap() + start + 1;
+        assert_eq!(&rewritten[..start], &original[..start], "{sample}");
+        assert_eq!(&rewritten[new_end..], &original[old_end..], "{sample}");
+        let (_, again, _) = run(&[
+            "windows-cni",
+            "--cni-conf",
+            conf.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        assert!(again.contains("already up to date"), "{again}");
+    }
+}
+
+#[test]
+fn explain_agrees_with_packets() {
+    if !require_root() {
+        return;
+    }
+    let topology = Topology::new();
+    let config =
+        "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16, 'fd00:99::/32']\nmasqLinkLocal: true\n";
+    let volume = ConfigMapVolume::new(config);
+    let path = volume.path();
+    let mut agent = AgentProcess::start(
+        &topology.node,
+        &["--config", path.to_str().unwrap(), "--enable-ipv6"],
+    );
+    agent.wait_for_log("rules applied", 1, Duration::from_secs(10));
+    let mut args = vec![
+        "explain",
+        "--enable-ipv6",
+        "--config",
+        path.to_str().unwrap(),
+    ];
+    args.extend(REMOTE_DESTINATIONS);
+    let (code, out, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    for (destination, line) in REMOTE_DESTINATIONS.iter().zip(out.lines()) {
+        assert!(line.starts_with(&format!("{destination}: ")), "{line}");
+        let says_masqueraded = line.contains(": MASQUERADED");
+        assert_eq!(
+            topology.is_masqueraded(destination),
+            says_masqueraded,
+            "explain said: {line}"
+        );
+    }
+}
+
+#[test]
+fn status_reports_sync_and_drift() {
+    if !require_root() {
+        return;
+    }
+    let node = Netns::new("node");
+    let volume = ConfigMapVolume::new("resyncInterval: 1h\n");
+    let path = volume.path();
+    for backend in ["--backend=iptables", "--backend=nftables"] {
+        let mut agent = AgentProcess::start(
+            &node,
+            &[
+                "--config",
+                path.to_str().unwrap(),
+                backend,
+                "--iptables-mode=nft",
+            ],
+        );
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(10));
+        agent.terminate();
+        let status = |ns: &Netns| {
+            ns.output(&[
+                agent_binary().to_str().unwrap(),
+                "status",
+                "--config",
+                path.to_str().unwrap(),
+                backend,
+                "--iptables-mode=nft",
+            ])
+        };
+        let out = status(&node);
+        assert!(
+            out.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        if backend.ends_with("nftables") {
+            node.sh(&[
+                "nft",
+                "add element inet ip-masq-agent non-masq-v4 { 198.51.100.0/24 }",
+            ]);
+        } else {
+            node.sh(&["iptables-nft", "-t", "nat", "-D", "IP-MASQ-AGENT", "2"]);
+        }
+        let out = status(&node);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{backend}: {text}");
+        assert!(text.contains("out of sync"), "{text}");
+        assert!(
+            text.contains("198.51.100.0/24") || text.contains("- -A IP-MASQ-AGENT -d 10.0.0.0/8"),
+            "{backend}: {text}"
+        );
+    }
+}
