@@ -8,7 +8,7 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
 # No test may leave a namespace behind, even a failing one.
-leftover=$(ip netns list 2>/dev/null | grep -c '^ima-' || true)
+leftover=$(ip netns list 2>/dev/null | grep -cE '^ima-[0-9]+-' || true)
 if [ "$leftover" -ne 0 ]; then
   echo "FAIL: $leftover test namespace(s) left behind:" >&2
   ip netns list >&2
