@@ -260,6 +260,14 @@ impl Settings {
         }
     }
 
+    /// The entries of `watched_dir` whose changes mean the config may have changed.
+    pub fn watch_interest(&self) -> crate::watch::Interest {
+        match (&self.config_dir, self.config_path.file_name()) {
+            (Some(_), _) | (None, None) => crate::watch::Interest::Prefix("ip-masq"),
+            (None, Some(name)) => crate::watch::Interest::File(name.to_os_string()),
+        }
+    }
+
     /// The directory whose changes mean the config may have changed.
     pub fn watched_dir(&self) -> PathBuf {
         match &self.config_dir {

@@ -102,16 +102,17 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
 
     // Kept alive for the whole run; without a directory the resync timer is the backstop.
     let config_dir = settings.watched_dir();
-    let _watcher = match watch::watch_config_dir(&config_dir, sender_for_watch) {
-        Ok(watcher) => Some(watcher),
-        Err(err) => {
-            tracing::warn!(
-                "cannot watch {} ({err}); config changes are picked up every resyncInterval",
-                config_dir.display()
-            );
-            None
-        }
-    };
+    let _watcher =
+        match watch::watch_config_dir(&config_dir, settings.watch_interest(), sender_for_watch) {
+            Ok(watcher) => Some(watcher),
+            Err(err) => {
+                tracing::warn!(
+                    "cannot watch {} ({err}); config changes are picked up every resyncInterval",
+                    config_dir.display()
+                );
+                None
+            }
+        };
     let telemetry = Arc::new(Telemetry::new());
     if let Some(address) = settings.metrics_address {
         let bound = http::serve(address, telemetry.clone())?;

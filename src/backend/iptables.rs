@@ -396,6 +396,33 @@ pub fn plan_removal(saved_nat: &str, chain: &ChainName) -> Vec<String> {
     lines
 }
 
+/// A cheap look before spawning iptables-save: legacy nat tables are listed in
+/// /proc/net/ip(6)_tables_names, iptables-nft ones by `nft list tables`. True when unsure.
+fn may_hold_nat_table(flavour: Flavour, family: Family) -> bool {
+    match flavour {
+        Flavour::Legacy => {
+            let names = match family {
+                Family::V4 => "/proc/net/ip_tables_names",
+                Family::V6 => "/proc/net/ip6_tables_names",
+            };
+            // No file: the legacy module is not loaded, so no legacy table exists.
+            std::fs::read_to_string(names).is_ok_and(|tables| tables.lines().any(|t| t == "nat"))
+        }
+        Flavour::Nft => {
+            let table = match family {
+                Family::V4 => "table ip nat",
+                Family::V6 => "table ip6 nat",
+            };
+            if find_on_path("nft").is_none() {
+                return true;
+            }
+            Program::new("nft")
+                .run(&["list", "tables"], None)
+                .map_or(true, |tables| tables.lines().any(|t| t.trim() == table))
+        }
+    }
+}
+
 /// Removes the agent's chain and jumps from every iptables flavour and family present;
 /// returns where it removed something, e.g. `iptables-legacy`.
 pub fn remove_agent_rules(chain: &ChainName) -> anyhow::Result<Vec<String>> {
@@ -405,6 +432,9 @@ pub fn remove_agent_rules(chain: &ChainName) -> anyhow::Result<Vec<String>> {
             let Some(tools) = resolve_tools(family, flavour) else {
                 continue;
             };
+            if !may_hold_nat_table(flavour, family) {
+                continue;
+            }
             // Naming a legacy table makes the kernel create it, so legacy is read whole.
             let args: &[&str] = match flavour {
                 Flavour::Nft => &["-t", "nat"],

@@ -63,9 +63,11 @@ fn sweep_stale_namespaces() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
+        // Only names this harness makes (ima-<pid>-...), never other tools' ima-* names.
         let Some(pid) = name
             .strip_prefix("ima-")
             .and_then(|rest| rest.split('-').next())
+            .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
         else {
             continue;
         };
