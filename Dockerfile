@@ -4,8 +4,8 @@ RUN apk add --no-cache musl-dev
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-RUN cargo build --release --locked --bin ip-masq-agent \
- && strip target/release/ip-masq-agent
+# Rust on Alpine targets musl and links statically; the release profile strips.
+RUN cargo build --release --locked --bin ip-masq-agent
 
 FROM alpine:3.20
 # iptables: iptables-nft and xtables-nft-multi; iptables-legacy: the legacy flavour;
