@@ -16,7 +16,9 @@
 # Usage (root, from the project root): bench/sync_times.sh
 # Knobs: SIZES="64 1000 10000 50000" SETUPS="nftables iptables-nft iptables-legacy"
 #        REPS=3 (fresh namespaces = first-sync samples) CHANGES=3 (changed syncs per rep)
-#        NO_BUILD=1; AGENT=path (another build of the agent, e.g. to compare commits)
+#        NO_BUILD=1; AGENT=path (another build of the agent, e.g. to compare commits;
+#        AGENT=target/<host>/release/ip-masq-agent is the shipped static build of
+#        scripts/build-release.sh, built and reported as this tree like the default)
 #        QUIET_MAX=15 QUIET_WAIT=30 (wait up to QUIET_WAIT s per sync for CPUs <= QUIET_MAX % busy)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +41,10 @@ for tool in ip nft iptables-nft iptables-legacy; do
     command -v "$tool" >/dev/null || die "missing $tool (apt-get install iptables nftables iproute2)"
 done
 if [ -z "${NO_BUILD:-}" ]; then
-    cargo build --release --quiet --bin ip-masq-agent >&2
+    case $AGENT in
+    target/*-linux-*/release/ip-masq-agent) scripts/build-release.sh >/dev/null ;;
+    *) cargo build --release --quiet --bin ip-masq-agent >&2 ;;
+    esac
 fi
 [ -x "$AGENT" ] || die "build $AGENT first"
 
@@ -184,7 +189,10 @@ ERRORS=""
 started=$(date +%s)
 REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 [ -z "$(git status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ] || REV+="+uncommitted changes in src/Cargo"
-[ "$AGENT_GIVEN" = target/release/ip-masq-agent ] || REV="n/a (binary $AGENT_GIVEN)"
+case $AGENT_GIVEN in
+target/release/ip-masq-agent | target/*-linux-*/release/ip-masq-agent) ;;
+*) REV="n/a (binary $AGENT_GIVEN)" ;;
+esac
 n=0
 log "kernel $(uname -r), $(nproc) CPUs; setups: $SETUPS; sizes: $SIZES; $REPS reps x $CHANGES changes"
 for setup in $SETUPS; do
@@ -235,7 +243,7 @@ finished=$(date +%s)
 
 echo "### Sync time (ms, agent's elapsed_ms; median)"
 echo
-echo "Agent $("$AGENT" --version 2>&1 | head -1), tree $REV. Kernel $(uname -r), $(nproc) CPUs. First sync: median of $REPS fresh starts. Changed config:"
+echo "Agent $("$AGENT" --version 2>&1 | head -1) (\`$AGENT_GIVEN\`, $(stat -c %s "$AGENT") bytes), tree $REV. Kernel $(uname -r), $(nproc) CPUs. First sync: median of $REPS fresh starts. Changed config:"
 echo "median of $((REPS * CHANGES)) syncs (file rewritten with a disjoint list of the same size + SIGHUP)."
 echo
 header="| setup | sync |"

@@ -191,13 +191,7 @@ impl Agent {
                     let prefixes: Vec<(&'static str, usize)> = policy
                         .families
                         .iter()
-                        .map(|f| {
-                            let family = match f.family {
-                                crate::policy::Family::V4 => "ipv4",
-                                crate::policy::Family::V6 => "ipv6",
-                            };
-                            (family, f.non_masq.0.len())
-                        })
+                        .map(|f| (f.family.label(), f.non_masq.0.len()))
                         .collect();
                     self.telemetry.applied(
                         &config_hash(&format!("{config:?}")),

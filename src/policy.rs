@@ -20,6 +20,14 @@ pub enum Family {
 }
 
 impl Family {
+    /// The lower-case name nft (`meta nfproto`) and metrics labels use.
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
     pub fn of(net: &IpNet) -> Family {
         match net {
             IpNet::V4(_) => Family::V4,

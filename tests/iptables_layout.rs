@@ -1,6 +1,7 @@
 //! After the first sync the nat table holds exactly upstream v2.12.6's layout, in the
 //! iptables flavour kubelet uses; the other flavour is untouched.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;

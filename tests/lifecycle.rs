@@ -1,6 +1,7 @@
 //! Live reload, write-free resyncs, drift repair, hostile input, lock contention,
 //! failing tools and cleanup — each in namespaces the test creates.
 
+#[macro_use]
 mod common;
 
 use std::os::unix::fs::{PermissionsExt, symlink};
@@ -12,15 +13,6 @@ use common::*;
 use nix::sys::signal::Signal;
 
 const CHAIN: &str = "IP-MASQ-AGENT";
-
-fn start(ns: &Netns, volume: &ConfigMapVolume, extra: &[&str]) -> AgentProcess {
-    let path = volume.path();
-    let mut args = vec!["--config", path.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let mut agent = AgentProcess::start(ns, &args);
-    agent.wait_for_log("rules applied", 1, Duration::from_secs(10));
-    agent
-}
 
 fn our_lines(ns: &Netns) -> Vec<String> {
     chain_lines(&ns.save("iptables-nft-save"), CHAIN)
@@ -42,32 +34,13 @@ fn kernel_state(ns: &Netns, backend: &str) -> String {
     }
 }
 
-macro_rules! on_both_backends {
-    ($scenario:ident) => {
-        mod $scenario {
-            #[test]
-            fn iptables() {
-                if super::require_root() {
-                    super::$scenario("--backend=iptables");
-                }
-            }
-            #[test]
-            fn nftables() {
-                if super::require_root() {
-                    super::$scenario("--backend=nftables");
-                }
-            }
-        }
-    };
-}
-
 on_both_backends!(swap_applies_without_waiting_for_the_resync);
 on_both_backends!(idle_resyncs_write_nothing);
 
 fn swap_applies_without_waiting_for_the_resync(backend: &str) {
     let node = Netns::new("node");
     let mut volume = ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 1h\n");
-    let mut agent = start(&node, &volume, &[backend]);
+    let mut agent = start_synced(&node, &volume, &[backend]);
     volume.update("nonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.0/24]\nresyncInterval: 1h\n");
     // With a one-hour resync only the directory watch can explain the change.
     agent.wait_for_log("config changed; rules applied", 1, Duration::from_secs(5));
@@ -77,7 +50,7 @@ fn swap_applies_without_waiting_for_the_resync(backend: &str) {
 fn idle_resyncs_write_nothing(backend: &str) {
     let node = Netns::new("node");
     let volume = ConfigMapVolume::new("resyncInterval: 100ms\n");
-    let mut agent = start(&node, &volume, &[backend, "--iptables-mode=nft"]);
+    let mut agent = start_synced(&node, &volume, &[backend, "--iptables-mode=nft"]);
     let dir = TempDir::new("monitor");
     let out = dir.path.join("monitor.log");
     let mut monitor = MonitorGuard(
@@ -158,7 +131,7 @@ fn iptables_drift_is_repaired_at_the_next_resync() {
     }
     let node = Netns::new("node");
     let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
-    let mut agent = start(&node, &volume, &["--iptables-mode=nft"]);
+    let mut agent = start_synced(&node, &volume, &["--iptables-mode=nft"]);
     let good = our_lines(&node);
     let jump: Vec<String> = shell_words(&good[1]).into_iter().skip(2).collect();
     let drifts: Vec<Vec<String>> = vec![
@@ -228,7 +201,7 @@ fn nftables_drift_is_repaired_at_the_next_resync() {
     }
     let node = Netns::new("node");
     let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
-    let mut agent = start(&node, &volume, &["--backend=nftables"]);
+    let mut agent = start_synced(&node, &volume, &["--backend=nftables"]);
     let good = nft_table(&node).expect("table");
     for (i, drift) in [
         "delete table inet ip-masq-agent",
@@ -553,7 +526,7 @@ fn cleanup_removes_everything_the_agent_installs_and_nothing_else() {
         vec!["--iptables-mode=nft", "--enable-ipv6"],
         vec!["--iptables-mode=legacy", "--masq-chain=OLD-MASQ"],
     ] {
-        let mut agent = start(&node, &volume, &args);
+        let mut agent = start_synced(&node, &volume, &args);
         agent.terminate();
     }
     let rendered = node.sh(&[
@@ -613,7 +586,7 @@ fn cleanup_on_exit_removes_the_rules_on_sigterm() {
     }
     let node = Netns::new("node");
     let volume = ConfigMapVolume::new("");
-    let mut agent = start(
+    let mut agent = start_synced(
         &node,
         &volume,
         &["--cleanup-on-exit", "--iptables-mode=nft"],
@@ -630,7 +603,7 @@ fn a_renamed_chain_is_removed_at_start() {
     }
     let node = Netns::new("node");
     let volume = ConfigMapVolume::new("");
-    let mut agent = start(
+    let mut agent = start_synced(
         &node,
         &volume,
         &["--masq-chain=OLD-MASQ", "--iptables-mode=nft"],
@@ -640,7 +613,7 @@ fn a_renamed_chain_is_removed_at_start() {
         chain_lines(&node.save("iptables-nft-save"), "OLD-MASQ").len(),
         7
     );
-    let mut agent = start(&node, &volume, &["--iptables-mode=nft"]);
+    let mut agent = start_synced(&node, &volume, &["--iptables-mode=nft"]);
     agent.terminate();
     let saved = node.save("iptables-nft-save");
     assert!(chain_lines(&saved, "OLD-MASQ").is_empty(), "{saved}");

@@ -1,20 +1,12 @@
 //! The nftables backend in namespaces: the table it writes, switching between backends,
 //! atomic replacement under rapid config changes, and 50,000 prefixes.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn start(ns: &Netns, volume: &ConfigMapVolume, extra: &[&str]) -> AgentProcess {
-    let path = volume.path();
-    let mut args = vec!["--config", path.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let mut agent = AgentProcess::start(ns, &args);
-    agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
-    agent
-}
 
 fn agent_table(ns: &Netns) -> Option<String> {
     let out = ns.output(&["nft", "list", "table", "inet", "ip-masq-agent"]);
@@ -45,7 +37,7 @@ fn first_sync_lists_the_expected_table() {
     let volume = ConfigMapVolume::new(
         "nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16, 192.168.0.0/16, 10.0.0.0/8, 'fd00::/8']\n",
     );
-    let mut agent = start(
+    let mut agent = start_synced(
         &node,
         &volume,
         &[
@@ -113,7 +105,7 @@ fn switching_backends_leaves_exactly_one() {
         let node = Netns::new("node");
         let volume = ConfigMapVolume::new("");
         let mode = format!("--iptables-mode={flavour}");
-        let mut agent = start(
+        let mut agent = start_synced(
             &node,
             &volume,
             &["--backend=iptables", &mode, "--enable-ipv6"],
@@ -126,7 +118,7 @@ fn switching_backends_leaves_exactly_one() {
         );
         assert!(agent_table(&node).is_none());
 
-        let mut agent = start(&node, &volume, &["--backend=nftables", "--enable-ipv6"]);
+        let mut agent = start_synced(&node, &volume, &["--backend=nftables", "--enable-ipv6"]);
         agent.wait_for_log(
             "removed the iptables backend's rules",
             2,
@@ -140,7 +132,7 @@ fn switching_backends_leaves_exactly_one() {
             "{flavour}"
         );
 
-        let mut agent = start(
+        let mut agent = start_synced(
             &node,
             &volume,
             &["--backend=iptables", &mode, "--enable-ipv6"],
@@ -163,13 +155,13 @@ fn auto_picks_nftables_when_kube_proxy_runs_in_nftables_mode() {
     }
     let node = Netns::new("node");
     let volume = ConfigMapVolume::new("");
-    let mut agent = start(&node, &volume, &["--backend=auto"]);
+    let mut agent = start_synced(&node, &volume, &["--backend=auto"]);
     agent.terminate();
     assert!(agent_table(&node).is_none());
     assert_eq!(iptables_agent_lines(&node).len(), 7);
 
     node.sh(&["nft", "add table ip kube-proxy"]);
-    let mut agent = start(&node, &volume, &["--backend=auto"]);
+    let mut agent = start_synced(&node, &volume, &["--backend=auto"]);
     agent.terminate();
     assert!(agent_table(&node).is_some());
     assert!(iptables_agent_lines(&node).is_empty());
@@ -187,7 +179,7 @@ fn rapid_config_flips_are_atomic() {
     const A: &str = "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\nresyncInterval: 20ms\n";
     const B: &str = "nonMasqueradeCIDRs: [172.16.0.0/12, 10.0.0.0/8]\nresyncInterval: 20ms\n";
     let volume = ConfigMapVolume::new(A);
-    let mut agent = start(&topology.node, &volume, &["--backend=nftables"]);
+    let mut agent = start_synced(&topology.node, &volume, &["--backend=nftables"]);
     let path = volume.path();
     let flipper = Flipper::start(
         volume,
@@ -291,7 +283,7 @@ fn fifty_thousand_prefixes_load_and_decide() {
     }
     config.push_str("  - 10.99.0.0/16\n");
     let volume = ConfigMapVolume::new(&config);
-    let _agent = start(&topology.node, &volume, &["--backend=nftables"]);
+    let _agent = start_synced(&topology.node, &volume, &["--backend=nftables"]);
     let set = topology
         .node
         .sh(&["nft", "list", "set", "inet", "ip-masq-agent", "non-masq-v4"]);

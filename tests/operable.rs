@@ -1,6 +1,7 @@
 //! The operator's view: the HTTP endpoint against a running agent, the commands, and
 //! the deployment manifests.
 
+#[macro_use]
 mod common;
 
 use std::path::PathBuf;

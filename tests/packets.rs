@@ -1,6 +1,7 @@
 //! Packets from a pod namespace through the node namespace (where the agent runs) to a
 //! remote namespace that owns every destination: the remote records the source address.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -8,15 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const DUAL_STACK_CONFIG: &str = "nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 'fd00:99::/32']\nresyncInterval: 1s\n";
-
-fn start_agent(topology: &Topology, volume: &ConfigMapVolume, extra: &[&str]) -> AgentProcess {
-    let path = volume.path();
-    let mut args = vec!["--config", path.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let mut agent = AgentProcess::start(&topology.node, &args);
-    agent.wait_for_log("rules applied", 1, Duration::from_secs(10));
-    agent
-}
 
 fn assert_sources(topology: &Topology, cases: &[(&str, bool)]) {
     for (destination, masqueraded) in cases {
@@ -27,26 +19,6 @@ fn assert_sources(topology: &Topology, cases: &[(&str, bool)]) {
             if *masqueraded { "" } else { "not " }
         );
     }
-}
-
-/// Runs a scenario once per backend: the datapath must not depend on which one wrote it.
-macro_rules! on_both_backends {
-    ($scenario:ident) => {
-        mod $scenario {
-            #[test]
-            fn iptables() {
-                if super::require_root() {
-                    super::$scenario("--backend=iptables");
-                }
-            }
-            #[test]
-            fn nftables() {
-                if super::require_root() {
-                    super::$scenario("--backend=nftables");
-                }
-            }
-        }
-    };
 }
 
 on_both_backends!(ipv4_and_ipv6_sources_follow_the_config);
@@ -84,7 +56,7 @@ fn dual_stack_sources(backend: &str, prepare_node: impl Fn(&Netns)) {
         &[("203.0.113.10", false), ("2001:db8:99::10", false)],
     );
     let volume = ConfigMapVolume::new(DUAL_STACK_CONFIG);
-    let _agent = start_agent(&topology, &volume, &["--enable-ipv6", backend]);
+    let _agent = start_synced(&topology.node, &volume, &["--enable-ipv6", backend]);
     assert_sources(
         &topology,
         &[
@@ -103,8 +75,8 @@ fn dual_stack_sources(backend: &str, prepare_node: impl Fn(&Netns)) {
 fn masq_link_local_and_reserved_ranges_change_the_datapath(backend: &str) {
     let topology = Topology::new();
     let volume = ConfigMapVolume::new("masqLinkLocal: true\n");
-    let _agent = start_agent(
-        &topology,
+    let _agent = start_synced(
+        &topology.node,
         &volume,
         &["--nomasq-all-reserved-ranges", backend],
     );
@@ -122,7 +94,7 @@ fn masq_link_local_and_reserved_ranges_change_the_datapath(backend: &str) {
 fn configmap_swap_takes_effect_within_resync_interval(backend: &str) {
     let topology = Topology::new();
     let mut volume = ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 1s\n");
-    let _agent = start_agent(&topology, &volume, &[backend]);
+    let _agent = start_synced(&topology.node, &volume, &[backend]);
     assert_sources(&topology, &[("192.168.5.10", true), ("10.99.0.10", false)]);
 
     volume.update("nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\nresyncInterval: 1s\n");
@@ -150,7 +122,7 @@ fn configmap_swap_takes_effect_within_resync_interval(backend: &str) {
 fn broken_config_keeps_the_old_behaviour_and_the_agent_running(backend: &str) {
     let topology = Topology::new();
     let mut volume = ConfigMapVolume::new(DUAL_STACK_CONFIG);
-    let mut agent = start_agent(&topology, &volume, &["--enable-ipv6", backend]);
+    let mut agent = start_synced(&topology.node, &volume, &["--enable-ipv6", backend]);
     let good = [
         ("203.0.113.10", true),
         ("192.168.5.10", false),
@@ -237,7 +209,7 @@ fn foreign_rules_in_the_node_are_untouched_while_traffic_flows(backend: &str) {
     let foreign_before = node.sh(&["nft", "list", "table", "inet", "foreign"]);
 
     let volume = ConfigMapVolume::new("resyncInterval: 300ms\n");
-    let mut agent = start_agent(&topology, &volume, &[backend]);
+    let mut agent = start_synced(&topology.node, &volume, &[backend]);
     assert_sources(&topology, &[("203.0.113.10", true), ("10.99.0.10", false)]);
     agent.wait_for_log("rules resynced", 2, Duration::from_secs(5));
 

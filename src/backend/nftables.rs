@@ -212,12 +212,9 @@ pub fn render_transaction(policy: &Policy) -> String {
     // After kube-proxy's srcnat chains, as upstream's jump is appended after KUBE-POSTROUTING.
     out.push_str("\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat + 10; policy accept;\n\t\tfib daddr type local return\n");
     for family in &policy.families {
-        let nfproto = match family.family {
-            Family::V4 => "ipv4",
-            Family::V6 => "ipv6",
-        };
         out.push_str(&format!(
-            "\t\tmeta nfproto {nfproto} jump {}\n",
+            "\t\tmeta nfproto {} jump {}\n",
+            family.family.label(),
             chain_name(family.family)
         ));
     }

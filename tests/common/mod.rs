@@ -414,6 +414,38 @@ impl Drop for AgentProcess {
     }
 }
 
+/// Starts the agent on `volume`'s config with `extra` flags and waits for its first sync.
+pub fn start_synced(ns: &Netns, volume: &ConfigMapVolume, extra: &[&str]) -> AgentProcess {
+    let path = volume.path();
+    let mut args = vec!["--config", path.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    let mut agent = AgentProcess::start(ns, &args);
+    agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+    agent
+}
+
+/// Runs a scenario `fn name(backend_flag: &str)` once per backend, as `name::iptables`
+/// and `name::nftables`: behaviour must not depend on which backend wrote the rules.
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[test]
+            fn iptables() {
+                if super::require_root() {
+                    super::$scenario("--backend=iptables");
+                }
+            }
+            #[test]
+            fn nftables() {
+                if super::require_root() {
+                    super::$scenario("--backend=nftables");
+                }
+            }
+        }
+    };
+}
+
 /// Polls until `check` passes or `timeout` runs out; returns whether it passed.
 pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
