@@ -11,6 +11,21 @@ use common::*;
 
 const METRICS: &str = "127.0.0.1:9910";
 
+/// The agent on iptables-nft with the HTTP endpoint at `METRICS`, not waiting for a sync.
+fn start_with_endpoint(node: &Netns, volume: &ConfigMapVolume) -> AgentProcess {
+    let path = volume.path();
+    let metrics = format!("--metrics-address={METRICS}");
+    AgentProcess::start(
+        node,
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--iptables-mode=nft",
+            &metrics,
+        ],
+    )
+}
+
 fn metric(body: &str, name: &str) -> f64 {
     body.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
@@ -26,16 +41,7 @@ fn metrics_and_health_follow_syncs_that_succeed_then_keep_failing() {
     }
     let node = Netns::new("node");
     let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
-    let path = volume.path();
-    let mut agent = AgentProcess::start(
-        &node,
-        &[
-            "--config",
-            path.to_str().unwrap(),
-            "--iptables-mode=nft",
-            &format!("--metrics-address={METRICS}"),
-        ],
-    );
+    let mut agent = start_with_endpoint(&node, &volume);
     agent.wait_for_log("rules resynced", 2, Duration::from_secs(5));
 
     let (status, body) = node.http_get(METRICS, "/metrics");
@@ -146,16 +152,7 @@ fn readyz_waits_for_the_first_successful_sync() {
         "ACCEPT",
     ]);
     let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
-    let path = volume.path();
-    let mut agent = AgentProcess::start(
-        &node,
-        &[
-            "--config",
-            path.to_str().unwrap(),
-            "--iptables-mode=nft",
-            &format!("--metrics-address={METRICS}"),
-        ],
-    );
+    let mut agent = start_with_endpoint(&node, &volume);
     agent.wait_for_log("refusing to flush it", 1, Duration::from_secs(5));
     let (status, body) = node.http_get(METRICS, "/readyz");
     assert_eq!(status, 503, "{body}");
