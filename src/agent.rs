@@ -93,8 +93,10 @@ impl Agent {
                 self.telemetry.config_loaded(false);
                 self.report_config_error(&err.to_string());
                 // Last-known-good: keep the previous rules, and repair drift from them.
-                if let Some(applied) = self.applied.take() {
-                    let _ = self.apply(applied.config, applied.policy);
+                // Kept until a new good config replaces it, even when this re-apply fails.
+                if let Some(applied) = &self.applied {
+                    let (config, policy) = (applied.config.clone(), applied.policy.clone());
+                    let _ = self.apply(config, policy);
                 }
                 SyncOutcome::ConfigRejected
             }
@@ -415,6 +417,58 @@ mod tests {
         std::fs::write(&f.file, "resyncInterval: 1m\n").unwrap();
         f.agent.sync_once();
         assert_eq!(f.agent.next_wait(), Duration::from_secs(60));
+    }
+
+    /// Log lines written while `body` runs (this thread only).
+    fn logs_of(body: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, body);
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn regression_last_known_good_survives_a_failed_reapply() {
+        let mut f = fixture("lkg-fail");
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.1/8]\n").unwrap();
+        let logs = logs_of(|| {
+            assert_eq!(f.agent.sync_once(), SyncOutcome::ConfigRejected);
+            *f.fail.borrow_mut() = true;
+            assert_eq!(f.agent.sync_once(), SyncOutcome::ConfigRejected);
+            *f.fail.borrow_mut() = false;
+            // Before the fix the last good rules were forgotten here for good.
+            for _ in 0..3 {
+                assert_eq!(f.agent.sync_once(), SyncOutcome::ConfigRejected);
+            }
+        });
+        let synced = f.synced.borrow();
+        assert_eq!(
+            synced.len(),
+            5,
+            "the first apply, then 4 successful re-applies"
+        );
+        assert!(synced.iter().all(|p| prefixes(p) == ["10.0.0.0/8"]));
+        // Re-applying the same rules is not news.
+        assert!(!logs.contains("rules applied"), "{logs}");
     }
 
     #[test]

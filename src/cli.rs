@@ -28,6 +28,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// A positive Go duration, e.g. `30s`.
+fn positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    let parsed = crate::config::duration::parse_go_duration(text).map_err(|e| e.to_string())?;
+    match u64::try_from(parsed.0) {
+        Ok(nanos) if nanos > 0 => Ok(std::time::Duration::from_nanos(nanos)),
+        _ => Err(format!("{text:?} must be a positive duration such as 30s")),
+    }
+}
+
 fn metrics_address(text: &str) -> Result<String, String> {
     if text.is_empty() || text.parse::<std::net::SocketAddr>().is_ok() {
         Ok(text.to_string())
@@ -138,6 +147,11 @@ pub struct AgentArgs {
     /// Log the rules each sync would write instead of writing them.
     #[arg(long = "dry-run", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
     pub dry_run: bool,
+
+    /// How long one iptables/nft run may take before it is killed and the sync counts as
+    /// failed (never less than the xtables lock wait it is given).
+    #[arg(long = "tool-timeout", default_value = "30s", value_parser = positive_duration, global = true)]
+    pub tool_timeout: std::time::Duration,
 }
 
 /// klog's flags, accepted so existing manifests keep working; only `--v` has an effect.
@@ -249,6 +263,7 @@ pub struct Settings {
     pub dry_run: bool,
     /// None when the endpoint is disabled.
     pub metrics_address: Option<std::net::SocketAddr>,
+    pub tool_timeout: std::time::Duration,
 }
 
 impl Settings {
@@ -303,6 +318,7 @@ impl AgentArgs {
             cleanup_on_exit: self.cleanup_on_exit,
             dry_run: self.dry_run,
             metrics_address: self.metrics_address.parse().ok(),
+            tool_timeout: self.tool_timeout,
         }
     }
 }

@@ -67,6 +67,7 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
             ignored.join(" ")
         );
     }
+    backend::command::set_tool_timeout(settings.tool_timeout);
     let chosen = backend::build(
         settings.backend,
         &settings.chain,
@@ -83,6 +84,11 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
     let sender_for_watch = sender.clone();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
+    // Dry run never writes, not even the removal on exit.
+    let cleanup_on_exit = settings.cleanup_on_exit && !settings.dry_run;
+    if settings.cleanup_on_exit && settings.dry_run {
+        tracing::info!("dry run: --cleanup-on-exit will not remove anything");
+    }
     std::thread::Builder::new()
         .name("signals".into())
         .stack_size(64 * 1024)
@@ -93,6 +99,13 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
                     SIGINT => Event::Shutdown("SIGINT"),
                     _ => Event::Shutdown("SIGTERM"),
                 };
+                if let Event::Shutdown(why) = event {
+                    // A tool that hangs is killed now rather than at its deadline.
+                    backend::command::request_stop();
+                    if !cleanup_on_exit {
+                        exit_soon_whatever_happens(why);
+                    }
+                }
                 if sender.send(event).is_err() {
                     return;
                 }
@@ -114,18 +127,40 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
             }
         };
     let telemetry = Arc::new(Telemetry::new());
+    telemetry.set_sync_deadline(settings.tool_timeout);
     if let Some(address) = settings.metrics_address {
         let bound = http::serve(address, telemetry.clone())?;
         tracing::info!("serving /metrics, /healthz and /readyz on http://{bound}");
     }
-    let cleanup_on_exit = settings.cleanup_on_exit.then(|| settings.chain.clone());
+    let cleanup_chain = cleanup_on_exit.then(|| settings.chain.clone());
     Agent::new(settings, backend)
         .with_telemetry(telemetry)
         .run(&events);
-    if let Some(chain) = cleanup_on_exit {
+    if let Some(chain) = cleanup_chain {
+        // The one step that still runs tools after a stop was asked for.
+        backend::command::clear_stop();
         for place in backend::cleanup_everything(&chain).context("cleaning up on exit")? {
             tracing::info!("removed the agent's rules from {place}");
         }
     }
     Ok(())
+}
+
+/// How long the main loop gets to notice a SIGTERM before the process exits anyway.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(800);
+
+/// Leaves the rules in place and exits within a second of SIGTERM even if the loop is
+/// stuck somewhere no deadline reaches (a config read on a hung mount, say).
+fn exit_soon_whatever_happens(why: &'static str) {
+    let spawned = std::thread::Builder::new()
+        .name("exit-watchdog".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            std::thread::sleep(EXIT_GRACE);
+            tracing::warn!("{why}: the sync loop did not stop in {EXIT_GRACE:?}; exiting now, rules left in place");
+            std::process::exit(0);
+        });
+    if let Err(err) = spawned {
+        tracing::warn!("cannot start the exit watchdog: {err}");
+    }
 }

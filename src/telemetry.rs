@@ -39,6 +39,9 @@ pub enum SyncResult {
 #[derive(Debug)]
 struct Health {
     started: Instant,
+    /// How long one sync may legitimately take (its tools' deadline): part of the
+    /// liveness bound, so a slow but working sync is not called dead.
+    sync_deadline: Duration,
     last_attempt_ok: Option<bool>,
     last_success: Option<Instant>,
     last_error: Option<String>,
@@ -119,6 +122,7 @@ impl Telemetry {
             drift_repairs,
             health: Mutex::new(Health {
                 started: Instant::now(),
+                sync_deadline: Duration::ZERO,
                 last_attempt_ok: None,
                 last_success: None,
                 last_error: None,
@@ -135,6 +139,11 @@ impl Telemetry {
     pub fn config_loaded(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// The longest a sync may take before its tools are killed (`--tool-timeout`).
+    pub fn set_sync_deadline(&self, deadline: Duration) {
+        self.health().sync_deadline = deadline;
     }
 
     pub fn sync_finished(
@@ -199,25 +208,31 @@ impl Telemetry {
 
     /// Ok while the last sync succeeded or the last success is younger than three
     /// resync intervals (counted from start-up before the first success).
+    /// Healthy while a sync has succeeded within 3 x resyncInterval plus one sync's
+    /// deadline. The bound is measured from the last success, never from a sync
+    /// returning: a sync stuck in a hung tool turns this unhealthy on time.
     pub fn liveness(&self) -> Result<String, String> {
         let health = self.health();
-        if health.last_attempt_ok != Some(false) && health.last_success.is_some() {
-            return Ok("ok: the last sync succeeded\n".into());
-        }
         let since = health.last_success.unwrap_or(health.started);
-        let grace = health.resync_interval.saturating_mul(3);
+        let grace = health
+            .resync_interval
+            .saturating_mul(3)
+            .saturating_add(health.sync_deadline);
         let age = since.elapsed();
+        if age <= grace && health.last_attempt_ok == Some(true) {
+            return Ok(format!("ok: the last sync succeeded {age:.1?} ago\n"));
+        }
         let reason = health
             .last_error
             .as_deref()
             .unwrap_or("no sync has succeeded yet");
-        if age < grace {
+        if age <= grace {
             Ok(format!(
                 "ok: last success {age:.1?} ago (within {grace:?}); last attempt failed: {reason}\n"
             ))
         } else {
             Err(format!(
-                "unhealthy: no successful sync for {age:.1?} (more than 3 x resyncInterval = {grace:?}); last error: {reason}\n"
+                "unhealthy: no successful sync for {age:.1?} (more than 3 x resyncInterval + tool timeout = {grace:?}); last error: {reason}\n"
             ))
         }
     }

@@ -22,6 +22,8 @@ fn start_with_endpoint(node: &Netns, volume: &ConfigMapVolume) -> AgentProcess {
             path.to_str().unwrap(),
             "--iptables-mode=nft",
             &metrics,
+            // Liveness allows one sync's tool deadline beyond 3 x resyncInterval.
+            "--tool-timeout=1s",
         ],
     )
 }

@@ -1,15 +1,88 @@
-//! Running firewall tools: one place that spawns, feeds stdin, and turns a failure
-//! into an error that carries the tool's own words.
+//! Running firewall tools: one place that spawns, feeds stdin, enforces a deadline, and
+//! turns a failure into an error that carries the tool's own words.
+//!
+//! Every child gets a deadline: a hung `iptables-save` (iptables-nft 1.8.3 is known to
+//! loop) or `nft` must not stall the sync loop, and a SIGTERM must not wait for it.
+//! Children run in their own process group, so a deadline or a stop kills the tool and
+//! anything it started (a shell wrapper and its `sleep`, say) and every pipe closes.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
+/// The deadline for one tool run, in milliseconds (`--tool-timeout`).
+static TOOL_TIMEOUT_MS: AtomicU64 = AtomicU64::new(DEFAULT_TOOL_TIMEOUT.as_millis() as u64);
+/// Set on SIGTERM: running tools are killed and no new one starts until cleared.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// How long one tool may run before it is killed and the sync counts as failed.
+pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a tool that waits for the xtables lock gets beyond its wait: the wait itself
+/// must never be cut short by our deadline.
+const LOCK_WAIT_MARGIN: Duration = Duration::from_secs(2);
+/// How often a waiting run looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(20);
+/// After a kill, how long to wait for the pipes to close before giving up on them.
+const REAP_GRACE: Duration = Duration::from_secs(1);
 
 /// Processes started by this process so far (for sync reports and benchmarks).
 pub fn spawned_processes() -> u64 {
     SPAWNED.load(Ordering::Relaxed)
+}
+
+pub fn set_tool_timeout(timeout: Duration) {
+    let millis = u64::try_from(timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    TOOL_TIMEOUT_MS.store(millis, Ordering::Relaxed);
+}
+
+pub fn tool_timeout() -> Duration {
+    Duration::from_millis(TOOL_TIMEOUT_MS.load(Ordering::Relaxed))
+}
+
+/// Kills the running tool (if any) and refuses new ones: the process is exiting.
+pub fn request_stop() {
+    STOPPING.store(true, Ordering::SeqCst);
+}
+
+/// Lets tools run again after a stop, for the one deliberate step after it
+/// (`--cleanup-on-exit`).
+pub fn clear_stop() {
+    STOPPING.store(false, Ordering::SeqCst);
+}
+
+fn stopping() -> bool {
+    STOPPING.load(Ordering::SeqCst)
+}
+
+/// Why running a tool did not give its output.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("cannot run {command}: {source}")]
+    Missing {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error("{command} did not finish within {after:?}; killed")]
+    TimedOut { command: String, after: Duration },
+    #[error("{command} interrupted: the agent is stopping")]
+    Interrupted { command: String },
+    #[error("waiting for {command}: {source}")]
+    Wait {
+        command: String,
+        source: std::io::Error,
+    },
 }
 
 /// A program plus the arguments that always precede ours, e.g. `xtables-nft-multi iptables-save`.
@@ -17,6 +90,11 @@ pub fn spawned_processes() -> u64 {
 pub struct Program {
     pub path: String,
     pub leading_args: Vec<String>,
+}
+
+enum Piece {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
 }
 
 impl Program {
@@ -34,8 +112,35 @@ impl Program {
         words.join(" ")
     }
 
-    /// Runs to completion; stdout on success, an error quoting stderr otherwise.
-    pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<String> {
+    /// Runs to completion within the tool deadline; stdout on success, an error quoting
+    /// stderr otherwise.
+    pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<String, ToolError> {
+        self.run_within(args, stdin, tool_timeout())
+    }
+
+    /// Like `run`, for a tool told to wait up to `lock_wait` for the xtables lock: its
+    /// deadline is never shorter than that wait.
+    pub fn run_waiting_for_lock(
+        &self,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        lock_wait: Duration,
+    ) -> Result<String, ToolError> {
+        self.run_within(args, stdin, lock_deadline(tool_timeout(), lock_wait))
+    }
+
+    fn run_within(
+        &self,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        deadline_after: Duration,
+    ) -> Result<String, ToolError> {
+        let command_text = || self.display(args);
+        if stopping() {
+            return Err(ToolError::Interrupted {
+                command: command_text(),
+            });
+        }
         let mut command = Command::new(&self.path);
         command
             .args(&self.leading_args)
@@ -46,28 +151,161 @@ impl Program {
                 Stdio::null()
             })
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", self.display(args)))?;
+            .stderr(Stdio::piped())
+            // Its own group, so a kill reaches whatever the tool started too.
+            .process_group(0);
+        let mut child = command.spawn().map_err(|source| ToolError::Missing {
+            command: command_text(),
+            source,
+        })?;
         SPAWNED.fetch_add(1, Ordering::Relaxed);
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        let deadline = Instant::now() + deadline_after;
+        let (sender, pieces) = mpsc::channel();
+        let mut open_pipes = 0;
+        if let Some(pipe) = child.stdout.take() {
+            open_pipes += 1;
+            read_in_background(pipe, sender.clone(), Piece::Stdout);
+        }
+        if let Some(pipe) = child.stderr.take() {
+            open_pipes += 1;
+            read_in_background(pipe, sender.clone(), Piece::Stderr);
+        }
+        drop(sender);
+        if let (Some(input), Some(pipe)) = (stdin, child.stdin.take()) {
+            write_in_background(pipe, input.to_vec());
+        }
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        // The pipes close when the tool (and its group) exits: wait for that, in slices
+        // short enough to notice a stop.
+        while open_pipes > 0 {
+            if let Some(err) = self.interrupted(&mut child, deadline, deadline_after, args) {
+                return Err(err);
+            }
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(STOP_CHECK);
+            match pieces.recv_timeout(slice) {
+                Ok(Piece::Stdout(bytes)) => {
+                    stdout = bytes;
+                    open_pipes -= 1;
+                }
+                Ok(Piece::Stderr(bytes)) => {
+                    stderr = bytes;
+                    open_pipes -= 1;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // Pipes closed; the tool itself may still be exiting (or have closed them early).
+        let mut pause = Duration::from_micros(50);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(source) => {
+                    kill_group(&mut child);
+                    return Err(ToolError::Wait {
+                        command: command_text(),
+                        source,
+                    });
+                }
+            }
+            if let Some(err) = self.interrupted(&mut child, deadline, deadline_after, args) {
+                return Err(err);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(STOP_CHECK);
+        };
+        if !status.success() {
+            return Err(ToolError::Failed {
+                command: command_text(),
+                status,
+                stderr: String::from_utf8_lossy(&stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&stdout).into_owned())
+    }
+
+    /// Kills the tool's group when the deadline passed or the agent is stopping.
+    fn interrupted(
+        &self,
+        child: &mut Child,
+        deadline: Instant,
+        deadline_after: Duration,
+        args: &[&str],
+    ) -> Option<ToolError> {
+        let error = if stopping() {
+            ToolError::Interrupted {
+                command: self.display(args),
+            }
+        } else if Instant::now() >= deadline {
+            ToolError::TimedOut {
+                command: self.display(args),
+                after: deadline_after,
+            }
+        } else {
+            return None;
+        };
+        kill_group(child);
+        Some(error)
+    }
+}
+
+/// The deadline of a tool told to wait `lock_wait` for the xtables lock.
+fn lock_deadline(tool_timeout: Duration, lock_wait: Duration) -> Duration {
+    tool_timeout.max(lock_wait + LOCK_WAIT_MARGIN)
+}
+
+fn read_in_background<R: Read + Send + 'static>(
+    mut pipe: R,
+    sender: mpsc::Sender<Piece>,
+    wrap: fn(Vec<u8>) -> Piece,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("tool-output".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let mut bytes = Vec::new();
+            // A read error ends the output early; the exit status tells the rest.
+            let _ = pipe.read_to_end(&mut bytes);
+            let _ = sender.send(wrap(bytes));
+        });
+    if let Err(err) = spawned {
+        // Without a reader the tool blocks on a full pipe and meets its deadline.
+        tracing::warn!("cannot start a thread to read a tool's output: {err}");
+    }
+}
+
+fn write_in_background<W: Write + Send + 'static>(mut pipe: W, input: Vec<u8>) {
+    let spawned = std::thread::Builder::new()
+        .name("tool-input".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
             // A tool that exits early closes the pipe; its exit status says why.
-            let _ = pipe.write_all(input);
+            let _ = pipe.write_all(&input);
+        });
+    if let Err(err) = spawned {
+        tracing::warn!("cannot start a thread to feed a tool its input: {err}");
+    }
+}
+
+/// SIGKILL to the tool's whole process group, then reap the tool (bounded: a member that
+/// escaped the group may hold a pipe, but the tool itself is gone).
+fn kill_group(child: &mut Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) with a negative pid signals that process group; no memory is touched.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
         }
-        let output = child
-            .wait_with_output()
-            .map_err(|e| anyhow::anyhow!("waiting for {}: {e}", self.display(args)))?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            anyhow::bail!(
-                "{} failed ({}): {}",
-                self.display(args),
-                output.status,
-                stderr.trim()
-            );
+    }
+    let _ = child.kill();
+    let until = Instant::now() + REAP_GRACE;
+    while Instant::now() < until {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
         }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -84,4 +322,69 @@ fn is_executable(path: &std::path::Path) -> bool {
     std::fs::metadata(path)
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(script: &str) -> (Program, Vec<String>) {
+        (
+            Program::new("sh"),
+            vec!["-c".to_string(), script.to_string()],
+        )
+    }
+
+    fn run(script: &str, timeout: Duration) -> Result<String, ToolError> {
+        let (program, args) = shell(script);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        program.run_within(&args, None, timeout)
+    }
+
+    #[test]
+    fn output_and_failures_carry_the_tools_words() {
+        assert_eq!(
+            run("echo hello", Duration::from_secs(5)).unwrap(),
+            "hello\n"
+        );
+        let err = run("echo oops >&2; exit 3", Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(err, ToolError::Failed { .. }), "{err}");
+        assert!(err.to_string().contains("oops"), "{err}");
+    }
+
+    #[test]
+    fn regression_a_hung_tool_is_killed_at_its_deadline_with_its_children() {
+        let started = Instant::now();
+        // The shell's child `sleep` holds the output pipe: only a group kill frees it.
+        let err = run("sleep 30; echo late", Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(err, ToolError::TimedOut { .. }), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_large_input_and_output_do_not_deadlock() {
+        let (program, _) = shell("");
+        let input = vec![b'x'; 4 << 20];
+        let out = program
+            .run_within(&["-c", "cat"], Some(&input), Duration::from_secs(20))
+            .unwrap();
+        assert_eq!(out.len(), input.len());
+    }
+
+    #[test]
+    fn a_lock_wait_is_never_cut_short() {
+        let wait = Duration::from_secs(5);
+        assert_eq!(
+            lock_deadline(Duration::from_secs(1), wait),
+            wait + LOCK_WAIT_MARGIN
+        );
+        assert_eq!(
+            lock_deadline(Duration::from_secs(30), wait),
+            Duration::from_secs(30)
+        );
+    }
 }

@@ -15,8 +15,8 @@ pub const DEFAULT_CHAIN: &str = "IP-MASQ-AGENT";
 const NON_MASQ_COMMENT: &str = "ip-masq-agent: local traffic is not subject to MASQUERADE";
 const MASQ_COMMENT: &str =
     "ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)";
-/// Every comment the agent has ever written starts like this (older releases quoted it).
-const COMMENT_PREFIX: &str = "ip-masq-agent:";
+/// How long iptables-restore waits for the xtables lock (`-w`), as upstream passes it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A nat chain name iptables will accept and that cannot collide with a built-in.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,9 +117,11 @@ pub enum IptablesMode {
     Legacy,
 }
 
-const KUBELET_HINT_CHAINS: [&str; 2] = [":KUBE-IPTABLES-HINT ", ":KUBE-KUBELET-CANARY "];
+/// kubelet (1.17+) creates one of these chains in the mangle table of the flavour it uses.
+const KUBELET_HINT_CHAINS: [&str; 2] = [":KUBE-IPTABLES-HINT", ":KUBE-KUBELET-CANARY"];
 
-fn has_kubelet_hint(saved: &str) -> bool {
+/// kubernetes-sigs/iptables-wrappers' test: `^:(KUBE-IPTABLES-HINT|KUBE-KUBELET-CANARY)`.
+pub fn has_kubelet_hint(saved: &str) -> bool {
     saved.lines().any(|line| {
         KUBELET_HINT_CHAINS
             .iter()
@@ -127,26 +129,15 @@ fn has_kubelet_hint(saved: &str) -> bool {
     })
 }
 
-fn count_rules(saved: &str) -> usize {
-    saved.lines().filter(|line| line.starts_with('-')).count()
-}
-
-/// Kubernetes' iptables-wrapper rule: kubelet's hint chain decides, then the flavour
-/// holding more rules, then nft. Inputs are the concatenated iptables-save and
-/// ip6tables-save outputs (nft: mangle table only; legacy: all tables).
-pub fn choose_flavour(nft_saved: &str, legacy_saved: &str) -> Flavour {
-    if has_kubelet_hint(nft_saved) {
-        return Flavour::Nft;
-    }
-    if has_kubelet_hint(legacy_saved) {
-        return Flavour::Legacy;
-    }
-    if count_rules(legacy_saved) > count_rules(nft_saved) {
-        Flavour::Legacy
-    } else {
-        Flavour::Nft
-    }
-}
+/// The probes of kubernetes-sigs/iptables-wrappers' `DetectMode`, in its order: the first
+/// that shows kubelet's hint decides; none does, nft. There is no rule-count heuristic.
+pub const FLAVOUR_PROBES: [(Flavour, Family, &[&str]); 4] = [
+    (Flavour::Nft, Family::V4, &["-t", "mangle"]),
+    (Flavour::Nft, Family::V6, &["-t", "mangle"]),
+    // Naming a legacy table would make the kernel create it, so legacy is read whole.
+    (Flavour::Legacy, Family::V4, &[]),
+    (Flavour::Legacy, Family::V6, &[]),
+];
 
 /// The tools of one flavour and family.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,29 +178,24 @@ pub fn resolve_tools(family: Family, flavour: Flavour) -> Option<FamilyTools> {
     })
 }
 
-/// Reads the host's tables and applies the iptables-wrapper rule.
+/// Reads the host's tables and applies the iptables-wrapper rule. Like the wrapper, a
+/// probe that fails (tool missing, error, deadline) just moves on to the next.
 pub fn detect_flavour() -> Flavour {
-    let collect = |flavour: Flavour, args: &[&str]| -> Option<String> {
-        let mut text = String::new();
-        let mut any = false;
-        for family in [Family::V4, Family::V6] {
-            if let Some(save) = resolve_tool(family, flavour, "save")
-                && let Ok(out) = save.run(args, None)
-            {
-                text.push_str(&out);
-                any = true;
-            }
-        }
-        any.then_some(text)
-    };
-    // Naming a legacy table would make the kernel create it, so legacy is read whole.
-    let nft = collect(Flavour::Nft, &["-t", "mangle"]);
-    let legacy = collect(Flavour::Legacy, &[]);
-    match (nft, legacy) {
-        (Some(nft), Some(legacy)) => choose_flavour(&nft, &legacy),
-        (None, Some(_)) => Flavour::Legacy,
-        _ => Flavour::Nft,
-    }
+    detect_flavour_with(|flavour, family, args| {
+        resolve_tool(family, flavour, "save").and_then(|save| save.run(args, None).ok())
+    })
+}
+
+/// The wrapper's decision given a way to run each probe (None: the probe failed).
+pub fn detect_flavour_with(
+    mut probe: impl FnMut(Flavour, Family, &[&str]) -> Option<String>,
+) -> Flavour {
+    FLAVOUR_PROBES
+        .iter()
+        .find(|(flavour, family, args)| {
+            probe(*flavour, *family, args).is_some_and(|saved| has_kubelet_hint(&saved))
+        })
+        .map_or(Flavour::Nft, |(flavour, _, _)| *flavour)
 }
 
 /// `--random-fully` needs iptables 1.6.2 or newer (the same check kube-proxy makes).
@@ -225,10 +211,32 @@ pub fn supports_random_fully(version_output: &str) -> bool {
     (at(0), at(1), at(2)) >= (1, 6, 2)
 }
 
-fn jump_rule(chain: &ChainName) -> String {
+/// The POSTROUTING jump's comment for `chain`, as every release writes it.
+fn jump_comment(chain: &str) -> String {
     format!(
-        "-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain\" -m addrtype ! --dst-type LOCAL -j {chain}"
+        "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain"
     )
+}
+
+/// The jump's rule spec (after `-A POSTROUTING `) as iptables-save prints it.
+fn jump_spec(chain: &str) -> String {
+    format!(
+        "-m comment --comment \"{}\" -m addrtype ! --dst-type LOCAL -j {chain}",
+        jump_comment(chain)
+    )
+}
+
+/// The jump as v2.10.0-v2.12.1 wrote it: the comment itself held quote characters,
+/// which iptables-save prints escaped.
+fn quoted_jump_spec(chain: &str) -> String {
+    format!(
+        "-m comment --comment \"\\\"{}\\\"\" -m addrtype ! --dst-type LOCAL -j {chain}",
+        jump_comment(chain)
+    )
+}
+
+fn jump_rule(chain: &ChainName) -> String {
+    format!("-A POSTROUTING {}", jump_spec(chain.as_str()))
 }
 
 /// The chain's rules as `-A` lines, in the order iptables-save prints them.
@@ -268,12 +276,72 @@ pub fn render_chain_rules(
 }
 
 /// The chain a POSTROUTING rule spec (after `-A POSTROUTING `) jumps to, if some release
-/// of the agent wrote it: its comment starts with `ip-masq-agent:`, quoted literally or not.
+/// of the agent wrote exactly this rule for that chain (the v2.12.2+ comment or the quoted
+/// v2.10.0-v2.12.1 one). Anything else, however much it looks like ours, is not ours.
 fn agent_jump_target(spec: &str) -> Option<&str> {
-    let ours = spec.contains(&format!("--comment \"{COMMENT_PREFIX}"))
-        || spec.contains(&format!("--comment \"\\\"{COMMENT_PREFIX}"));
     let target = spec.rsplit_once(" -j ")?.1;
-    (ours && !target.contains(' ')).then_some(target)
+    if target.is_empty() || target.contains(' ') {
+        return None;
+    }
+    (spec == jump_spec(target) || spec == quoted_jump_spec(target)).then_some(target)
+}
+
+/// Splits an iptables-save line into its words: double quotes group, `\"` and `\\`
+/// inside them are literal characters (as iptables-save escapes a comment).
+pub fn saved_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut in_word = false;
+    let mut quoted = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => {
+                if let Some(next) = chars.next() {
+                    current.push(next);
+                }
+            }
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            ' ' if !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut current));
+                    in_word = false;
+                }
+            }
+            _ => {
+                current.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(current);
+    }
+    words
+}
+
+/// True when a rule of a chain (its iptables-save line) is exactly one the agent writes
+/// into its chain: a RETURN with the non-masquerade comment, or a MASQUERADE with the
+/// masquerade comment, each comment whole and alone.
+pub fn is_agent_chain_rule(line: &str) -> bool {
+    let words = saved_words(line);
+    let after = |flag: &str| -> Vec<&str> {
+        words
+            .windows(2)
+            .filter(|pair| pair[0] == flag)
+            .map(|pair| pair[1].as_str())
+            .collect()
+    };
+    match (after("--comment").as_slice(), after("-j").as_slice()) {
+        ([comment], [target]) => {
+            (*comment == NON_MASQ_COMMENT && *target == "RETURN")
+                || (*comment == MASQ_COMMENT && *target == "MASQUERADE")
+        }
+        _ => false,
+    }
 }
 
 fn is_agent_jump(spec: &str, chain: &ChainName) -> bool {
@@ -331,8 +399,18 @@ pub fn plan_stale_removal(saved_nat: &str, keep: Option<&ChainName>) -> Vec<Stri
     lines
 }
 
+/// Lines emptying and deleting `chain`, only when every rule in it is exactly one the
+/// agent writes: a chain holding anything else is never flushed, deleted or edited.
 fn plan_chain_removal(saved_nat: &str, chain: &str) -> Vec<String> {
     if !declares(saved_nat, chain) {
+        return Vec::new();
+    }
+    let own = format!("-A {chain} ");
+    let all_ours = saved_nat
+        .lines()
+        .filter(|line| line.starts_with(&own))
+        .all(is_agent_chain_rule);
+    if !all_ours {
         return Vec::new();
     }
     let mut lines = vec![format!("-F {chain}")];
@@ -456,7 +534,11 @@ pub fn remove_agent_rules(chain: &ChainName) -> anyhow::Result<Vec<String>> {
             let payload = render_restore_payload_lines(&lines);
             tools
                 .restore
-                .run(&["-w", "5", "--noflush"], Some(payload.as_bytes()))
+                .run_waiting_for_lock(
+                    &["-w", "5", "--noflush"],
+                    Some(payload.as_bytes()),
+                    LOCK_WAIT,
+                )
                 .with_context(|| {
                     format!(
                         "removing chain {chain} from {}-{flavour}",
@@ -479,37 +561,79 @@ fn render_restore_payload_lines(lines: &[String]) -> String {
     payload
 }
 
-/// A rule as iptables-save prints it back: the same text, except that probabilities
-/// are printed with 11 decimals.
-pub fn as_saved(rule: &str) -> String {
-    const KEY: &str = "--probability ";
-    let Some(at) = rule.find(KEY) else {
-        return rule.to_string();
-    };
-    let value_start = at + KEY.len();
-    let value_end = rule[value_start..]
-        .find(' ')
-        .map_or(rule.len(), |i| value_start + i);
-    match rule[value_start..value_end].parse::<f64>() {
-        Ok(p) => format!("{}{p:.11}{}", &rule[..value_start], &rule[value_end..]),
-        Err(_) => rule.to_string(),
+/// A rule line in one canonical form, so a rule we render and the same rule as
+/// iptables-save prints it back compare equal: the kernel keeps a probability as
+/// `round(p * 2^31)` (printed over 2^31 with 11 decimals), iptables-save leaves out
+/// `-d 0.0.0.0/0` and `-d ::/0`, and addresses are printed in one spelling.
+pub fn normalize_rule(line: &str) -> String {
+    if !line.starts_with("-A ") {
+        return line.to_string();
+    }
+    let words = saved_words(line);
+    let mut out: Vec<String> = Vec::with_capacity(words.len());
+    let mut i = 0;
+    while i < words.len() {
+        let word = words[i].as_str();
+        let value = words.get(i + 1).map(String::as_str);
+        match (word, value) {
+            ("-d" | "-s", Some(address)) => {
+                if let Some(net) = parse_net(address) {
+                    if net.prefix_len() > 0 {
+                        out.push(word.to_string());
+                        out.push(net.to_string());
+                    }
+                    i += 2;
+                    continue;
+                }
+            }
+            ("--probability", Some(text)) => {
+                if let Ok(p) = text.parse::<f64>() {
+                    const SCALE: f64 = 2_147_483_648.0; // 2^31
+                    let stored = (p * SCALE).round();
+                    out.push(word.to_string());
+                    out.push(format!("{:.11}", stored / SCALE));
+                    i += 2;
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        out.push(quote_word(word));
+        i += 1;
+    }
+    out.join(" ")
+}
+
+fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    text.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| {
+            text.parse::<std::net::IpAddr>()
+                .ok()
+                .map(ipnet::IpNet::from)
+        })
+        .map(|net| net.trunc())
+}
+
+fn quote_word(word: &str) -> String {
+    if word.is_empty() || word.contains([' ', '"', '\\']) {
+        format!("\"{}\"", word.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        word.to_string()
     }
 }
 
 /// The rules of `chain` when it belongs to someone else: it holds rules and none of them
-/// carries the agent's comment. A rule edited or inserted among the agent's own rules is
-/// drift, repaired by the next sync; a chain with only foreign rules is not the agent's
-/// to flush. Empty when the chain is the agent's (or empty, or missing).
+/// is exactly one the agent writes. A rule edited or inserted among the agent's own rules
+/// is drift, repaired by the next sync; a chain with only foreign rules is not the
+/// agent's to flush. Empty when the chain is the agent's (or empty, or missing).
 pub fn foreign_rules(saved_nat: &str, chain: &ChainName) -> Vec<String> {
     let prefix = format!("-A {chain} ");
     let rules: Vec<&str> = saved_nat
         .lines()
         .filter(|line| line.starts_with(&prefix))
         .collect();
-    let agent_wrote_some = rules.iter().any(|line| {
-        line.contains(&format!("--comment \"{COMMENT_PREFIX}"))
-            || line.contains(&format!("--comment \"\\\"{COMMENT_PREFIX}"))
-    });
+    let agent_wrote_some = rules.iter().any(|line| is_agent_chain_rule(line));
     if agent_wrote_some {
         return Vec::new();
     }
@@ -531,7 +655,7 @@ pub fn chain_matches(saved_nat: &str, chain: &ChainName, rules: &[String]) -> bo
         && current
             .iter()
             .zip(rules)
-            .all(|(now, want)| *now == as_saved(want))
+            .all(|(now, want)| normalize_rule(now) == normalize_rule(want))
 }
 
 /// The whole `iptables-restore --noflush` input for one family: declaring the chain
@@ -562,8 +686,6 @@ pub struct IptablesBackend {
     random_fully_supported: Option<bool>,
     v4: FamilyTools,
     v6: Option<FamilyTools>,
-    /// Whether the nftables backend's table has been looked for and removed.
-    nft_table_removed: bool,
 }
 
 impl IptablesBackend {
@@ -594,7 +716,6 @@ impl IptablesBackend {
             random_fully_supported: None,
             v4,
             v6,
-            nft_table_removed: false,
         })
     }
 
@@ -610,7 +731,6 @@ impl IptablesBackend {
             random_fully_supported: Some(true),
             v4: tools.clone(),
             v6: Some(tools),
-            nft_table_removed: true,
         }
     }
 
@@ -691,11 +811,14 @@ impl Backend for IptablesBackend {
                 .tools(family.family)
                 .with_context(|| format!("{} is not enabled", family.family))?;
             let saved = tools.save.run(&["-t", "nat"], None)?;
-            let mut expected = vec![format!(":{} - [0:0]", self.chain), jump_rule(&self.chain)];
+            let mut expected = vec![
+                format!(":{} - [0:0]", self.chain),
+                normalize_rule(&jump_rule(&self.chain)),
+            ];
             expected.extend(
                 render_chain_rules(&self.chain, family, &masquerade)
                     .iter()
-                    .map(|rule| as_saved(rule)),
+                    .map(|rule| normalize_rule(rule)),
             );
             let declared = format!(":{} ", self.chain);
             let actual: Vec<String> = saved
@@ -711,7 +834,7 @@ impl Backend for IptablesBackend {
                 // Packet counters in the declaration are not part of the rules.
                 .map(|line| match line.strip_prefix(&declared) {
                     Some(_) => format!(":{} - [0:0]", self.chain),
-                    None => line.to_string(),
+                    None => normalize_rule(line),
                 })
                 .collect();
             diff.extend(
@@ -757,21 +880,13 @@ impl Backend for IptablesBackend {
             let payload = render_restore_payload(&self.chain, &repairs, &rules);
             tools
                 .restore
-                .run(&["-w", "5", "--noflush"], Some(payload.as_bytes()))
+                .run_waiting_for_lock(
+                    &["-w", "5", "--noflush"],
+                    Some(payload.as_bytes()),
+                    LOCK_WAIT,
+                )
                 .with_context(|| format!("replacing the {} chain {}", family.family, self.chain))?;
             wrote = true;
-        }
-        // Only after our chain is in force, so traffic is never left unmasqueraded.
-        if !self.nft_table_removed {
-            if find_on_path("nft").is_some() {
-                match super::nftables::remove_table(&Program::new("nft")) {
-                    Ok(true) => tracing::info!("removed the nftables backend's table"),
-                    Ok(false) => {}
-                    // A host without nf_tables cannot hold that table either.
-                    Err(err) => tracing::debug!("not checking for the nftables table: {err:#}"),
-                }
-            }
-            self.nft_table_removed = true;
         }
         Ok(SyncReport {
             processes: spawned_processes() - started_with,

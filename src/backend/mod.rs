@@ -83,12 +83,98 @@ pub trait Backend {
 /// family and in nftables; returns where it removed something.
 pub fn cleanup_everything(chain: &iptables::ChainName) -> anyhow::Result<Vec<String>> {
     let mut removed = iptables::remove_agent_rules(chain)?;
-    if command::find_on_path("nft").is_some()
-        && nftables::remove_table(&command::Program::new("nft"))?
-    {
-        removed.push(format!("nft table inet {}", nftables::TABLE));
+    if let Some(place) = remove_nft_table()? {
+        removed.push(place);
     }
     Ok(removed)
+}
+
+/// Removes the nftables backend's table if present; where it removed it.
+fn remove_nft_table() -> anyhow::Result<Option<String>> {
+    if command::find_on_path("nft").is_none() {
+        // A host without nft cannot hold that table either.
+        return Ok(None);
+    }
+    let removed = nftables::remove_table(&command::Program::new("nft"))?;
+    Ok(removed.then(|| format!("nft table inet {}", nftables::TABLE)))
+}
+
+/// Which backend's leftovers a running backend removes once its own rules are in force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Leftovers {
+    /// The iptables backend's chain and jumps (every flavour and family).
+    Iptables(iptables::ChainName),
+    /// The nftables backend's table.
+    Nftables,
+}
+
+impl Leftovers {
+    fn remove(&self) -> anyhow::Result<Vec<String>> {
+        match self {
+            Leftovers::Iptables(chain) => iptables::remove_agent_rules(chain),
+            Leftovers::Nftables => Ok(remove_nft_table()?.into_iter().collect()),
+        }
+    }
+}
+
+/// A backend that, after each successful sync until one removal succeeds, removes the
+/// other backend's rules. Only after its own rules are in force, so traffic is never
+/// left unmasqueraded; and retried, because an old iptables chain left at srcnat runs
+/// before the nft table and keeps the old decisions.
+pub struct RemovingLeftovers {
+    inner: Box<dyn Backend>,
+    leftovers: Leftovers,
+    removed: bool,
+}
+
+impl RemovingLeftovers {
+    pub fn new(inner: Box<dyn Backend>, leftovers: Leftovers) -> RemovingLeftovers {
+        RemovingLeftovers {
+            inner,
+            leftovers,
+            removed: false,
+        }
+    }
+}
+
+impl Backend for RemovingLeftovers {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn render(&self, policy: &Policy) -> String {
+        self.inner.render(policy)
+    }
+
+    fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
+        let started_with = command::spawned_processes();
+        let mut report = self.inner.sync(policy)?;
+        if !self.removed {
+            let places = self.leftovers.remove().map_err(|err| {
+                err.context("removing the other backend's rules (retried at the next sync)")
+            })?;
+            for place in places {
+                match self.leftovers {
+                    Leftovers::Iptables(_) => {
+                        tracing::info!("removed the iptables backend's rules from {place}")
+                    }
+                    Leftovers::Nftables => tracing::info!("removed the nftables backend's table"),
+                }
+                report.wrote = true;
+            }
+            self.removed = true;
+            report.processes = command::spawned_processes() - started_with;
+        }
+        Ok(report)
+    }
+
+    fn diff(&mut self, policy: &Policy) -> anyhow::Result<Vec<String>> {
+        self.inner.diff(policy)
+    }
 }
 
 /// `-` for expected lines missing from `actual`, `+` for extra ones, in order.
@@ -123,16 +209,19 @@ pub fn build(
         chosen => chosen,
     };
     Ok(match choice {
-        BackendChoice::Nftables => Box::new(
-            nftables::NftablesBackend::new(chain.clone())
-                .context("setting up the nftables backend")?,
-        ),
+        BackendChoice::Nftables => Box::new(RemovingLeftovers::new(
+            Box::new(nftables::NftablesBackend::new().context("setting up the nftables backend")?),
+            Leftovers::Iptables(chain.clone()),
+        )),
         BackendChoice::Windows => anyhow::bail!(
             "--backend=windows only renders; the agent is Linux-only (use windows-cni on Windows nodes)"
         ),
-        BackendChoice::Iptables | BackendChoice::Auto => Box::new(
-            iptables::IptablesBackend::new(chain.clone(), mode, enable_ipv6)
-                .context("setting up the iptables backend")?,
-        ),
+        BackendChoice::Iptables | BackendChoice::Auto => Box::new(RemovingLeftovers::new(
+            Box::new(
+                iptables::IptablesBackend::new(chain.clone(), mode, enable_ipv6)
+                    .context("setting up the iptables backend")?,
+            ),
+            Leftovers::Nftables,
+        )),
     })
 }

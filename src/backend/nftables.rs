@@ -8,7 +8,6 @@ use anyhow::Context;
 use ipnet::IpNet;
 
 use super::command::{Program, find_on_path, spawned_processes};
-use super::iptables::{self, ChainName};
 use super::{Backend, SyncReport};
 use crate::policy::{Family, FamilyPolicy, Masquerade, Policy};
 
@@ -242,7 +241,10 @@ pub fn normalized_table(text: &str) -> Vec<String> {
             for element in body.trim_end_matches('}').split(',') {
                 let element = element.trim();
                 if !element.is_empty() {
-                    lines.push(format!("{container}: element {element}"));
+                    lines.push(format!(
+                        "{container}: element {}",
+                        normalize_element(element)
+                    ));
                 }
             }
             continue;
@@ -258,6 +260,16 @@ pub fn normalized_table(text: &str) -> Vec<String> {
         lines.push(format!("{container}: {line}"));
     }
     lines
+}
+
+/// A set element in one spelling: nft lists a `/32` or `/128` element as a bare address
+/// and prints addresses its own way, so both sides are parsed and printed again.
+fn normalize_element(element: &str) -> String {
+    element
+        .parse::<IpNet>()
+        .ok()
+        .or_else(|| element.parse::<IpAddr>().ok().map(IpNet::from))
+        .map_or_else(|| element.to_string(), |net| net.trunc().to_string())
 }
 
 /// The input that removes the agent's table, whether or not it exists.
@@ -282,7 +294,16 @@ pub fn lists_kube_proxy_table(tables: &str) -> bool {
 
 /// Removes the agent's nft table if it exists; returns whether it did.
 pub fn remove_table(nft: &Program) -> anyhow::Result<bool> {
-    let tables = nft.run(&["list", "tables"], None)?;
+    let tables = match nft.run(&["list", "tables"], None) {
+        Ok(tables) => tables,
+        // A kernel without nf_tables cannot hold the table either.
+        Err(super::command::ToolError::Failed { stderr, .. })
+            if stderr.contains("not supported") =>
+        {
+            return Ok(false);
+        }
+        Err(err) => return Err(err.into()),
+    };
     if !lists_agent_table(&tables) {
         return Ok(false);
     }
@@ -292,21 +313,16 @@ pub fn remove_table(nft: &Program) -> anyhow::Result<bool> {
 
 pub struct NftablesBackend {
     nft: Program,
-    /// The iptables chain a previous iptables-backend run may have left behind.
-    iptables_chain: ChainName,
-    iptables_removed: bool,
     /// The transaction of the last write: a different one is written without reading
     /// the kernel first.
     last_written: Option<String>,
 }
 
 impl NftablesBackend {
-    pub fn new(iptables_chain: ChainName) -> anyhow::Result<Self> {
+    pub fn new() -> anyhow::Result<Self> {
         find_on_path("nft").context("the nftables backend needs the nft binary on PATH")?;
         Ok(NftablesBackend {
             nft: Program::new("nft"),
-            iptables_chain,
-            iptables_removed: false,
             last_written: None,
         })
     }
@@ -314,8 +330,6 @@ impl NftablesBackend {
     pub fn for_rendering() -> Self {
         NftablesBackend {
             nft: Program::new("nft"),
-            iptables_chain: ChainName::default(),
-            iptables_removed: true,
             last_written: None,
         }
     }
@@ -379,15 +393,6 @@ impl Backend for NftablesBackend {
             .run(&["-f", "-"], Some(transaction.as_bytes()))
             .with_context(|| format!("replacing nft table inet {TABLE}"))?;
         self.last_written = Some(transaction);
-        // Only after our table is in force, so traffic is never left unmasqueraded.
-        if !self.iptables_removed {
-            let removed = iptables::remove_agent_rules(&self.iptables_chain)
-                .context("removing the iptables backend's rules")?;
-            for place in removed {
-                tracing::info!("removed the iptables backend's rules from {place}");
-            }
-            self.iptables_removed = true;
-        }
         Ok(SyncReport {
             processes: spawned_processes() - started_with,
             rules,

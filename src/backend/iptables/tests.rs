@@ -289,18 +289,62 @@ fn foreign_jumps_into_the_chain_are_left_alone() {
     assert!(plan_jump_repairs(&saved, &ChainName::default()).is_empty());
 }
 
+/// Runs `detect_flavour_with` over canned outputs per (flavour, family); returns the
+/// decision and the probes made, in order.
+fn detect(outputs: &[(Flavour, Family, Option<&str>)]) -> (Flavour, Vec<(Flavour, Family)>) {
+    let mut asked = Vec::new();
+    let flavour = detect_flavour_with(|flavour, family, args| {
+        asked.push((flavour, family));
+        // Naming a legacy table would make the kernel create it.
+        assert_eq!(args.is_empty(), flavour == Flavour::Legacy, "{args:?}");
+        outputs
+            .iter()
+            .find(|(f, fam, _)| *f == flavour && *fam == family)
+            .and_then(|(_, _, out)| out.map(str::to_string))
+    });
+    (flavour, asked)
+}
+
 #[test]
-fn flavour_follows_the_iptables_wrapper_rule() {
-    let hint = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n";
-    let canary = "*mangle\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n";
-    let busy = "*nat\n-A POSTROUTING -j A\n-A POSTROUTING -j B\nCOMMIT\n";
-    assert_eq!(choose_flavour(hint, busy), Flavour::Nft);
-    assert_eq!(choose_flavour("", hint), Flavour::Legacy);
-    assert_eq!(choose_flavour(busy, canary), Flavour::Legacy);
-    assert_eq!(choose_flavour(hint, hint), Flavour::Nft);
-    assert_eq!(choose_flavour("", busy), Flavour::Legacy);
-    assert_eq!(choose_flavour(busy, busy), Flavour::Nft);
-    assert_eq!(choose_flavour("", ""), Flavour::Nft);
+fn regression_flavour_follows_todays_iptables_wrapper_exactly() {
+    let hint = Some("*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n");
+    let canary = Some("*mangle\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n");
+    let busy =
+        Some("*nat\n-A POSTROUTING -j A\n-A POSTROUTING -j B\n-A POSTROUTING -j C\nCOMMIT\n");
+    use Family::{V4, V6};
+    use Flavour::{Legacy, Nft};
+    // The first probe that shows kubelet's chain decides, and nothing after it runs.
+    assert_eq!(
+        detect(&[(Nft, V4, hint), (Legacy, V4, canary)]),
+        (Nft, vec![(Nft, V4)])
+    );
+    assert_eq!(
+        detect(&[(Nft, V6, canary), (Legacy, V4, hint)]),
+        (Nft, vec![(Nft, V4), (Nft, V6)])
+    );
+    assert_eq!(
+        detect(&[(Nft, V4, busy), (Legacy, V4, canary)]),
+        (Legacy, vec![(Nft, V4), (Nft, V6), (Legacy, V4)])
+    );
+    assert_eq!(
+        detect(&[(Legacy, V6, hint)]),
+        (
+            Legacy,
+            vec![(Nft, V4), (Nft, V6), (Legacy, V4), (Legacy, V6)]
+        )
+    );
+    // No rule-count heuristic: many legacy rules and no hint anywhere is still nft.
+    assert_eq!(detect(&[(Legacy, V4, busy), (Legacy, V6, busy)]).0, Nft);
+    assert_eq!(detect(&[]).0, Nft);
+    // kubelet's chain name is matched at the start of the line, as the wrapper's regexp does.
+    assert_eq!(
+        detect(&[(Legacy, V4, Some("*mangle\n:KUBE-IPTABLES-HINTS - [0:0]\n"))]).0,
+        Legacy
+    );
+    assert_eq!(
+        detect(&[(Legacy, V4, Some("*mangle\n# :KUBE-IPTABLES-HINT\n"))]).0,
+        Nft
+    );
 }
 
 #[test]
@@ -317,7 +361,7 @@ fn random_fully_needs_iptables_1_6_2() {
 #[test]
 fn removal_deletes_every_agent_jump_then_the_chain() {
     let saved = format!(
-        "*nat\n:POSTROUTING ACCEPT [0:0]\n:IP-MASQ-AGENT - [0:0]\n-A POSTROUTING -j KUBE-POSTROUTING\n{OLD_QUOTED_JUMP}\n{JUMP}\n-A IP-MASQ-AGENT -j MASQUERADE\nCOMMIT\n"
+        "*nat\n:POSTROUTING ACCEPT [0:0]\n:IP-MASQ-AGENT - [0:0]\n-A POSTROUTING -j KUBE-POSTROUTING\n{OLD_QUOTED_JUMP}\n{JUMP}\n-A IP-MASQ-AGENT {MASQ}\nCOMMIT\n"
     );
     assert_eq!(
         plan_removal(&saved, &ChainName::default()),
@@ -340,7 +384,7 @@ fn removal_deletes_every_agent_jump_then_the_chain() {
 #[test]
 fn removal_keeps_a_chain_that_a_foreign_rule_still_uses() {
     let saved = format!(
-        "*nat\n:IP-MASQ-AGENT - [0:0]\n{JUMP}\n-A POSTROUTING -o eth9 -j IP-MASQ-AGENT\n-A IP-MASQ-AGENT -j MASQUERADE\nCOMMIT\n"
+        "*nat\n:IP-MASQ-AGENT - [0:0]\n{JUMP}\n-A POSTROUTING -o eth9 -j IP-MASQ-AGENT\n-A IP-MASQ-AGENT {MASQ}\nCOMMIT\n"
     );
     assert_eq!(
         plan_removal(&saved, &ChainName::default()),
@@ -355,7 +399,7 @@ fn removal_keeps_a_chain_that_a_foreign_rule_still_uses() {
 fn renamed_chain_and_its_jump_are_removed_but_the_current_one_kept() {
     let old = JUMP.replace("IP-MASQ-AGENT", "OLD-MASQ");
     let saved = format!(
-        "*nat\n:OLD-MASQ - [0:0]\n:IP-MASQ-AGENT - [0:0]\n{old}\n{JUMP}\n-A OLD-MASQ -j MASQUERADE\nCOMMIT\n"
+        "*nat\n:OLD-MASQ - [0:0]\n:IP-MASQ-AGENT - [0:0]\n{old}\n{JUMP}\n-A OLD-MASQ {MASQ}\nCOMMIT\n"
     );
     assert_eq!(
         plan_stale_removal(&saved, Some(&ChainName::default())),
@@ -380,17 +424,46 @@ fn nat_section_is_cut_from_a_whole_dump() {
 }
 
 #[test]
-fn saved_form_rounds_probabilities_like_iptables_save() {
-    let rule = "-A IP-MASQ-AGENT -p tcp -m statistic --mode random --probability 0.469292562840114 -j MASQUERADE --to-ports 1024-29999";
-    assert_eq!(
-        as_saved(rule),
-        "-A IP-MASQ-AGENT -p tcp -m statistic --mode random --probability 0.46929256284 -j MASQUERADE --to-ports 1024-29999"
+fn regression_to_ports_probability_compares_as_the_kernel_stores_it() {
+    // We pass 0.469292562840114; the kernel keeps round(p * 2^31) and iptables-save
+    // prints that over 2^31: 0.46929256292, not the 11-decimal rounding of p.
+    let rendered = "-A IP-MASQ-AGENT -p tcp -m statistic --mode random --probability 0.469292562840114 -j MASQUERADE --to-ports 1024-29999";
+    let saved = "-A IP-MASQ-AGENT -p tcp -m statistic --mode random --probability 0.46929256292 -j MASQUERADE --to-ports 1024-29999";
+    assert_eq!(normalize_rule(rendered), normalize_rule(saved));
+    assert_ne!(
+        normalize_rule(rendered),
+        normalize_rule(&saved.replace("0.46929256292", "0.46929256339"))
     );
     assert_eq!(
-        as_saved("-A X --probability 0.5"),
+        normalize_rule("-A X --probability 0.5"),
         "-A X --probability 0.50000000000"
     );
-    assert_eq!(as_saved(JUMP), JUMP);
+    assert_eq!(normalize_rule(JUMP), JUMP);
+    assert_eq!(normalize_rule(OLD_QUOTED_JUMP), OLD_QUOTED_JUMP);
+}
+
+#[test]
+fn regression_default_routes_compare_as_iptables_save_prints_them() {
+    // iptables-save leaves out `-d 0.0.0.0/0` and `-d ::/0`.
+    let keep_all_v4 = keep("0.0.0.0/0");
+    let printed_v4 = keep_all_v4.replace("-d 0.0.0.0/0 ", "");
+    assert_eq!(normalize_rule(&keep_all_v4), normalize_rule(&printed_v4));
+    let keep_all_v6 = keep("::/0");
+    let printed_v6 = keep_all_v6.replace("-d ::/0 ", "");
+    assert_eq!(normalize_rule(&keep_all_v6), normalize_rule(&printed_v6));
+    // Other spellings of one address compare equal too.
+    assert_eq!(
+        normalize_rule(&keep("2001:db8::/32")),
+        normalize_rule(&keep("2001:0db8:0:0::/32"))
+    );
+    assert_eq!(
+        normalize_rule(&keep("::102:304/128")),
+        normalize_rule(&keep("::1.2.3.4/128"))
+    );
+    assert_ne!(
+        normalize_rule(&keep("10.0.0.0/8")),
+        normalize_rule(&keep("10.0.0.0/9"))
+    );
 }
 
 #[test]
@@ -451,5 +524,106 @@ fn a_chain_is_foreign_only_when_no_rule_is_the_agents() {
     assert_eq!(
         foreign_rules(theirs, &chain),
         vec!["-A IP-MASQ-AGENT -s 10.9.9.9/32 -j ACCEPT"]
+    );
+}
+
+/// Neighbours that look like the agent's but are not exactly what a release writes.
+const HOSTILE_NEIGHBOURS: &str = "*nat
+:POSTROUTING ACCEPT [0:0]
+:KUBE-POSTROUTING - [0:0]
+:IP-MASQ-AGENT-2 - [0:0]
+:USER-CHAIN - [0:0]
+-A POSTROUTING -m comment --comment \"ip-masq-agent: also run kube rules\" -j KUBE-POSTROUTING
+-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain\" -m addrtype ! --dst-type LOCAL -j KUBE-POSTROUTING
+-A POSTROUTING -m comment --comment \"see: ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom USER-CHAIN chain\" -m addrtype ! --dst-type LOCAL -j USER-CHAIN
+-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT-2 chain\" -m addrtype ! --dst-type LOCAL -o eth0 -j IP-MASQ-AGENT-2
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MASQUERADE --random-fully
+-A IP-MASQ-AGENT-2 -m comment --comment \"ip-masq-agent: local traffic is not subject to MASQUERADE\" -j ACCEPT
+-A USER-CHAIN -m comment --comment \"ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain) and more\" -j MASQUERADE
+COMMIT
+";
+
+#[test]
+fn regression_ownership_is_exact_a_comment_prefix_is_not_ours() {
+    let chain = ChainName::default();
+    // Reproduced: this neighbour made one sync flush KUBE-POSTROUTING.
+    assert!(
+        plan_stale_removal(HOSTILE_NEIGHBOURS, Some(&chain)).is_empty(),
+        "{:#?}",
+        plan_stale_removal(HOSTILE_NEIGHBOURS, Some(&chain))
+    );
+    assert!(plan_stale_removal(HOSTILE_NEIGHBOURS, None).is_empty());
+    // Cleanup finds none of the agent's objects in it.
+    assert!(plan_removal(HOSTILE_NEIGHBOURS, &chain).is_empty());
+    // A sync only adds its own jump; no neighbour is deleted.
+    assert_eq!(
+        plan_jump_repairs(HOSTILE_NEIGHBOURS, &chain),
+        vec![JUMP.to_string()]
+    );
+    for chain in ["KUBE-POSTROUTING", "IP-MASQ-AGENT-2", "USER-CHAIN"] {
+        let chain: ChainName = chain.parse().unwrap();
+        assert!(
+            plan_removal(HOSTILE_NEIGHBOURS, &chain).is_empty(),
+            "{chain}"
+        );
+    }
+}
+
+#[test]
+fn regression_a_chain_is_removed_only_when_every_rule_is_the_agents() {
+    let old = JUMP.replace("IP-MASQ-AGENT", "OLD-MASQ");
+    let mixed = format!(
+        "*nat\n:OLD-MASQ - [0:0]\n{old}\n-A OLD-MASQ -d 10.0.0.0/8 {KEEP}\n-A OLD-MASQ -j ACCEPT\nCOMMIT\n"
+    );
+    // The jump is the agent's and goes; the chain holds a foreign rule and stays whole.
+    assert_eq!(
+        plan_stale_removal(&mixed, Some(&ChainName::default())),
+        vec![old.replacen("-A ", "-D ", 1)]
+    );
+    let ours = format!(
+        "*nat\n:OLD-MASQ - [0:0]\n{old}\n-A OLD-MASQ -d 10.0.0.0/8 {KEEP}\n-A OLD-MASQ {MASQ}\nCOMMIT\n"
+    );
+    assert_eq!(
+        plan_stale_removal(&ours, Some(&ChainName::default())),
+        vec![
+            old.replacen("-A ", "-D ", 1),
+            "-F OLD-MASQ".to_string(),
+            "-X OLD-MASQ".to_string()
+        ]
+    );
+    // Our comment on a rule with another target is not a rule the agent writes.
+    let retargeted = ours.replace(" -j MASQUERADE", " -j ACCEPT");
+    assert_eq!(
+        plan_stale_removal(&retargeted, Some(&ChainName::default())),
+        vec![old.replacen("-A ", "-D ", 1)]
+    );
+}
+
+#[test]
+fn agent_rules_are_recognised_exactly() {
+    assert!(is_agent_chain_rule(&keep("10.0.0.0/8")));
+    assert!(is_agent_chain_rule(&format!(
+        "-A IP-MASQ-AGENT {MASQ} --random-fully"
+    )));
+    assert!(!is_agent_chain_rule("-A IP-MASQ-AGENT -j RETURN"));
+    assert!(!is_agent_chain_rule(&format!(
+        "-A IP-MASQ-AGENT -m comment --comment \"x\" {KEEP}"
+    )));
+    assert!(!is_agent_chain_rule(
+        "-A IP-MASQ-AGENT -m comment --comment \"ip-masq-agent: local traffic\" -j RETURN"
+    ));
+    assert_eq!(
+        saved_words("-A X -m comment --comment \"\\\"a b\\\"\" -j Y"),
+        vec![
+            "-A",
+            "X",
+            "-m",
+            "comment",
+            "--comment",
+            "\"a b\"",
+            "-j",
+            "Y"
+        ]
     );
 }
