@@ -383,3 +383,214 @@ fn regression_backend_switch_cleanup_is_retried_until_it_succeeds() {
         agent.terminate();
     }
 }
+
+/// Neighbours that look like the agent's own objects but are not exactly what any
+/// release writes: a comment that only starts like ours, our exact jump comment on a
+/// jump to someone else's chain, our comment quoted inside a longer one, a chain named
+/// like ours with a suffix whose jump carries an extra match, our rule comments on other
+/// targets or with more text.
+const HOSTILE_NAT: &str = r#"*nat
+:KUBE-POSTROUTING - [0:0]
+:IP-MASQ-AGENT-2 - [0:0]
+:USER-CHAIN - [0:0]
+-A POSTROUTING -m comment --comment "ip-masq-agent: also run kube rules" -j KUBE-POSTROUTING
+-A POSTROUTING -m comment --comment "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain" -m addrtype ! --dst-type LOCAL -j KUBE-POSTROUTING
+-A POSTROUTING -m comment --comment "see: ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom USER-CHAIN chain" -m addrtype ! --dst-type LOCAL -j USER-CHAIN
+-A POSTROUTING -o eth0 -m comment --comment "ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT-2 chain" -m addrtype ! --dst-type LOCAL -j IP-MASQ-AGENT-2
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MASQUERADE --random-fully
+-A IP-MASQ-AGENT-2 -m comment --comment "ip-masq-agent: local traffic is not subject to MASQUERADE" -j ACCEPT
+-A USER-CHAIN -m comment --comment "ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain) and more" -j MASQUERADE
+COMMIT
+"#;
+
+/// Native nft tables named like the agent's, in other families or with a suffix.
+const HOSTILE_NFT: &str = "table ip ip-masq-agent {
+\tchain post {
+\t\ttype nat hook postrouting priority 50; policy accept;
+\t\tcounter
+\t}
+}
+table ip6 ip-masq-agent {
+\tchain post {
+\t\ttype nat hook postrouting priority 50; policy accept;
+\t\tcounter
+\t}
+}
+table inet ip-masq-agent-2 {
+\tset non-masq-v4 {
+\t\ttype ipv4_addr
+\t\tflags interval
+\t\telements = { 10.0.0.0/8 }
+\t}
+}
+";
+
+const AGENT_CHAINS: [&str; 2] = [CHAIN, "RENAMED"];
+
+/// A save dump without the agent's own objects (its chains, exactly its jumps) and
+/// without packet counters.
+fn without_agent(saved: &str) -> String {
+    let ours = |line: &str| {
+        AGENT_CHAINS.iter().any(|chain| {
+            line.starts_with(&format!(":{chain} "))
+                || line.starts_with(&format!("-A {chain} "))
+                || line == format!("-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom {chain} chain\" -m addrtype ! --dst-type LOCAL -j {chain}")
+        })
+    };
+    without_counters(
+        &saved
+            .lines()
+            .filter(|line| !line.starts_with('#') && !ours(line))
+            .map(|line| format!("{line}\n"))
+            .collect::<String>(),
+    )
+}
+
+fn feed(ns: &Netns, program: &[&str], input: &str) {
+    let mut child = ns
+        .command(program[0])
+        .args(&program[1..])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes())
+        .expect("write");
+    assert!(child.wait().expect("wait").success(), "{program:?}");
+}
+
+/// Everything but the agent's own objects, in every flavour, family and nft table.
+fn foreign_state(ns: &Netns) -> String {
+    let mut state = String::new();
+    for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
+        state.push_str(&without_agent(&ns.sh(&[tool, "-t", "nat"])));
+    }
+    for tool in ["iptables-legacy-save", "ip6tables-legacy-save"] {
+        state.push_str(&without_agent(&ns.sh(&[tool])));
+    }
+    for table in [
+        ["ip", "ip-masq-agent"],
+        ["ip6", "ip-masq-agent"],
+        ["inet", "ip-masq-agent-2"],
+    ] {
+        state.push_str(&ns.sh(&["nft", "list", "table", table[0], table[1]]));
+    }
+    state
+}
+
+/// Defect: a POSTROUTING rule whose comment merely started with `ip-masq-agent:` was
+/// taken for the agent's, deleted, and its target chain (KUBE-POSTROUTING) flushed.
+#[test]
+fn regression_hostile_neighbours_are_byte_identical_after_sync_switch_sweep_and_cleanup() {
+    if !require_root() {
+        return;
+    }
+    let node = Netns::new("node");
+    for restore in [
+        "iptables-nft-restore",
+        "ip6tables-nft-restore",
+        "iptables-legacy-restore",
+        "ip6tables-legacy-restore",
+    ] {
+        feed(&node, &[restore, "--noflush"], HOSTILE_NAT);
+    }
+    feed(&node, &["nft", "-f", "-"], HOSTILE_NFT);
+    let before = foreign_state(&node);
+    assert!(
+        before.contains("KUBE-POSTROUTING -j MASQUERADE"),
+        "{before}"
+    );
+    let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
+    let steps: [(&[&str], Option<&str>); 5] = [
+        (&["--iptables-mode=nft"], None),
+        (&["--iptables-mode=legacy", "--masq-chain=RENAMED"], None),
+        // The renamed chain is swept: it and its jump are the agent's, nothing else is.
+        (&["--iptables-mode=legacy"], None),
+        (
+            &["--backend=nftables"],
+            Some("removed the iptables backend's rules"),
+        ),
+        (
+            &["--iptables-mode=nft"],
+            Some("removed the nftables backend's table"),
+        ),
+    ];
+    for (flags, wait_for) in steps {
+        let mut args = vec!["--enable-ipv6"];
+        args.extend_from_slice(flags);
+        let mut agent = start_synced(&node, &volume, &args);
+        if let Some(text) = wait_for {
+            agent.wait_for_log(text, 1, Duration::from_secs(5));
+        }
+        // A few resyncs too.
+        agent.wait_for_log("rules resynced", 3, Duration::from_secs(5));
+        agent.terminate();
+        assert_eq!(foreign_state(&node), before, "after {flags:?}");
+    }
+    let out = agent_command(&node, &["cleanup"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(foreign_state(&node), before, "after cleanup");
+    let nat = node.save("iptables-nft-save");
+    assert!(
+        !nat.contains(":IP-MASQ-AGENT "),
+        "cleanup left the agent's chain: {nat}"
+    );
+}
+
+fn prefixes_config(second_octet_base: u32, count: u32) -> String {
+    let mut text = String::from("resyncInterval: 60s\ncidrLimit: 100000\nnonMasqueradeCIDRs:\n");
+    for i in 0..count {
+        text.push_str(&format!(
+            "- 10.{}.{}.0/24\n",
+            second_octet_base + i / 256,
+            i % 256
+        ));
+    }
+    text
+}
+
+/// SIGKILL of the agent while it writes a large change: the kernel holds the old set or
+/// the new one, never a mix, and a restarted agent converges.
+#[test]
+fn regression_sigkill_mid_write_leaves_old_or_new_rules() {
+    if !require_root() {
+        return;
+    }
+    let configs = TempDir::new("kill");
+    let old = configs.path.join("old");
+    let new = configs.path.join("new");
+    std::fs::write(&old, prefixes_config(0, 2000)).unwrap();
+    std::fs::write(&new, prefixes_config(100, 2000)).unwrap();
+    let (old, new) = (old.to_str().unwrap(), new.to_str().unwrap());
+    for flags in [
+        &["--iptables-mode=nft"][..],
+        &["--iptables-mode=legacy"],
+        &["--backend=nftables"],
+    ] {
+        let node = Netns::new("node");
+        let mut volume = ConfigMapVolume::new(&prefixes_config(0, 2000));
+        let mut current_is_new = false;
+        for delay_ms in [0u64, 3, 10, 25] {
+            let agent = start_synced(&node, &volume, flags);
+            current_is_new = !current_is_new;
+            volume.update(&prefixes_config(if current_is_new { 100 } else { 0 }, 2000));
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            agent.signal(nix::sys::signal::Signal::SIGKILL);
+            drop(agent);
+            // A tool the agent started may still be finishing its (atomic) write.
+            std::thread::sleep(Duration::from_millis(300));
+            let (is_old, is_new) = (in_sync(&node, old, flags), in_sync(&node, new, flags));
+            assert!(
+                is_old ^ is_new,
+                "{flags:?} killed {delay_ms} ms after the swap: old {is_old}, new {is_new}"
+            );
+        }
+        let agent = start_synced(&node, &volume, flags);
+        let current = if current_is_new { new } else { old };
+        assert!(
+            eventually(Duration::from_secs(5), || in_sync(&node, current, flags)),
+            "{flags:?}: a restarted agent did not converge"
+        );
+        drop(agent);
+    }
+}
