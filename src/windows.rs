@@ -3,8 +3,11 @@
 //! place, replacing only the list's bytes so every other field, the key order and the
 //! formatting stay exactly as they were.
 
+use std::collections::HashMap;
+use std::io::Write;
 use std::ops::Range;
-use std::path::Path;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
@@ -38,11 +41,24 @@ enum PathStep {
     Index(usize),
 }
 
-/// Records the span of every value in a JSON document.
+/// A key that appears twice in one object (compared ignoring ASCII case, as Go's
+/// encoding/json in the CNI plugin matches keys).
+#[derive(Debug)]
+struct DuplicateKey {
+    /// The path of the object holding both keys.
+    object: Vec<PathStep>,
+    key: String,
+    first_key: String,
+    first_at: usize,
+    again_at: usize,
+}
+
+/// Records the span of every value in a JSON document, and every duplicate key.
 struct Scanner<'a> {
     text: &'a [u8],
     at: usize,
     found: Vec<Located>,
+    duplicates: Vec<DuplicateKey>,
 }
 
 impl<'a> Scanner<'a> {
@@ -89,8 +105,24 @@ impl<'a> Scanner<'a> {
                 if self.text.get(self.at) == Some(&b'}') {
                     self.at += 1;
                 } else {
+                    // Lower-cased key -> (key as written, byte offset).
+                    let mut seen: HashMap<String, (String, usize)> = HashMap::new();
                     loop {
+                        self.skip_space();
+                        let key_at = self.at;
                         let key = self.string()?;
+                        match seen.get(&key.to_ascii_lowercase()) {
+                            Some((first_key, first_at)) => self.duplicates.push(DuplicateKey {
+                                object: path.clone(),
+                                key: key.clone(),
+                                first_key: first_key.clone(),
+                                first_at: *first_at,
+                                again_at: key_at,
+                            }),
+                            None => {
+                                seen.insert(key.to_ascii_lowercase(), (key.clone(), key_at));
+                            }
+                        }
                         self.expect(b':')?;
                         path.push(PathStep::Key(key));
                         self.value(path)?;
@@ -229,20 +261,97 @@ fn format_list(list: &[String], old: &str, text: &str, old_start: usize) -> Stri
     )
 }
 
+/// Whether the rewrite reads keys of the object at `path`: the top level, each plugin of
+/// a conflist, each policy, its `value` and the value's `Settings`. A duplicate key in one
+/// of them could make the plugin and this rewrite see different lists.
+fn is_read_by_the_rewrite(path: &[PathStep]) -> bool {
+    let is = |step: &PathStep, name: &str| matches!(step, PathStep::Key(key) if key.eq_ignore_ascii_case(name));
+    let in_conf = match path {
+        [plugins, PathStep::Index(_), rest @ ..] if is(plugins, "plugins") => rest,
+        _ => path,
+    };
+    match in_conf {
+        [] => true,
+        [policies, PathStep::Index(_), rest @ ..] if is(policies, "policies") => match rest {
+            [] => true,
+            [value] => is(value, "value"),
+            [value, settings] => is(value, "value") && is(settings, "Settings"),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// A path as the user would write it, e.g. `plugins[0].policies[1].value`.
+fn describe_path(path: &[PathStep]) -> String {
+    if path.is_empty() {
+        return "the top-level object".into();
+    }
+    let mut text = String::new();
+    for step in path {
+        match step {
+            PathStep::Key(key) if text.is_empty() => text.push_str(key),
+            PathStep::Key(key) => {
+                text.push('.');
+                text.push_str(key);
+            }
+            PathStep::Index(index) => text.push_str(&format!("[{index}]")),
+        }
+    }
+    text
+}
+
+/// "line L, column C (byte B)" for a byte offset, lines and columns from 1.
+fn describe_offset(text: &str, offset: usize) -> String {
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = offset
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1)
+        + 1;
+    format!("line {line}, column {column} (byte {offset})")
+}
+
 /// Returns the CNI config text with every OutBoundNAT exception list replaced by `list`.
 pub fn rewrite_exception_lists(text: &str, list: &[String]) -> anyhow::Result<String> {
     let document: serde_json::Value =
         serde_json::from_str(text).context("the CNI config is not valid JSON")?;
-    let wanted = exception_list_paths(&document);
-    if wanted.is_empty() {
-        bail!("no OutBoundNAT policy found (looked in policies[] and plugins[].policies[])");
-    }
     let mut scanner = Scanner {
         text: text.as_bytes(),
         at: 0,
         found: Vec::new(),
+        duplicates: Vec::new(),
     };
     scanner.value(&mut Vec::new())?;
+    // serde_json keeps the last of two equal keys, Go's encoding/json in the plugin
+    // matches keys ignoring case, and the byte spans below would find the first: the
+    // list edited could be one the plugin never reads, so such a file is refused.
+    if let Some(duplicate) = scanner
+        .duplicates
+        .iter()
+        .find(|d| is_read_by_the_rewrite(&d.object))
+    {
+        let first = if duplicate.first_key == duplicate.key {
+            String::new()
+        } else {
+            format!(" (as {:?})", duplicate.first_key)
+        };
+        bail!(
+            "duplicate key {:?} in {} at {}, first at {}{first}; \
+             JSON readers disagree on which one counts, so the file is left unchanged: \
+             remove one of them",
+            duplicate.key,
+            describe_path(&duplicate.object),
+            describe_offset(text, duplicate.again_at),
+            describe_offset(text, duplicate.first_at),
+        );
+    }
+    let wanted = exception_list_paths(&document);
+    if wanted.is_empty() {
+        bail!("no OutBoundNAT policy found (looked in policies[] and plugins[].policies[])");
+    }
     let mut edits: Vec<(Range<usize>, String)> = Vec::new();
     for (path, _v2) in &wanted {
         match scanner.found.iter().find(|l| &l.path == path) {
@@ -270,28 +379,113 @@ pub fn rewrite_exception_lists(text: &str, list: &[String]) -> anyhow::Result<St
     Ok(out)
 }
 
-/// Rewrites the file atomically: a temporary file beside it, then a rename.
+/// Rewrites the file's exception lists; returns whether anything changed. A symlink
+/// (or a chain of them, as kubelet's `..data` layout makes) is followed and the file it
+/// ends at is replaced, so the links stay as they are.
 pub fn rewrite_file(path: &Path, list: &[String]) -> anyhow::Result<bool> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    rewrite_file_checked(path, list, &|_| Ok(()))
+}
+
+/// `rewrite_file`, with `before_rename` run on the complete temporary file just before it
+/// replaces the target: the tests fail it there to check the clean-up.
+fn rewrite_file_checked(
+    path: &Path,
+    list: &[String],
+    before_rename: &dyn Fn(&Path) -> std::io::Result<()>,
+) -> anyhow::Result<bool> {
+    let target =
+        std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+    let metadata =
+        std::fs::metadata(&target).with_context(|| format!("reading {}", target.display()))?;
+    if !metadata.is_file() {
+        bail!("{} is not a regular file", target.display());
+    }
+    let text = std::fs::read_to_string(&target)
+        .with_context(|| format!("reading {}", target.display()))?;
     let updated = rewrite_exception_lists(&text, list)
         .with_context(|| format!("rewriting {}", path.display()))?;
     if updated == text {
         return Ok(false);
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = dir.join(format!(".{name}.ip-masq-agent.tmp"));
-    std::fs::write(&temporary, &updated)
-        .with_context(|| format!("writing {}", temporary.display()))?;
-    if let Ok(meta) = std::fs::metadata(path) {
-        let _ = std::fs::set_permissions(&temporary, meta.permissions());
-    }
-    std::fs::rename(&temporary, path).with_context(|| format!("replacing {}", path.display()))?;
+    replace_file(&target, updated.as_bytes(), &metadata, before_rename)?;
     Ok(true)
+}
+
+/// Replaces `target` (a resolved path) with `contents`, keeping its mode and owner: a
+/// temporary file beside it, fsynced, renamed over it, then the directory fsynced so the
+/// rename itself survives a crash. The temporary file is removed if anything fails.
+fn replace_file(
+    target: &Path,
+    contents: &[u8],
+    metadata: &std::fs::Metadata,
+    before_rename: &dyn Fn(&Path) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let name = target
+        .file_name()
+        .with_context(|| format!("{} has no file name", target.display()))?;
+    let temporary: PathBuf = dir.join(format!(".{}.ip-masq-agent.tmp", name.to_string_lossy()));
+    // A temporary file left by a crashed run is stale; create_new then refuses to follow
+    // anything planted at the name.
+    match std::fs::remove_file(&temporary) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing stale {}", temporary.display()));
+        }
+        _ => {}
+    }
+    let written = write_temporary(&temporary, contents, metadata)
+        .and_then(|()| {
+            before_rename(&temporary).with_context(|| format!("checking {}", temporary.display()))
+        })
+        .and_then(|()| {
+            std::fs::rename(&temporary, target)
+                .with_context(|| format!("replacing {}", target.display()))
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| {
+            format!(
+                "{} was replaced, but syncing {} failed: the change may not survive a crash",
+                target.display(),
+                dir.display()
+            )
+        })
+}
+
+/// Creates the temporary file with the target's contents, owner and mode, on disk.
+fn write_temporary(
+    temporary: &Path,
+    contents: &[u8],
+    metadata: &std::fs::Metadata,
+) -> anyhow::Result<()> {
+    let context = || format!("writing {}", temporary.display());
+    // Owner-only until the target's owner and mode are copied over.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(temporary)
+        .with_context(context)?;
+    file.write_all(contents).with_context(context)?;
+    // chown before chmod: chown clears the setuid and setgid bits.
+    std::os::unix::fs::fchown(&file, Some(metadata.uid()), Some(metadata.gid())).with_context(
+        || {
+            format!(
+                "giving {} the owner {}:{} of the file it replaces",
+                temporary.display(),
+                metadata.uid(),
+                metadata.gid()
+            )
+        },
+    )?;
+    file.set_permissions(metadata.permissions())
+        .with_context(context)?;
+    file.sync_all().with_context(context)?;
+    Ok(())
 }
 
 #[cfg(test)]
