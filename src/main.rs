@@ -115,8 +115,9 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
         };
     let telemetry = Arc::new(Telemetry::new());
     if let Some(address) = settings.metrics_address {
-        let bound = http::serve(address, telemetry.clone())?;
-        tracing::info!("serving /metrics, /healthz and /readyz on http://{bound}");
+        // No `?`: a taken port or a failing HTTP thread must not keep the rules from being
+        // written; serve logs such failures and retries the bind on its own thread.
+        http::serve(address, telemetry.clone());
     }
     let cleanup_on_exit = settings.cleanup_on_exit.then(|| settings.chain.clone());
     Agent::new(settings, backend)
