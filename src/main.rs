@@ -129,8 +129,9 @@ fn run_agent(cli: &Cli, settings: Settings) -> anyhow::Result<()> {
     let telemetry = Arc::new(Telemetry::new());
     telemetry.set_sync_deadline(settings.tool_timeout);
     if let Some(address) = settings.metrics_address {
-        let bound = http::serve(address, telemetry.clone())?;
-        tracing::info!("serving /metrics, /healthz and /readyz on http://{bound}");
+        // No `?`: a taken port or a failing HTTP thread must not keep the rules from being
+        // written; serve logs such failures and retries the bind on its own thread.
+        http::serve(address, telemetry.clone());
     }
     let cleanup_chain = cleanup_on_exit.then(|| settings.chain.clone());
     Agent::new(settings, backend)

@@ -46,6 +46,14 @@ struct Health {
     last_success: Option<Instant>,
     last_error: Option<String>,
     resync_interval: Duration,
+    /// Set when the HTTP endpoint could only be bound after failed attempts.
+    late_bind: Option<LateBind>,
+}
+
+#[derive(Debug)]
+struct LateBind {
+    failed_attempts: u64,
+    after_start: Duration,
 }
 
 pub struct Telemetry {
@@ -57,6 +65,9 @@ pub struct Telemetry {
     config_info: Family<ConfigLabels, Gauge>,
     prefixes: Family<PrefixLabels, Gauge>,
     drift_repairs: Counter,
+    http_endpoint_bound: Gauge,
+    http_bind_failures: Counter,
+    http_accept_errors: Counter,
     health: Mutex<Health>,
 }
 
@@ -76,6 +87,9 @@ impl Telemetry {
         let config_info = Family::<ConfigLabels, Gauge>::default();
         let prefixes = Family::<PrefixLabels, Gauge>::default();
         let drift_repairs = Counter::default();
+        let http_endpoint_bound = Gauge::default();
+        let http_bind_failures = Counter::default();
+        let http_accept_errors = Counter::default();
         registry.register(
             "syncs",
             "Syncs of the kernel's rules, by result",
@@ -111,6 +125,21 @@ impl Telemetry {
             "Syncs that found the kernel's rules out of step with an unchanged config",
             drift_repairs.clone(),
         );
+        registry.register(
+            "http_endpoint_bound",
+            "1 once this endpoint listens; 0 while its address cannot be bound (syncing goes on)",
+            http_endpoint_bound.clone(),
+        );
+        registry.register(
+            "http_bind_failures",
+            "Failed attempts to bind this endpoint's address (retried in the background)",
+            http_bind_failures.clone(),
+        );
+        registry.register(
+            "http_accept_errors",
+            "accept() errors on this endpoint (EMFILE, ENFILE, ENOBUFS, ...), each followed by a backoff",
+            http_accept_errors.clone(),
+        );
         Telemetry {
             registry,
             syncs,
@@ -120,6 +149,9 @@ impl Telemetry {
             config_info,
             prefixes,
             drift_repairs,
+            http_endpoint_bound,
+            http_bind_failures,
+            http_accept_errors,
             health: Mutex::new(Health {
                 started: Instant::now(),
                 sync_deadline: Duration::ZERO,
@@ -127,6 +159,7 @@ impl Telemetry {
                 last_success: None,
                 last_error: None,
                 resync_interval: Duration::from_secs(60),
+                late_bind: None,
             }),
         }
     }
@@ -181,6 +214,27 @@ impl Telemetry {
         self.drift_repairs.inc();
     }
 
+    pub fn http_bind_failed(&self) {
+        self.http_bind_failures.inc();
+    }
+
+    /// The endpoint listens now, after `failed_attempts` failed binds.
+    pub fn http_bound(&self, failed_attempts: u64) {
+        self.http_endpoint_bound.set(1);
+        if failed_attempts > 0 {
+            let mut health = self.health();
+            let after_start = health.started.elapsed();
+            health.late_bind = Some(LateBind {
+                failed_attempts,
+                after_start,
+            });
+        }
+    }
+
+    pub fn http_accept_failed(&self) {
+        self.http_accept_errors.inc();
+    }
+
     /// Records the applied config's hash and prefix counts.
     pub fn applied(&self, hash: &str, backend: &'static str, prefixes: &[(&'static str, usize)]) {
         self.config_info.clear();
@@ -206,13 +260,26 @@ impl Telemetry {
         out
     }
 
-    /// Ok while the last sync succeeded or the last success is younger than three
-    /// resync intervals (counted from start-up before the first success).
     /// Healthy while a sync has succeeded within 3 x resyncInterval plus one sync's
-    /// deadline. The bound is measured from the last success, never from a sync
-    /// returning: a sync stuck in a hung tool turns this unhealthy on time.
+    /// deadline (counted from start-up before the first success). The bound is measured
+    /// from the last success, never from a sync returning: a sync stuck in a hung tool
+    /// turns this unhealthy on time. A line about a late bind of the endpoint ends the
+    /// body either way.
     pub fn liveness(&self) -> Result<String, String> {
         let health = self.health();
+        let note = match &health.late_bind {
+            Some(late) => format!(
+                "note: this endpoint was bound {:.1?} after start-up, after {} failed attempt(s); syncing did not wait for it\n",
+                late.after_start, late.failed_attempts
+            ),
+            None => String::new(),
+        };
+        Self::sync_liveness(&health)
+            .map(|body| body + &note)
+            .map_err(|body| body + &note)
+    }
+
+    fn sync_liveness(health: &Health) -> Result<String, String> {
         let since = health.last_success.unwrap_or(health.started);
         let grace = health
             .resync_interval
@@ -313,6 +380,26 @@ mod tests {
             t.readiness().is_ok(),
             "ready stays true once the first sync is done"
         );
+    }
+
+    #[test]
+    fn a_late_bind_shows_in_metrics_and_healthz() {
+        let t = Telemetry::new();
+        assert!(t.encode().contains("ip_masq_agent_http_endpoint_bound 0\n"));
+        t.http_bind_failed();
+        t.http_bind_failed();
+        t.http_accept_failed();
+        t.http_bound(2);
+        let text = t.encode();
+        for line in [
+            "ip_masq_agent_http_endpoint_bound 1\n",
+            "ip_masq_agent_http_bind_failures_total 2\n",
+            "ip_masq_agent_http_accept_errors_total 1\n",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        let body = t.liveness().unwrap();
+        assert!(body.contains("after 2 failed attempt(s)"), "{body}");
     }
 
     #[test]

@@ -407,3 +407,253 @@ fn status_reports_sync_and_drift() {
         );
     }
 }
+
+/// A GET of `path` on `METRICS` that reports a down or busy endpoint as None instead of
+/// panicking; `timeout` bounds the connect and each read.
+fn try_get(node: &Netns, path: &str, timeout: Duration) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let path = path.to_string();
+    node.run_inside(move || {
+        let address: std::net::SocketAddr = METRICS.parse().ok()?;
+        let mut stream = std::net::TcpStream::connect_timeout(&address, timeout).ok()?;
+        stream.set_read_timeout(Some(timeout)).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {METRICS}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split(' ').nth(1)?.parse().ok()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        Some((status, body))
+    })
+}
+
+fn healthz_answers(node: &Netns) -> bool {
+    try_get(node, "/healthz", Duration::from_secs(1)).is_some_and(|(status, _)| status == 200)
+}
+
+/// `count` connections to `METRICS` that never send a byte, held until dropped.
+fn idle_connections(node: &Netns, count: usize) -> Vec<std::net::TcpStream> {
+    node.run_inside(move || {
+        let address: std::net::SocketAddr = METRICS.parse().expect("address");
+        (0..count)
+            .map(|_| {
+                std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
+                    .expect("connect (the kernel completes it even before accept)")
+            })
+            .collect()
+    })
+}
+
+fn lines_containing(log: &str, text: &str) -> usize {
+    log.lines().filter(|l| l.contains(text)).count()
+}
+
+/// User plus system CPU time of the whole process (all threads), from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the parenthesised command name start at field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let after_name = stat.rsplit_once(')').expect("comm").1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    let per_second = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(100.0);
+    ticks / per_second
+}
+
+/// Defect 5 of "Never break a node": a taken --metrics-address made the agent exit 1
+/// before its first sync, a crash loop with pods unmasqueraded.
+#[test]
+fn regression_metrics_port_taken_does_not_stop_syncing() {
+    if !require_root() {
+        return;
+    }
+    let node = Netns::new("node");
+    let squatter = node.tcp_listener(METRICS.parse().unwrap());
+    let volume = ConfigMapVolume::new("resyncInterval: 1s\n");
+    let mut agent = start_with_endpoint(&node, &volume);
+    agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+    let rules = chain_lines(&node.save("iptables-nft-save"), "IP-MASQ-AGENT");
+    assert!(
+        rules.iter().any(|l| l.starts_with("-A POSTROUTING")) && rules.len() >= 3,
+        "{rules:?}"
+    );
+    agent.wait_for_log(
+        "cannot serve /metrics, /healthz and /readyz on 127.0.0.1:9910",
+        1,
+        Duration::from_secs(5),
+    );
+    // A retry fails too, and syncing goes on meanwhile.
+    agent.wait_for_log(
+        "binding 127.0.0.1:9910 failed again",
+        1,
+        Duration::from_secs(5),
+    );
+    agent.wait_for_log("rules resynced", 1, Duration::from_secs(5));
+    assert!(agent.is_running());
+    assert_eq!(
+        lines_containing(&agent.log(), "cannot serve /metrics"),
+        1,
+        "the taken port is warned about once:\n{}",
+        agent.log()
+    );
+
+    drop(squatter);
+    assert!(
+        eventually(Duration::from_secs(15), || healthz_answers(&node)),
+        "the endpoint never bound after the port was freed:\n{}",
+        agent.log()
+    );
+    let (_, health) = try_get(&node, "/healthz", Duration::from_secs(2)).expect("/healthz");
+    assert!(health.starts_with("ok: "), "{health}");
+    assert!(
+        health.contains("this endpoint was bound") && health.contains("failed attempt(s)"),
+        "{health}"
+    );
+    let (status, metrics) = try_get(&node, "/metrics", Duration::from_secs(2)).expect("/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(&metrics, "ip_masq_agent_http_endpoint_bound"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "ip_masq_agent_http_bind_failures_total") >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "ip_masq_agent_syncs_total{result=\"success\"}") >= 2.0,
+        "{metrics}"
+    );
+    let log = agent.log();
+    let applied = log.find("rules applied").expect("applied");
+    let bound = log
+        .find("serving /metrics, /healthz and /readyz on http://127.0.0.1:9910 (bound after")
+        .expect("the late bind is logged");
+    assert!(applied < bound, "rules came first:\n{log}");
+    assert!(agent.is_running());
+}
+
+/// accept() failing with EMFILE used to be retried at once: a core spun and the log
+/// filled, and the connections took the descriptors the sync needs for its pipes.
+#[test]
+fn regression_accept_errors_back_off() {
+    if !require_root() {
+        return;
+    }
+    let node = Netns::new("node");
+    let volume = ConfigMapVolume::new("resyncInterval: 1s\n");
+    let mut agent = start_with_endpoint(&node, &volume);
+    agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+    assert!(eventually(Duration::from_secs(5), || healthz_answers(
+        &node
+    )));
+
+    // Leave the agent 8 free descriptor numbers (a limit counts numbers, and those in
+    // use above it stay open): connections take them, then accept() fails with EMFILE
+    // while more connections wait in the backlog.
+    let pid = agent.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count();
+    let limit = open + 8;
+    let prlimit = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .expect("run prlimit");
+    assert!(prlimit.success());
+    let clients = idle_connections(&node, 40);
+    agent.wait_for_log(
+        "accepting an HTTP connection failed",
+        1,
+        Duration::from_secs(5),
+    );
+
+    let resyncs_before = lines_containing(&agent.log(), "rules resynced");
+    let cpu_before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_millis(2500));
+    let cpu = cpu_seconds(pid) - cpu_before;
+    assert!(cpu < 0.5, "{cpu:.2} s of CPU in 2.5 s:\n{}", agent.log());
+    let log = agent.log();
+    let accept_lines = lines_containing(&log, "accept");
+    assert!(
+        accept_lines < 20,
+        "{accept_lines} lines about accept:\n{log}"
+    );
+    assert!(
+        lines_containing(&log, "rules resynced") >= resyncs_before + 2,
+        "syncing stopped while accept() failed:\n{log}"
+    );
+    assert!(agent.is_running());
+
+    drop(clients);
+    assert!(
+        eventually(Duration::from_secs(10), || healthz_answers(&node)),
+        "{}",
+        agent.log()
+    );
+    let (_, metrics) = try_get(&node, "/metrics", Duration::from_secs(2)).expect("/metrics");
+    assert!(
+        metric(&metrics, "ip_masq_agent_http_accept_errors_total") >= 1.0,
+        "{metrics}"
+    );
+    let resyncs = lines_containing(&agent.log(), "rules resynced");
+    agent.wait_for_log("rules resynced", resyncs + 1, Duration::from_secs(5));
+}
+
+/// More idle connections than the cap (64) must neither stop syncing nor keep the
+/// endpoint away for longer than the 10 s header read timeout.
+#[test]
+fn regression_connection_cap_keeps_health_reachable() {
+    if !require_root() {
+        return;
+    }
+    let node = Netns::new("node");
+    let volume = ConfigMapVolume::new("resyncInterval: 1s\n");
+    let mut agent = start_with_endpoint(&node, &volume);
+    agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+    assert!(eventually(Duration::from_secs(5), || healthz_answers(
+        &node
+    )));
+
+    let clients = idle_connections(&node, 80);
+    let resyncs_before = lines_containing(&agent.log(), "rules resynced");
+    // Beyond the cap a connection waits in the backlog rather than being served.
+    assert_eq!(try_get(&node, "/healthz", Duration::from_secs(1)), None);
+    // The idle ones are dropped at the header read timeout, so a probe gets through
+    // while they are still held open.
+    let (status, _) = try_get(&node, "/healthz", Duration::from_secs(20))
+        .expect("no answer although the idle connections timed out");
+    assert_eq!(status, 200);
+    assert!(
+        lines_containing(&agent.log(), "rules resynced") >= resyncs_before + 5,
+        "syncing stopped while the endpoint was saturated:\n{}",
+        agent.log()
+    );
+    assert!(agent.is_running());
+
+    drop(clients);
+    assert!(eventually(Duration::from_secs(5), || healthz_answers(
+        &node
+    )));
+}

@@ -776,3 +776,21 @@ pub fn pids_matching(needle: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+impl Netns {
+    /// Runs `work` on a thread inside this namespace: sockets it creates stay there.
+    pub fn run_inside<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+        let handle = self.handle();
+        std::thread::spawn(move || {
+            setns(&handle, CloneFlags::CLONE_NEWNET).expect("setns");
+            work()
+        })
+        .join()
+        .expect("thread inside the namespace")
+    }
+
+    /// A TCP listener bound inside this namespace, e.g. to hold a port.
+    pub fn tcp_listener(&self, bind: SocketAddr) -> std::net::TcpListener {
+        self.run_inside(move || std::net::TcpListener::bind(bind).expect("bind tcp"))
+    }
+}
