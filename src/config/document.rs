@@ -134,6 +134,9 @@ impl<'de> Visitor<'de> for ValueVisitor {
         while let Some(item) = seq.next_element::<Located>()? {
             items.push(item);
         }
+        // A growing Vec keeps room for at least four items; many one-item lists would
+        // otherwise cost four times their size.
+        items.shrink_to_fit();
         Ok(Value::List(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
@@ -141,6 +144,7 @@ impl<'de> Visitor<'de> for ValueVisitor {
         while let Some((key, value)) = map.next_entry::<Located, Located>()? {
             entries.push((key, value));
         }
+        entries.shrink_to_fit();
         Ok(Value::Map(entries))
     }
 }
@@ -152,13 +156,103 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// Most values (scalars, lists, mappings, each alias expansion counted again) one document
+/// may hold. The largest list in use is 50,000 CIDRs; each value costs about 100 bytes in the
+/// tree, so a hostile document is refused before the tree reaches about 10 MB.
+pub const MAX_DOCUMENT_VALUES: usize = 100_000;
+/// Most bytes of scalar text one document may hold, alias expansions counted again: twice
+/// what 50,000 IPv6 CIDRs need, and as much as the file itself may hold.
+pub const MAX_DOCUMENT_SCALAR_BYTES: usize = 4 * 1024 * 1024;
+/// Deepest nesting of lists and mappings: the config itself needs two levels; the bound keeps
+/// a `[[[[...` file from costing stack or memory.
+pub const MAX_DOCUMENT_DEPTH: usize = 32;
+/// Most anchors (`&name`) one document may define; each one keeps a copy of its events.
+const MAX_DOCUMENT_ANCHORS: usize = 1_000;
+/// Most events the anchors (`&name`) of one document may keep copies of, nested anchors
+/// counted again. A copy costs more than a value in the tree, and replaying an anchor
+/// more than half the value bound is refused by that bound anyway.
+const MAX_ANCHORED_EVENTS: usize = MAX_DOCUMENT_VALUES / 2;
+/// Deepest chain of aliases replaying aliases (`*c` -> `*b` -> `*a`).
+const MAX_ALIAS_NESTING: usize = 16;
+
 fn yaml_options() -> serde_saphyr::Options {
     let mut options = serde_saphyr::Options::default();
     // Keys are matched case-insensitively later, so every entry must reach us.
     options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::PassThrough;
-    // Kubernetes reads this file with a YAML 1.1 parser: yes/no/on/off are booleans.
+    // Kubernetes reads this file with a YAML 1.1 parser: yes/no/on/off are booleans
+    // and a leading zero makes an integer octal (`010` is 8).
     options.strict_booleans = false;
+    options.legacy_octal_numbers = true;
+    // A snippet needs an index of every line of the input, which costs more memory than
+    // the document itself for a file of short lines; the message carries line and column.
+    options.with_snippet = false;
+
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = MAX_DOCUMENT_VALUES;
+    budget.max_total_scalar_bytes = MAX_DOCUMENT_SCALAR_BYTES;
+    budget.max_depth = MAX_DOCUMENT_DEPTH;
+    budget.max_anchors = MAX_DOCUMENT_ANCHORS;
+    // What anchors keep, and what alias replay may produce, is bounded like the tree.
+    budget.max_recorded_anchor_events = MAX_ANCHORED_EVENTS;
+    budget.max_recorded_anchor_bytes = MAX_DOCUMENT_SCALAR_BYTES;
+    // The ratio check runs after the whole document was built, so it saves no memory
+    // (the bounds above do), and upstream accepts many aliases of one anchor.
+    budget.enforce_alias_anchor_ratio = false;
+    options.budget = Some(budget);
+
+    let mut alias_limits = serde_saphyr::options::AliasLimits::default();
+    alias_limits.max_total_replayed_events = MAX_DOCUMENT_VALUES;
+    alias_limits.max_replay_stack_depth = MAX_ALIAS_NESTING;
+    options.alias_limits = alias_limits;
     options
+}
+
+/// The error behind alias and snippet wrappers.
+fn original_error(mut err: &serde_saphyr::Error) -> &serde_saphyr::Error {
+    loop {
+        match err {
+            serde_saphyr::Error::AliasError { error, .. }
+            | serde_saphyr::Error::WithSnippet { error, .. } => err = error,
+            other => return other,
+        }
+    }
+}
+
+/// Why the document was refused for its size, in the agent's words; `None` for other errors.
+fn limit_message(err: &serde_saphyr::Error) -> Option<String> {
+    use serde_saphyr::budget::BudgetBreach;
+    let refused = "the agent refuses it to bound its memory";
+    let message = match original_error(err) {
+        serde_saphyr::Error::Budget { breach, .. } => match breach {
+            BudgetBreach::Nodes { .. } => format!(
+                "the document holds more than {MAX_DOCUMENT_VALUES} values (lists, mappings and scalars, each alias expansion counted again); {refused}"
+            ),
+            BudgetBreach::ScalarBytes { .. } => format!(
+                "the document holds more than {MAX_DOCUMENT_SCALAR_BYTES} bytes of text (each alias expansion counted again); {refused}"
+            ),
+            BudgetBreach::Depth { .. } => format!(
+                "lists and mappings are nested more than {MAX_DOCUMENT_DEPTH} deep; {refused}"
+            ),
+            BudgetBreach::Anchors { .. } => {
+                format!("the document defines more than {MAX_DOCUMENT_ANCHORS} anchors; {refused}")
+            }
+            BudgetBreach::RecordedAnchorEvents { .. }
+            | BudgetBreach::RecordedAnchorBytes { .. } => {
+                format!(
+                    "the anchors (&name) of the document hold more than {MAX_ANCHORED_EVENTS} values or {MAX_DOCUMENT_SCALAR_BYTES} bytes, nested anchors counted again; {refused}"
+                )
+            }
+            other => format!("the document exceeds a parser limit ({other:?}); {refused}"),
+        },
+        serde_saphyr::Error::AliasReplayLimitExceeded { .. } => {
+            format!("aliases (*name) expand to more than {MAX_DOCUMENT_VALUES} values; {refused}")
+        }
+        serde_saphyr::Error::AliasReplayStackDepthExceeded { .. } => format!(
+            "aliases (*name) replay aliases more than {MAX_ALIAS_NESTING} levels deep; {refused}"
+        ),
+        _ => return None,
+    };
+    Some(message)
 }
 
 fn saphyr_error(err: &serde_saphyr::Error) -> SyntaxError {
@@ -168,9 +262,11 @@ fn saphyr_error(err: &serde_saphyr::Error) -> SyntaxError {
             column: loc.column(),
         })
     });
-    let message = err.without_snippet().to_string();
-    // The message may repeat the location; keep the first line for a one-line log.
-    let message = message.lines().next().unwrap_or_default().to_string();
+    let message = limit_message(err).unwrap_or_else(|| {
+        let message = err.without_snippet().to_string();
+        // The message may repeat the location; keep the first line for a one-line log.
+        message.lines().next().unwrap_or_default().to_string()
+    });
     SyntaxError { position, message }
 }
 
@@ -199,9 +295,29 @@ pub fn parse_document(text: &str) -> Result<Option<Located>, SyntaxError> {
     if no_content {
         return Ok(None);
     }
-    let doc: Option<Located> =
-        serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| saphyr_error(&e))?;
-    Ok(doc.filter(|d| d.value != Value::Null))
+    // Go's yaml.Unmarshal reads the first document of the stream and never looks further,
+    // so a second document (or a trailing `---`) is not an error. serde-saphyr reports one
+    // only after the first document has been read, so keep that document when it does.
+    let mut first_document: Option<Option<Located>> = None;
+    let parsed =
+        serde_saphyr::with_deserializer_from_str_with_options(text, yaml_options(), |de| {
+            first_document = Some(Option::<Located>::deserialize(de)?);
+            Ok(())
+        });
+    let document = match (parsed, first_document) {
+        (Ok(()), Some(document)) => document,
+        (Err(err), Some(document))
+            if matches!(
+                original_error(&err),
+                serde_saphyr::Error::MultipleDocuments { .. }
+            ) =>
+        {
+            document
+        }
+        (Err(err), _) => return Err(saphyr_error(&err)),
+        (Ok(()), None) => None,
+    };
+    Ok(document.filter(|d| d.value != Value::Null))
 }
 
 #[cfg(test)]

@@ -19,8 +19,18 @@ use duration::parse_go_duration;
 /// Where the ConfigMap is mounted in upstream's manifests.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/config/ip-masq-agent";
 
-/// Files larger than this are refused before parsing: even 50,000 CIDRs fit in 2 MiB.
-pub const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+/// Files larger than this are refused before parsing. Even 50,000 IPv6 CIDRs fit in 2 MiB,
+/// and a ConfigMap holds at most 1 MiB. The whole file is in memory while it is parsed,
+/// and one scalar of it may be copied once more, so this bound is also what keeps a
+/// hostile file's cost (file + copy + the bounded tree) under the pod's memory limit.
+pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The shortest resync interval the agent honours: a shorter one is a busy loop of
+/// `iptables-save` runs (upstream spins on 0s); it is raised to this with a warning.
+pub const MIN_RESYNC_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Go's `int` on the platforms upstream ships for: cidrLimit cannot be larger.
+const GO_INT_MAX: i128 = i64::MAX as i128;
 
 const RFC1918: [&str; 3] = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"];
 const OTHER_RESERVED: [&str; 8] = [
@@ -284,22 +294,26 @@ pub fn parse_settings(
     };
 
     let mut cidrs_node: Option<(Vec<Located>, Option<Position>)> = None;
-    for (key_node, value) in entries {
+    for (key_node, mut value) in entries {
         let key_text = match &key_node.value {
             Value::Str(s) => s.clone(),
             other => other.describe(),
         };
         let Some(key) = match_key(&key_text) else {
-            let place = key_node
-                .position
-                .map(|p| format!("{}:{p}: ", file.display()))
-                .unwrap_or_else(|| format!("{}: ", file.display()));
             warnings.push(format!(
-                "{place}unknown key {key_text:?} is ignored; did you mean {:?}?",
+                "{}unknown key {key_text:?} is ignored; did you mean {:?}?",
+                place_of(file, key_node.position),
                 closest_key(&key_text)
             ));
             continue;
         };
+        if key == "nonMasqueradeCIDRs"
+            && let Value::List(items) = &mut value.value
+        {
+            // Taken, not copied: a list near the value bound is most of the tree.
+            cidrs_node = Some((std::mem::take(items), value.position));
+            continue;
+        }
         let type_error = |expected: &str| {
             error(
                 value.position,
@@ -314,23 +328,33 @@ pub fn parse_settings(
         // As in Go's encoding/json, null leaves a scalar untouched and empties a list.
         match (key, &value.value) {
             ("nonMasqueradeCIDRs", Value::Null) => cidrs_node = Some((Vec::new(), value.position)),
-            ("nonMasqueradeCIDRs", Value::List(items)) => {
-                cidrs_node = Some((items.clone(), value.position));
-            }
             ("nonMasqueradeCIDRs", _) => {
                 return Err(type_error(
                     "a list of CIDR strings such as [\"10.0.0.0/8\"]",
                 ));
             }
+            // Upstream's Duration.UnmarshalJSON receives `null` and rejects it.
+            ("resyncInterval", Value::Null) => {
+                return Err(error(
+                    value.position,
+                    Some(key),
+                    "expected a duration string such as \"60s\" or \"1m30s\", got null; upstream rejects null too (remove the key to keep the default 60s)".into(),
+                ));
+            }
             (_, Value::Null) => {}
             ("cidrLimit", Value::Int(n)) => {
-                settings.cidr_limit = Some(usize::try_from(*n).map_err(|_| {
-                    error(
-                        value.position,
-                        Some(key),
-                        format!("must be a whole number from 0 up, got {n}"),
-                    )
-                })?);
+                settings.cidr_limit = Some(
+                    cidr_limit(*n).map_err(|problem| error(value.position, Some(key), problem))?,
+                );
+            }
+            // A YAML 1.1 float such as `1e3` reaches upstream's int as JSON `1000`: a whole
+            // float is a whole number there.
+            ("cidrLimit", Value::Float(f)) if f.is_finite() && f.fract() == 0.0 => {
+                let whole = *f as i128;
+                settings.cidr_limit = Some(
+                    cidr_limit(whole)
+                        .map_err(|problem| error(value.position, Some(key), problem))?,
+                );
             }
             ("cidrLimit", _) => return Err(type_error("a whole number")),
             ("masqLinkLocal", Value::Bool(b)) => settings.masq_link_local = Some(*b),
@@ -350,7 +374,17 @@ pub fn parse_settings(
                         ),
                     ));
                 }
-                settings.resync_interval = Some(Duration::from_nanos(parsed.0.unsigned_abs()));
+                let mut interval = Duration::from_nanos(parsed.0.unsigned_abs());
+                if interval < MIN_RESYNC_INTERVAL {
+                    warnings.push(format!(
+                        "{}resyncInterval {text:?} is shorter than {}ms; using {}ms (a shorter interval is a busy loop)",
+                        place_of(file, value.position),
+                        MIN_RESYNC_INTERVAL.as_millis(),
+                        MIN_RESYNC_INTERVAL.as_millis(),
+                    ));
+                    interval = MIN_RESYNC_INTERVAL;
+                }
+                settings.resync_interval = Some(interval);
             }
             ("resyncInterval", _) => {
                 return Err(type_error("a duration string such as \"60s\" or \"1m30s\""));
@@ -388,6 +422,24 @@ pub fn parse_settings(
         settings.non_masquerade_cidrs = Some(cidrs);
     }
     Ok((settings, warnings))
+}
+
+/// `file:line:column: ` (or `file: `) to start a warning with.
+fn place_of(file: &Path, position: Option<Position>) -> String {
+    match position {
+        Some(position) => format!("{}:{position}: ", file.display()),
+        None => format!("{}: ", file.display()),
+    }
+}
+
+/// A cidrLimit as upstream's Go `int` field takes it.
+fn cidr_limit(value: i128) -> Result<usize, String> {
+    if value > GO_INT_MAX {
+        return Err(format!(
+            "must be at most {GO_INT_MAX} (upstream's int), got {value}"
+        ));
+    }
+    usize::try_from(value).map_err(|_| format!("must be a whole number from 0 up, got {value}"))
 }
 
 /// Reads every file in `dir` whose name starts with `ip-masq` (Azure ip-masq-agent-v2's

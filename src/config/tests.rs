@@ -127,11 +127,9 @@ fn explicit_empty_list_means_no_cidrs() {
 
 #[test]
 fn null_scalars_keep_defaults() {
-    let c = parse_ok(
-        "masqLinkLocal:\ncidrLimit: ~\nresyncInterval: null\n",
-        opts(),
-    )
-    .config;
+    // resyncInterval is left out: upstream rejects a null duration (see
+    // regression_null_resync_interval_is_rejected_like_upstream).
+    let c = parse_ok("masqLinkLocal:\ncidrLimit: ~\n", opts()).config;
     assert_eq!(c, Config::defaults(opts()));
 }
 
@@ -482,12 +480,306 @@ fn fifo_and_oversized_files_are_refused_without_blocking() {
     let file = std::fs::File::create(&big).unwrap();
     file.set_len(MAX_CONFIG_BYTES + 1).unwrap();
     let e = load(&big, opts()).unwrap_err().to_string();
-    assert!(e.contains("larger than the 16777216 bytes"), "{e}");
+    assert!(e.contains("larger than the 4194304 bytes"), "{e}");
     let looped = dir.0.join("loop");
     std::os::unix::fs::symlink(&looped, &looped).unwrap();
     let e = load(&looped, opts()).unwrap_err().to_string();
     assert!(
         e.contains("cannot read config file") && e.contains("symbolic links"),
         "{e}"
+    );
+}
+
+// Defect 9: memory bound on hostile YAML.
+
+/// The nested-alias file of the report: nine levels, each a list of nine aliases of the
+/// level below (9^9 values once expanded, from about 300 bytes).
+fn billion_laughs() -> String {
+    let mut text = format!("a: &a [{}]\n", ["x"; 9].join(","));
+    let levels = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+    for pair in levels.windows(2) {
+        let alias = format!("*{}", pair[0]);
+        text.push_str(&format!(
+            "{}: &{} [{}]\n",
+            pair[1],
+            pair[1],
+            [alias.as_str(); 9].join(",")
+        ));
+    }
+    text
+}
+
+fn assert_refused_for_memory(text: &str) {
+    let e = parse_err(text, opts());
+    assert!(
+        e.starts_with("/etc/config/ip-masq-agent:") && e.contains("not valid YAML or JSON: "),
+        "{e}"
+    );
+    assert!(
+        e.contains("the agent refuses it to bound its memory"),
+        "{e}"
+    );
+    let position = e
+        .trim_start_matches("/etc/config/ip-masq-agent:")
+        .split(": ")
+        .next()
+        .unwrap_or_default();
+    assert!(
+        position.split(':').all(|n| n.parse::<u64>().is_ok()) && position.contains(':'),
+        "no line:column in {e}"
+    );
+}
+
+#[test]
+fn regression_alias_bombs_are_refused_before_they_grow() {
+    assert_refused_for_memory(&billion_laughs());
+    // Two levels, wide.
+    let wide = format!(
+        "a: &a [{}]\nb: &b [{}]\nc: [{}]\n",
+        vec!["x"; 1000].join(","),
+        vec!["*a"; 1000].join(","),
+        vec!["*b"; 1000].join(",")
+    );
+    assert_refused_for_memory(&wide);
+    // One long scalar replayed many times: bounded by the text budget.
+    let long_scalar = format!(
+        "a: &a {}\nb: [{}]\n",
+        "x".repeat(64 * 1024),
+        vec!["*a"; 1000].join(",")
+    );
+    let e = parse_err(&long_scalar, opts());
+    assert!(
+        e.contains("bytes of text (each alias expansion counted again)"),
+        "{e}"
+    );
+    assert_refused_for_memory(&long_scalar);
+    // Merge keys replaying a large mapping.
+    let keys: Vec<String> = (0..1000).map(|i| format!("k{i}: v")).collect();
+    let merges = format!(
+        "a: &a {{{}}}\nb: [{}]\n",
+        keys.join(","),
+        vec!["{<<: *a}"; 1000].join(",")
+    );
+    assert_refused_for_memory(&merges);
+    // Anchors nesting anchors: each level keeps a copy of the one below.
+    let mut nested = format!("l0: &l0 [{}]\n", vec!["x"; 100].join(","));
+    for level in 1..40 {
+        let below = level - 1;
+        nested.push_str(&format!("l{level}: &l{level} [*l{below}, *l{below}]\n"));
+    }
+    assert_refused_for_memory(&nested);
+}
+
+#[test]
+fn regression_deep_nesting_is_refused_without_exhausting_the_stack() {
+    let depth = 100_000;
+    for text in [
+        format!("{}{}\n", "[".repeat(depth), "]".repeat(depth)),
+        format!("k: {}{}\n", "[".repeat(depth), "]".repeat(depth)),
+        format!("{}1{}\n", "{\"a\":".repeat(depth), "}".repeat(depth)),
+        format!("k: {}x{}\n", "{a: ".repeat(depth), "}".repeat(depth)),
+        (0..2_000)
+            .map(|i| format!("{}-\n", " ".repeat(i)))
+            .collect(),
+    ] {
+        let e = parse_err(&text, opts());
+        assert!(e.contains("not valid YAML or JSON"), "{e}");
+        assert!(
+            e.starts_with("/etc/config/ip-masq-agent:1:") || e.contains("nested more than 32 deep"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn regression_value_bound_refuses_huge_documents_and_keeps_large_configs() {
+    let too_many = format!(
+        "k: [{}]\n",
+        vec!["x"; document::MAX_DOCUMENT_VALUES].join(",")
+    );
+    let e = parse_err(&too_many, opts());
+    assert!(
+        e.contains("the document holds more than 100000 values (lists, mappings and scalars, each alias expansion counted again); the agent refuses it to bound its memory"),
+        "{e}"
+    );
+    assert!(e.starts_with("/etc/config/ip-masq-agent:1:"), "{e}");
+
+    // The largest list in use (50,000 CIDRs) still loads.
+    let mut large = String::from("cidrLimit: 50000\nnonMasqueradeCIDRs:\n");
+    for i in 0..50_000u32 {
+        let base = 0x0B00_0000u32 + (i << 9);
+        large.push_str(&format!(
+            "  - {}.{}.{}.0/24\n",
+            base >> 24,
+            (base >> 16) & 0xFF,
+            (base >> 8) & 0xFF
+        ));
+    }
+    assert_eq!(
+        parse_ok(&large, opts()).config.non_masquerade_cidrs.len(),
+        50_000
+    );
+
+    // Modest anchors and aliases are still fine.
+    let c = parse_ok(
+        "common: &common [10.0.0.0/8, 192.168.0.0/16]\nnonMasqueradeCIDRs: *common\n",
+        opts(),
+    )
+    .config;
+    assert_eq!(
+        c.non_masquerade_cidrs,
+        nets(&["10.0.0.0/8", "192.168.0.0/16"])
+    );
+}
+
+// Defect 10: upstream parity.
+
+#[test]
+fn regression_only_the_first_document_is_read() {
+    // A trailing `---` is an empty second document: upstream never reads it.
+    let c = parse_ok("masqLinkLocal: true\n---\n", opts()).config;
+    assert!(c.masq_link_local);
+    // A second document, even a broken one, is not looked at.
+    let c = parse_ok(
+        "masqLinkLocal: true\n---\nmasqLinkLocal: false\ncidrLimit: [\n",
+        opts(),
+    )
+    .config;
+    assert!(c.masq_link_local);
+    assert_eq!(c.cidr_limit, 64);
+    // A leading `---` (and a directive before it) still starts the first document.
+    assert!(
+        parse_ok("---\nmasqLinkLocal: true\n", opts())
+            .config
+            .masq_link_local
+    );
+    assert!(
+        parse_ok("%YAML 1.1\n---\nmasqLinkLocal: true\n...\n", opts())
+            .config
+            .masq_link_local
+    );
+    // An empty first document means the defaults, as upstream.
+    assert_eq!(
+        parse_ok("---\n---\nmasqLinkLocal: true\n", opts()).config,
+        Config::defaults(opts())
+    );
+    // A syntax error inside the first document is still one.
+    let e = parse_err("masqLinkLocal: true\n]\n---\n", opts());
+    assert!(
+        e.starts_with("/etc/config/ip-masq-agent:2:1: not valid YAML or JSON"),
+        "{e}"
+    );
+}
+
+#[test]
+fn regression_cidr_limit_integers_follow_yaml_1_1() {
+    for (text, want) in [
+        ("010", 8),
+        ("+010", 8),
+        ("0o10", 8),
+        ("0x10", 16),
+        ("0X1f", 31),
+        ("0b1010", 10),
+        ("1_000", 1000),
+        ("0x_10", 16),
+        ("10", 10),
+        // go-yaml v2 reads these as floats (08 is no octal number); JSON carries them as
+        // whole numbers into upstream's int.
+        ("08", 8),
+        ("019", 19),
+        ("1e3", 1000),
+        ("100.0", 100),
+    ] {
+        let c = parse_ok(
+            &format!("cidrLimit: {text}\nnonMasqueradeCIDRs: []\n"),
+            opts(),
+        )
+        .config;
+        assert_eq!(c.cidr_limit, want, "cidrLimit: {text}");
+    }
+    // A quoted number is a string, which upstream's int refuses.
+    let e = parse_err("cidrLimit: '010'\n", opts());
+    assert!(
+        e.contains("cidrLimit: expected a whole number, got string \"010\""),
+        "{e}"
+    );
+    // Spellings go-yaml would strip to a number are refused, never read as something else.
+    for text in ["1__0", "1_"] {
+        let e = parse_err(&format!("cidrLimit: {text}\n"), opts());
+        assert!(
+            e.contains("cidrLimit: expected a whole number, got string"),
+            "{text}: {e}"
+        );
+    }
+    let e = parse_err("cidrLimit: 0x8000000000000000\n", opts());
+    assert!(e.contains("must be at most 9223372036854775807"), "{e}");
+    // YAML 1.1 booleans are unaffected.
+    for (text, want) in [("yes", true), ("y", true), ("off", false), ("N", false)] {
+        let c = parse_ok(&format!("masqLinkLocal: {text}\n"), opts()).config;
+        assert_eq!(c.masq_link_local, want, "{text}");
+    }
+}
+
+#[test]
+fn regression_null_resync_interval_is_rejected_like_upstream() {
+    for text in [
+        "resyncInterval:\n",
+        "resyncInterval: ~\n",
+        "resyncInterval: null\n",
+        "{\"resyncInterval\": null}",
+    ] {
+        let e = parse_err(text, opts());
+        assert!(
+            e.starts_with("/etc/config/ip-masq-agent:1:"),
+            "{text:?}: {e}"
+        );
+        assert!(
+            e.contains(
+                "resyncInterval: expected a duration string such as \"60s\" or \"1m30s\", got null"
+            ),
+            "{text:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn regression_resync_interval_below_100ms_is_raised_with_a_warning() {
+    for text in ["1ns", "99ms", "0.05s"] {
+        let loaded = parse_ok(&format!("resyncInterval: {text}\n"), opts());
+        assert_eq!(
+            loaded.config.resync_interval,
+            Duration::from_millis(100),
+            "{text}"
+        );
+        assert_eq!(loaded.warnings.len(), 1, "{text}");
+        let w = &loaded.warnings[0];
+        assert!(
+            w.starts_with(&format!(
+                "/etc/config/ip-masq-agent:1:17: resyncInterval \"{text}\" is shorter than 100ms; using 100ms"
+            )),
+            "{w}"
+        );
+    }
+    let loaded = parse_ok("resyncInterval: 100ms\n", opts());
+    assert_eq!(loaded.config.resync_interval, Duration::from_millis(100));
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    // Zero and negative stay errors.
+    for text in ["0s", "-1ns"] {
+        let e = parse_err(&format!("resyncInterval: {text}\n"), opts());
+        assert!(e.contains("must be a positive duration"), "{e}");
+    }
+    // --config-dir takes the shortest interval, which is never below the floor either.
+    let dir = Dir::new("floor");
+    dir.write("ip-masq-a", "resyncInterval: 1ns\n")
+        .write("ip-masq-b", "resyncInterval: 30s\n");
+    let loaded = load_dir(&dir.0, opts()).unwrap();
+    assert_eq!(loaded.config.resync_interval, Duration::from_millis(100));
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("ip-masq-a:1:17: resyncInterval")),
+        "{:?}",
+        loaded.warnings
     );
 }
