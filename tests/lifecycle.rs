@@ -349,7 +349,7 @@ fn hostile_inputs_never_lose_the_rules() {
                 let file = std::fs::File::create(dir.join(CONFIG_KEY)).unwrap();
                 file.set_len(100 * 1024 * 1024).unwrap();
             }),
-            "larger than the 16777216 bytes",
+            "larger than the 4194304 bytes",
         ),
         (
             "symlink loop",
