@@ -1,13 +1,16 @@
 //! Command-line flags in Go's flag syntax, kept apart from the settings derived from them.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::backend::BackendChoice;
-use crate::backend::iptables::{ChainName, IptablesMode};
+use crate::agent::Settings;
+use crate::backend::iptables::IptablesMode;
+use crate::backend::{BackendChoice, ChainName};
+use crate::config::source::ConfigPath;
 use crate::config::{DEFAULT_CONFIG_PATH, ParseOptions};
+use crate::observe::logging::LogFormat;
 use crate::policy::{Masquerade, PolicySettings, ToPorts};
 
 /// Go's strconv.ParseBool, which is what `--flag=value` accepts for booleans upstream.
@@ -19,13 +22,6 @@ fn go_bool(text: &str) -> Result<bool, String> {
             "invalid boolean value {text:?} (use true or false)"
         )),
     }
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
 }
 
 /// A positive Go duration, e.g. `30s`.
@@ -249,58 +245,13 @@ pub fn normalize_go_flags<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsSt
     out
 }
 
-/// Settings the agent derives from the raw flags.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    pub config_path: PathBuf,
-    pub config_dir: Option<PathBuf>,
-    pub parse_options: ParseOptions,
-    pub policy_settings: PolicySettings,
-    pub chain: ChainName,
-    pub iptables_mode: IptablesMode,
-    pub backend: BackendChoice,
-    pub cleanup_on_exit: bool,
-    pub dry_run: bool,
-    /// None when the endpoint is disabled.
-    pub metrics_address: Option<std::net::SocketAddr>,
-    pub tool_timeout: std::time::Duration,
-}
-
-impl Settings {
-    /// Reads the config the way the flags say: one file, or a merged directory.
-    pub fn load_config(&self) -> Result<crate::config::LoadedConfig, crate::config::ConfigError> {
-        match &self.config_dir {
-            Some(dir) => crate::config::load_dir(dir, self.parse_options),
-            None => crate::config::load(&self.config_path, self.parse_options),
-        }
-    }
-
-    /// The entries of `watched_dir` whose changes mean the config may have changed.
-    pub fn watch_interest(&self) -> crate::watch::Interest {
-        match (&self.config_dir, self.config_path.file_name()) {
-            (Some(_), _) | (None, None) => crate::watch::Interest::Prefix("ip-masq"),
-            (None, Some(name)) => crate::watch::Interest::File(name.to_os_string()),
-        }
-    }
-
-    /// The directory whose changes mean the config may have changed.
-    pub fn watched_dir(&self) -> PathBuf {
-        match &self.config_dir {
-            Some(dir) => dir.clone(),
-            None => self
-                .config_path
-                .parent()
-                .filter(|dir| !dir.as_os_str().is_empty())
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
-        }
-    }
-}
-
 impl AgentArgs {
     pub fn settings(&self) -> Settings {
         Settings {
-            config_path: self.config.clone(),
-            config_dir: self.config_dir.clone(),
+            config: match &self.config_dir {
+                Some(dir) => ConfigPath::Dir(dir.clone()),
+                None => ConfigPath::File(self.config.clone()),
+            },
             parse_options: ParseOptions {
                 enable_ipv6: self.enable_ipv6,
                 nomasq_all_reserved_ranges: self.nomasq_all_reserved_ranges,
@@ -321,6 +272,11 @@ impl AgentArgs {
             tool_timeout: self.tool_timeout,
         }
     }
+}
+
+/// The process's own arguments, Go style.
+pub fn parse() -> Result<Cli, clap::Error> {
+    Cli::parse_go_style(std::env::args_os())
 }
 
 impl Cli {
@@ -346,7 +302,10 @@ mod tests {
     fn defaults_match_upstream() {
         let s = parse(&[]).unwrap().agent.settings();
         assert_eq!(s.chain.as_str(), "IP-MASQ-AGENT");
-        assert_eq!(s.config_path, PathBuf::from("/etc/config/ip-masq-agent"));
+        assert_eq!(
+            s.config,
+            ConfigPath::File(PathBuf::from("/etc/config/ip-masq-agent"))
+        );
         assert!(!s.parse_options.enable_ipv6);
         assert!(!s.parse_options.nomasq_all_reserved_ranges);
         assert!(s.policy_settings.masquerade.random_fully);

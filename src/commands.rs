@@ -1,15 +1,61 @@
-//! The one-shot commands: `check`, `render`, `version`. None needs root.
+//! What `main` runs: the agent, or one of the one-shot commands (`check`, `render`,
+//! `explain`, `status`, `cleanup`, `windows-cni`, `version`).
 
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::backend::iptables::IptablesBackend;
-use crate::backend::nftables::NftablesBackend;
-use crate::backend::{Backend, BackendChoice};
-use crate::cli::Settings;
+use crate::agent::Settings;
+use crate::backend::runner::SystemRunner;
+use crate::backend::{iptables, nftables, windows};
+use crate::cli::{Cli, Command};
 use crate::config;
-use crate::policy::Policy;
+use crate::observe::logging;
+use crate::policy::{Decision, Family, KeepReason, Policy};
+
+/// Runs what the command line asks for.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.version.as_deref() {
+        Some("raw") => {
+            println!("{}", version_raw());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some("true" | "1" | "t" | "T" | "TRUE" | "True") => {
+            println!("{}", version_line());
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    let settings = cli.agent.settings();
+    let done = ExitCode::SUCCESS;
+    match &cli.command {
+        Some(Command::Version) => {
+            println!("{}", version_line());
+            Ok(done)
+        }
+        Some(Command::Check { file }) => Ok(check(
+            &settings,
+            file.as_deref().unwrap_or(settings.config.path()),
+        )),
+        Some(Command::Render) => render(&settings).map(|()| done),
+        Some(Command::Cleanup) => cleanup(&settings).map(|()| done),
+        Some(Command::Explain { addresses }) => explain(&settings, addresses).map(|()| done),
+        Some(Command::Status) => status(&settings),
+        Some(Command::WindowsCni { cni_conf }) => windows_cni(&settings, cni_conf).map(|()| done),
+        None => {
+            logging::init(cli.klog.verbosity, cli.agent.log_format);
+            tracing::info!("{}", version_line());
+            let ignored = cli.klog.ignored();
+            if !ignored.is_empty() {
+                tracing::info!(
+                    "accepted klog flags that have no effect here: {}",
+                    ignored.join(" ")
+                );
+            }
+            crate::agent::wiring::run(settings).map(|()| done)
+        }
+    }
+}
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -76,25 +122,14 @@ pub fn render(settings: &Settings) -> anyhow::Result<()> {
         eprintln!("warning: {warning}");
     }
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
-    let backend: Box<dyn Backend> = match settings.backend {
-        BackendChoice::Nftables => Box::new(NftablesBackend::for_rendering()),
-        BackendChoice::Windows => {
-            let list = crate::windows::exception_list(&policy);
-            println!("{}", serde_json::to_string_pretty(&list)?);
-            return Ok(());
-        }
-        BackendChoice::Iptables | BackendChoice::Auto => {
-            Box::new(IptablesBackend::for_rendering(settings.chain.clone()))
-        }
-    };
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(backend.render(&policy).as_bytes())?;
+    let text = crate::backend::render(settings.backend, &policy, &settings.chain);
+    std::io::stdout().lock().write_all(text.as_bytes())?;
     Ok(())
 }
 
 /// Removes everything the agent installs and says what it removed.
 pub fn cleanup(settings: &Settings) -> anyhow::Result<()> {
-    let removed = crate::backend::cleanup_everything(&settings.chain)?;
+    let removed = crate::backend::cleanup_everything(&settings.chain, &SystemRunner::shared())?;
     if removed.is_empty() {
         println!("nothing to remove");
     }
@@ -105,25 +140,34 @@ pub fn cleanup(settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// One line per address: the verdict and the rule that decides it, in both backends' terms.
-pub fn explain_lines(policy: &Policy, chain: &str, addresses: &[String]) -> Vec<String> {
-    use crate::policy::{Decision, KeepReason};
+pub fn explain_lines(
+    policy: &Policy,
+    chain: &crate::backend::ChainName,
+    addresses: &[String],
+) -> Vec<String> {
     addresses
         .iter()
         .map(|text| {
             let Ok(ip) = text.parse::<std::net::IpAddr>() else {
                 return format!("{text}: not an IP address");
             };
-            let family = if ip.is_ipv4() { "v4" } else { "v6" };
-            match policy.decide(ip) {
+            let family = if ip.is_ipv4() { Family::V4 } else { Family::V6 };
+            let decision = policy.decide(ip);
+            let rules = format!(
+                "iptables: {}; nftables: {}",
+                iptables::explain(&decision, chain),
+                nftables::explain(&decision, family)
+            );
+            match decision {
                 Decision::Keep { prefix, reason: KeepReason::LinkLocal } => format!(
-                    "{ip}: not masqueraded (keeps the pod address): link-local {prefix} (masqLinkLocal{} is false); iptables: -A {chain} -d {prefix} ... -j RETURN; nftables: chain masq-{family} daddr {prefix} return",
+                    "{ip}: not masqueraded (keeps the pod address): link-local {prefix} (masqLinkLocal{} is false); {rules}",
                     if ip.is_ipv4() { "" } else { "IPv6" }
                 ),
                 Decision::Keep { prefix, reason: KeepReason::NonMasqueradeCidr } => format!(
-                    "{ip}: not masqueraded (keeps the pod address): nonMasqueradeCIDRs entry {prefix}; iptables: -A {chain} -d {prefix} ... -j RETURN; nftables: set non-masq-{family}"
+                    "{ip}: not masqueraded (keeps the pod address): nonMasqueradeCIDRs entry {prefix}; {rules}"
                 ),
                 Decision::Masquerade => format!(
-                    "{ip}: MASQUERADED (leaves with the node address): no nonMasqueradeCIDRs entry contains it; iptables: the last rule of {chain}, -j MASQUERADE; nftables: chain masq-{family} masquerade"
+                    "{ip}: MASQUERADED (leaves with the node address): no nonMasqueradeCIDRs entry contains it; {rules}"
                 ),
                 Decision::Unmanaged => format!(
                     "{ip}: not handled by the agent: IPv6 rules are only written with --enable-ipv6"
@@ -138,7 +182,7 @@ pub fn explain_lines(policy: &Policy, chain: &str, addresses: &[String]) -> Vec<
 pub fn explain(settings: &Settings, addresses: &[String]) -> anyhow::Result<()> {
     let loaded = settings.load_config()?;
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
-    for line in explain_lines(&policy, settings.chain.as_str(), addresses) {
+    for line in explain_lines(&policy, &settings.chain, addresses) {
         println!("{line}");
     }
     Ok(())
@@ -148,11 +192,12 @@ pub fn explain(settings: &Settings, addresses: &[String]) -> anyhow::Result<()> 
 pub fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     let loaded = settings.load_config()?;
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
-    let mut backend = crate::backend::build(
+    let (mut backend, _) = crate::backend::build(
         settings.backend,
         &settings.chain,
         settings.iptables_mode,
         settings.policy_settings.enable_ipv6,
+        &SystemRunner::shared(),
     )?;
     let diff = backend.diff(&policy)?;
     if diff.is_empty() {
@@ -173,8 +218,8 @@ pub fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
 pub fn windows_cni(settings: &Settings, cni_conf: &Path) -> anyhow::Result<()> {
     let loaded = settings.load_config()?;
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
-    let list = crate::windows::exception_list(&policy);
-    if crate::windows::rewrite_file(cni_conf, &list)? {
+    let list = windows::exception_list(&policy);
+    if windows::rewrite_file(cni_conf, &list)? {
         println!(
             "{}: exception list set to {}",
             cni_conf.display(),

@@ -4,9 +4,7 @@
 
 use std::path::Path;
 
-use ip_masq_agent::backend::Backend;
-use ip_masq_agent::backend::iptables::{ChainName, IptablesBackend};
-use ip_masq_agent::backend::nftables::NftablesBackend;
+use ip_masq_agent::backend::{BackendChoice, ChainName, render};
 use ip_masq_agent::config::{ParseOptions, duration::parse_go_duration, parse};
 use ip_masq_agent::policy::{Masquerade, Policy, PolicySettings};
 use libfuzzer_sys::fuzz_target;
@@ -31,8 +29,13 @@ fuzz_target!(|data: &[u8]| {
                     },
                 };
                 let policy = Policy::new(&loaded.config, &settings);
-                let _ = IptablesBackend::for_rendering(ChainName::default()).render(&policy);
-                let _ = NftablesBackend::for_rendering().render(&policy);
+                for choice in [
+                    BackendChoice::Iptables,
+                    BackendChoice::Nftables,
+                    BackendChoice::Windows,
+                ] {
+                    let _ = render(choice, &policy, &ChainName::default());
+                }
             }
             Err(err) => {
                 let _ = err.to_string();

@@ -7,7 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use proptest::prelude::*;
 
-use super::iptables::{ChainName, render_chain_rules};
+use super::ChainName;
+use super::iptables::render_chain_rules;
 use super::nftables::render_transaction;
 use crate::config::Config;
 use crate::policy::{Decision, Family, Masquerade, Policy, PolicySettings};

@@ -1,19 +1,30 @@
 //! A backend that touches nothing: each sync logs what the wrapped backend would write.
 
-use super::{Backend, SyncReport};
+use super::{Backend, BackendChoice, ChainName, SyncError, SyncReport};
 use crate::policy::Policy;
 
 pub struct DryRunBackend {
-    renderer: Box<dyn Backend>,
+    /// The backend set up for this host; only asked to describe itself.
+    inner: Box<dyn Backend>,
+    chain: ChainName,
     last: Option<String>,
 }
 
 impl DryRunBackend {
-    pub fn new(renderer: Box<dyn Backend>) -> Self {
+    pub fn new(inner: Box<dyn Backend>, chain: ChainName) -> Self {
         DryRunBackend {
-            renderer,
+            inner,
+            chain,
             last: None,
         }
+    }
+
+    fn render(&self, policy: &Policy) -> String {
+        let choice = match self.inner.kind() {
+            "nftables" => BackendChoice::Nftables,
+            _ => BackendChoice::Iptables,
+        };
+        super::render(choice, policy, &self.chain)
     }
 
     /// The payload of the most recent sync.
@@ -24,23 +35,19 @@ impl DryRunBackend {
 
 impl Backend for DryRunBackend {
     fn describe(&self) -> String {
-        format!("dry run of {}", self.renderer.describe())
+        format!("dry run of {}", self.inner.describe())
     }
 
     fn kind(&self) -> &'static str {
-        self.renderer.kind()
+        self.inner.kind()
     }
 
-    fn render(&self, policy: &Policy) -> String {
-        self.renderer.render(policy)
-    }
-
-    fn diff(&mut self, _policy: &Policy) -> anyhow::Result<Vec<String>> {
+    fn diff(&mut self, _policy: &Policy) -> Result<Vec<String>, SyncError> {
         Ok(Vec::new())
     }
 
-    fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
-        let payload = self.renderer.render(policy);
+    fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError> {
+        let payload = self.render(policy);
         if self.last.as_deref() != Some(payload.as_str()) {
             tracing::info!("dry run: would apply\n{payload}");
         }
@@ -58,15 +65,22 @@ impl Backend for DryRunBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::iptables::{ChainName, IptablesBackend};
+    use crate::backend::iptables::{IptablesBackend, IptablesMode};
+    use crate::backend::runner::fake::FakeRunner;
     use crate::config::{Config, ParseOptions};
     use crate::policy::PolicySettings;
 
     #[test]
-    fn dry_run_reports_what_it_would_write() {
-        let mut backend = DryRunBackend::new(Box::new(IptablesBackend::for_rendering(
+    fn dry_run_reports_what_it_would_write_and_runs_nothing() {
+        let runner = FakeRunner::new();
+        let inner = IptablesBackend::new(
             ChainName::default(),
-        )));
+            IptablesMode::Nft,
+            false,
+            runner.clone(),
+        )
+        .unwrap();
+        let mut backend = DryRunBackend::new(Box::new(inner), ChainName::default());
         let policy = Policy::new(
             &Config::defaults(ParseOptions::default()),
             &PolicySettings::default(),
@@ -81,5 +95,6 @@ mod tests {
                 .unwrap()
                 .contains(":IP-MASQ-AGENT - [0:0]")
         );
+        assert_eq!(runner.calls(), vec![], "a dry run starts no tool");
     }
 }

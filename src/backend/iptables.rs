@@ -2,89 +2,17 @@
 //! `iptables-restore --noflush`, and one POSTROUTING jump into it.
 
 use std::fmt;
-use std::str::FromStr;
+use std::time::Duration;
 
-use anyhow::Context;
-
-use super::command::{Program, find_on_path, spawned_processes};
-use super::{Backend, SyncReport};
-use crate::policy::{Family, FamilyPolicy, Masquerade, PORT_PROTOCOLS, Policy};
-
-pub const DEFAULT_CHAIN: &str = "IP-MASQ-AGENT";
+use super::runner::{Program, SharedRunner};
+use super::{Backend, ChainName, Doing, SyncError, SyncReport};
+use crate::policy::{Decision, Family, FamilyPolicy, Masquerade, PORT_PROTOCOLS, Policy};
 
 const NON_MASQ_COMMENT: &str = "ip-masq-agent: local traffic is not subject to MASQUERADE";
 const MASQ_COMMENT: &str =
     "ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)";
 /// How long iptables-restore waits for the xtables lock (`-w`), as upstream passes it.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// A nat chain name iptables will accept and that cannot collide with a built-in.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChainName(String);
-
-impl ChainName {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Default for ChainName {
-    fn default() -> Self {
-        ChainName(DEFAULT_CHAIN.to_string())
-    }
-}
-
-impl fmt::Display for ChainName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for ChainName {
-    type Err = String;
-
-    fn from_str(name: &str) -> Result<Self, Self::Err> {
-        const RESERVED: [&str; 9] = [
-            "PREROUTING",
-            "INPUT",
-            "OUTPUT",
-            "FORWARD",
-            "POSTROUTING",
-            "ACCEPT",
-            "DROP",
-            "RETURN",
-            "QUEUE",
-        ];
-        if name.is_empty() {
-            return Err("chain name is empty".into());
-        }
-        // XT_EXTENSION_MAXNAMELEN is 29 including the terminating NUL.
-        if name.len() > 28 {
-            return Err(format!(
-                "chain name {name:?} is {} characters long; iptables allows at most 28",
-                name.len()
-            ));
-        }
-        if let Some(bad) = name
-            .chars()
-            .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\'))
-        {
-            return Err(format!(
-                "chain name {name:?} contains {bad:?}; iptables refuses whitespace and quotes"
-            ));
-        }
-        if name.starts_with('-') || name.starts_with('!') {
-            return Err(format!(
-                "chain name {name:?} starts with {:?}, which iptables reads as an option",
-                &name[..1]
-            ));
-        }
-        if RESERVED.contains(&name) {
-            return Err(format!("chain name {name:?} is a built-in chain or target"));
-        }
-        Ok(ChainName(name.to_string()))
-    }
-}
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Which of the two iptables implementations holds the host's rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,35 +82,45 @@ fn base_name(family: Family) -> &'static str {
 }
 
 /// `iptables-nft-save`, else `xtables-nft-multi iptables-save`, else plain `iptables-save`.
-fn resolve_tool(family: Family, flavour: Flavour, suffix: &str) -> Option<Program> {
+fn resolve_tool(
+    family: Family,
+    flavour: Flavour,
+    suffix: &str,
+    runner: &SharedRunner,
+) -> Option<Program> {
     let base = base_name(family);
     let flavoured = format!("{base}-{}-{suffix}", flavour.as_str());
-    if find_on_path(&flavoured).is_some() {
+    if runner.exists(&flavoured) {
         return Some(Program::new(flavoured));
     }
     let multi = format!("xtables-{}-multi", flavour.as_str());
-    if find_on_path(&multi).is_some() {
+    if runner.exists(&multi) {
         return Some(Program {
             path: multi,
             leading_args: vec![format!("{base}-{suffix}")],
         });
     }
     let plain = format!("{base}-{suffix}");
-    find_on_path(&plain).map(|_| Program::new(plain))
+    runner.exists(&plain).then(|| Program::new(plain))
 }
 
-pub fn resolve_tools(family: Family, flavour: Flavour) -> Option<FamilyTools> {
+pub fn resolve_tools(
+    family: Family,
+    flavour: Flavour,
+    runner: &SharedRunner,
+) -> Option<FamilyTools> {
     Some(FamilyTools {
-        save: resolve_tool(family, flavour, "save")?,
-        restore: resolve_tool(family, flavour, "restore")?,
+        save: resolve_tool(family, flavour, "save", runner)?,
+        restore: resolve_tool(family, flavour, "restore", runner)?,
     })
 }
 
 /// Reads the host's tables and applies the iptables-wrapper rule. Like the wrapper, a
 /// probe that fails (tool missing, error, deadline) just moves on to the next.
-pub fn detect_flavour() -> Flavour {
+pub fn detect_flavour(runner: &SharedRunner) -> Flavour {
     detect_flavour_with(|flavour, family, args| {
-        resolve_tool(family, flavour, "save").and_then(|save| save.run(args, None).ok())
+        resolve_tool(family, flavour, "save", runner)
+            .and_then(|save| runner.run(&save, args, None, None).ok())
     })
 }
 
@@ -476,7 +414,7 @@ pub fn plan_removal(saved_nat: &str, chain: &ChainName) -> Vec<String> {
 
 /// A cheap look before spawning iptables-save: legacy nat tables are listed in
 /// /proc/net/ip(6)_tables_names, iptables-nft ones by `nft list tables`. True when unsure.
-fn may_hold_nat_table(flavour: Flavour, family: Family) -> bool {
+fn may_hold_nat_table(flavour: Flavour, family: Family, runner: &SharedRunner) -> bool {
     match flavour {
         Flavour::Legacy => {
             let names = match family {
@@ -487,7 +425,7 @@ fn may_hold_nat_table(flavour: Flavour, family: Family) -> bool {
             std::fs::read_to_string(names).is_ok_and(|tables| tables.lines().any(|t| t == "nat"))
         }
         Flavour::Nft => {
-            if find_on_path("nft").is_none() {
+            if !runner.exists("nft") {
                 return true;
             }
             // Asking for the one table by name: `nft list tables` loads every set's
@@ -496,8 +434,13 @@ fn may_hold_nat_table(flavour: Flavour, family: Family) -> bool {
                 Family::V4 => "ip",
                 Family::V6 => "ip6",
             };
-            Program::new("nft")
-                .run(&["list", "table", family, "nat"], None)
+            runner
+                .run(
+                    &Program::new("nft"),
+                    &["list", "table", family, "nat"],
+                    None,
+                    None,
+                )
                 .is_ok()
         }
     }
@@ -505,14 +448,17 @@ fn may_hold_nat_table(flavour: Flavour, family: Family) -> bool {
 
 /// Removes the agent's chain and jumps from every iptables flavour and family present;
 /// returns where it removed something, e.g. `iptables-legacy`.
-pub fn remove_agent_rules(chain: &ChainName) -> anyhow::Result<Vec<String>> {
+pub fn remove_agent_rules(
+    chain: &ChainName,
+    runner: &SharedRunner,
+) -> Result<Vec<String>, SyncError> {
     let mut removed = Vec::new();
     for flavour in [Flavour::Nft, Flavour::Legacy] {
         for family in [Family::V4, Family::V6] {
-            let Some(tools) = resolve_tools(family, flavour) else {
+            let Some(tools) = resolve_tools(family, flavour, runner) else {
                 continue;
             };
-            if !may_hold_nat_table(flavour, family) {
+            if !may_hold_nat_table(flavour, family, runner) {
                 continue;
             }
             // Naming a legacy table makes the kernel create it, so legacy is read whole.
@@ -520,7 +466,7 @@ pub fn remove_agent_rules(chain: &ChainName) -> anyhow::Result<Vec<String>> {
                 Flavour::Nft => &["-t", "nat"],
                 Flavour::Legacy => &[],
             };
-            let saved = match tools.save.run(args, None) {
+            let saved = match runner.run(&tools.save, args, None, None) {
                 Ok(saved) => saved,
                 Err(err) => {
                     tracing::debug!("skipping {}-{flavour}: {err:#}", base_name(family));
@@ -532,14 +478,14 @@ pub fn remove_agent_rules(chain: &ChainName) -> anyhow::Result<Vec<String>> {
                 continue;
             }
             let payload = render_restore_payload_lines(&lines);
-            tools
-                .restore
-                .run_waiting_for_lock(
+            runner
+                .run(
+                    &tools.restore,
                     &["-w", "5", "--noflush"],
                     Some(payload.as_bytes()),
-                    LOCK_WAIT,
+                    Some(LOCK_WAIT),
                 )
-                .with_context(|| {
+                .doing(|| {
                     format!(
                         "removing chain {chain} from {}-{flavour}",
                         base_name(family)
@@ -676,8 +622,35 @@ pub fn render_restore_payload(
     payload
 }
 
+/// The text `render` prints for the iptables backend: one `iptables-restore --noflush`
+/// input per family, as written on a node that carries none of the agent's rules yet
+/// (with `--random-fully` as requested: the real backend drops it on iptables < 1.6.2).
+pub fn render(policy: &Policy, chain: &ChainName) -> String {
+    let mut out = String::new();
+    for family in &policy.families {
+        let rules = render_chain_rules(chain, family, &policy.masquerade);
+        let jump = plan_jump_repairs("", chain);
+        out.push_str(&format!(
+            "# {}-restore --noflush ({})\n",
+            base_name(family.family),
+            family.family
+        ));
+        out.push_str(&render_restore_payload(chain, &jump, &rules));
+    }
+    out
+}
+
+/// How `explain` names the iptables rule behind a decision.
+pub fn explain(decision: &Decision, chain: &ChainName) -> String {
+    match decision {
+        Decision::Keep { prefix, .. } => format!("-A {chain} -d {prefix} ... -j RETURN"),
+        Decision::Masquerade => format!("the last rule of {chain}, -j MASQUERADE"),
+        Decision::Unmanaged => "no rules".to_string(),
+    }
+}
+
 /// How the iptables backend is set up on this node.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct IptablesBackend {
     chain: ChainName,
     flavour: Flavour,
@@ -686,27 +659,33 @@ pub struct IptablesBackend {
     random_fully_supported: Option<bool>,
     v4: FamilyTools,
     v6: Option<FamilyTools>,
+    runner: SharedRunner,
 }
 
 impl IptablesBackend {
     /// Picks the flavour (probing the host for `auto`) and finds its tools.
-    pub fn new(chain: ChainName, mode: IptablesMode, enable_ipv6: bool) -> anyhow::Result<Self> {
+    pub fn new(
+        chain: ChainName,
+        mode: IptablesMode,
+        enable_ipv6: bool,
+        runner: SharedRunner,
+    ) -> Result<Self, SyncError> {
         let flavour = match mode {
-            IptablesMode::Auto => detect_flavour(),
+            IptablesMode::Auto => detect_flavour(&runner),
             IptablesMode::Nft => Flavour::Nft,
             IptablesMode::Legacy => Flavour::Legacy,
         };
         let missing = |family| {
-            anyhow::anyhow!(
+            SyncError::Unusable(format!(
                 "no {} tools for iptables-{flavour} on PATH (looked for {}-{flavour}-save/-restore, xtables-{flavour}-multi, {}-save/-restore)",
                 base_name(family),
                 base_name(family),
                 base_name(family)
-            )
+            ))
         };
-        let v4 = resolve_tools(Family::V4, flavour).ok_or_else(|| missing(Family::V4))?;
+        let v4 = resolve_tools(Family::V4, flavour, &runner).ok_or_else(|| missing(Family::V4))?;
         let v6 = if enable_ipv6 {
-            Some(resolve_tools(Family::V6, flavour).ok_or_else(|| missing(Family::V6))?)
+            Some(resolve_tools(Family::V6, flavour, &runner).ok_or_else(|| missing(Family::V6))?)
         } else {
             None
         };
@@ -716,22 +695,8 @@ impl IptablesBackend {
             random_fully_supported: None,
             v4,
             v6,
+            runner,
         })
-    }
-
-    /// A backend for rendering only: no tools, every feature assumed present.
-    pub fn for_rendering(chain: ChainName) -> Self {
-        let tools = FamilyTools {
-            save: Program::new("iptables-save"),
-            restore: Program::new("iptables-restore"),
-        };
-        IptablesBackend {
-            chain,
-            flavour: Flavour::Nft,
-            random_fully_supported: Some(true),
-            v4: tools.clone(),
-            v6: Some(tools),
-        }
     }
 
     pub fn flavour(&self) -> Flavour {
@@ -743,15 +708,14 @@ impl IptablesBackend {
         self.random_fully_supported
     }
 
-    fn learn_random_fully_support(&mut self) -> anyhow::Result<bool> {
+    fn learn_random_fully_support(&mut self) -> Result<bool, SyncError> {
         if let Some(known) = self.random_fully_supported {
             return Ok(known);
         }
         let version = self
-            .v4
-            .restore
-            .run(&["--version"], None)
-            .context("asking iptables-restore for its version")?;
+            .runner
+            .run(&self.v4.restore, &["--version"], None, None)
+            .doing(|| "asking iptables-restore for its version".into())?;
         let supported = supports_random_fully(&version);
         if !supported {
             tracing::warn!(
@@ -769,11 +733,21 @@ impl IptablesBackend {
         masquerade
     }
 
-    fn tools(&self, family: Family) -> Option<&FamilyTools> {
+    fn tools(&self, family: Family) -> Result<&FamilyTools, SyncError> {
         match family {
-            Family::V4 => Some(&self.v4),
-            Family::V6 => self.v6.as_ref(),
+            Family::V4 => Ok(&self.v4),
+            Family::V6 => self
+                .v6
+                .as_ref()
+                .ok_or_else(|| SyncError::Unusable(format!("{family} is not enabled"))),
         }
+    }
+
+    fn read_nat(&self, family: Family) -> Result<String, SyncError> {
+        let tools = self.tools(family)?;
+        self.runner
+            .run(&tools.save, &["-t", "nat"], None, None)
+            .doing(|| format!("reading the {family} nat table"))
     }
 }
 
@@ -786,31 +760,12 @@ impl Backend for IptablesBackend {
         "iptables"
     }
 
-    fn render(&self, policy: &Policy) -> String {
-        let masquerade = self.effective_masquerade(policy);
-        let mut out = String::new();
-        for family in &policy.families {
-            let rules = render_chain_rules(&self.chain, family, &masquerade);
-            let jump = plan_jump_repairs("", &self.chain);
-            out.push_str(&format!(
-                "# {}-restore --noflush ({})\n",
-                base_name(family.family),
-                family.family
-            ));
-            out.push_str(&render_restore_payload(&self.chain, &jump, &rules));
-        }
-        out
-    }
-
-    fn diff(&mut self, policy: &Policy) -> anyhow::Result<Vec<String>> {
+    fn diff(&mut self, policy: &Policy) -> Result<Vec<String>, SyncError> {
         self.learn_random_fully_support()?;
         let masquerade = self.effective_masquerade(policy);
         let mut diff = Vec::new();
         for family in &policy.families {
-            let tools = self
-                .tools(family.family)
-                .with_context(|| format!("{} is not enabled", family.family))?;
-            let saved = tools.save.run(&["-t", "nat"], None)?;
+            let saved = self.read_nat(family.family)?;
             let mut expected = vec![
                 format!(":{} - [0:0]", self.chain),
                 normalize_rule(&jump_rule(&self.chain)),
@@ -846,28 +801,22 @@ impl Backend for IptablesBackend {
         Ok(diff)
     }
 
-    fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
-        let started_with = spawned_processes();
+    fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError> {
+        let started_with = self.runner.spawned();
         self.learn_random_fully_support()?;
         let masquerade = self.effective_masquerade(policy);
         let mut rules_total = 0;
         let mut wrote = false;
         for family in &policy.families {
-            let tools = self
-                .tools(family.family)
-                .with_context(|| format!("{} is not enabled", family.family))?;
-            let saved = tools
-                .save
-                .run(&["-t", "nat"], None)
-                .with_context(|| format!("reading the {} nat table", family.family))?;
+            let saved = self.read_nat(family.family)?;
             let foreign = foreign_rules(&saved, &self.chain);
             if let Some(example) = foreign.first() {
-                anyhow::bail!(
-                    "the {} nat chain {} holds only rules the agent did not write ({}, e.g. `{example}`); refusing to flush it — remove them or choose another --masq-chain",
-                    family.family,
-                    self.chain,
-                    foreign.len()
-                );
+                return Err(SyncError::ForeignChain {
+                    family: family.family,
+                    chain: self.chain.to_string(),
+                    count: foreign.len(),
+                    example: example.clone(),
+                });
             }
             let rules = render_chain_rules(&self.chain, family, &masquerade);
             rules_total += rules.len();
@@ -878,18 +827,18 @@ impl Backend for IptablesBackend {
                 continue;
             }
             let payload = render_restore_payload(&self.chain, &repairs, &rules);
-            tools
-                .restore
-                .run_waiting_for_lock(
+            self.runner
+                .run(
+                    &self.tools(family.family)?.restore,
                     &["-w", "5", "--noflush"],
                     Some(payload.as_bytes()),
-                    LOCK_WAIT,
+                    Some(LOCK_WAIT),
                 )
-                .with_context(|| format!("replacing the {} chain {}", family.family, self.chain))?;
+                .doing(|| format!("replacing the {} chain {}", family.family, self.chain))?;
             wrote = true;
         }
         Ok(SyncReport {
-            processes: spawned_processes() - started_with,
+            processes: self.runner.spawned() - started_with,
             rules: rules_total,
             wrote,
         })

@@ -1,14 +1,94 @@
 //! Backends turn a [`Policy`] into kernel state, one transaction per family per sync.
+//! Each driver (`iptables`, `nftables`) lives in its own file, spawns tools only through
+//! the [`runner`] seam, and never calls another driver: what concerns two of them (the
+//! names they share, removing the other's leftovers after a switch, `cleanup`) is here.
 
-pub mod command;
 pub mod dry_run;
 pub mod iptables;
 pub mod nftables;
+pub mod runner;
+pub mod windows;
 
 #[cfg(test)]
 mod agreement_tests;
+#[cfg(test)]
+mod tests;
 
-use crate::policy::Policy;
+use std::fmt;
+use std::str::FromStr;
+
+use crate::policy::{Family, Policy};
+use runner::{Program, SharedRunner, ToolError};
+
+pub const DEFAULT_CHAIN: &str = "IP-MASQ-AGENT";
+
+/// A nat chain name iptables will accept and that cannot collide with a built-in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainName(String);
+
+impl ChainName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for ChainName {
+    fn default() -> Self {
+        ChainName(DEFAULT_CHAIN.to_string())
+    }
+}
+
+impl fmt::Display for ChainName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for ChainName {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        const RESERVED: [&str; 9] = [
+            "PREROUTING",
+            "INPUT",
+            "OUTPUT",
+            "FORWARD",
+            "POSTROUTING",
+            "ACCEPT",
+            "DROP",
+            "RETURN",
+            "QUEUE",
+        ];
+        if name.is_empty() {
+            return Err("chain name is empty".into());
+        }
+        // XT_EXTENSION_MAXNAMELEN is 29 including the terminating NUL.
+        if name.len() > 28 {
+            return Err(format!(
+                "chain name {name:?} is {} characters long; iptables allows at most 28",
+                name.len()
+            ));
+        }
+        if let Some(bad) = name
+            .chars()
+            .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\'))
+        {
+            return Err(format!(
+                "chain name {name:?} contains {bad:?}; iptables refuses whitespace and quotes"
+            ));
+        }
+        if name.starts_with('-') || name.starts_with('!') {
+            return Err(format!(
+                "chain name {name:?} starts with {:?}, which iptables reads as an option",
+                &name[..1]
+            ));
+        }
+        if RESERVED.contains(&name) {
+            return Err(format!("chain name {name:?} is a built-in chain or target"));
+        }
+        Ok(ChainName(name.to_string()))
+    }
+}
 
 /// `--backend`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -25,7 +105,7 @@ pub enum BackendChoice {
 }
 
 /// The backend `auto` picks on this host.
-pub fn resolve_auto() -> BackendChoice {
+pub fn resolve_auto(runner: &SharedRunner) -> BackendChoice {
     let has_iptables = [
         "iptables-nft-restore",
         "iptables-legacy-restore",
@@ -34,13 +114,13 @@ pub fn resolve_auto() -> BackendChoice {
         "xtables-legacy-multi",
     ]
     .iter()
-    .any(|tool| command::find_on_path(tool).is_some());
+    .any(|tool| runner.exists(tool));
     if !has_iptables {
         return BackendChoice::Nftables;
     }
-    let kube_proxy_nft = command::find_on_path("nft").is_some()
-        && command::Program::new("nft")
-            .run(&["list", "tables"], None)
+    let kube_proxy_nft = runner.exists("nft")
+        && runner
+            .run(&Program::new("nft"), &["list", "tables"], None, None)
             .is_ok_and(|tables| nftables::lists_kube_proxy_table(&tables));
     if kube_proxy_nft {
         BackendChoice::Nftables
@@ -60,6 +140,80 @@ pub struct SyncReport {
     pub wrote: bool,
 }
 
+/// Why a sync (or a clean-up) did not complete, typed so the agent and `/healthz` can
+/// tell a neighbour's chain from a hung tool or a held lock.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(
+        "the {family} nat chain {chain} holds only rules the agent did not write ({count}, e.g. `{example}`); refusing to flush it — remove them or choose another --masq-chain"
+    )]
+    ForeignChain {
+        family: Family,
+        chain: String,
+        count: usize,
+        example: String,
+    },
+    /// A tool run failed while doing `doing`.
+    #[error("{doing}: {error}")]
+    Tool { doing: String, error: ToolError },
+    /// The backend cannot work here (tools missing, a family not enabled).
+    #[error("{0}")]
+    Unusable(String),
+}
+
+/// The kinds of [`SyncError`], for metrics labels and health reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SyncErrorKind {
+    ForeignChain,
+    ToolMissing,
+    ToolFailed,
+    ToolTimedOut,
+    Interrupted,
+    Unusable,
+}
+
+impl SyncErrorKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            SyncErrorKind::ForeignChain => "foreign_chain",
+            SyncErrorKind::ToolMissing => "tool_missing",
+            SyncErrorKind::ToolFailed => "tool_failed",
+            SyncErrorKind::ToolTimedOut => "tool_timed_out",
+            SyncErrorKind::Interrupted => "interrupted",
+            SyncErrorKind::Unusable => "unusable",
+        }
+    }
+}
+
+impl SyncError {
+    pub fn kind(&self) -> SyncErrorKind {
+        match self {
+            SyncError::ForeignChain { .. } => SyncErrorKind::ForeignChain,
+            SyncError::Unusable(_) => SyncErrorKind::Unusable,
+            SyncError::Tool { error, .. } => match error {
+                ToolError::Missing { .. } => SyncErrorKind::ToolMissing,
+                ToolError::Failed { .. } | ToolError::Wait { .. } => SyncErrorKind::ToolFailed,
+                ToolError::TimedOut { .. } => SyncErrorKind::ToolTimedOut,
+                ToolError::Interrupted { .. } => SyncErrorKind::Interrupted,
+            },
+        }
+    }
+}
+
+/// Attaches what was being done to a tool's failure.
+pub trait Doing<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, SyncError>;
+}
+
+impl<T> Doing<T> for Result<T, ToolError> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, SyncError> {
+        self.map_err(|error| SyncError::Tool {
+            doing: what(),
+            error,
+        })
+    }
+}
+
 pub trait Backend {
     /// A one-line description for the start-up log, e.g. "iptables (nft)".
     fn describe(&self) -> String;
@@ -67,113 +221,72 @@ pub trait Backend {
     /// The backend's name for metrics labels.
     fn kind(&self) -> &'static str;
 
-    /// The exact text this backend would hand the kernel for `policy` on a node
-    /// that carries none of the agent's rules yet.
-    fn render(&self, policy: &Policy) -> String;
-
     /// Makes the kernel match `policy`.
-    fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport>;
+    fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError>;
 
     /// Reads the kernel's rules and lists how they differ from `policy`: lines the
     /// kernel lacks start with `-`, lines it has but should not start with `+`.
-    fn diff(&mut self, policy: &Policy) -> anyhow::Result<Vec<String>>;
+    fn diff(&mut self, policy: &Policy) -> Result<Vec<String>, SyncError>;
+}
+
+/// The exact text `choice` would hand the kernel for `policy` on a node that carries
+/// none of the agent's rules yet (`auto` renders iptables: deciding needs the host).
+pub fn render(choice: BackendChoice, policy: &Policy, chain: &ChainName) -> String {
+    match choice {
+        BackendChoice::Iptables | BackendChoice::Auto => iptables::render(policy, chain),
+        BackendChoice::Nftables => nftables::render(policy),
+        BackendChoice::Windows => windows::render(policy),
+    }
 }
 
 /// Removes everything any backend of the agent installs, in every iptables flavour and
 /// family and in nftables; returns where it removed something.
-pub fn cleanup_everything(chain: &iptables::ChainName) -> anyhow::Result<Vec<String>> {
-    let mut removed = iptables::remove_agent_rules(chain)?;
-    if let Some(place) = remove_nft_table()? {
+pub fn cleanup_everything(
+    chain: &ChainName,
+    runner: &SharedRunner,
+) -> Result<Vec<String>, SyncError> {
+    let mut removed = iptables::remove_agent_rules(chain, runner)?;
+    if let Some(place) = remove_nft_table(runner)? {
         removed.push(place);
     }
     Ok(removed)
 }
 
 /// Removes the nftables backend's table if present; where it removed it.
-fn remove_nft_table() -> anyhow::Result<Option<String>> {
-    if command::find_on_path("nft").is_none() {
+fn remove_nft_table(runner: &SharedRunner) -> Result<Option<String>, SyncError> {
+    if !runner.exists("nft") {
         // A host without nft cannot hold that table either.
         return Ok(None);
     }
-    let removed = nftables::remove_table(&command::Program::new("nft"))?;
+    let removed = nftables::remove_table(runner)?;
     Ok(removed.then(|| format!("nft table inet {}", nftables::TABLE)))
 }
 
-/// Which backend's leftovers a running backend removes once its own rules are in force.
+/// The other backend's rules, which a running backend removes once its own are in force.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Leftovers {
     /// The iptables backend's chain and jumps (every flavour and family).
-    Iptables(iptables::ChainName),
+    Iptables(ChainName),
     /// The nftables backend's table.
     Nftables,
 }
 
 impl Leftovers {
-    fn remove(&self) -> anyhow::Result<Vec<String>> {
-        match self {
-            Leftovers::Iptables(chain) => iptables::remove_agent_rules(chain),
-            Leftovers::Nftables => Ok(remove_nft_table()?.into_iter().collect()),
-        }
-    }
-}
-
-/// A backend that, after each successful sync until one removal succeeds, removes the
-/// other backend's rules. Only after its own rules are in force, so traffic is never
-/// left unmasqueraded; and retried, because an old iptables chain left at srcnat runs
-/// before the nft table and keeps the old decisions.
-pub struct RemovingLeftovers {
-    inner: Box<dyn Backend>,
-    leftovers: Leftovers,
-    removed: bool,
-}
-
-impl RemovingLeftovers {
-    pub fn new(inner: Box<dyn Backend>, leftovers: Leftovers) -> RemovingLeftovers {
-        RemovingLeftovers {
-            inner,
-            leftovers,
-            removed: false,
-        }
-    }
-}
-
-impl Backend for RemovingLeftovers {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-
-    fn render(&self, policy: &Policy) -> String {
-        self.inner.render(policy)
-    }
-
-    fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
-        let started_with = command::spawned_processes();
-        let mut report = self.inner.sync(policy)?;
-        if !self.removed {
-            let places = self.leftovers.remove().map_err(|err| {
-                err.context("removing the other backend's rules (retried at the next sync)")
-            })?;
-            for place in places {
-                match self.leftovers {
-                    Leftovers::Iptables(_) => {
-                        tracing::info!("removed the iptables backend's rules from {place}")
-                    }
-                    Leftovers::Nftables => tracing::info!("removed the nftables backend's table"),
-                }
-                report.wrote = true;
-            }
-            self.removed = true;
-            report.processes = command::spawned_processes() - started_with;
-        }
-        Ok(report)
-    }
-
-    fn diff(&mut self, policy: &Policy) -> anyhow::Result<Vec<String>> {
-        self.inner.diff(policy)
+    /// Removes them; returns a log line per place they were removed from. Run after a
+    /// successful sync (so traffic is never left unmasqueraded) and retried until it
+    /// succeeds: an old iptables chain at srcnat runs before the nft table and keeps
+    /// the old decisions.
+    pub fn remove(&self, runner: &SharedRunner) -> Result<Vec<String>, SyncError> {
+        Ok(match self {
+            Leftovers::Iptables(chain) => iptables::remove_agent_rules(chain, runner)?
+                .into_iter()
+                .map(|place| format!("removed the iptables backend's rules from {place}"))
+                .collect(),
+            Leftovers::Nftables => remove_nft_table(runner)?
+                .map(|_| "removed the nftables backend's table".to_string())
+                .into_iter()
+                .collect(),
+        })
     }
 }
 
@@ -196,32 +309,37 @@ pub fn line_diff(expected: &[String], actual: &[String]) -> Vec<String> {
     out
 }
 
-/// The backend the flags ask for, set up for this host (probing it for `auto`).
+/// The backend the flags ask for, set up for this host (probing it for `auto`), and the
+/// other backend's leftovers it should remove once its own rules are in force.
 pub fn build(
     choice: BackendChoice,
-    chain: &iptables::ChainName,
+    chain: &ChainName,
     mode: iptables::IptablesMode,
     enable_ipv6: bool,
-) -> anyhow::Result<Box<dyn Backend>> {
-    use anyhow::Context;
+    runner: &SharedRunner,
+) -> Result<(Box<dyn Backend>, Leftovers), SyncError> {
     let choice = match choice {
-        BackendChoice::Auto => resolve_auto(),
+        BackendChoice::Auto => resolve_auto(runner),
         chosen => chosen,
     };
     Ok(match choice {
-        BackendChoice::Nftables => Box::new(RemovingLeftovers::new(
-            Box::new(nftables::NftablesBackend::new().context("setting up the nftables backend")?),
+        BackendChoice::Nftables => (
+            Box::new(nftables::NftablesBackend::new(runner.clone())?),
             Leftovers::Iptables(chain.clone()),
-        )),
-        BackendChoice::Windows => anyhow::bail!(
-            "--backend=windows only renders; the agent is Linux-only (use windows-cni on Windows nodes)"
         ),
-        BackendChoice::Iptables | BackendChoice::Auto => Box::new(RemovingLeftovers::new(
-            Box::new(
-                iptables::IptablesBackend::new(chain.clone(), mode, enable_ipv6)
-                    .context("setting up the iptables backend")?,
-            ),
+        BackendChoice::Windows => {
+            return Err(SyncError::Unusable(
+                "--backend=windows only renders; the agent is Linux-only (use windows-cni on Windows nodes)".into(),
+            ));
+        }
+        BackendChoice::Iptables | BackendChoice::Auto => (
+            Box::new(iptables::IptablesBackend::new(
+                chain.clone(),
+                mode,
+                enable_ipv6,
+                runner.clone(),
+            )?),
             Leftovers::Nftables,
-        )),
+        ),
     })
 }

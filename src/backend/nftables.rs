@@ -4,12 +4,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use anyhow::Context;
 use ipnet::IpNet;
 
-use super::command::{Program, find_on_path, spawned_processes};
-use super::{Backend, SyncReport};
-use crate::policy::{Family, FamilyPolicy, Masquerade, Policy};
+use super::runner::{Program, SharedRunner, ToolError};
+use super::{Backend, Doing, SyncError, SyncReport};
+use crate::policy::{Decision, Family, FamilyPolicy, KeepReason, Masquerade, Policy};
 
 pub const TABLE: &str = "ip-masq-agent";
 
@@ -293,52 +292,76 @@ pub fn lists_kube_proxy_table(tables: &str) -> bool {
 }
 
 /// Removes the agent's nft table if it exists; returns whether it did.
-pub fn remove_table(nft: &Program) -> anyhow::Result<bool> {
-    let tables = match nft.run(&["list", "tables"], None) {
+pub fn remove_table(runner: &SharedRunner) -> Result<bool, SyncError> {
+    let nft = Program::new("nft");
+    let tables = match runner.run(&nft, &["list", "tables"], None, None) {
         Ok(tables) => tables,
         // A kernel without nf_tables cannot hold the table either.
-        Err(super::command::ToolError::Failed { stderr, .. })
-            if stderr.contains("not supported") =>
-        {
+        Err(ToolError::Failed { stderr, .. }) if stderr.contains("not supported") => {
             return Ok(false);
         }
-        Err(err) => return Err(err.into()),
+        Err(error) => {
+            return Err(SyncError::Tool {
+                doing: "listing the nft tables".into(),
+                error,
+            });
+        }
     };
     if !lists_agent_table(&tables) {
         return Ok(false);
     }
-    nft.run(&["-f", "-"], Some(render_removal().as_bytes()))?;
+    runner
+        .run(&nft, &["-f", "-"], Some(render_removal().as_bytes()), None)
+        .doing(|| format!("deleting nft table inet {TABLE}"))?;
     Ok(true)
+}
+
+/// The text `render` prints for the nftables backend.
+pub fn render(policy: &Policy) -> String {
+    format!("# nft -f -\n{}", render_transaction(policy))
+}
+
+/// How `explain` names the nft rule behind a decision.
+pub fn explain(decision: &Decision, family: Family) -> String {
+    let chain = chain_name(family);
+    match decision {
+        Decision::Keep {
+            prefix,
+            reason: KeepReason::LinkLocal,
+        } => format!("chain {chain} daddr {prefix} return"),
+        Decision::Keep { .. } => format!("set {}", set_name(family)),
+        Decision::Masquerade => format!("chain {chain} masquerade"),
+        Decision::Unmanaged => "no rules".to_string(),
+    }
 }
 
 pub struct NftablesBackend {
     nft: Program,
+    runner: SharedRunner,
     /// The transaction of the last write: a different one is written without reading
     /// the kernel first.
     last_written: Option<String>,
 }
 
 impl NftablesBackend {
-    pub fn new() -> anyhow::Result<Self> {
-        find_on_path("nft").context("the nftables backend needs the nft binary on PATH")?;
+    pub fn new(runner: SharedRunner) -> Result<Self, SyncError> {
+        if !runner.exists("nft") {
+            return Err(SyncError::Unusable(
+                "the nftables backend needs the nft binary on PATH".into(),
+            ));
+        }
         Ok(NftablesBackend {
             nft: Program::new("nft"),
+            runner,
             last_written: None,
         })
     }
 
-    pub fn for_rendering() -> Self {
-        NftablesBackend {
-            nft: Program::new("nft"),
-            last_written: None,
-        }
-    }
-}
-
-impl NftablesBackend {
     /// The table as nft lists it, or None when it is missing or nft fails.
     fn list_table(&self) -> Option<String> {
-        self.nft.run(&["list", "table", "inet", TABLE], None).ok()
+        self.runner
+            .run(&self.nft, &["list", "table", "inet", TABLE], None, None)
+            .ok()
     }
 }
 
@@ -351,11 +374,7 @@ impl Backend for NftablesBackend {
         "nftables"
     }
 
-    fn render(&self, policy: &Policy) -> String {
-        format!("# nft -f -\n{}", render_transaction(policy))
-    }
-
-    fn diff(&mut self, policy: &Policy) -> anyhow::Result<Vec<String>> {
+    fn diff(&mut self, policy: &Policy) -> Result<Vec<String>, SyncError> {
         let expected = normalized_table(&render_transaction(policy));
         let actual = match self.list_table() {
             Some(listing) => normalized_table(&listing),
@@ -364,8 +383,8 @@ impl Backend for NftablesBackend {
         Ok(super::line_diff(&expected, &actual))
     }
 
-    fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
-        let started_with = spawned_processes();
+    fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError> {
+        let started_with = self.runner.spawned();
         let transaction = render_transaction(policy);
         let rules = policy
             .families
@@ -384,17 +403,17 @@ impl Backend for NftablesBackend {
             && normalized_table(&listing) == normalized_table(&transaction)
         {
             return Ok(SyncReport {
-                processes: spawned_processes() - started_with,
+                processes: self.runner.spawned() - started_with,
                 rules,
                 wrote: false,
             });
         }
-        self.nft
-            .run(&["-f", "-"], Some(transaction.as_bytes()))
-            .with_context(|| format!("replacing nft table inet {TABLE}"))?;
+        self.runner
+            .run(&self.nft, &["-f", "-"], Some(transaction.as_bytes()), None)
+            .doing(|| format!("replacing nft table inet {TABLE}"))?;
         self.last_written = Some(transaction);
         Ok(SyncReport {
-            processes: spawned_processes() - started_with,
+            processes: self.runner.spawned() - started_with,
             rules,
             wrote: true,
         })

@@ -3,6 +3,7 @@
 
 mod document;
 pub mod duration;
+pub mod source;
 
 use std::fmt;
 use std::io::Read;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::backend::runner::fake::FakeRunner;
 use crate::config::{ParseOptions, parse};
 use crate::policy::{PolicySettings, ToPorts};
 use std::path::Path;
@@ -59,7 +60,6 @@ fn keep(prefix: &str) -> String {
 
 #[test]
 fn default_payload_is_upstreams_layout() {
-    let backend = IptablesBackend::for_rendering(ChainName::default());
     let policy = Case::new("").policy();
     let expected = format!(
         "# iptables-restore --noflush (IPv4)\n*nat\n:IP-MASQ-AGENT - [0:0]\n{JUMP}\n{}\n{}\n{}\n{}\n-A IP-MASQ-AGENT {MASQ} --random-fully\nCOMMIT\n",
@@ -68,7 +68,7 @@ fn default_payload_is_upstreams_layout() {
         keep("172.16.0.0/12"),
         keep("192.168.0.0/16"),
     );
-    assert_eq!(backend.render(&policy), expected);
+    assert_eq!(render(&policy, &ChainName::default()), expected);
 }
 
 #[test]
@@ -162,7 +162,7 @@ fn ipv6_chain_holds_only_ipv6_prefixes() {
             format!("-A IP-MASQ-AGENT {MASQ} --random-fully")
         ]
     );
-    let rendered = IptablesBackend::for_rendering(ChainName::default()).render(&case.policy());
+    let rendered = render(&case.policy(), &ChainName::default());
     assert!(
         rendered.contains("# ip6tables-restore --noflush (IPv6)\n*nat\n"),
         "{rendered}"
@@ -188,10 +188,20 @@ fn random_fully_off_or_unsupported_is_omitted() {
         format!("-A IP-MASQ-AGENT {MASQ}")
     );
 
-    let mut old_iptables = IptablesBackend::for_rendering(ChainName::default());
-    old_iptables.random_fully_supported = Some(false);
-    let rendered = old_iptables.render(&Case::new("").policy());
-    assert!(!rendered.contains("--random-fully"), "{rendered}");
+    let runner = FakeRunner::new();
+    runner.set_iptables_version("iptables-restore v1.4.21\n");
+    let mut old_iptables = IptablesBackend::new(
+        ChainName::default(),
+        IptablesMode::Nft,
+        false,
+        runner.clone(),
+    )
+    .unwrap();
+    old_iptables.sync(&Case::new("").policy()).unwrap();
+    assert_eq!(old_iptables.random_fully_supported(), Some(false));
+    let written = runner.nat("iptables-nft");
+    assert!(written.contains("-j MASQUERADE"), "{written}");
+    assert!(!written.contains("--random-fully"), "{written}");
 }
 
 #[test]
@@ -212,8 +222,7 @@ fn to_ports_split_by_protocol_and_weight() {
 #[test]
 fn custom_chain_name_is_used_everywhere() {
     let chain: ChainName = "MY-MASQ".parse().unwrap();
-    let backend = IptablesBackend::for_rendering(chain);
-    let rendered = backend.render(&Case::new("nonMasqueradeCIDRs: []\n").policy());
+    let rendered = render(&Case::new("nonMasqueradeCIDRs: []\n").policy(), &chain);
     assert!(rendered.contains(":MY-MASQ - [0:0]\n"));
     assert!(rendered.contains(
         "traffic to our custom MY-MASQ chain\" -m addrtype ! --dst-type LOCAL -j MY-MASQ\n"

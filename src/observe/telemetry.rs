@@ -18,6 +18,11 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConfigLabels {
     hash: String,
 }
@@ -65,6 +70,7 @@ pub struct Telemetry {
     config_info: Family<ConfigLabels, Gauge>,
     prefixes: Family<PrefixLabels, Gauge>,
     drift_repairs: Counter,
+    sync_errors: Family<KindLabels, Counter>,
     http_endpoint_bound: Gauge,
     http_bind_failures: Counter,
     http_accept_errors: Counter,
@@ -87,6 +93,7 @@ impl Telemetry {
         let config_info = Family::<ConfigLabels, Gauge>::default();
         let prefixes = Family::<PrefixLabels, Gauge>::default();
         let drift_repairs = Counter::default();
+        let sync_errors = Family::<KindLabels, Counter>::default();
         let http_endpoint_bound = Gauge::default();
         let http_bind_failures = Counter::default();
         let http_accept_errors = Counter::default();
@@ -94,6 +101,11 @@ impl Telemetry {
             "syncs",
             "Syncs of the kernel's rules, by result",
             syncs.clone(),
+        );
+        registry.register(
+            "sync_errors",
+            "Failed syncs by kind: foreign_chain, tool_missing, tool_failed, tool_timed_out, interrupted, unusable",
+            sync_errors.clone(),
         );
         registry.register(
             "sync_duration_seconds",
@@ -149,6 +161,7 @@ impl Telemetry {
             config_info,
             prefixes,
             drift_repairs,
+            sync_errors,
             http_endpoint_bound,
             http_bind_failures,
             http_accept_errors,
@@ -177,6 +190,11 @@ impl Telemetry {
     /// The longest a sync may take before its tools are killed (`--tool-timeout`).
     pub fn set_sync_deadline(&self, deadline: Duration) {
         self.health().sync_deadline = deadline;
+    }
+
+    /// Counts a failed sync by the kind of its error.
+    pub fn sync_error(&self, kind: &'static str) {
+        self.sync_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     pub fn sync_finished(

@@ -2,8 +2,8 @@ use super::*;
 use crate::config::{ParseOptions, parse};
 use crate::policy::PolicySettings;
 
-const V1: &str = include_str!("../../tests/data/win-bridge-v1.conf");
-const V2: &str = include_str!("../../tests/data/win-bridge-v2.conf");
+const V1: &str = include_str!("../../../tests/data/win-bridge-v1.conf");
+const V2: &str = include_str!("../../../tests/data/win-bridge-v2.conf");
 
 fn list(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()

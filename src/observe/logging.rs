@@ -2,6 +2,14 @@
 
 use tracing::Level;
 
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 pub fn level_for_verbosity(verbosity: u8) -> Level {
     match verbosity {
         0 | 1 => Level::INFO,
@@ -10,14 +18,14 @@ pub fn level_for_verbosity(verbosity: u8) -> Level {
     }
 }
 
-pub fn init(verbosity: u8, format: crate::cli::LogFormat) {
+pub fn init(verbosity: u8, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_max_level(level_for_verbosity(verbosity))
         .with_target(false)
         .with_writer(std::io::stderr)
         .with_ansi(false);
     match format {
-        crate::cli::LogFormat::Text => builder.init(),
-        crate::cli::LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }

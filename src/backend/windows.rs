@@ -28,6 +28,14 @@ pub fn exception_list(policy: &Policy) -> Vec<String> {
     list
 }
 
+/// The text `render --backend windows` prints: the exception list as JSON.
+pub fn render(policy: &Policy) -> String {
+    let list = exception_list(policy);
+    let mut text = serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".to_string());
+    text.push('\n');
+    text
+}
+
 /// A JSON value's location: the path of keys/indices to it and its byte range.
 #[derive(Debug)]
 struct Located {

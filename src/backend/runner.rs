@@ -1,5 +1,7 @@
-//! Running firewall tools: one place that spawns, feeds stdin, enforces a deadline, and
-//! turns a failure into an error that carries the tool's own words.
+//! Running firewall tools: the one seam through which backends spawn processes
+//! ([`Runner`]), the real implementation ([`SystemRunner`]: spawns, feeds stdin, enforces
+//! a deadline, and turns a failure into an error that carries the tool's own words), and
+//! a recording fake for unit tests (`fake`, test builds only).
 //!
 //! Every child gets a deadline: a hung `iptables-save` (iptables-nft 1.8.3 is known to
 //! loop) or `nft` must not stall the sync loop, and a SIGTERM must not wait for it.
@@ -10,8 +12,11 @@ use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
+
+#[cfg(test)]
+pub mod fake;
 
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
 /// The deadline for one tool run, in milliseconds (`--tool-timeout`).
@@ -58,6 +63,63 @@ pub fn clear_stop() {
 
 fn stopping() -> bool {
     STOPPING.load(Ordering::SeqCst)
+}
+
+/// Spawns the firewall tools. Backends never start a process any other way, so a fake
+/// can stand in for the kernel's tools in unit tests.
+pub trait Runner: Send + Sync {
+    /// Runs `program` with `args` (and `stdin`) to completion within the tool deadline,
+    /// or within `lock_wait` plus a margin if the tool was told to wait that long for
+    /// the xtables lock; stdout on success.
+    fn run(
+        &self,
+        program: &Program,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        lock_wait: Option<Duration>,
+    ) -> Result<String, ToolError>;
+
+    /// Whether an executable of this name is on PATH.
+    fn exists(&self, name: &str) -> bool;
+
+    /// Processes started so far (for sync reports and benchmarks).
+    fn spawned(&self) -> u64;
+}
+
+pub type SharedRunner = Arc<dyn Runner>;
+
+/// The real thing: child processes with deadlines.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemRunner;
+
+impl SystemRunner {
+    pub fn shared() -> SharedRunner {
+        Arc::new(SystemRunner)
+    }
+}
+
+impl Runner for SystemRunner {
+    fn run(
+        &self,
+        program: &Program,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        lock_wait: Option<Duration>,
+    ) -> Result<String, ToolError> {
+        let deadline = match lock_wait {
+            Some(wait) => lock_deadline(tool_timeout(), wait),
+            None => tool_timeout(),
+        };
+        program.run_within(args, stdin, deadline)
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        find_on_path(name).is_some()
+    }
+
+    fn spawned(&self) -> u64 {
+        spawned_processes()
+    }
 }
 
 /// Why running a tool did not give its output.
@@ -110,23 +172,6 @@ impl Program {
         words.extend(self.leading_args.iter().cloned());
         words.extend(args.iter().map(|a| a.to_string()));
         words.join(" ")
-    }
-
-    /// Runs to completion within the tool deadline; stdout on success, an error quoting
-    /// stderr otherwise.
-    pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<String, ToolError> {
-        self.run_within(args, stdin, tool_timeout())
-    }
-
-    /// Like `run`, for a tool told to wait up to `lock_wait` for the xtables lock: its
-    /// deadline is never shorter than that wait.
-    pub fn run_waiting_for_lock(
-        &self,
-        args: &[&str],
-        stdin: Option<&[u8]>,
-        lock_wait: Duration,
-    ) -> Result<String, ToolError> {
-        self.run_within(args, stdin, lock_deadline(tool_timeout(), lock_wait))
     }
 
     fn run_within(
@@ -310,7 +355,7 @@ fn kill_group(child: &mut Child) {
 }
 
 /// Finds an executable by name on PATH.
-pub fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
+fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))

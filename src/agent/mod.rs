@@ -1,16 +1,44 @@
 //! The sync loop: read the config, keep the kernel in step with it, and keep the
 //! last good rules when the config is bad or a tool fails.
 
+pub mod watch;
+pub mod wiring;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use std::sync::Arc;
+use crate::backend::iptables::IptablesMode;
+use crate::backend::runner::SharedRunner;
+use crate::backend::{Backend, BackendChoice, ChainName, Leftovers, SyncError, SyncErrorKind};
+use crate::config::source::ConfigPath;
+use crate::config::{Config, ConfigError, ConfigSource, LoadedConfig, ParseOptions};
+use crate::observe::telemetry::{SyncResult, Telemetry, config_hash};
+use crate::policy::{Policy, PolicySettings};
 
-use crate::backend::Backend;
-use crate::cli::Settings;
-use crate::config::{Config, ConfigSource, LoadedConfig};
-use crate::policy::Policy;
-use crate::telemetry::{SyncResult, Telemetry, config_hash};
+/// What the agent (and the commands) derive from the flags.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub config: ConfigPath,
+    pub parse_options: ParseOptions,
+    pub policy_settings: PolicySettings,
+    pub chain: ChainName,
+    pub iptables_mode: IptablesMode,
+    pub backend: BackendChoice,
+    pub cleanup_on_exit: bool,
+    pub dry_run: bool,
+    /// None when the endpoint is disabled.
+    pub metrics_address: Option<SocketAddr>,
+    pub tool_timeout: Duration,
+}
+
+impl Settings {
+    /// Reads the config the way the flags say: one file, or a merged directory.
+    pub fn load_config(&self) -> Result<LoadedConfig, ConfigError> {
+        self.config.load(self.parse_options)
+    }
+}
 
 /// Something that should interrupt the wait between syncs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +70,8 @@ const SETTLE: Duration = Duration::from_millis(15);
 pub struct Agent {
     settings: Settings,
     backend: Box<dyn Backend>,
+    /// The other backend's rules, until they are removed after a successful sync.
+    leftovers: Option<(Leftovers, SharedRunner)>,
     applied: Option<Applied>,
     last_loaded: Option<LoadedConfig>,
     last_error: Option<(String, Instant)>,
@@ -62,6 +92,7 @@ impl Agent {
         Agent {
             settings,
             backend,
+            leftovers: None,
             applied: None,
             last_loaded: None,
             last_error: None,
@@ -71,6 +102,13 @@ impl Agent {
             started: Instant::now(),
             telemetry: Arc::new(Telemetry::new()),
         }
+    }
+
+    /// Removes `leftovers` (the other backend's rules) after the first successful sync,
+    /// retrying at every sync until that succeeds.
+    pub fn with_leftovers(mut self, leftovers: Leftovers, runner: SharedRunner) -> Agent {
+        self.leftovers = Some((leftovers, runner));
+        self
     }
 
     /// Reports into `telemetry` (shared with the HTTP endpoint) instead of a private one.
@@ -144,81 +182,118 @@ impl Agent {
 
     fn apply(&mut self, config: Config, policy: Policy) -> SyncOutcome {
         let started = Instant::now();
-        match self.backend.sync(&policy) {
-            Ok(report) => {
-                let changed = self.applied.as_ref().map(|a| &a.policy) != Some(&policy);
-                let first = self.applied.is_none();
-                if changed {
-                    let prefixes: usize = policy.families.iter().map(|f| f.non_masq.0.len()).sum();
-                    tracing::info!(
-                        prefixes,
-                        rules = report.rules,
-                        resync_interval = ?config.resync_interval,
-                        elapsed_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
-                        since_start_ms = format!("{:.3}", self.started.elapsed().as_secs_f64() * 1e3),
-                        processes = report.processes,
-                        "{}",
-                        if first { "rules applied" } else { "config changed; rules applied" }
-                    );
-                } else if report.wrote {
-                    self.drift_repairs += 1;
-                    self.telemetry.drift_repaired();
-                    tracing::info!(
-                        rules = report.rules,
-                        processes = report.processes,
-                        "the kernel's rules differed from the config; rewritten"
-                    );
-                } else {
-                    tracing::debug!(
-                        rules = report.rules,
-                        elapsed_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
-                        processes = report.processes,
-                        "rules resynced"
-                    );
-                }
-                if self.consecutive_backend_failures > 0 {
-                    tracing::info!(
-                        "rules written again after {} failed attempt(s)",
-                        self.consecutive_backend_failures
-                    );
-                }
-                self.consecutive_backend_failures = 0;
-                self.telemetry.sync_finished(
-                    SyncResult::Success,
-                    started.elapsed(),
-                    config.resync_interval,
-                    None,
-                );
-                if changed {
-                    let prefixes: Vec<(&'static str, usize)> = policy
-                        .families
-                        .iter()
-                        .map(|f| (f.family.label(), f.non_masq.0.len()))
-                        .collect();
-                    self.telemetry.applied(
-                        &config_hash(&format!("{config:?}")),
-                        self.backend.kind(),
-                        &prefixes,
-                    );
-                }
-                self.applied = Some(Applied { config, policy });
-                SyncOutcome::Applied { changed }
-            }
+        let report = match self.backend.sync(&policy) {
+            Ok(report) => report,
             Err(err) => {
-                self.consecutive_backend_failures += 1;
-                self.telemetry.sync_finished(
-                    SyncResult::Failure,
-                    started.elapsed(),
-                    config.resync_interval,
-                    Some(format!("{err:#}")),
-                );
-                tracing::error!(
-                    attempt = self.consecutive_backend_failures,
-                    "syncing masquerade rules failed: {err:#}"
-                );
-                SyncOutcome::BackendFailed
+                return self.sync_failed(&err, format!("{err}"), started, &config);
+            }
+        };
+        let changed = self.applied.as_ref().map(|a| &a.policy) != Some(&policy);
+        let first = self.applied.is_none();
+        if changed {
+            let prefixes: usize = policy.families.iter().map(|f| f.non_masq.0.len()).sum();
+            tracing::info!(
+                prefixes,
+                rules = report.rules,
+                resync_interval = ?config.resync_interval,
+                elapsed_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
+                since_start_ms = format!("{:.3}", self.started.elapsed().as_secs_f64() * 1e3),
+                processes = report.processes,
+                "{}",
+                if first { "rules applied" } else { "config changed; rules applied" }
+            );
+        } else if report.wrote {
+            self.drift_repairs += 1;
+            self.telemetry.drift_repaired();
+            tracing::info!(
+                rules = report.rules,
+                processes = report.processes,
+                "the kernel's rules differed from the config; rewritten"
+            );
+        } else {
+            tracing::debug!(
+                rules = report.rules,
+                elapsed_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
+                processes = report.processes,
+                "rules resynced"
+            );
+        }
+        if changed {
+            let prefixes: Vec<(&'static str, usize)> = policy
+                .families
+                .iter()
+                .map(|f| (f.family.label(), f.non_masq.0.len()))
+                .collect();
+            self.telemetry.applied(
+                &config_hash(&format!("{config:?}")),
+                self.backend.kind(),
+                &prefixes,
+            );
+        }
+        let resync_interval = config.resync_interval;
+        self.applied = Some(Applied { config, policy });
+        // Only after our own rules are in force, so traffic is never left unmasqueraded.
+        if let Err(err) = self.remove_leftovers() {
+            let message =
+                format!("removing the other backend's rules (retried at the next sync): {err}");
+            let config = self.applied.as_ref().map(|a| a.config.clone());
+            if let Some(config) = config {
+                return self.sync_failed(&err, message, started, &config);
             }
         }
+        if self.consecutive_backend_failures > 0 {
+            tracing::info!(
+                "rules written again after {} failed attempt(s)",
+                self.consecutive_backend_failures
+            );
+        }
+        self.consecutive_backend_failures = 0;
+        self.telemetry.sync_finished(
+            SyncResult::Success,
+            started.elapsed(),
+            resync_interval,
+            None,
+        );
+        SyncOutcome::Applied { changed }
+    }
+
+    fn remove_leftovers(&mut self) -> Result<(), SyncError> {
+        let Some((leftovers, runner)) = &self.leftovers else {
+            return Ok(());
+        };
+        for line in leftovers.remove(runner)? {
+            tracing::info!("{line}");
+        }
+        self.leftovers = None;
+        Ok(())
+    }
+
+    fn sync_failed(
+        &mut self,
+        err: &SyncError,
+        message: String,
+        started: Instant,
+        config: &Config,
+    ) -> SyncOutcome {
+        let kind = err.kind();
+        self.telemetry.sync_error(kind.label());
+        if kind == SyncErrorKind::Interrupted {
+            tracing::info!("sync interrupted: the agent is stopping");
+            return SyncOutcome::BackendFailed;
+        }
+        self.consecutive_backend_failures += 1;
+        self.telemetry.sync_finished(
+            SyncResult::Failure,
+            started.elapsed(),
+            config.resync_interval,
+            Some(format!("{}: {message}", kind.label())),
+        );
+        tracing::error!(
+            attempt = self.consecutive_backend_failures,
+            kind = kind.label(),
+            "syncing masquerade rules failed: {message}"
+        );
+        SyncOutcome::BackendFailed
     }
 
     /// How long to wait before the next sync.
@@ -264,7 +339,7 @@ impl Agent {
 
     /// Syncs now and then after every wait, until a shutdown event arrives.
     pub fn run(&mut self, events: &Receiver<Event>) {
-        tracing::info!(backend = %self.backend.describe(), config = %self.settings.config_path.display(), "starting");
+        tracing::info!(backend = %self.backend.describe(), config = %self.settings.config.path().display(), "starting");
         loop {
             self.sync_once();
             match events.recv_timeout(self.next_wait()) {
@@ -308,15 +383,12 @@ mod tests {
         fn kind(&self) -> &'static str {
             "recorder"
         }
-        fn render(&self, _: &Policy) -> String {
-            String::new()
-        }
-        fn diff(&mut self, _: &Policy) -> anyhow::Result<Vec<String>> {
+        fn diff(&mut self, _: &Policy) -> Result<Vec<String>, SyncError> {
             Ok(Vec::new())
         }
-        fn sync(&mut self, policy: &Policy) -> anyhow::Result<SyncReport> {
+        fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError> {
             if *self.fail.borrow() {
-                anyhow::bail!("iptables-restore failed");
+                return Err(SyncError::Unusable("iptables-restore failed".into()));
             }
             self.synced.borrow_mut().push(policy.clone());
             Ok(SyncReport::default())
@@ -469,6 +541,29 @@ mod tests {
         assert!(synced.iter().all(|p| prefixes(p) == ["10.0.0.0/8"]));
         // Re-applying the same rules is not news.
         assert!(!logs.contains("rules applied"), "{logs}");
+    }
+
+    #[test]
+    fn regression_other_backends_rules_are_removed_after_the_first_sync_and_retried() {
+        use crate::backend::runner::fake::{FakeRunner, Fault};
+        let runner = FakeRunner::new();
+        runner.add_nft_table("inet ip-masq-agent", "table inet ip-masq-agent {\n}\n");
+        runner.inject("list tables", Fault::Fails("simulated failure"), Some(1));
+        let mut f = fixture("leftovers");
+        f.agent.leftovers = Some((Leftovers::Nftables, runner.clone()));
+        // Our rules are written, then removing the other backend's fails: a failed sync.
+        assert_eq!(f.agent.sync_once(), SyncOutcome::BackendFailed);
+        assert_eq!(f.synced.borrow().len(), 1);
+        assert!(runner.nft_table("inet ip-masq-agent").is_some());
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: false });
+        assert!(runner.nft_table("inet ip-masq-agent").is_none());
+        let calls = runner.calls().len();
+        f.agent.sync_once();
+        assert_eq!(
+            runner.calls().len(),
+            calls,
+            "removed once, not at every sync"
+        );
     }
 
     #[test]

@@ -1,0 +1,135 @@
+//! Starting the agent for real: the tool deadline, the backend for this host, the signal
+//! thread, the config watch, the HTTP endpoint, the loop, and `--cleanup-on-exit`. Each
+//! background part fails alone: a watch or an endpoint that cannot start is logged and
+//! the loop syncs anyway.
+
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use anyhow::Context;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use super::{Agent, Event, Settings};
+use crate::backend::dry_run::DryRunBackend;
+use crate::backend::runner::{self, SharedRunner, SystemRunner};
+use crate::backend::{self, Backend};
+use crate::observe::http;
+use crate::observe::telemetry::Telemetry;
+
+/// How long the main loop gets to notice a SIGTERM before the process exits anyway.
+const EXIT_GRACE: Duration = Duration::from_millis(800);
+
+/// Runs the agent until SIGTERM/SIGINT; the rules stay in place unless
+/// `--cleanup-on-exit` asks otherwise (never in a dry run).
+pub fn run(settings: Settings) -> anyhow::Result<()> {
+    runner::set_tool_timeout(settings.tool_timeout);
+    let runner: SharedRunner = SystemRunner::shared();
+    let (chosen, leftovers) = backend::build(
+        settings.backend,
+        &settings.chain,
+        settings.iptables_mode,
+        settings.policy_settings.enable_ipv6,
+        &runner,
+    )?;
+    let backend: Box<dyn Backend> = if settings.dry_run {
+        Box::new(DryRunBackend::new(chosen, settings.chain.clone()))
+    } else {
+        chosen
+    };
+
+    let (sender, events) = mpsc::channel();
+    // Dry run never writes, not even the removal on exit.
+    let cleanup_on_exit = settings.cleanup_on_exit && !settings.dry_run;
+    if settings.cleanup_on_exit && settings.dry_run {
+        tracing::info!("dry run: --cleanup-on-exit will not remove anything");
+    }
+    start_signal_thread(sender.clone(), cleanup_on_exit)?;
+
+    // Kept alive for the whole run; without a directory the resync timer is the backstop.
+    let config = settings.config.clone();
+    let watched = config.watched_dir();
+    let _watcher = match super::watch::watch_dir(
+        &watched,
+        move |name| config.is_of_interest(name),
+        move || {
+            let _ = sender.send(Event::Reload("config directory changed"));
+        },
+    ) {
+        Ok(watcher) => Some(watcher),
+        Err(err) => {
+            tracing::warn!(
+                "cannot watch {} ({err}); config changes are picked up every resyncInterval",
+                watched.display()
+            );
+            None
+        }
+    };
+    let telemetry = Arc::new(Telemetry::new());
+    telemetry.set_sync_deadline(settings.tool_timeout);
+    if let Some(address) = settings.metrics_address {
+        // No `?`: a taken port or a failing HTTP thread must not keep the rules from being
+        // written; serve logs such failures and retries the bind on its own thread.
+        http::serve(address, telemetry.clone());
+    }
+    let cleanup_chain = cleanup_on_exit.then(|| settings.chain.clone());
+    let mut agent = Agent::new(settings.clone(), backend).with_telemetry(telemetry);
+    if !settings.dry_run {
+        agent = agent.with_leftovers(leftovers, runner.clone());
+    }
+    agent.run(&events);
+    if let Some(chain) = cleanup_chain {
+        // The one step that still runs tools after a stop was asked for.
+        runner::clear_stop();
+        for place in backend::cleanup_everything(&chain, &runner).context("cleaning up on exit")? {
+            tracing::info!("removed the agent's rules from {place}");
+        }
+    }
+    Ok(())
+}
+
+fn start_signal_thread(sender: mpsc::Sender<Event>, cleanup_on_exit: bool) -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            for signal in signals.forever() {
+                let event = match signal {
+                    SIGHUP => Event::Reload("SIGHUP"),
+                    SIGINT => Event::Shutdown("SIGINT"),
+                    _ => Event::Shutdown("SIGTERM"),
+                };
+                if let Event::Shutdown(why) = event {
+                    // A tool that hangs is killed now rather than at its deadline.
+                    runner::request_stop();
+                    if !cleanup_on_exit {
+                        exit_soon_whatever_happens(why);
+                    }
+                }
+                if sender.send(event).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+/// Leaves the rules in place and exits within a second of SIGTERM even if the loop is
+/// stuck somewhere no deadline reaches (a config read on a hung mount, say).
+fn exit_soon_whatever_happens(why: &'static str) {
+    let spawned = std::thread::Builder::new()
+        .name("exit-watchdog".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            std::thread::sleep(EXIT_GRACE);
+            tracing::warn!(
+                "{why}: the sync loop did not stop in {EXIT_GRACE:?}; exiting now, rules left in place"
+            );
+            std::process::exit(0);
+        });
+    if let Err(err) = spawned {
+        tracing::warn!("cannot start the exit watchdog: {err}");
+    }
+}

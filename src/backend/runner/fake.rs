@@ -1,0 +1,450 @@
+//! A recording stand-in for the firewall tools, for unit tests without root (modelled on
+//! kubernetes-sigs/knftables' `Fake`). It keeps a small model of each iptables flavour's
+//! nat table and of the nft tables, applies `iptables-restore --noflush` and `nft -f -`
+//! inputs to it the way the kernel would (atomically, printing rules back as
+//! iptables-save does), records every call, and fails or times out on demand.
+//!
+//! The real tools stay covered by the namespace tests; this makes every sync, diff,
+//! ownership, switch, clean-up and dry-run path reachable from `cargo test` too.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::{Program, Runner, ToolError};
+
+/// One tool run, as the backend asked for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    /// Program and arguments joined by spaces, e.g. `iptables-nft-save -t nat`.
+    pub command: String,
+    pub stdin: Option<String>,
+}
+
+impl Call {
+    /// True for runs that change the kernel.
+    pub fn writes(&self) -> bool {
+        self.stdin.is_some()
+    }
+}
+
+/// How a faulty tool behaves.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Exits 1 with this on stderr.
+    Fails(&'static str),
+    /// Hangs past its deadline.
+    TimesOut,
+    /// Is not there.
+    Missing,
+}
+
+struct Injected {
+    /// A substring of the command line that selects the runs this fault hits.
+    matching: String,
+    fault: Fault,
+    /// How many more runs it hits; None: all of them.
+    remaining: Option<u32>,
+}
+
+const BUILTIN_CHAINS: [&str; 4] = ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"];
+
+#[derive(Clone, Debug)]
+struct Chain {
+    name: String,
+    builtin: bool,
+    rules: Vec<String>,
+}
+
+/// One flavour and family's nat table, as the kernel holds it.
+#[derive(Clone, Debug)]
+struct NatTable {
+    chains: Vec<Chain>,
+}
+
+impl Default for NatTable {
+    fn default() -> Self {
+        NatTable {
+            chains: BUILTIN_CHAINS
+                .iter()
+                .map(|name| Chain {
+                    name: name.to_string(),
+                    builtin: true,
+                    rules: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A rule as the kernel gives it back: iptables-save drops `-d 0.0.0.0/0` and `-d ::/0`
+/// and prints a probability as the stored `round(p * 2^31)` over 2^31 with 11 decimals.
+fn as_kernel_prints(spec: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut words = spec.split(' ').peekable();
+    while let Some(word) = words.next() {
+        match (word, words.peek()) {
+            ("-d", Some(&"0.0.0.0/0" | &"::/0")) => {
+                words.next();
+            }
+            ("--probability", Some(value)) => {
+                let p: f64 = value.parse().unwrap_or(0.0);
+                let stored = (p * 2_147_483_648.0).round();
+                out.push(word.to_string());
+                out.push(format!("{:.11}", stored / 2_147_483_648.0));
+                words.next();
+            }
+            _ => out.push(word.to_string()),
+        }
+    }
+    out.join(" ")
+}
+
+impl NatTable {
+    fn chain_mut(&mut self, name: &str) -> Result<&mut Chain, String> {
+        self.chains
+            .iter_mut()
+            .find(|c| c.name == name)
+            .ok_or_else(|| format!("chain {name} does not exist"))
+    }
+
+    fn referenced(&self, name: &str) -> bool {
+        let jump = format!("-j {name}");
+        self.chains.iter().any(|c| {
+            c.rules
+                .iter()
+                .any(|r| r.ends_with(&jump) || r.contains(&format!("{jump} ")))
+        })
+    }
+
+    fn apply_line(&mut self, line: &str) -> Result<(), String> {
+        if let Some(declaration) = line.strip_prefix(':') {
+            let name = declaration.split(' ').next().unwrap_or_default();
+            match self.chains.iter_mut().find(|c| c.name == name) {
+                Some(chain) if chain.builtin => {}
+                // `:CHAIN - [0:0]` in a --noflush restore flushes just that chain.
+                Some(chain) => chain.rules.clear(),
+                None => self.chains.push(Chain {
+                    name: name.to_string(),
+                    builtin: false,
+                    rules: Vec::new(),
+                }),
+            }
+            return Ok(());
+        }
+        let (op, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
+        match op {
+            "-A" => {
+                let target = spec.rsplit_once(" -j ").map(|(_, t)| t.split(' ').next());
+                if let Some(Some(target)) = target
+                    && target.chars().all(|c| c.is_ascii_uppercase() || c == '-')
+                    && !["RETURN", "MASQUERADE", "ACCEPT", "DROP", "SNAT"].contains(&target)
+                    && !self.chains.iter().any(|c| c.name == target)
+                {
+                    return Err(format!("Couldn't load target `{target}'"));
+                }
+                let printed = as_kernel_prints(spec);
+                self.chain_mut(chain)?.rules.push(printed);
+            }
+            "-D" => {
+                let printed = as_kernel_prints(spec);
+                let rules = &mut self.chain_mut(chain)?.rules;
+                let at = rules
+                    .iter()
+                    .position(|r| *r == printed)
+                    .ok_or_else(|| format!("-D {chain}: no such rule"))?;
+                rules.remove(at);
+            }
+            "-F" => self.chain_mut(chain)?.rules.clear(),
+            "-X" => {
+                let found = self.chain_mut(chain)?;
+                if found.builtin || !found.rules.is_empty() {
+                    return Err(format!("-X {chain}: Directory not empty"));
+                }
+                if self.referenced(chain) {
+                    return Err(format!("-X {chain}: Too many links"));
+                }
+                self.chains.retain(|c| c.name != chain);
+            }
+            other => return Err(format!("unsupported line {other}")),
+        }
+        Ok(())
+    }
+
+    /// `iptables-restore --noflush`: all lines or none.
+    fn restore(&mut self, input: &str) -> Result<(), String> {
+        let mut next = self.clone();
+        let mut in_nat = false;
+        for (number, line) in input.lines().enumerate() {
+            match line {
+                "*nat" => in_nat = true,
+                "COMMIT" => in_nat = false,
+                "" => {}
+                _ if line.starts_with('#') => {}
+                _ if in_nat => next
+                    .apply_line(line)
+                    .map_err(|e| format!("line {}: {e}", number + 1))?,
+                _ => return Err(format!("line {}: outside *nat", number + 1)),
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
+    fn save(&self) -> String {
+        let mut out = String::from("*nat\n");
+        for chain in &self.chains {
+            let policy = if chain.builtin { "ACCEPT" } else { "-" };
+            out.push_str(&format!(":{} {policy} [0:0]\n", chain.name));
+        }
+        for chain in &self.chains {
+            for rule in &chain.rules {
+                out.push_str(&format!("-A {} {rule}\n", chain.name));
+            }
+        }
+        out.push_str("COMMIT\n");
+        out
+    }
+}
+
+#[derive(Default)]
+struct State {
+    installed: BTreeSet<String>,
+    /// Keyed by `iptables-nft`, `ip6tables-legacy`, ...
+    nat: BTreeMap<String, NatTable>,
+    /// Extra text printed for the mangle table (kubelet's hint chains).
+    mangle: BTreeMap<String, String>,
+    /// Keyed by `inet ip-masq-agent`, `ip kube-proxy`, ...: the listing.
+    nft_tables: BTreeMap<String, String>,
+    calls: Vec<Call>,
+    faults: Vec<Injected>,
+    /// What `iptables-restore --version` prints (None: a current release).
+    iptables_version: Option<String>,
+}
+
+/// The fake tools. Every flavour's tools and nft are installed unless removed.
+pub struct FakeRunner {
+    state: Mutex<State>,
+}
+
+pub const INSTALLED: [&str; 9] = [
+    "iptables-nft-save",
+    "iptables-nft-restore",
+    "ip6tables-nft-save",
+    "ip6tables-nft-restore",
+    "iptables-legacy-save",
+    "iptables-legacy-restore",
+    "ip6tables-legacy-save",
+    "ip6tables-legacy-restore",
+    "nft",
+];
+
+const AGENT_TABLE: &str = "inet ip-masq-agent";
+
+impl FakeRunner {
+    pub fn new() -> Arc<FakeRunner> {
+        let state = State {
+            installed: INSTALLED.iter().map(|s| s.to_string()).collect(),
+            ..State::default()
+        };
+        Arc::new(FakeRunner {
+            state: Mutex::new(state),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn uninstall(&self, name: &str) {
+        self.state().installed.remove(name);
+    }
+
+    /// What `KEY-save -t nat` prints, e.g. key `iptables-nft`.
+    pub fn nat(&self, key: &str) -> String {
+        self.state().nat.entry(key.to_string()).or_default().save()
+    }
+
+    /// Applies a restore input to `key`'s nat table, as a neighbour would.
+    pub fn restore_nat(&self, key: &str, input: &str) {
+        let mut state = self.state();
+        let table = state.nat.entry(key.to_string()).or_default();
+        if let Err(err) = table.restore(input) {
+            panic!("fake {key}-restore refused the test's input: {err}");
+        }
+    }
+
+    pub fn set_iptables_version(&self, version: &str) {
+        self.state().iptables_version = Some(version.to_string());
+    }
+
+    pub fn set_mangle(&self, key: &str, text: &str) {
+        self.state()
+            .mangle
+            .insert(key.to_string(), text.to_string());
+    }
+
+    /// Adds a table (e.g. `ip kube-proxy`) with the listing nft prints for it.
+    pub fn add_nft_table(&self, name: &str, listing: &str) {
+        self.state()
+            .nft_tables
+            .insert(name.to_string(), listing.to_string());
+    }
+
+    pub fn nft_table(&self, name: &str) -> Option<String> {
+        self.state().nft_tables.get(name).cloned()
+    }
+
+    /// Makes runs whose command line contains `matching` misbehave, `times` times (None:
+    /// until cleared).
+    pub fn inject(&self, matching: &str, fault: Fault, times: Option<u32>) {
+        self.state().faults.push(Injected {
+            matching: matching.to_string(),
+            fault,
+            remaining: times,
+        });
+    }
+
+    pub fn clear_faults(&self) {
+        self.state().faults.clear();
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state().calls.clone()
+    }
+
+    /// The calls so far, forgetting them.
+    pub fn take_calls(&self) -> Vec<Call> {
+        std::mem::take(&mut self.state().calls)
+    }
+
+    fn injected(state: &mut State, command: &str) -> Option<ToolError> {
+        let at = state.faults.iter().position(|f| {
+            command.contains(&f.matching) && f.remaining.is_none_or(|left| left > 0)
+        })?;
+        let injected = &mut state.faults[at];
+        if let Some(left) = injected.remaining.as_mut() {
+            *left -= 1;
+        }
+        let command = command.to_string();
+        Some(match injected.fault {
+            Fault::Fails(stderr) => ToolError::Failed {
+                command,
+                status: ExitStatus::from_raw(1 << 8),
+                stderr: stderr.to_string(),
+            },
+            Fault::TimesOut => ToolError::TimedOut {
+                command,
+                after: Duration::from_secs(30),
+            },
+            Fault::Missing => ToolError::Missing {
+                command,
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            },
+        })
+    }
+
+    fn iptables(
+        state: &mut State,
+        key: &str,
+        tool: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<String, String> {
+        let mangle = state.mangle.get(key).cloned().unwrap_or_default();
+        let version = state
+            .iptables_version
+            .clone()
+            .unwrap_or_else(|| "iptables-restore v1.8.9 (nf_tables)\n".into());
+        let table = state.nat.entry(key.to_string()).or_default();
+        match (tool, args) {
+            ("save", ["-t", "nat"]) => Ok(table.save()),
+            ("save", ["-t", "mangle"]) => Ok(mangle),
+            ("save", []) => Ok(format!("{mangle}{}", table.save())),
+            ("restore", ["--version"]) => Ok(version),
+            ("restore", [.., "--noflush"]) => table
+                .restore(stdin.unwrap_or_default())
+                .map(|()| String::new()),
+            _ => Err(format!("the fake does not know {tool} {args:?}")),
+        }
+    }
+
+    fn nft(state: &mut State, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        match args {
+            ["list", "tables"] => Ok(state
+                .nft_tables
+                .keys()
+                .map(|name| format!("table {name}\n"))
+                .collect()),
+            ["list", "table", "ip" | "ip6", "nat"] => Ok(String::new()),
+            ["list", "table", family, name] => state
+                .nft_tables
+                .get(&format!("{family} {name}"))
+                .cloned()
+                .ok_or_else(|| "Error: No such file or directory".to_string()),
+            ["-f", "-"] => {
+                let input = stdin.unwrap_or_default();
+                let opening = format!("table {AGENT_TABLE} {{\n");
+                if input.contains(&format!("delete table {AGENT_TABLE}")) {
+                    state.nft_tables.remove(AGENT_TABLE);
+                } else if let Some(at) = input.rfind(&opening) {
+                    state
+                        .nft_tables
+                        .insert(AGENT_TABLE.to_string(), input[at..].to_string());
+                } else {
+                    return Err(format!("the fake cannot apply:\n{input}"));
+                }
+                Ok(String::new())
+            }
+            _ => Err(format!("the fake does not know nft {args:?}")),
+        }
+    }
+}
+
+impl Runner for FakeRunner {
+    fn run(
+        &self,
+        program: &Program,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        _lock_wait: Option<Duration>,
+    ) -> Result<String, ToolError> {
+        let command = program.display(args);
+        let stdin = stdin.map(|bytes| String::from_utf8_lossy(bytes).into_owned());
+        let mut state = self.state();
+        state.calls.push(Call {
+            command: command.clone(),
+            stdin: stdin.clone(),
+        });
+        if let Some(error) = Self::injected(&mut state, &command) {
+            return Err(error);
+        }
+        let mut words: Vec<&str> = program.leading_args.iter().map(String::as_str).collect();
+        words.extend_from_slice(args);
+        let result = match program.path.rsplit_once('-') {
+            _ if program.path == "nft" => Self::nft(&mut state, &words, stdin.as_deref()),
+            Some((key, tool @ ("save" | "restore"))) => {
+                Self::iptables(&mut state, key, tool, &words, stdin.as_deref())
+            }
+            _ => Err(format!("the fake has no {}", program.path)),
+        };
+        result.map_err(|stderr| ToolError::Failed {
+            command,
+            status: ExitStatus::from_raw(1 << 8),
+            stderr,
+        })
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        self.state().installed.contains(name)
+    }
+
+    fn spawned(&self) -> u64 {
+        self.state().calls.len() as u64
+    }
+}

@@ -1,0 +1,335 @@
+//! The backends' sync, diff, drift, ownership, switch and clean-up logic, driven through
+//! the recording fake: no root, no kernel. The namespace tests in tests/ run the same
+//! paths against the real tools.
+
+use super::iptables::{IptablesBackend, IptablesMode};
+use super::nftables::NftablesBackend;
+use super::runner::fake::{Call, FakeRunner, Fault};
+use super::runner::{Runner, SharedRunner};
+use super::*;
+use crate::config::{Config, ParseOptions, parse};
+use crate::policy::{Masquerade, PolicySettings};
+use std::path::Path;
+use std::sync::Arc;
+
+const JUMP: &str = "-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain\" -m addrtype ! --dst-type LOCAL -j IP-MASQ-AGENT";
+const OLD_QUOTED_JUMP_SPEC: &str = "-m comment --comment \"\\\"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain\\\"\" -m addrtype ! --dst-type LOCAL -j IP-MASQ-AGENT";
+
+fn policy(yaml: &str, ipv6: bool, to_ports: &str) -> Policy {
+    let options = ParseOptions {
+        enable_ipv6: ipv6,
+        ..ParseOptions::default()
+    };
+    let config = parse(yaml, Path::new("test"), options).unwrap().config;
+    Policy::new(
+        &config,
+        &PolicySettings {
+            enable_ipv6: ipv6,
+            masquerade: Masquerade {
+                random_fully: true,
+                to_ports: to_ports.parse().unwrap(),
+            },
+        },
+    )
+}
+
+fn default_policy() -> Policy {
+    Policy::new(
+        &Config::defaults(ParseOptions::default()),
+        &PolicySettings::default(),
+    )
+}
+
+fn iptables(runner: &Arc<FakeRunner>, ipv6: bool) -> IptablesBackend {
+    let shared: SharedRunner = runner.clone();
+    IptablesBackend::new(ChainName::default(), IptablesMode::Nft, ipv6, shared).unwrap()
+}
+
+fn writes(calls: &[Call]) -> Vec<&Call> {
+    calls.iter().filter(|c| c.writes()).collect()
+}
+
+/// The nat table without the agent's objects.
+fn neighbours(saved: &str) -> Vec<String> {
+    saved
+        .lines()
+        .filter(|l| !l.contains("IP-MASQ-AGENT"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn iptables_first_sync_writes_once_and_idle_resyncs_write_nothing() {
+    let runner = FakeRunner::new();
+    let mut backend = iptables(&runner, true);
+    // --to-ports: the kernel prints the probability differently from what we pass.
+    let policy = policy(
+        "nonMasqueradeCIDRs: [0.0.0.0/0, '::/0', 10.0.0.0/8]\n",
+        true,
+        "1024-29999,32768-65535",
+    );
+    let report = backend.sync(&policy).unwrap();
+    assert!(report.wrote);
+    let calls = runner.take_calls();
+    assert_eq!(
+        writes(&calls).len(),
+        2,
+        "one restore per family: {calls:#?}"
+    );
+    assert!(runner.nat("iptables-nft").contains(JUMP));
+    for _ in 0..3 {
+        let report = backend.sync(&policy).unwrap();
+        assert!(!report.wrote);
+        let calls = runner.take_calls();
+        assert!(writes(&calls).is_empty(), "{calls:#?}");
+        assert_eq!(calls.len(), 2, "one iptables-save per family");
+    }
+    assert!(backend.diff(&policy).unwrap().is_empty());
+}
+
+#[test]
+fn iptables_drift_is_found_and_repaired() {
+    let runner = FakeRunner::new();
+    let mut backend = iptables(&runner, false);
+    let policy = default_policy();
+    backend.sync(&policy).unwrap();
+    let good = runner.nat("iptables-nft");
+    for drift in [
+        "*nat\n-F IP-MASQ-AGENT\nCOMMIT\n".to_string(),
+        format!("*nat\n{}\nCOMMIT\n", JUMP.replacen("-A", "-D", 1)),
+        "*nat\n-A IP-MASQ-AGENT -j RETURN\nCOMMIT\n".to_string(),
+    ] {
+        runner.restore_nat("iptables-nft", &drift);
+        assert!(!backend.diff(&policy).unwrap().is_empty(), "{drift}");
+        runner.take_calls();
+        assert!(backend.sync(&policy).unwrap().wrote, "{drift}");
+        assert_eq!(runner.nat("iptables-nft"), good, "{drift}");
+        assert!(backend.diff(&policy).unwrap().is_empty());
+    }
+}
+
+#[test]
+fn iptables_refuses_a_chain_that_holds_only_foreign_rules() {
+    let runner = FakeRunner::new();
+    runner.restore_nat(
+        "iptables-nft",
+        "*nat\n:IP-MASQ-AGENT - [0:0]\n-A IP-MASQ-AGENT -s 10.9.9.9/32 -j ACCEPT\nCOMMIT\n",
+    );
+    let before = runner.nat("iptables-nft");
+    let err = iptables(&runner, false)
+        .sync(&default_policy())
+        .unwrap_err();
+    assert_eq!(err.kind(), SyncErrorKind::ForeignChain);
+    assert!(err.to_string().contains("refusing to flush it"), "{err}");
+    assert_eq!(runner.nat("iptables-nft"), before);
+    assert!(writes(&runner.calls()).is_empty());
+}
+
+#[test]
+fn iptables_replaces_the_quoted_jump_of_older_releases_with_exactly_one() {
+    let runner = FakeRunner::new();
+    runner.restore_nat(
+        "iptables-nft",
+        &format!("*nat\n:IP-MASQ-AGENT - [0:0]\n-A POSTROUTING {OLD_QUOTED_JUMP_SPEC}\nCOMMIT\n"),
+    );
+    iptables(&runner, false).sync(&default_policy()).unwrap();
+    let saved = runner.nat("iptables-nft");
+    assert_eq!(saved.matches("-A POSTROUTING").count(), 1, "{saved}");
+    assert!(saved.contains(JUMP), "{saved}");
+}
+
+#[test]
+fn iptables_never_touches_neighbours_that_look_like_ours() {
+    let runner = FakeRunner::new();
+    runner.restore_nat(
+        "iptables-nft",
+        "*nat
+:KUBE-POSTROUTING - [0:0]
+:OLD-MASQ - [0:0]
+-A POSTROUTING -m comment --comment \"ip-masq-agent: also run kube rules\" -j KUBE-POSTROUTING
+-A KUBE-POSTROUTING -j MASQUERADE
+-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom OLD-MASQ chain\" -m addrtype ! --dst-type LOCAL -j OLD-MASQ
+-A OLD-MASQ -j ACCEPT
+COMMIT
+",
+    );
+    let jump_to_old = "-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom OLD-MASQ chain\" -m addrtype ! --dst-type LOCAL -j OLD-MASQ";
+    let before: Vec<String> = neighbours(&runner.nat("iptables-nft"))
+        .into_iter()
+        .filter(|l| l != jump_to_old)
+        .collect();
+    let mut backend = iptables(&runner, false);
+    backend.sync(&default_policy()).unwrap();
+    // The renamed chain's jump was the agent's and is gone; the chain held a foreign
+    // rule, so it stays whole; everything else is as it was.
+    let after = runner.nat("iptables-nft");
+    assert!(!after.contains(jump_to_old), "{after}");
+    assert!(after.contains("-A OLD-MASQ -j ACCEPT"), "{after}");
+    assert_eq!(neighbours(&after), before);
+    let removed =
+        cleanup_everything(&ChainName::default(), &(runner.clone() as SharedRunner)).unwrap();
+    assert!(removed.contains(&"iptables-nft".to_string()), "{removed:?}");
+    assert_eq!(neighbours(&runner.nat("iptables-nft")), before);
+    assert!(!runner.nat("iptables-nft").contains(":IP-MASQ-AGENT "));
+}
+
+#[test]
+fn a_hung_or_missing_tool_is_a_typed_error() {
+    let runner = FakeRunner::new();
+    runner.inject("iptables-nft-save", Fault::TimesOut, Some(1));
+    let mut backend = iptables(&runner, false);
+    let err = backend.sync(&default_policy()).unwrap_err();
+    assert_eq!(err.kind(), SyncErrorKind::ToolTimedOut, "{err}");
+    assert!(err.to_string().contains("did not finish within"), "{err}");
+    runner.inject(
+        "iptables-nft-restore -w",
+        Fault::Fails("Another app is currently holding the xtables lock"),
+        Some(1),
+    );
+    let err = backend.sync(&default_policy()).unwrap_err();
+    assert_eq!(err.kind(), SyncErrorKind::ToolFailed);
+    assert!(err.to_string().contains("xtables lock"), "{err}");
+    runner.inject("iptables-nft-save", Fault::Missing, Some(1));
+    assert_eq!(
+        backend.sync(&default_policy()).unwrap_err().kind(),
+        SyncErrorKind::ToolMissing
+    );
+    // The fault is gone: the next sync converges.
+    assert!(backend.sync(&default_policy()).unwrap().wrote);
+}
+
+#[test]
+fn nftables_writes_one_transaction_and_idle_resyncs_only_list() {
+    let runner = FakeRunner::new();
+    let mut backend = NftablesBackend::new(runner.clone()).unwrap();
+    // A /32 element: nft lists it without its length.
+    let policy = policy(
+        "nonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.7/32]\n",
+        false,
+        "",
+    );
+    assert!(backend.sync(&policy).unwrap().wrote);
+    let listing = runner
+        .nft_table("inet ip-masq-agent")
+        .unwrap()
+        .replace("198.51.100.7/32", "198.51.100.7");
+    runner.add_nft_table("inet ip-masq-agent", &listing);
+    runner.take_calls();
+    for _ in 0..3 {
+        assert!(!backend.sync(&policy).unwrap().wrote);
+    }
+    let calls = runner.take_calls();
+    assert!(writes(&calls).is_empty(), "{calls:#?}");
+    assert!(backend.diff(&policy).unwrap().is_empty());
+    // Drift: the table deleted by hand is rewritten.
+    runner
+        .run(
+            &Program::new("nft"),
+            &["-f", "-"],
+            Some(nftables::render_removal().as_bytes()),
+            None,
+        )
+        .unwrap();
+    assert!(!backend.diff(&policy).unwrap().is_empty());
+    assert!(backend.sync(&policy).unwrap().wrote);
+    assert!(runner.nft_table("inet ip-masq-agent").is_some());
+}
+
+#[test]
+fn switching_backends_removes_the_other_ones_rules_and_retries_until_it_can() {
+    let runner = FakeRunner::new();
+    let shared: SharedRunner = runner.clone();
+    // The iptables backend's rules are there from an earlier run.
+    iptables(&runner, false).sync(&default_policy()).unwrap();
+    let (mut nft, leftovers) = build(
+        BackendChoice::Nftables,
+        &ChainName::default(),
+        IptablesMode::Auto,
+        false,
+        &shared,
+    )
+    .unwrap();
+    assert_eq!(leftovers, Leftovers::Iptables(ChainName::default()));
+    nft.sync(&default_policy()).unwrap();
+    runner.inject(
+        "iptables-nft-restore",
+        Fault::Fails("simulated failure"),
+        Some(1),
+    );
+    let err = leftovers.remove(&shared).unwrap_err();
+    assert_eq!(err.kind(), SyncErrorKind::ToolFailed);
+    assert!(runner.nat("iptables-nft").contains(":IP-MASQ-AGENT "));
+    let removed = leftovers.remove(&shared).unwrap();
+    assert_eq!(
+        removed,
+        vec!["removed the iptables backend's rules from iptables-nft".to_string()]
+    );
+    assert!(!runner.nat("iptables-nft").contains("IP-MASQ-AGENT"));
+    // And back: the nft table is the leftover now.
+    let (_, leftovers) = build(
+        BackendChoice::Iptables,
+        &ChainName::default(),
+        IptablesMode::Nft,
+        false,
+        &shared,
+    )
+    .unwrap();
+    assert_eq!(leftovers, Leftovers::Nftables);
+    runner.inject("list tables", Fault::TimesOut, Some(1));
+    assert_eq!(
+        leftovers.remove(&shared).unwrap_err().kind(),
+        SyncErrorKind::ToolTimedOut
+    );
+    assert_eq!(
+        leftovers.remove(&shared).unwrap(),
+        vec!["removed the nftables backend's table".to_string()]
+    );
+    assert!(runner.nft_table("inet ip-masq-agent").is_none());
+    assert!(leftovers.remove(&shared).unwrap().is_empty());
+}
+
+#[test]
+fn auto_picks_nftables_only_when_kube_proxy_runs_in_nftables_mode() {
+    let runner = FakeRunner::new();
+    let shared: SharedRunner = runner.clone();
+    assert_eq!(resolve_auto(&shared), BackendChoice::Iptables);
+    runner.add_nft_table("ip kube-proxy", "table ip kube-proxy {\n}\n");
+    assert_eq!(resolve_auto(&shared), BackendChoice::Nftables);
+    let bare = FakeRunner::new();
+    for tool in super::runner::fake::INSTALLED {
+        if tool != "nft" {
+            bare.uninstall(tool);
+        }
+    }
+    assert_eq!(
+        resolve_auto(&(bare as SharedRunner)),
+        BackendChoice::Nftables
+    );
+}
+
+#[test]
+fn flavour_detection_reads_kubelets_hint_through_the_runner() {
+    let runner = FakeRunner::new();
+    runner.set_mangle(
+        "ip6tables-legacy",
+        "*mangle\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n",
+    );
+    let backend = IptablesBackend::new(
+        ChainName::default(),
+        IptablesMode::Auto,
+        false,
+        runner.clone(),
+    )
+    .unwrap();
+    assert_eq!(backend.flavour(), iptables::Flavour::Legacy);
+    let probes: Vec<String> = runner.calls().into_iter().map(|c| c.command).collect();
+    assert_eq!(
+        probes,
+        [
+            "iptables-nft-save -t mangle",
+            "ip6tables-nft-save -t mangle",
+            "iptables-legacy-save",
+            "ip6tables-legacy-save"
+        ]
+    );
+}
