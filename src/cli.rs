@@ -74,6 +74,10 @@ pub enum Command {
     Cleanup,
     /// Say for each address whether pod traffic to it is masqueraded, and which rule decides.
     Explain {
+        /// The packet's source (a pod address, or a client outside the cluster); shows
+        /// whether it is in masqueradeSourceCIDRs' scope.
+        #[arg(long = "from", value_name = "SRC")]
+        from: Option<std::net::IpAddr>,
         #[arg(required = true, value_name = "IP")]
         addresses: Vec<String>,
     },

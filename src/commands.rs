@@ -2,6 +2,7 @@
 //! `explain`, `status`, `cleanup`, `windows-cni`, `version`).
 
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -39,7 +40,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         )),
         Some(Command::Render) => render(&settings).map(|()| done),
         Some(Command::Cleanup) => cleanup(&settings).map(|()| done),
-        Some(Command::Explain { addresses }) => explain(&settings, addresses).map(|()| done),
+        Some(Command::Explain { from, addresses }) => {
+            explain(&settings, *from, addresses).map(|()| done)
+        }
         Some(Command::Status) => status(&settings),
         Some(Command::WindowsCni { cni_conf }) => windows_cni(&settings, cni_conf).map(|()| done),
         None => {
@@ -139,50 +142,75 @@ pub fn cleanup(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One line per address: the verdict and the rule that decides it, in both backends' terms.
+/// One line per address: the verdict, the prefix and list that decide it and the one it
+/// beat, the source scope, and the rule behind it in both backends' terms.
 pub fn explain_lines(
     policy: &Policy,
     chain: &crate::backend::ChainName,
+    source: Option<IpAddr>,
     addresses: &[String],
 ) -> Vec<String> {
     addresses
         .iter()
         .map(|text| {
-            let Ok(ip) = text.parse::<std::net::IpAddr>() else {
+            let Ok(ip) = text.parse::<IpAddr>() else {
                 return format!("{text}: not an IP address");
             };
-            let family = if ip.is_ipv4() { Family::V4 } else { Family::V6 };
-            let decision = policy.decide(ip);
+            let family = Family::of_addr(ip);
+            let family_policy = policy.family(family);
+            let source = source.filter(|s| Family::of_addr(*s) == family);
+            let why = policy.explain(source, ip);
             let rules = format!(
                 "iptables: {}; nftables: {}",
-                iptables::explain(&decision, chain),
-                nftables::explain(&decision, family)
+                iptables::explain(family_policy, &why.decision, source, ip, chain),
+                nftables::explain(family_policy, &why.decision, family)
             );
-            match decision {
+            let beat = why
+                .runner_up
+                .map(|r| format!(" (the most specific match: it beats {} from {})", r.prefix, r.list))
+                .unwrap_or_default();
+            let scope = match (why.source_in_scope, source) {
+                (Some(true), Some(s)) => format!("; source {s} is in masqueradeSourceCIDRs"),
+                (Some(false), Some(s)) => format!("; source {s} is outside masqueradeSourceCIDRs"),
+                _ => String::new(),
+            };
+            let verdict = match why.decision {
                 Decision::Keep { prefix, reason: KeepReason::LinkLocal } => format!(
-                    "{ip}: not masqueraded (keeps the pod address): link-local {prefix} (masqLinkLocal{} is false); {rules}",
+                    "not masqueraded (keeps the pod address): link-local {prefix} (masqLinkLocal{} is false){beat}",
                     if ip.is_ipv4() { "" } else { "IPv6" }
                 ),
                 Decision::Keep { prefix, reason: KeepReason::NonMasqueradeCidr } => format!(
-                    "{ip}: not masqueraded (keeps the pod address): nonMasqueradeCIDRs entry {prefix}; {rules}"
+                    "not masqueraded (keeps the pod address): nonMasqueradeCIDRs entry {prefix}{beat}"
                 ),
-                Decision::Masquerade => format!(
-                    "{ip}: MASQUERADED (leaves with the node address): no nonMasqueradeCIDRs entry contains it; {rules}"
+                Decision::Forced { prefix } => format!(
+                    "MASQUERADED (leaves with the node address): forceMasqueradeCIDRs entry {prefix}{beat}"
                 ),
-                Decision::Unmanaged => format!(
-                    "{ip}: not handled by the agent: IPv6 rules are only written with --enable-ipv6"
-                ),
-            }
+                Decision::Masquerade => "MASQUERADED (leaves with the node address): no nonMasqueradeCIDRs entry contains it".to_string(),
+                Decision::SourceOutOfScope => {
+                    let would = why.deciding.map(|m| format!(", although {} from {} would masquerade it", m.prefix, m.list)).unwrap_or_default();
+                    format!("not masqueraded (keeps its source): the source is outside masqueradeSourceCIDRs{would}")
+                }
+                Decision::Unmanaged => {
+                    return format!(
+                        "{ip}: not handled by the agent: IPv6 rules are only written with --enable-ipv6"
+                    );
+                }
+            };
+            format!("{ip}: {verdict}{scope}; {rules}")
         })
         .collect()
 }
 
-/// `explain IP...`: the verdict for each address under the current config. A local
-/// destination of the node is never masqueraded; this answers for remote ones.
-pub fn explain(settings: &Settings, addresses: &[String]) -> anyhow::Result<()> {
+/// `explain [--from SRC] IP...`: the verdict for each address under the current config.
+/// A local destination of the node is never masqueraded; this answers for remote ones.
+pub fn explain(
+    settings: &Settings,
+    source: Option<IpAddr>,
+    addresses: &[String],
+) -> anyhow::Result<()> {
     let loaded = settings.load_config()?;
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
-    for line in explain_lines(&policy, &settings.chain, addresses) {
+    for line in explain_lines(&policy, &settings.chain, source, addresses) {
         println!("{line}");
     }
     Ok(())

@@ -1,9 +1,15 @@
 //! The resolved decision per address family: which destination prefixes keep the
-//! pod's source address and how everything else is masqueraded. Backends render this;
-//! `decide` answers the same question for one address, for `explain` and for tests.
+//! pod's source address, which sources are in scope, and how everything else is
+//! masqueraded. Backends render this; `decide` answers the same question for one
+//! address, for `explain` and for tests.
+//!
+//! Precedence is longest-prefix match among `nonMasqueradeCIDRs`, the link-local default
+//! and `forceMasqueradeCIDRs`: the most specific prefix containing the destination wins
+//! (a force prefix wins a tie with the link-local default; the same prefix in both
+//! lists is a config error). A destination in none of them is masqueraded.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use ipnet::IpNet;
@@ -32,6 +38,21 @@ impl Family {
         match net {
             IpNet::V4(_) => Family::V4,
             IpNet::V6(_) => Family::V6,
+        }
+    }
+
+    pub fn of_addr(address: IpAddr) -> Family {
+        match address {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// Address width in bits.
+    pub fn bits(self) -> u32 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
         }
     }
 }
@@ -156,6 +177,25 @@ pub struct FamilyPolicy {
     /// The link-local prefix, kept unless masqLinkLocal(IPv6) is set; checked first.
     pub link_local: Option<IpNet>,
     pub non_masq: NonMasqPrefixes,
+    /// forceMasqueradeCIDRs of this family, in config order.
+    pub force: Vec<IpNet>,
+    /// masqueradeSourceCIDRs of this family, in config order; None: every source.
+    pub sources: Option<Vec<IpNet>>,
+    /// The flat answer, present exactly when `force` or `sources` is: backends render it
+    /// instead of upstream's layout, and never re-decide precedence themselves.
+    pub resolved: Option<Resolved>,
+}
+
+/// One family's lists resolved into disjoint sets that a backend can match directly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// Destinations that keep the pod's address after longest-prefix match, as disjoint
+    /// CIDR blocks in address order (link-local parts included).
+    pub keep: Vec<IpNet>,
+    /// Sources that may be masqueraded, merged into the fewest blocks; None: every source.
+    pub sources: Option<Vec<IpNet>>,
+    /// The complement of `sources`: the sources that always keep their address.
+    pub out_of_scope: Vec<IpNet>,
 }
 
 /// Everything a backend needs to program one node.
@@ -183,29 +223,86 @@ pub enum KeepReason {
 pub enum Decision {
     /// Leaves with the pod's address because of this prefix.
     Keep { prefix: IpNet, reason: KeepReason },
-    /// Leaves with the node's address.
+    /// Leaves with the node's address: no prefix of any list contains the destination.
     Masquerade,
+    /// Leaves with the node's address because this forceMasqueradeCIDRs prefix is the
+    /// most specific one containing the destination.
+    Forced { prefix: IpNet },
+    /// Keeps its source: the source is outside masqueradeSourceCIDRs.
+    SourceOutOfScope,
     /// The agent manages no rules for this family (IPv6 without --enable-ipv6).
     Unmanaged,
 }
 
+impl Decision {
+    /// Whether the packet leaves with the node's address.
+    pub fn masquerades(&self) -> bool {
+        matches!(self, Decision::Masquerade | Decision::Forced { .. })
+    }
+}
+
+/// The list a prefix comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum List {
+    LinkLocal,
+    NonMasquerade,
+    ForceMasquerade,
+}
+
+impl fmt::Display for List {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            List::LinkLocal => "the link-local default",
+            List::NonMasquerade => "nonMasqueradeCIDRs",
+            List::ForceMasquerade => "forceMasqueradeCIDRs",
+        })
+    }
+}
+
+/// A prefix that contains an address, and its list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Match {
+    pub prefix: IpNet,
+    pub list: List,
+}
+
+/// Why `decide` decided: the winning prefix, the one it beat, and the source scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    pub decision: Decision,
+    pub deciding: Option<Match>,
+    pub runner_up: Option<Match>,
+    /// None when no source was given or every source is in scope.
+    pub source_in_scope: Option<bool>,
+}
+
 impl Policy {
     pub fn new(config: &Config, settings: &PolicySettings) -> Policy {
-        let family_policy =
-            |family: Family, link_local: &str, masq_link_local: bool| FamilyPolicy {
+        let of_family = |list: &[IpNet], family: Family| -> Vec<IpNet> {
+            list.iter()
+                .filter(|net| Family::of(net) == family)
+                .copied()
+                .collect()
+        };
+        let family_policy = |family: Family, link_local: &str, masq_link_local: bool| {
+            let mut policy = FamilyPolicy {
                 family,
                 link_local: (!masq_link_local)
                     .then(|| link_local.parse().ok())
                     .flatten(),
-                non_masq: NonMasqPrefixes(
-                    config
-                        .non_masquerade_cidrs
-                        .iter()
-                        .filter(|net| Family::of(net) == family)
-                        .copied()
-                        .collect(),
-                ),
+                non_masq: NonMasqPrefixes(of_family(&config.non_masquerade_cidrs, family)),
+                force: of_family(&config.force_masquerade_cidrs, family),
+                sources: config
+                    .masquerade_source_cidrs
+                    .as_ref()
+                    .map(|sources| of_family(sources, family)),
+                resolved: None,
             };
+            if !policy.force.is_empty() || policy.sources.is_some() {
+                policy.resolved = Some(policy.resolve());
+            }
+            policy
+        };
         let mut families = vec![family_policy(
             Family::V4,
             LINK_LOCAL_V4,
@@ -230,27 +327,273 @@ impl Policy {
 
     /// What happens to a packet from a pod to `destination` (a non-local address).
     pub fn decide(&self, destination: IpAddr) -> Decision {
-        let family = match destination {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        };
+        self.explain(None, destination).decision
+    }
+
+    /// What happens to a packet from `source` (any source in scope when None) to
+    /// `destination`, and why.
+    pub fn explain(&self, source: Option<IpAddr>, destination: IpAddr) -> Explanation {
+        let family = Family::of_addr(destination);
         let Some(policy) = self.family(family) else {
-            return Decision::Unmanaged;
+            return Explanation {
+                decision: Decision::Unmanaged,
+                deciding: None,
+                runner_up: None,
+                source_in_scope: None,
+            };
         };
-        if let Some(prefix) = policy.link_local.filter(|p| p.contains(&destination)) {
-            return Decision::Keep {
+        let matches = policy.matches(destination);
+        let (deciding, runner_up) = (matches.first().copied(), matches.get(1).copied());
+        let by_destination = match deciding {
+            None => Decision::Masquerade,
+            Some(Match {
+                prefix,
+                list: List::ForceMasquerade,
+            }) => Decision::Forced { prefix },
+            Some(Match {
+                prefix,
+                list: List::LinkLocal,
+            }) => Decision::Keep {
                 prefix,
                 reason: KeepReason::LinkLocal,
-            };
-        }
-        match policy.non_masq.0.iter().find(|p| p.contains(&destination)) {
-            Some(prefix) => Decision::Keep {
-                prefix: *prefix,
+            },
+            Some(Match { prefix, .. }) => Decision::Keep {
+                prefix,
                 reason: KeepReason::NonMasqueradeCidr,
             },
-            None => Decision::Masquerade,
+        };
+        let source_in_scope = match (&policy.sources, source) {
+            (Some(sources), Some(source)) => {
+                Some(sources.iter().any(|prefix| prefix.contains(&source)))
+            }
+            _ => None,
+        };
+        let decision = if source_in_scope == Some(false) && by_destination.masquerades() {
+            Decision::SourceOutOfScope
+        } else {
+            by_destination
+        };
+        Explanation {
+            decision,
+            deciding,
+            runner_up,
+            source_in_scope,
         }
     }
+}
+
+impl FamilyPolicy {
+    /// Every prefix containing `destination`, the deciding one first: the longest; at
+    /// equal length a force prefix beats the link-local default, and otherwise the one
+    /// upstream's chain reaches first.
+    pub fn matches(&self, destination: IpAddr) -> Vec<Match> {
+        let mut found: Vec<(Match, usize)> = Vec::new();
+        let listed = self
+            .link_local
+            .iter()
+            .map(|p| (*p, List::LinkLocal))
+            .chain(self.non_masq.0.iter().map(|p| (*p, List::NonMasquerade)))
+            .chain(self.force.iter().map(|p| (*p, List::ForceMasquerade)));
+        for (order, (prefix, list)) in listed.enumerate() {
+            if prefix.contains(&destination)
+                && !found
+                    .iter()
+                    .any(|(m, _)| m.prefix == prefix && m.list == list)
+            {
+                found.push((Match { prefix, list }, order));
+            }
+        }
+        found.sort_by_key(|(m, order)| {
+            (
+                std::cmp::Reverse(m.prefix.prefix_len()),
+                m.list != List::ForceMasquerade,
+                *order,
+            )
+        });
+        found.into_iter().map(|(m, _)| m).collect()
+    }
+
+    /// The flat answer: longest-prefix match over the three lists resolved into disjoint
+    /// kept blocks, and the source scope merged and complemented.
+    fn resolve(&self) -> Resolved {
+        let bits = self.family.bits();
+        let mut entries: Vec<(u128, u128, u8, u8, bool)> = Vec::new();
+        let mut add = |prefix: &IpNet, rank: u8, keep: bool| {
+            entries.push((
+                to_u128(prefix.network()),
+                to_u128(prefix.broadcast()),
+                prefix.prefix_len(),
+                rank,
+                keep,
+            ));
+        };
+        if let Some(prefix) = &self.link_local {
+            add(prefix, 0, true);
+        }
+        for prefix in &self.non_masq.0 {
+            add(prefix, 1, true);
+        }
+        for prefix in &self.force {
+            add(prefix, 2, false);
+        }
+        // Prefixes nest or are disjoint; sorted by start, then outer before inner (and a
+        // force prefix after a kept one of the same length, so it wins the tie), a stack
+        // walk gives every address the verdict of its innermost prefix.
+        entries.sort_unstable_by_key(|&(start, _, len, rank, _)| (start, len, rank));
+        let mut kept: Vec<(u128, u128)> = Vec::new();
+        let mut keep_span = |from: u128, to: u128, keep: bool| {
+            if !keep || from > to {
+                return;
+            }
+            match kept.last_mut() {
+                Some(last) if last.1.checked_add(1) == Some(from) => last.1 = to,
+                _ => kept.push((from, to)),
+            }
+        };
+        // The next address without a verdict yet; None once past the end of the space.
+        let mut cursor: Option<u128> = Some(0);
+        let mut stack: Vec<(u128, bool)> = Vec::new();
+        for (start, end, _, _, keep) in entries {
+            while let Some(&(top_end, top_keep)) = stack.last() {
+                if top_end >= start {
+                    break;
+                }
+                if let Some(from) = cursor {
+                    keep_span(from, top_end, top_keep);
+                    cursor = cursor.map(|c| c.max(top_end.saturating_add(1)));
+                }
+                stack.pop();
+            }
+            if let Some(from) = cursor
+                && from < start
+            {
+                if let Some(&(_, outer_keep)) = stack.last() {
+                    keep_span(from, start - 1, outer_keep);
+                }
+                cursor = Some(start);
+            }
+            stack.push((end, keep));
+        }
+        while let Some((end, keep)) = stack.pop() {
+            if let Some(from) = cursor
+                && from <= end
+            {
+                keep_span(from, end, keep);
+                cursor = end.checked_add(1);
+            }
+        }
+        let mut keep = Vec::new();
+        for (start, end) in kept {
+            split_range(start, end, bits, self.family, &mut keep);
+        }
+        let sources = self.sources.as_ref().map(|s| merge_prefixes(s));
+        let out_of_scope = sources
+            .as_ref()
+            .map(|s| complement(s, self.family))
+            .unwrap_or_default();
+        Resolved {
+            keep,
+            sources,
+            out_of_scope,
+        }
+    }
+}
+
+/// Sorts, de-duplicates and merges overlapping or adjacent prefixes of one family into
+/// the fewest prefixes covering the same addresses (nft refuses overlapping intervals).
+pub fn merge_prefixes(prefixes: &[IpNet]) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let bits: u32 = if family == Family::V4 { 32 } else { 128 };
+        let mut ranges: Vec<(u128, u128)> = prefixes
+            .iter()
+            .filter(|p| Family::of(p) == family)
+            .map(|p| (to_u128(p.network()), to_u128(p.broadcast())))
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        for (start, end) in merged {
+            split_range(start, end, bits, family, &mut out);
+        }
+    }
+    out
+}
+
+fn to_u128(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn from_u128(value: u128, family: Family) -> IpAddr {
+    match family {
+        // Values of the IPv4 family never exceed 32 bits.
+        Family::V4 => IpAddr::V4(Ipv4Addr::from(value as u32)),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from(value)),
+    }
+}
+
+/// Covers [start, end] with the fewest aligned prefixes.
+pub fn split_range(mut start: u128, end: u128, bits: u32, family: Family, out: &mut Vec<IpNet>) {
+    loop {
+        let alignment = if start == 0 {
+            bits
+        } else {
+            start.trailing_zeros().min(bits)
+        };
+        let span = end - start; // addresses left, minus one
+        let fits = if span == u128::MAX {
+            128
+        } else {
+            127 - (span + 1).leading_zeros()
+        };
+        let host_bits = alignment.min(fits).min(bits);
+        // host_bits <= bits <= 128, so the prefix length fits in u8.
+        let prefix_len = (bits - host_bits) as u8;
+        if let Ok(net) = IpNet::new(from_u128(start, family), prefix_len) {
+            out.push(net);
+        }
+        if host_bits >= 128 {
+            return;
+        }
+        let size = 1u128 << host_bits;
+        match start.checked_add(size) {
+            Some(next) if next <= end && next > start => start = next,
+            _ => return,
+        }
+    }
+}
+
+/// The addresses of `family` outside the (merged, sorted) `prefixes`, as CIDR blocks.
+pub fn complement(prefixes: &[IpNet], family: Family) -> Vec<IpNet> {
+    let bits = family.bits();
+    let last = if bits == 128 {
+        u128::MAX
+    } else {
+        (1u128 << bits) - 1
+    };
+    let mut out = Vec::new();
+    let mut cursor = Some(0u128);
+    for prefix in merge_prefixes(prefixes) {
+        let (start, end) = (to_u128(prefix.network()), to_u128(prefix.broadcast()));
+        if let Some(from) = cursor
+            && from < start
+        {
+            split_range(from, start - 1, bits, family, &mut out);
+        }
+        cursor = end.checked_add(1).filter(|next| *next <= last);
+    }
+    if let Some(from) = cursor {
+        split_range(from, last, bits, family, &mut out);
+    }
+    out
 }
 
 #[cfg(test)]

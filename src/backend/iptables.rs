@@ -6,11 +6,18 @@ use std::time::Duration;
 
 use super::runner::{Program, SharedRunner};
 use super::{Backend, ChainName, Doing, SyncError, SyncReport};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
 use crate::policy::{Decision, Family, FamilyPolicy, Masquerade, PORT_PROTOCOLS, Policy};
 
 const NON_MASQ_COMMENT: &str = "ip-masq-agent: local traffic is not subject to MASQUERADE";
 const MASQ_COMMENT: &str =
     "ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)";
+/// On the RETURN rules for sources outside masqueradeSourceCIDRs (only with that key).
+const SOURCE_COMMENT: &str =
+    "ip-masq-agent: traffic from outside masqueradeSourceCIDRs is not subject to MASQUERADE";
 /// How long iptables-restore waits for the xtables lock (`-w`), as upstream passes it.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
@@ -187,8 +194,23 @@ pub fn render_chain_rules(
     let keep = |prefix: &ipnet::IpNet| {
         format!("-A {chain} -d {prefix} -m comment --comment \"{NON_MASQ_COMMENT}\" -j RETURN")
     };
-    rules.extend(family.link_local.iter().map(keep));
-    rules.extend(family.non_masq.0.iter().map(keep));
+    match &family.resolved {
+        // Upstream's layout, byte for byte, when neither new key is set.
+        None => {
+            rules.extend(family.link_local.iter().map(keep));
+            rules.extend(family.non_masq.0.iter().map(keep));
+        }
+        // The policy's flat answer: sources out of scope return first, then the kept
+        // destination blocks (disjoint, so their order does not matter).
+        Some(resolved) => {
+            rules.extend(resolved.out_of_scope.iter().map(|prefix| {
+                format!(
+                    "-A {chain} -s {prefix} -m comment --comment \"{SOURCE_COMMENT}\" -j RETURN"
+                )
+            }));
+            rules.extend(resolved.keep.iter().map(keep));
+        }
+    }
     let random_fully = if masquerade.random_fully {
         " --random-fully"
     } else {
@@ -275,7 +297,7 @@ pub fn is_agent_chain_rule(line: &str) -> bool {
     };
     match (after("--comment").as_slice(), after("-j").as_slice()) {
         ([comment], [target]) => {
-            (*comment == NON_MASQ_COMMENT && *target == "RETURN")
+            (matches!(*comment, NON_MASQ_COMMENT | SOURCE_COMMENT) && *target == "RETURN")
                 || (*comment == MASQ_COMMENT && *target == "MASQUERADE")
         }
         _ => false,
@@ -640,12 +662,34 @@ pub fn render(policy: &Policy, chain: &ChainName) -> String {
     out
 }
 
-/// How `explain` names the iptables rule behind a decision.
-pub fn explain(decision: &Decision, chain: &ChainName) -> String {
-    match decision {
-        Decision::Keep { prefix, .. } => format!("-A {chain} -d {prefix} ... -j RETURN"),
-        Decision::Masquerade => format!("the last rule of {chain}, -j MASQUERADE"),
-        Decision::Unmanaged => "no rules".to_string(),
+/// How `explain` names the iptables rule behind a decision for `source` -> `destination`.
+pub fn explain(
+    family: Option<&FamilyPolicy>,
+    decision: &Decision,
+    source: Option<IpAddr>,
+    destination: IpAddr,
+    chain: &ChainName,
+) -> String {
+    let resolved = family.and_then(|f| f.resolved.as_ref());
+    let block_of = |blocks: &[IpNet], address: Option<IpAddr>| {
+        address
+            .and_then(|a| blocks.iter().find(|b| b.contains(&a)))
+            .map_or_else(|| "…".to_string(), ToString::to_string)
+    };
+    match (decision, resolved) {
+        (Decision::Keep { prefix, .. }, None) => format!("-A {chain} -d {prefix} ... -j RETURN"),
+        (Decision::Keep { .. }, Some(r)) => format!(
+            "-A {chain} -d {} ... -j RETURN",
+            block_of(&r.keep, Some(destination))
+        ),
+        (Decision::SourceOutOfScope, Some(r)) => format!(
+            "-A {chain} -s {} ... -j RETURN",
+            block_of(&r.out_of_scope, source)
+        ),
+        (Decision::Masquerade | Decision::Forced { .. }, _) => {
+            format!("the MASQUERADE rules at the end of {chain}")
+        }
+        (Decision::Unmanaged, _) | (Decision::SourceOutOfScope, None) => "no rules".to_string(),
     }
 }
 

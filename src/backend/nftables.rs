@@ -2,87 +2,17 @@
 //! packet costs the same whether the list holds 3 prefixes or 50,000. Each sync is one
 //! `nft -f -` transaction that replaces the whole table atomically.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 
 use super::runner::{Program, SharedRunner, ToolError};
 use super::{Backend, Doing, SyncError, SyncReport};
-use crate::policy::{Decision, Family, FamilyPolicy, KeepReason, Masquerade, Policy};
+use crate::policy::{
+    Decision, Family, FamilyPolicy, KeepReason, Masquerade, Policy, merge_prefixes,
+};
 
 pub const TABLE: &str = "ip-masq-agent";
-
-/// Sorts, de-duplicates and merges overlapping or adjacent prefixes of one family into
-/// the fewest prefixes covering the same addresses (nft refuses overlapping intervals).
-pub fn merge_prefixes(prefixes: &[IpNet]) -> Vec<IpNet> {
-    let mut out = Vec::new();
-    for family in [Family::V4, Family::V6] {
-        let bits: u32 = if family == Family::V4 { 32 } else { 128 };
-        let mut ranges: Vec<(u128, u128)> = prefixes
-            .iter()
-            .filter(|p| Family::of(p) == family)
-            .map(|p| (to_u128(p.network()), to_u128(p.broadcast())))
-            .collect();
-        ranges.sort_unstable();
-        let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
-        for (start, end) in ranges {
-            match merged.last_mut() {
-                Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
-                _ => merged.push((start, end)),
-            }
-        }
-        for (start, end) in merged {
-            split_range(start, end, bits, family, &mut out);
-        }
-    }
-    out
-}
-
-fn to_u128(addr: IpAddr) -> u128 {
-    match addr {
-        IpAddr::V4(a) => u128::from(u32::from(a)),
-        IpAddr::V6(a) => u128::from(a),
-    }
-}
-
-fn from_u128(value: u128, family: Family) -> IpAddr {
-    match family {
-        // Values of the IPv4 family never exceed 32 bits.
-        Family::V4 => IpAddr::V4(Ipv4Addr::from(value as u32)),
-        Family::V6 => IpAddr::V6(Ipv6Addr::from(value)),
-    }
-}
-
-/// Covers [start, end] with the fewest aligned prefixes.
-fn split_range(mut start: u128, end: u128, bits: u32, family: Family, out: &mut Vec<IpNet>) {
-    loop {
-        let alignment = if start == 0 {
-            bits
-        } else {
-            start.trailing_zeros().min(bits)
-        };
-        let span = end - start; // addresses left, minus one
-        let fits = if span == u128::MAX {
-            128
-        } else {
-            127 - (span + 1).leading_zeros()
-        };
-        let host_bits = alignment.min(fits).min(bits);
-        // host_bits <= bits <= 128, so the prefix length fits in u8.
-        let prefix_len = (bits - host_bits) as u8;
-        if let Ok(net) = IpNet::new(from_u128(start, family), prefix_len) {
-            out.push(net);
-        }
-        if host_bits >= 128 {
-            return;
-        }
-        let size = 1u128 << host_bits;
-        match start.checked_add(size) {
-            Some(next) if next <= end && next > start => start = next,
-            _ => return,
-        }
-    }
-}
 
 fn set_name(family: Family) -> &'static str {
     match family {
@@ -131,10 +61,17 @@ pub fn masquerade_statements(masquerade: &Masquerade) -> Vec<String> {
     statements
 }
 
-fn render_set(out: &mut String, family: Family, prefixes: &[IpNet]) {
+/// The set of sources that may be masqueraded (only with masqueradeSourceCIDRs).
+fn source_set_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "masq-src-v4",
+        Family::V6 => "masq-src-v6",
+    }
+}
+
+fn render_set(out: &mut String, name: &str, family: Family, prefixes: &[IpNet]) {
     out.push_str(&format!(
-        "\tset {} {{\n\t\ttype {}\n\t\tflags interval\n",
-        set_name(family),
+        "\tset {name} {{\n\t\ttype {}\n\t\tflags interval\n",
         set_type(family)
     ));
     if !prefixes.is_empty() {
@@ -152,8 +89,21 @@ fn render_set(out: &mut String, family: Family, prefixes: &[IpNet]) {
 fn render_family_chain(out: &mut String, family: &FamilyPolicy, masquerade: &[String]) {
     let keyword = address_keyword(family.family);
     out.push_str(&format!("\tchain {} {{\n", chain_name(family.family)));
-    if let Some(link_local) = family.link_local {
-        out.push_str(&format!("\t\t{keyword} daddr {link_local} return\n"));
+    match &family.resolved {
+        None => {
+            if let Some(link_local) = family.link_local {
+                out.push_str(&format!("\t\t{keyword} daddr {link_local} return\n"));
+            }
+        }
+        // The flat answer: link-local is in the set already, as longest-prefix match left it.
+        Some(resolved) => {
+            if resolved.sources.is_some() {
+                out.push_str(&format!(
+                    "\t\t{keyword} saddr != @{} return\n",
+                    source_set_name(family.family)
+                ));
+            }
+        }
     }
     out.push_str(&format!(
         "\t\t{keyword} daddr @{} return\n",
@@ -163,6 +113,13 @@ fn render_family_chain(out: &mut String, family: &FamilyPolicy, masquerade: &[St
         out.push_str(&format!("\t\t{statement}\n"));
     }
     out.push_str("\t}\n");
+}
+
+fn has_source_scope(family: &FamilyPolicy) -> bool {
+    family
+        .resolved
+        .as_ref()
+        .is_some_and(|resolved| resolved.sources.is_some())
 }
 
 fn set_type(family: Family) -> &'static str {
@@ -177,14 +134,26 @@ fn set_type(family: Family) -> &'static str {
 /// the next rather than deleted and recreated: a freshly created set can answer a lookup
 /// made right at the commit as empty, which would masquerade traffic to listed prefixes.
 pub fn render_transaction(policy: &Policy) -> String {
+    render_transaction_with(policy, false)
+}
+
+/// `render_transaction`, plus (when `remove_unused` is set) the lines that delete a
+/// source set an earlier run may have left: the backend always sends them, since it
+/// cannot know what a previous process wrote; `render` leaves them out.
+fn render_transaction_with(policy: &Policy, remove_unused: bool) -> String {
     let masquerade = masquerade_statements(&policy.masquerade);
     let mut out = format!("table inet {TABLE} {{}}\n");
-    for family in &policy.families {
+    let declare = |out: &mut String, name: &str, family: Family| {
         out.push_str(&format!(
-            "add set inet {TABLE} {} {{ type {}; flags interval; }}\n",
-            set_name(family.family),
-            set_type(family.family)
+            "add set inet {TABLE} {name} {{ type {}; flags interval; }}\n",
+            set_type(family)
         ));
+    };
+    for family in &policy.families {
+        declare(&mut out, set_name(family.family), family.family);
+        if has_source_scope(family) {
+            declare(&mut out, source_set_name(family.family), family.family);
+        }
     }
     out.push_str(&format!("flush table inet {TABLE}\n"));
     for family in &policy.families {
@@ -192,20 +161,50 @@ pub fn render_transaction(policy: &Policy) -> String {
             "flush set inet {TABLE} {}\n",
             set_name(family.family)
         ));
+        if has_source_scope(family) {
+            out.push_str(&format!(
+                "flush set inet {TABLE} {}\n",
+                source_set_name(family.family)
+            ));
+        } else if remove_unused {
+            // A source scope dropped since the last run: declare-then-delete removes it.
+            let name = source_set_name(family.family);
+            declare(&mut out, name, family.family);
+            out.push_str(&format!("delete set inet {TABLE} {name}\n"));
+        }
     }
     // A family turned off since the last run: declare-then-delete removes its objects.
     for family in [Family::V4, Family::V6] {
         if policy.family(family).is_none() {
-            let (chain, set) = (chain_name(family), set_name(family));
+            let chain = chain_name(family);
             out.push_str(&format!(
-                "add chain inet {TABLE} {chain}\ndelete chain inet {TABLE} {chain}\nadd set inet {TABLE} {set} {{ type {}; flags interval; }}\ndelete set inet {TABLE} {set}\n",
-                set_type(family)
+                "add chain inet {TABLE} {chain}\ndelete chain inet {TABLE} {chain}\n"
             ));
+            let mut unused = vec![set_name(family)];
+            if remove_unused {
+                unused.push(source_set_name(family));
+            }
+            for set in unused {
+                declare(&mut out, set, family);
+                out.push_str(&format!("delete set inet {TABLE} {set}\n"));
+            }
         }
     }
     out.push_str(&format!("table inet {TABLE} {{\n"));
     for family in &policy.families {
-        render_set(&mut out, family.family, &merge_prefixes(&family.non_masq.0));
+        let kept = match &family.resolved {
+            None => merge_prefixes(&family.non_masq.0),
+            Some(resolved) => merge_prefixes(&resolved.keep),
+        };
+        render_set(&mut out, set_name(family.family), family.family, &kept);
+        if let Some(sources) = family.resolved.as_ref().and_then(|r| r.sources.as_ref()) {
+            render_set(
+                &mut out,
+                source_set_name(family.family),
+                family.family,
+                sources,
+            );
+        }
     }
     // After kube-proxy's srcnat chains, as upstream's jump is appended after KUBE-POSTROUTING.
     out.push_str("\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat + 10; policy accept;\n\t\tfib daddr type local return\n");
@@ -322,15 +321,19 @@ pub fn render(policy: &Policy) -> String {
 }
 
 /// How `explain` names the nft rule behind a decision.
-pub fn explain(decision: &Decision, family: Family) -> String {
+pub fn explain(policy: Option<&FamilyPolicy>, decision: &Decision, family: Family) -> String {
     let chain = chain_name(family);
+    let resolved = policy.is_some_and(|p| p.resolved.is_some());
     match decision {
         Decision::Keep {
             prefix,
             reason: KeepReason::LinkLocal,
-        } => format!("chain {chain} daddr {prefix} return"),
+        } if !resolved => format!("chain {chain} daddr {prefix} return"),
         Decision::Keep { .. } => format!("set {}", set_name(family)),
-        Decision::Masquerade => format!("chain {chain} masquerade"),
+        Decision::Masquerade | Decision::Forced { .. } => format!("chain {chain} masquerade"),
+        Decision::SourceOutOfScope => {
+            format!("chain {chain} saddr != @{} return", source_set_name(family))
+        }
         Decision::Unmanaged => "no rules".to_string(),
     }
 }
@@ -385,7 +388,7 @@ impl Backend for NftablesBackend {
 
     fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError> {
         let started_with = self.runner.spawned();
-        let transaction = render_transaction(policy);
+        let transaction = render_transaction_with(policy, true);
         let rules = policy
             .families
             .iter()

@@ -18,6 +18,11 @@ pub fn exception_list(policy: &Policy) -> Vec<String> {
     let Some(v4) = policy.family(Family::V4) else {
         return Vec::new();
     };
+    // With forceMasqueradeCIDRs the list is the policy's flat answer (longest-prefix match
+    // already applied, flattened to CIDRs); a source scope has no place in it.
+    if let Some(resolved) = &v4.resolved {
+        return resolved.keep.iter().map(ToString::to_string).collect();
+    }
     let mut list: Vec<String> = Vec::new();
     for prefix in v4.link_local.iter().chain(&v4.non_masq.0) {
         let text = prefix.to_string();

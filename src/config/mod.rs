@@ -46,13 +46,20 @@ const OTHER_RESERVED: [&str; 8] = [
 ];
 
 /// Config keys as upstream spells them; matching is case-insensitive like Go's encoding/json.
-pub const KNOWN_KEYS: [&str; 5] = [
+pub const KNOWN_KEYS: [&str; 7] = [
     "nonMasqueradeCIDRs",
     "cidrLimit",
     "masqLinkLocal",
     "masqLinkLocalIPv6",
     "resyncInterval",
+    "forceMasqueradeCIDRs",
+    "masqueradeSourceCIDRs",
 ];
+
+/// The keys that hold CIDR lists, and how each is named in messages.
+const NON_MASQ_KEY: &str = "nonMasqueradeCIDRs";
+const FORCE_KEY: &str = "forceMasqueradeCIDRs";
+const SOURCE_KEY: &str = "masqueradeSourceCIDRs";
 
 /// Settings that come from flags but change how the file is read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -65,6 +72,10 @@ pub struct ParseOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub non_masquerade_cidrs: Vec<IpNet>,
+    /// Destinations masqueraded even inside a non-masquerade range (longest prefix wins).
+    pub force_masquerade_cidrs: Vec<IpNet>,
+    /// When set, only packets from these sources are masqueraded; None: every source.
+    pub masquerade_source_cidrs: Option<Vec<IpNet>>,
     pub cidr_limit: usize,
     pub masq_link_local: bool,
     pub masq_link_local_ipv6: bool,
@@ -79,6 +90,8 @@ impl Config {
         }
         Config {
             non_masquerade_cidrs: cidrs.into_iter().filter_map(|c| c.parse().ok()).collect(),
+            force_masquerade_cidrs: Vec::new(),
+            masquerade_source_cidrs: None,
             cidr_limit: 64,
             masq_link_local: false,
             masq_link_local_ipv6: false,
@@ -131,6 +144,8 @@ impl fmt::Display for ConfigError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FileSettings {
     pub non_masquerade_cidrs: Option<Vec<IpNet>>,
+    pub force_masquerade_cidrs: Option<Vec<IpNet>>,
+    pub masquerade_source_cidrs: Option<Vec<IpNet>>,
     pub cidr_limit: Option<usize>,
     pub masq_link_local: Option<bool>,
     pub masq_link_local_ipv6: Option<bool>,
@@ -163,6 +178,8 @@ impl FileSettings {
                 .non_masquerade_cidrs
                 .clone()
                 .unwrap_or(defaults.non_masquerade_cidrs),
+            force_masquerade_cidrs: self.force_masquerade_cidrs.clone().unwrap_or_default(),
+            masquerade_source_cidrs: self.masquerade_source_cidrs.clone(),
             cidr_limit: self.cidr_limit.unwrap_or(defaults.cidr_limit),
             masq_link_local: self.masq_link_local.unwrap_or(defaults.masq_link_local),
             masq_link_local_ipv6: self
@@ -240,15 +257,14 @@ pub fn load(path: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigEr
 pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigError> {
     let (settings, warnings) = parse_settings(text, file, options)?;
     let config = settings.over_defaults(options);
-    if settings.non_masquerade_cidrs.is_none()
-        && config.non_masquerade_cidrs.len() > config.cidr_limit
-    {
+    let destinations = config.non_masquerade_cidrs.len() + config.force_masquerade_cidrs.len();
+    if settings.non_masquerade_cidrs.is_none() && destinations > config.cidr_limit {
         return Err(limit_error(
             file,
             None,
             "cidrLimit",
             config.cidr_limit,
-            config.non_masquerade_cidrs.len(),
+            destinations,
         ));
     }
     Ok(LoadedConfig {
@@ -294,7 +310,8 @@ pub fn parse_settings(
         ));
     };
 
-    let mut cidrs_node: Option<(Vec<Located>, Option<Position>)> = None;
+    // The CIDR lists, validated once every key is read (cidrLimit may come after them).
+    let mut list_nodes: Vec<(&'static str, Vec<Located>, Option<Position>)> = Vec::new();
     for (key_node, mut value) in entries {
         let key_text = match &key_node.value {
             Value::Str(s) => s.clone(),
@@ -308,11 +325,12 @@ pub fn parse_settings(
             ));
             continue;
         };
-        if key == "nonMasqueradeCIDRs"
+        if matches!(key, NON_MASQ_KEY | FORCE_KEY | SOURCE_KEY)
             && let Value::List(items) = &mut value.value
         {
             // Taken, not copied: a list near the value bound is most of the tree.
-            cidrs_node = Some((std::mem::take(items), value.position));
+            list_nodes.retain(|(k, _, _)| *k != key);
+            list_nodes.push((key, std::mem::take(items), value.position));
             continue;
         }
         let type_error = |expected: &str| {
@@ -328,8 +346,11 @@ pub fn parse_settings(
         };
         // As in Go's encoding/json, null leaves a scalar untouched and empties a list.
         match (key, &value.value) {
-            ("nonMasqueradeCIDRs", Value::Null) => cidrs_node = Some((Vec::new(), value.position)),
-            ("nonMasqueradeCIDRs", _) => {
+            (NON_MASQ_KEY | FORCE_KEY | SOURCE_KEY, Value::Null) => {
+                list_nodes.retain(|(k, _, _)| *k != key);
+                list_nodes.push((key, Vec::new(), value.position));
+            }
+            (NON_MASQ_KEY | FORCE_KEY | SOURCE_KEY, _) => {
                 return Err(type_error(
                     "a list of CIDR strings such as [\"10.0.0.0/8\"]",
                 ));
@@ -394,13 +415,18 @@ pub fn parse_settings(
         }
     }
 
-    if let Some((items, list_position)) = cidrs_node {
-        let key = "nonMasqueradeCIDRs";
-        let limit = settings
-            .cidr_limit
-            .unwrap_or(Config::defaults(options).cidr_limit);
-        if items.len() > limit {
-            return Err(limit_error(file, list_position, key, limit, items.len()));
+    let limit = settings
+        .cidr_limit
+        .unwrap_or(Config::defaults(options).cidr_limit);
+    // Each CIDR with where it stands, to name both places of a conflict.
+    let mut placed: Vec<(&'static str, usize, IpNet, Option<Position>)> = Vec::new();
+    let mut destinations = 0;
+    for (key, items, list_position) in &list_nodes {
+        if *key != SOURCE_KEY {
+            destinations += items.len();
+            if destinations > limit {
+                return Err(limit_error(file, *list_position, key, limit, destinations));
+            }
         }
         let mut cidrs = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
@@ -418,9 +444,41 @@ pub fn parse_settings(
             };
             let cidr = validate_cidr(text, options.enable_ipv6)
                 .map_err(|problem| error(item.position, Some(&item_key), problem))?;
+            if *key != SOURCE_KEY {
+                placed.push((key, index, cidr, item.position));
+            }
             cidrs.push(cidr);
         }
-        settings.non_masquerade_cidrs = Some(cidrs);
+        match *key {
+            NON_MASQ_KEY => settings.non_masquerade_cidrs = Some(cidrs),
+            FORCE_KEY => settings.force_masquerade_cidrs = Some(cidrs),
+            _ => {
+                if cidrs.is_empty() {
+                    warnings.push(format!(
+                        "{}{SOURCE_KEY} is empty: no source is masqueraded (remove the key to masquerade every source)",
+                        place_of(file, *list_position)
+                    ));
+                }
+                settings.masquerade_source_cidrs = Some(cidrs);
+            }
+        }
+    }
+    // The same prefix asked to be kept and masqueraded: longest-prefix match cannot choose.
+    for (key, index, cidr, position) in placed.iter().filter(|p| p.0 == FORCE_KEY) {
+        if let Some((other_key, other_index, _, other_position)) =
+            placed.iter().find(|p| p.0 == NON_MASQ_KEY && p.2 == *cidr)
+        {
+            let there = other_position
+                .map(|p| format!(" at {p}"))
+                .unwrap_or_default();
+            return Err(error(
+                *position,
+                Some(&format!("{key}[{index}]")),
+                format!(
+                    "CIDR \"{cidr}\" is also in {other_key}[{other_index}]{there}; a prefix can be in only one of the two lists (the longest matching prefix decides, and these are equally long)"
+                ),
+            ));
+        }
     }
     Ok((settings, warnings))
 }
@@ -478,16 +536,38 @@ pub fn load_dir(dir: &Path, options: ParseOptions) -> Result<LoadedConfig, Confi
             warnings,
         });
     }
+    // A prefix forced in one file and kept in another: no longest match decides it.
+    for (path, settings) in &files {
+        for forced in settings.force_masquerade_cidrs.iter().flatten() {
+            if let Some((other, _)) = files.iter().find(|(_, other)| {
+                other
+                    .non_masquerade_cidrs
+                    .as_ref()
+                    .is_some_and(|kept| kept.contains(forced))
+            }) {
+                return Err(ConfigError {
+                    file: path.clone(),
+                    position: None,
+                    key: Some(FORCE_KEY.to_string()),
+                    problem: format!(
+                        "CIDR \"{forced}\" is also in {NON_MASQ_KEY} of {}; a prefix can be in only one of the two lists",
+                        other.display()
+                    ),
+                });
+            }
+        }
+    }
     let (merged, conflicts) = merge_files(&files);
     warnings.extend(conflicts);
     let config = merged.over_defaults(options);
-    if config.non_masquerade_cidrs.len() > config.cidr_limit {
+    let destinations = config.non_masquerade_cidrs.len() + config.force_masquerade_cidrs.len();
+    if destinations > config.cidr_limit {
         return Err(limit_error(
             dir,
             None,
             "nonMasqueradeCIDRs",
             config.cidr_limit,
-            config.non_masquerade_cidrs.len(),
+            destinations,
         ));
     }
     Ok(LoadedConfig {
@@ -551,6 +631,25 @@ pub fn merge_files(files: &[(PathBuf, FileSettings)]) -> (FileSettings, Vec<Stri
                 ));
             }
             bool_owner[slot].get_or_insert((value, path));
+        }
+        for (list, more) in [
+            (
+                &mut merged.force_masquerade_cidrs,
+                &settings.force_masquerade_cidrs,
+            ),
+            (
+                &mut merged.masquerade_source_cidrs,
+                &settings.masquerade_source_cidrs,
+            ),
+        ] {
+            if let Some(more) = more {
+                let joined = list.get_or_insert_with(Vec::new);
+                for cidr in more {
+                    if !joined.contains(cidr) {
+                        joined.push(*cidr);
+                    }
+                }
+            }
         }
         merged.masq_link_local = or_option(merged.masq_link_local, settings.masq_link_local);
         merged.masq_link_local_ipv6 =

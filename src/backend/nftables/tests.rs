@@ -1,6 +1,7 @@
 use super::*;
 use crate::config::{ParseOptions, parse};
 use crate::policy::{PolicySettings, ToPorts};
+use std::net::Ipv4Addr;
 use std::path::Path;
 
 fn nets(list: &[&str]) -> Vec<IpNet> {
@@ -237,6 +238,9 @@ fn fifty_thousand_prefixes_render_as_one_set() {
             family: Family::V4,
             link_local: None,
             non_masq: crate::policy::NonMasqPrefixes(prefixes),
+            force: Vec::new(),
+            sources: None,
+            resolved: None,
         }],
         masquerade: Masquerade::default(),
     };
