@@ -794,3 +794,9 @@ impl Netns {
         self.run_inside(move || std::net::TcpListener::bind(bind).expect("bind tcp"))
     }
 }
+
+/// A fresh name with this harness's `ima-<pid>-<n>-<tag>` form, for things other than
+/// namespaces (e.g. containers) that a later run may sweep by the dead PID in the name.
+pub fn unique_name(tag: &str) -> String {
+    unique(tag)
+}
