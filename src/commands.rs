@@ -247,6 +247,11 @@ pub fn windows_cni(settings: &Settings, cni_conf: &Path) -> anyhow::Result<()> {
     let loaded = settings.load_config()?;
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
     let list = windows::exception_list(&policy);
+    if policy.families.iter().any(|f| f.sources.is_some()) {
+        eprintln!(
+            "warning: masqueradeSourceCIDRs cannot be expressed in the OutBoundNAT exception list; it is ignored on Windows nodes"
+        );
+    }
     if windows::rewrite_file(cni_conf, &list)? {
         println!(
             "{}: exception list set to {}",

@@ -14,7 +14,7 @@ use crate::backend::runner::SharedRunner;
 use crate::backend::{Backend, BackendChoice, ChainName, Leftovers, SyncError, SyncErrorKind};
 use crate::config::source::ConfigPath;
 use crate::config::{Config, ConfigError, ConfigSource, LoadedConfig, ParseOptions};
-use crate::observe::telemetry::{SyncResult, Telemetry, config_hash};
+use crate::observe::telemetry::{PrefixCounts, SyncResult, Telemetry, config_hash};
 use crate::policy::{Policy, PolicySettings};
 
 /// What the agent (and the commands) derive from the flags.
@@ -219,10 +219,15 @@ impl Agent {
             );
         }
         if changed {
-            let prefixes: Vec<(&'static str, usize)> = policy
+            let prefixes: Vec<PrefixCounts> = policy
                 .families
                 .iter()
-                .map(|f| (f.family.label(), f.non_masq.0.len()))
+                .map(|f| PrefixCounts {
+                    family: f.family.label(),
+                    non_masquerade: f.non_masq.0.len(),
+                    force: f.force.len(),
+                    sources: f.sources.as_ref().map(Vec::len),
+                })
                 .collect();
             self.telemetry.applied(
                 &config_hash(&format!("{config:?}")),

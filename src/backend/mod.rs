@@ -233,10 +233,45 @@ pub trait Backend {
 /// none of the agent's rules yet (`auto` renders iptables: deciding needs the host).
 pub fn render(choice: BackendChoice, policy: &Policy, chain: &ChainName) -> String {
     match choice {
-        BackendChoice::Iptables | BackendChoice::Auto => iptables::render(policy, chain),
-        BackendChoice::Nftables => nftables::render(policy),
+        BackendChoice::Iptables | BackendChoice::Auto => {
+            resolved_summary(policy) + &iptables::render(policy, chain)
+        }
+        BackendChoice::Nftables => resolved_summary(policy) + &nftables::render(policy),
         BackendChoice::Windows => windows::render(policy),
     }
+}
+
+/// Comment lines stating the policy's flat answer, when the new keys make one.
+fn resolved_summary(policy: &Policy) -> String {
+    let list = |nets: &[ipnet::IpNet]| -> String {
+        if nets.is_empty() {
+            "none".to_string()
+        } else {
+            nets.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let mut out = String::new();
+    for family in &policy.families {
+        let Some(resolved) = &family.resolved else {
+            continue;
+        };
+        out.push_str(&format!(
+            "# {} after longest-prefix match, keeps the pod address: {}\n",
+            family.family,
+            list(&resolved.keep)
+        ));
+        if let Some(sources) = &resolved.sources {
+            out.push_str(&format!(
+                "# {} masqueraded only from: {}\n",
+                family.family,
+                list(sources)
+            ));
+        }
+    }
+    out
 }
 
 /// Removes everything any backend of the agent installs, in every iptables flavour and

@@ -18,6 +18,21 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    family: &'static str,
+}
+
+/// Prefix counts of one family of an applied config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixCounts {
+    pub family: &'static str,
+    pub non_masquerade: usize,
+    pub force: usize,
+    /// None when every source is masqueraded (no masqueradeSourceCIDRs).
+    pub sources: Option<usize>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -69,6 +84,8 @@ pub struct Telemetry {
     reloads: Family<ResultLabels, Counter>,
     config_info: Family<ConfigLabels, Gauge>,
     prefixes: Family<PrefixLabels, Gauge>,
+    force_prefixes: Family<FamilyLabels, Gauge>,
+    source_prefixes: Family<FamilyLabels, Gauge>,
     drift_repairs: Counter,
     sync_errors: Family<KindLabels, Counter>,
     http_endpoint_bound: Gauge,
@@ -92,6 +109,8 @@ impl Telemetry {
         let reloads = Family::<ResultLabels, Counter>::default();
         let config_info = Family::<ConfigLabels, Gauge>::default();
         let prefixes = Family::<PrefixLabels, Gauge>::default();
+        let force_prefixes = Family::<FamilyLabels, Gauge>::default();
+        let source_prefixes = Family::<FamilyLabels, Gauge>::default();
         let drift_repairs = Counter::default();
         let sync_errors = Family::<KindLabels, Counter>::default();
         let http_endpoint_bound = Gauge::default();
@@ -133,6 +152,16 @@ impl Telemetry {
             prefixes.clone(),
         );
         registry.register(
+            "force_prefixes",
+            "forceMasqueradeCIDRs prefixes of the applied config, by family",
+            force_prefixes.clone(),
+        );
+        registry.register(
+            "source_prefixes",
+            "masqueradeSourceCIDRs prefixes of the applied config, by family (absent: every source is masqueraded)",
+            source_prefixes.clone(),
+        );
+        registry.register(
             "drift_repairs",
             "Syncs that found the kernel's rules out of step with an unchanged config",
             drift_repairs.clone(),
@@ -160,6 +189,8 @@ impl Telemetry {
             reloads,
             config_info,
             prefixes,
+            force_prefixes,
+            source_prefixes,
             drift_repairs,
             sync_errors,
             http_endpoint_bound,
@@ -254,7 +285,8 @@ impl Telemetry {
     }
 
     /// Records the applied config's hash and prefix counts.
-    pub fn applied(&self, hash: &str, backend: &'static str, prefixes: &[(&'static str, usize)]) {
+    pub fn applied(&self, hash: &str, backend: &'static str, counts: &[PrefixCounts]) {
+        let gauge = |count: usize| i64::try_from(count).unwrap_or(i64::MAX);
         self.config_info.clear();
         self.config_info
             .get_or_create(&ConfigLabels {
@@ -262,10 +294,21 @@ impl Telemetry {
             })
             .set(1);
         self.prefixes.clear();
-        for (family, count) in prefixes {
+        self.force_prefixes.clear();
+        self.source_prefixes.clear();
+        for count in counts {
+            let family = count.family;
             self.prefixes
                 .get_or_create(&PrefixLabels { family, backend })
-                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+                .set(gauge(count.non_masquerade));
+            self.force_prefixes
+                .get_or_create(&FamilyLabels { family })
+                .set(gauge(count.force));
+            if let Some(sources) = count.sources {
+                self.source_prefixes
+                    .get_or_create(&FamilyLabels { family })
+                    .set(gauge(sources));
+            }
         }
     }
 
@@ -355,7 +398,13 @@ mod tests {
             Duration::from_secs(60),
             None,
         );
-        t.applied("abc", "iptables", &[("ipv4", 3)]);
+        let counts = |non_masquerade, force, sources| PrefixCounts {
+            family: "ipv4",
+            non_masquerade,
+            force,
+            sources,
+        };
+        t.applied("abc", "iptables", &[counts(3, 0, None)]);
         t.drift_repaired();
         let text = t.encode();
         for line in [
@@ -369,8 +418,13 @@ mod tests {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
         assert!(text.contains("ip_masq_agent_last_successful_sync_timestamp_seconds "));
-        t.applied("def", "iptables", &[("ipv4", 1)]);
-        assert!(!t.encode().contains("hash=\"abc\""));
+        assert!(text.contains("ip_masq_agent_force_prefixes{family=\"ipv4\"} 0"));
+        assert!(!text.contains("ip_masq_agent_source_prefixes{"), "{text}");
+        t.applied("def", "iptables", &[counts(1, 2, Some(3))]);
+        let text = t.encode();
+        assert!(!text.contains("hash=\"abc\""));
+        assert!(text.contains("ip_masq_agent_force_prefixes{family=\"ipv4\"} 2"));
+        assert!(text.contains("ip_masq_agent_source_prefixes{family=\"ipv4\"} 3"));
     }
 
     #[test]
