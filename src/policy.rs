@@ -682,4 +682,72 @@ mod tests {
             assert!(bad.parse::<ToPorts>().is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn the_readmes_worked_examples_decide_by_longest_prefix() {
+        let p = policy(
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 10.3.9.0/24]\nforceMasqueradeCIDRs: [10.3.0.0/16, 169.254.169.254/32]\n",
+            false,
+        );
+        let forced = |prefix: &str| Decision::Forced {
+            prefix: prefix.parse().unwrap(),
+        };
+        assert_eq!(p.decide(ip("10.3.4.5")), forced("10.3.0.0/16"));
+        assert!(matches!(p.decide(ip("10.4.0.1")), Decision::Keep { .. }));
+        assert!(matches!(p.decide(ip("10.3.9.7")), Decision::Keep { .. }));
+        assert_eq!(
+            p.decide(ip("169.254.169.254")),
+            forced("169.254.169.254/32")
+        );
+        assert!(matches!(
+            p.decide(ip("169.254.1.1")),
+            Decision::Keep {
+                reason: KeepReason::LinkLocal,
+                ..
+            }
+        ));
+        let why = p.explain(None, ip("10.3.4.5"));
+        assert_eq!(why.runner_up.map(|m| m.list), Some(List::NonMasquerade));
+        // The flat answer keeps 10/8 minus 10.3/16 plus 10.3.9/24, and link-local minus one.
+        let resolved = p.families[0].resolved.as_ref().unwrap();
+        let kept = |a: &str| resolved.keep.iter().any(|n| n.contains(&ip(a)));
+        assert!(kept("10.0.0.1") && kept("10.3.9.255") && kept("169.254.169.253"));
+        assert!(!kept("10.3.0.1") && !kept("169.254.169.254") && !kept("8.8.8.8"));
+    }
+
+    #[test]
+    fn a_source_scope_keeps_every_other_source() {
+        let p = policy(
+            "nonMasqueradeCIDRs: []\nmasqueradeSourceCIDRs: [10.244.0.0/16]\n",
+            false,
+        );
+        assert_eq!(
+            p.explain(Some(ip("10.244.1.2")), ip("203.0.113.10"))
+                .decision,
+            Decision::Masquerade
+        );
+        let outside = p.explain(Some(ip("198.51.100.9")), ip("10.244.1.2"));
+        assert_eq!(outside.decision, Decision::SourceOutOfScope);
+        assert_eq!(outside.source_in_scope, Some(false));
+        let resolved = p.families[0].resolved.as_ref().unwrap();
+        assert!(
+            resolved
+                .out_of_scope
+                .iter()
+                .all(|n| !n.contains(&ip("10.244.9.9")))
+        );
+        assert!(
+            resolved
+                .out_of_scope
+                .iter()
+                .any(|n| n.contains(&ip("198.51.100.9")))
+        );
+        // No key, no flat answer: backends keep upstream's layout.
+        assert!(
+            policy("nonMasqueradeCIDRs: [10.0.0.0/8]\n", true)
+                .families
+                .iter()
+                .all(|f| f.resolved.is_none())
+        );
+    }
 }

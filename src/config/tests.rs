@@ -783,3 +783,123 @@ fn regression_resync_interval_below_100ms_is_raised_with_a_warning() {
         loaded.warnings
     );
 }
+
+#[test]
+fn force_and_source_keys_parse_like_the_other_lists() {
+    let loaded = parse_ok(
+        "NONMASQUERADECIDRS: [10.0.0.0/8]\nforcemasqueradecidrs: [10.3.0.0/16, 'fd00:3::/32']\nmasqueradeSourceCIDRs: [10.244.0.0/16]\n",
+        v6(),
+    );
+    assert_eq!(
+        loaded.config.force_masquerade_cidrs,
+        nets(&["10.3.0.0/16", "fd00:3::/32"])
+    );
+    assert_eq!(
+        loaded.config.masquerade_source_cidrs,
+        Some(nets(&["10.244.0.0/16"]))
+    );
+    // Absent keys: today's behaviour exactly.
+    let plain = parse_ok("nonMasqueradeCIDRs: [10.0.0.0/8]\n", opts()).config;
+    assert!(plain.force_masquerade_cidrs.is_empty());
+    assert_eq!(plain.masquerade_source_cidrs, None);
+    // The same validation as nonMasqueradeCIDRs.
+    let err = parse_err("forceMasqueradeCIDRs: ['fd00::/8']\n", opts());
+    assert!(
+        err.contains("forceMasqueradeCIDRs[0]: ipv6 is not enabled"),
+        "{err}"
+    );
+    let err = parse_err("masqueradeSourceCIDRs: ['::ffff:10.0.0.0/104']\n", v6());
+    assert!(err.contains("IPv4-mapped"), "{err}");
+    let err = parse_err("forceMasqueradeCIDRs: [10.0.0.1/8]\n", opts());
+    assert!(
+        err.contains("1:24: forceMasqueradeCIDRs[0]: CIDR \"10.0.0.1/8\" is not aligned"),
+        "{err}"
+    );
+    let err = parse_err("masqueradeSourceCIDRs: 10.0.0.0/8\n", opts());
+    assert!(err.contains("expected a list of CIDR strings"), "{err}");
+}
+
+#[test]
+fn the_same_prefix_kept_and_forced_is_an_error_naming_both_positions() {
+    let err = parse_err(
+        "nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n  - 10.3.0.0/16\nforceMasqueradeCIDRs:\n  - 10.3.0.0/16\n",
+        opts(),
+    );
+    assert!(
+        err.contains("5:5: forceMasqueradeCIDRs[0]: CIDR \"10.3.0.0/16\" is also in nonMasqueradeCIDRs[1] at 3:5"),
+        "{err}"
+    );
+    // Nested prefixes are fine: the longest match decides.
+    parse_ok(
+        "nonMasqueradeCIDRs: [10.0.0.0/8]\nforceMasqueradeCIDRs: [10.3.0.0/16]\n",
+        opts(),
+    );
+}
+
+#[test]
+fn cidr_limit_counts_both_destination_lists_but_not_sources() {
+    let err = parse_err(
+        "cidrLimit: 2\nnonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\nforceMasqueradeCIDRs: [10.3.0.0/16]\n",
+        opts(),
+    );
+    assert!(
+        err.contains(
+            "the daemon can only accept up to 2 CIDRs (excluding link-local), but got 3 CIDRs"
+        ),
+        "{err}"
+    );
+    parse_ok(
+        "cidrLimit: 2\nnonMasqueradeCIDRs: [10.0.0.0/8]\nforceMasqueradeCIDRs: [10.3.0.0/16]\nmasqueradeSourceCIDRs: [10.244.0.0/16, 10.245.0.0/16]\n",
+        opts(),
+    );
+    // With the default list (3 prefixes) and a limit of 3, one force prefix is too many.
+    let err = parse_err(
+        "cidrLimit: 3\nforceMasqueradeCIDRs: [10.3.0.0/16]\n",
+        opts(),
+    );
+    assert!(err.contains("but got 4 CIDRs"), "{err}");
+}
+
+#[test]
+fn an_empty_source_scope_is_a_warning() {
+    let loaded = parse_ok("masqueradeSourceCIDRs: []\n", opts());
+    assert_eq!(loaded.config.masquerade_source_cidrs, Some(Vec::new()));
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("no source is masqueraded")),
+        "{:?}",
+        loaded.warnings
+    );
+}
+
+#[test]
+fn config_dir_joins_force_and_source_lists_and_refuses_a_prefix_kept_in_another_file() {
+    let dir = Dir::new("force");
+    dir.write(
+        "ip-masq-a",
+        "forceMasqueradeCIDRs: [10.3.0.0/16]\nmasqueradeSourceCIDRs: [10.244.0.0/16]\n",
+    )
+    .write(
+        "ip-masq-b",
+        "forceMasqueradeCIDRs: [10.3.0.0/16, 10.4.0.0/16]\nmasqueradeSourceCIDRs: [10.245.0.0/16]\n",
+    );
+    let loaded = load_dir(&dir.0, opts()).unwrap();
+    assert_eq!(
+        loaded.config.force_masquerade_cidrs,
+        nets(&["10.3.0.0/16", "10.4.0.0/16"])
+    );
+    assert_eq!(
+        loaded.config.masquerade_source_cidrs,
+        Some(nets(&["10.244.0.0/16", "10.245.0.0/16"]))
+    );
+    dir.write("ip-masq-c", "nonMasqueradeCIDRs: [10.4.0.0/16]\n");
+    let err = load_dir(&dir.0, opts()).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "ip-masq-b: forceMasqueradeCIDRs: CIDR \"10.4.0.0/16\" is also in nonMasqueradeCIDRs of"
+        ) && err.contains("ip-masq-c"),
+        "{err}"
+    );
+}
