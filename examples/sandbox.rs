@@ -2,7 +2,7 @@
 //! agent runs and a remote that owns every destination, all network namespaces made
 //! here and deleted on exit. Run as root: `scripts/sandbox.sh`.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common.rs"]
 mod common;
 
 use std::time::Duration;

@@ -1,12 +1,9 @@
 //! The nftables backend in namespaces: the table it writes, switching between backends,
 //! atomic replacement under rapid config changes, and 50,000 prefixes.
 
-#[macro_use]
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn agent_table(ns: &Netns) -> Option<String> {
     let out = ns.output(&["nft", "list", "table", "inet", "ip-masq-agent"]);

@@ -1,12 +1,9 @@
 //! Packets from a pod namespace through the node namespace (where the agent runs) to a
 //! remote namespace that owns every destination: the remote records the source address.
 
-#[macro_use]
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const DUAL_STACK_CONFIG: &str = "nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 'fd00:99::/32']\nresyncInterval: 1s\n";
 

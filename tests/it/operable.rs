@@ -1,13 +1,10 @@
 //! The operator's view: the HTTP endpoint against a running agent, the commands, and
 //! the deployment manifests.
 
-#[macro_use]
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const METRICS: &str = "127.0.0.1:9910";
 

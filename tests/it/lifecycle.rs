@@ -1,15 +1,12 @@
 //! Live reload, write-free resyncs, drift repair, hostile input, lock contention,
 //! failing tools and cleanup — each in namespaces the test creates.
 
-#[macro_use]
-mod common;
-
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use nix::sys::signal::Signal;
 
 const CHAIN: &str = "IP-MASQ-AGENT";

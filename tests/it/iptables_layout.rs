@@ -1,12 +1,9 @@
 //! After the first sync the nat table holds exactly upstream v2.12.6's layout, in the
 //! iptables flavour kubelet uses; the other flavour is untouched.
 
-#[macro_use]
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const JUMP: &str = "-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain\" -m addrtype ! --dst-type LOCAL -j IP-MASQ-AGENT";
 const KEEP: &str =

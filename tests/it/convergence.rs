@@ -8,14 +8,12 @@
 //! namespace of its own; the agent is restarted per case and the namespace is cleaned
 //! (`ip-masq-agent cleanup`) between cases, so a verdict depends on its case alone.
 
-mod common;
-
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 
 const DEFAULT_CASES: usize = 40;
 /// Idle resyncs watched after the first sync.
@@ -822,7 +820,7 @@ fn run(setup: Setup) {
         Some(index) => vec![index],
         None => (0..count).collect(),
     };
-    let reproduce = format!("IMA_SEED={seed} cargo test --test convergence {name}");
+    let reproduce = format!("IMA_SEED={seed} cargo test --test it convergence::{name}");
     eprintln!(
         "convergence {name}: seed {seed}, {} case(s); reproduce with: {reproduce}",
         indices.len()
@@ -856,7 +854,7 @@ fn run(setup: Setup) {
         if !problems.is_empty() {
             failed_cases.push(index);
             let mut message = format!(
-                "case {index} of seed {seed} on {name} failed ({})\n  reproduce: IMA_SEED={seed} IMA_CASE={index} cargo test --test convergence {name}\n  flags: {} {}\n  config:\n{}",
+                "case {index} of seed {seed} on {name} failed ({})\n  reproduce: IMA_SEED={seed} IMA_CASE={index} cargo test --test it convergence::{name}\n  flags: {} {}\n  config:\n{}",
                 case.features,
                 setup.flags().join(" "),
                 case.flags.join(" "),

@@ -3,12 +3,9 @@
 //! clean-up fails, and hostile neighbours that look like the agent's own rules. Each
 //! test is named after the defect it guards against.
 
-#[macro_use]
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const CHAIN: &str = "IP-MASQ-AGENT";
 const ENDPOINT: &str = "127.0.0.1:9910";
