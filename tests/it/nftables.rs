@@ -159,6 +159,12 @@ fn auto_picks_nftables_when_kube_proxy_runs_in_nftables_mode() {
 
     node.sh(&["nft", "add table ip kube-proxy"]);
     let mut agent = start_synced(&node, &volume, &["--backend=auto"]);
+    // The other backend's rules go after the first sync's "rules applied".
+    agent.wait_for_log(
+        "removed the iptables backend's rules",
+        1,
+        Duration::from_secs(5),
+    );
     agent.terminate();
     assert!(agent_table(&node).is_some());
     assert!(iptables_agent_lines(&node).is_empty());
