@@ -4,6 +4,8 @@ RUN apk add --no-cache musl-dev
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The workspace's other member (the test harness): cargo reads every member's manifest.
+COPY crates ./crates
 # Rust on Alpine targets musl and links statically; the release profile strips.
 RUN cargo build --release --locked --bin ip-masq-agent
 

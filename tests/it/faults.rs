@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use ima_harness::*;
+
+use crate::AGENT;
 
 const CHAIN: &str = "IP-MASQ-AGENT";
 const ENDPOINT: &str = "127.0.0.1:9910";
@@ -23,94 +25,92 @@ fn health(ns: &Netns) -> (u16, String) {
 fn in_sync(ns: &Netns, config: &str, flags: &[&str]) -> bool {
     let mut args = vec!["status", "--config", config];
     args.extend_from_slice(flags);
-    agent_command(ns, &args).status.success()
+    AGENT.run(ns, &args).status.success()
 }
 
-/// A tool that hangs: the sync fails at the tool deadline, /healthz turns 503 within its
-/// bound although the stuck sync never returns by itself, the hung process and its
-/// children are killed, NAT is repaired once the tool works again, and SIGTERM exits
-/// within a second while a tool hangs.
-#[test]
-fn regression_a_hung_tool_is_killed_healthz_tells_and_sigterm_is_prompt() {
-    if !require_root() {
-        return;
+root_test!(
+    /// A tool that hangs: the sync fails at the tool deadline, /healthz turns 503 within its
+    /// bound although the stuck sync never returns by itself, the hung process and its
+    /// children are killed, NAT is repaired once the tool works again, and SIGTERM exits
+    /// within a second while a tool hangs.
+    fn regression_a_hung_tool_is_killed_healthz_tells_and_sigterm_is_prompt() {
+        let node = Netns::new("node");
+        let shims = Shims::new();
+        // A marker no other test uses, to find the hung children.
+        shims.add("iptables-nft-save", "sleep 987");
+        let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
+        let config = volume.path();
+        let path = shims.path();
+        let mut agent = AGENT.start_with(
+            &node,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--iptables-mode=nft",
+                "--tool-timeout=1s",
+            ],
+            &[],
+            &[("PATH", &path)],
+        );
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(10));
+        assert_eq!(health(&node).0, 200);
+
+        shims.fault_on("iptables-nft-save");
+        agent.wait_for_log(
+            "did not finish within 1s; killed",
+            1,
+            Duration::from_secs(5),
+        );
+        // 3 x 200 ms + the 1 s tool deadline after the last success.
+        assert!(
+            eventually(Duration::from_secs(6), || health(&node).0 == 503),
+            "{:?}\n{}",
+            health(&node),
+            agent.log()
+        );
+        assert!(
+            health(&node).1.contains("did not finish within"),
+            "{:?}",
+            health(&node)
+        );
+        assert!(agent.is_running());
+        assert!(
+            pids_matching("sleep 987").len() <= 1,
+            "hung tools pile up: {:?}",
+            pids_matching("sleep 987")
+        );
+
+        shims.fault_off("iptables-nft-save");
+        assert!(
+            eventually(Duration::from_secs(5), || health(&node).0 == 200),
+            "{:?}",
+            health(&node)
+        );
+        assert_eq!(our_lines(&node).len(), 7);
+
+        shims.fault_on("iptables-nft-save");
+        assert!(eventually(Duration::from_secs(5), || !pids_matching(
+            "sleep 987"
+        )
+        .is_empty()));
+        let asked = Instant::now();
+        let status = agent.terminate();
+        let took = asked.elapsed();
+        assert!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
+        assert!(status.success(), "{status:?}");
+        shims.fault_off("iptables-nft-save");
+        assert_eq!(
+            our_lines(&node).len(),
+            7,
+            "SIGTERM leaves the rules in place"
+        );
+        assert!(
+            eventually(Duration::from_secs(2), || pids_matching("sleep 987")
+                .is_empty()),
+            "the hung tool outlived the agent"
+        );
     }
-    let node = Netns::new("node");
-    let shims = Shims::new();
-    // A marker no other test uses, to find the hung children.
-    shims.add("iptables-nft-save", "sleep 987");
-    let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
-    let config = volume.path();
-    let path = shims.path();
-    let mut agent = AgentProcess::start_with(
-        &node,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--iptables-mode=nft",
-            "--tool-timeout=1s",
-        ],
-        &[],
-        &[("PATH", &path)],
-    );
-    agent.wait_for_log("rules applied", 1, Duration::from_secs(10));
-    assert_eq!(health(&node).0, 200);
-
-    shims.fault_on("iptables-nft-save");
-    agent.wait_for_log(
-        "did not finish within 1s; killed",
-        1,
-        Duration::from_secs(5),
-    );
-    // 3 x 200 ms + the 1 s tool deadline after the last success.
-    assert!(
-        eventually(Duration::from_secs(6), || health(&node).0 == 503),
-        "{:?}\n{}",
-        health(&node),
-        agent.log()
-    );
-    assert!(
-        health(&node).1.contains("did not finish within"),
-        "{:?}",
-        health(&node)
-    );
-    assert!(agent.is_running());
-    assert!(
-        pids_matching("sleep 987").len() <= 1,
-        "hung tools pile up: {:?}",
-        pids_matching("sleep 987")
-    );
-
-    shims.fault_off("iptables-nft-save");
-    assert!(
-        eventually(Duration::from_secs(5), || health(&node).0 == 200),
-        "{:?}",
-        health(&node)
-    );
-    assert_eq!(our_lines(&node).len(), 7);
-
-    shims.fault_on("iptables-nft-save");
-    assert!(eventually(Duration::from_secs(5), || !pids_matching(
-        "sleep 987"
-    )
-    .is_empty()));
-    let asked = Instant::now();
-    let status = agent.terminate();
-    let took = asked.elapsed();
-    assert!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
-    assert!(status.success(), "{status:?}");
-    shims.fault_off("iptables-nft-save");
-    assert_eq!(
-        our_lines(&node).len(),
-        7,
-        "SIGTERM leaves the rules in place"
-    );
-    assert!(
-        eventually(Duration::from_secs(2), || pids_matching("sleep 987")
-            .is_empty()),
-        "the hung tool outlived the agent"
-    );
-}
+);
 
 /// One fault of one tool: while it lasts the agent stays up, touches nothing but its own
 /// objects, and /healthz says 503 when syncs cannot succeed; once it ends, the kernel
@@ -217,28 +217,8 @@ fn run_fault(fault: &Fault) {
         "nft",
         "add table ip neighbour; add chain ip neighbour post { type nat hook postrouting priority 50; }; add rule ip neighbour post ip daddr 198.51.100.7 counter",
     ]);
-    node.sh(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "172.17.0.0/16",
-        "-j",
-        "MASQUERADE",
-    ]);
-    node.sh(&[
-        "iptables-legacy",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "172.18.0.0/16",
-        "-j",
-        "MASQUERADE",
-    ]);
+    node.sh_line("iptables-nft -t nat -A POSTROUTING -s 172.17.0.0/16 -j MASQUERADE");
+    node.sh_line("iptables-legacy -t nat -A POSTROUTING -s 172.18.0.0/16 -j MASQUERADE");
     let before = neighbours(&node);
     let shims = Shims::new();
     shims.add(fault.tool, fault.script);
@@ -247,7 +227,7 @@ fn run_fault(fault: &Fault) {
     let path = shims.path();
     let mut args = vec!["--config", config.to_str().unwrap(), "--tool-timeout=1s"];
     args.extend_from_slice(fault.backend);
-    let mut agent = AgentProcess::start_with(&node, &args, &[], &[("PATH", &path)]);
+    let mut agent = AGENT.start_with(&node, &args, &[], &[("PATH", &path)]);
     agent.wait_for_log("rules applied", 1, Duration::from_secs(10));
     let context = format!("{} faulting with `{}`", fault.tool, fault.script);
 
@@ -280,106 +260,100 @@ fn run_fault(fault: &Fault) {
     agent.terminate();
 }
 
-#[test]
-fn regression_tools_that_fail_hang_or_lie_never_break_the_node() {
-    if !require_root() {
-        return;
+root_test!(
+    fn regression_tools_that_fail_hang_or_lie_never_break_the_node() {
+        std::thread::scope(|scope| {
+            for fault in &FAULTS {
+                scope.spawn(move || run_fault(fault));
+            }
+        });
     }
-    std::thread::scope(|scope| {
-        for fault in &FAULTS {
-            scope.spawn(move || run_fault(fault));
-        }
-    });
-}
+);
 
-/// `--dry-run --cleanup-on-exit` used to delete the real rules on SIGTERM.
-#[test]
-fn regression_dry_run_never_writes_not_even_cleanup_on_exit() {
-    if !require_root() {
-        return;
-    }
-    let node = Netns::new("node");
-    let volume = ConfigMapVolume::new("");
-    let mut agent = start_synced(&node, &volume, &["--iptables-mode=nft"]);
-    agent.terminate();
-    let before = node.save("iptables-nft-save");
-    assert_eq!(chain_lines(&before, CHAIN).len(), 7);
-    let config = volume.path();
-    let mut dry = AgentProcess::start(
-        &node,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--iptables-mode=nft",
-            "--dry-run",
-            "--cleanup-on-exit",
-        ],
-    );
-    dry.wait_for_log("dry run", 1, Duration::from_secs(10));
-    assert!(dry.terminate().success());
-    assert_eq!(node.save("iptables-nft-save"), before);
-}
-
-/// A backend switch whose removal of the other backend's rules fails is retried until it
-/// succeeds (the iptables side used to mark it done on failure; the nftables side never
-/// retried once its own table was in place).
-#[test]
-fn regression_backend_switch_cleanup_is_retried_until_it_succeeds() {
-    if !require_root() {
-        return;
-    }
-    for (first, second, tool, gone) in [
-        (
-            "--backend=iptables",
-            "--backend=nftables",
-            "iptables-nft-restore",
-            "removed the iptables backend's rules",
-        ),
-        (
-            "--backend=nftables",
-            "--backend=iptables",
-            "nft",
-            "removed the nftables backend's table",
-        ),
-    ] {
+root_test!(
+    /// `--dry-run --cleanup-on-exit` used to delete the real rules on SIGTERM.
+    fn regression_dry_run_never_writes_not_even_cleanup_on_exit() {
         let node = Netns::new("node");
-        let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
-        let mut agent = start_synced(&node, &volume, &[first, "--iptables-mode=nft"]);
+        let volume = ConfigMapVolume::new("");
+        let mut agent = AGENT.start_synced(&node, &volume, &["--iptables-mode=nft"]);
         agent.terminate();
-        let shims = Shims::new();
-        // The new backend writes its own rules without this tool: only the removal fails.
-        shims.add(tool, "echo 'simulated failure' >&2; exit 1");
-        shims.fault_on(tool);
+        let before = node.save("iptables-nft-save");
+        assert_eq!(chain_lines(&before, CHAIN).len(), 7);
         let config = volume.path();
-        let path = shims.path();
-        let mut agent = AgentProcess::start_with(
+        let mut dry = AGENT.start(
             &node,
             &[
                 "--config",
                 config.to_str().unwrap(),
-                second,
                 "--iptables-mode=nft",
+                "--dry-run",
+                "--cleanup-on-exit",
             ],
-            &[],
-            &[("PATH", &path)],
         );
-        agent.wait_for_log("retried at the next sync", 2, Duration::from_secs(10));
-        assert!(!agent.log().contains(gone), "{}", agent.log());
-        shims.fault_off(tool);
-        agent.wait_for_log(gone, 1, Duration::from_secs(10));
-        let leftovers = match second {
-            "--backend=nftables" => our_lines(&node),
-            _ => node
-                .sh(&["nft", "list", "tables"])
-                .lines()
-                .filter(|l| l.contains("ip-masq-agent"))
-                .map(str::to_owned)
-                .collect(),
-        };
-        assert!(leftovers.is_empty(), "{first} -> {second}: {leftovers:?}");
-        agent.terminate();
+        dry.wait_for_log("dry run", 1, Duration::from_secs(10));
+        assert!(dry.terminate().success());
+        assert_eq!(node.save("iptables-nft-save"), before);
     }
-}
+);
+
+root_test!(
+    /// A backend switch whose removal of the other backend's rules fails is retried until it
+    /// succeeds (the iptables side used to mark it done on failure; the nftables side never
+    /// retried once its own table was in place).
+    fn regression_backend_switch_cleanup_is_retried_until_it_succeeds() {
+        for (first, second, tool, gone) in [
+            (
+                "--backend=iptables",
+                "--backend=nftables",
+                "iptables-nft-restore",
+                "removed the iptables backend's rules",
+            ),
+            (
+                "--backend=nftables",
+                "--backend=iptables",
+                "nft",
+                "removed the nftables backend's table",
+            ),
+        ] {
+            let node = Netns::new("node");
+            let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
+            let mut agent = AGENT.start_synced(&node, &volume, &[first, "--iptables-mode=nft"]);
+            agent.terminate();
+            let shims = Shims::new();
+            // The new backend writes its own rules without this tool: only the removal fails.
+            shims.add(tool, "echo 'simulated failure' >&2; exit 1");
+            shims.fault_on(tool);
+            let config = volume.path();
+            let path = shims.path();
+            let mut agent = AGENT.start_with(
+                &node,
+                &[
+                    "--config",
+                    config.to_str().unwrap(),
+                    second,
+                    "--iptables-mode=nft",
+                ],
+                &[],
+                &[("PATH", &path)],
+            );
+            agent.wait_for_log("retried at the next sync", 2, Duration::from_secs(10));
+            assert!(!agent.log().contains(gone), "{}", agent.log());
+            shims.fault_off(tool);
+            agent.wait_for_log(gone, 1, Duration::from_secs(10));
+            let leftovers = match second {
+                "--backend=nftables" => our_lines(&node),
+                _ => node
+                    .sh(&["nft", "list", "tables"])
+                    .lines()
+                    .filter(|l| l.contains("ip-masq-agent"))
+                    .map(str::to_owned)
+                    .collect(),
+            };
+            assert!(leftovers.is_empty(), "{first} -> {second}: {leftovers:?}");
+            agent.terminate();
+        }
+    }
+);
 
 /// Neighbours that look like the agent's own objects but are not exactly what any
 /// release writes: a comment that only starts like ours, our exact jump comment on a
@@ -475,64 +449,62 @@ fn foreign_state(ns: &Netns) -> String {
     state
 }
 
-/// Defect: a POSTROUTING rule whose comment merely started with `ip-masq-agent:` was
-/// taken for the agent's, deleted, and its target chain (KUBE-POSTROUTING) flushed.
-#[test]
-fn regression_hostile_neighbours_are_byte_identical_after_sync_switch_sweep_and_cleanup() {
-    if !require_root() {
-        return;
-    }
-    let node = Netns::new("node");
-    for restore in [
-        "iptables-nft-restore",
-        "ip6tables-nft-restore",
-        "iptables-legacy-restore",
-        "ip6tables-legacy-restore",
-    ] {
-        feed(&node, &[restore, "--noflush"], HOSTILE_NAT);
-    }
-    feed(&node, &["nft", "-f", "-"], HOSTILE_NFT);
-    let before = foreign_state(&node);
-    assert!(
-        before.contains("KUBE-POSTROUTING -j MASQUERADE"),
-        "{before}"
-    );
-    let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
-    let steps: [(&[&str], Option<&str>); 5] = [
-        (&["--iptables-mode=nft"], None),
-        (&["--iptables-mode=legacy", "--masq-chain=RENAMED"], None),
-        // The renamed chain is swept: it and its jump are the agent's, nothing else is.
-        (&["--iptables-mode=legacy"], None),
-        (
-            &["--backend=nftables"],
-            Some("removed the iptables backend's rules"),
-        ),
-        (
-            &["--iptables-mode=nft"],
-            Some("removed the nftables backend's table"),
-        ),
-    ];
-    for (flags, wait_for) in steps {
-        let mut args = vec!["--enable-ipv6"];
-        args.extend_from_slice(flags);
-        let mut agent = start_synced(&node, &volume, &args);
-        if let Some(text) = wait_for {
-            agent.wait_for_log(text, 1, Duration::from_secs(5));
+root_test!(
+    /// Defect: a POSTROUTING rule whose comment merely started with `ip-masq-agent:` was
+    /// taken for the agent's, deleted, and its target chain (KUBE-POSTROUTING) flushed.
+    fn regression_hostile_neighbours_are_byte_identical_after_sync_switch_sweep_and_cleanup() {
+        let node = Netns::new("node");
+        for restore in [
+            "iptables-nft-restore",
+            "ip6tables-nft-restore",
+            "iptables-legacy-restore",
+            "ip6tables-legacy-restore",
+        ] {
+            feed(&node, &[restore, "--noflush"], HOSTILE_NAT);
         }
-        // A few resyncs too.
-        agent.wait_for_log("rules resynced", 3, Duration::from_secs(5));
-        agent.terminate();
-        assert_eq!(foreign_state(&node), before, "after {flags:?}");
+        feed(&node, &["nft", "-f", "-"], HOSTILE_NFT);
+        let before = foreign_state(&node);
+        assert!(
+            before.contains("KUBE-POSTROUTING -j MASQUERADE"),
+            "{before}"
+        );
+        let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
+        let steps: [(&[&str], Option<&str>); 5] = [
+            (&["--iptables-mode=nft"], None),
+            (&["--iptables-mode=legacy", "--masq-chain=RENAMED"], None),
+            // The renamed chain is swept: it and its jump are the agent's, nothing else is.
+            (&["--iptables-mode=legacy"], None),
+            (
+                &["--backend=nftables"],
+                Some("removed the iptables backend's rules"),
+            ),
+            (
+                &["--iptables-mode=nft"],
+                Some("removed the nftables backend's table"),
+            ),
+        ];
+        for (flags, wait_for) in steps {
+            let mut args = vec!["--enable-ipv6"];
+            args.extend_from_slice(flags);
+            let mut agent = AGENT.start_synced(&node, &volume, &args);
+            if let Some(text) = wait_for {
+                agent.wait_for_log(text, 1, Duration::from_secs(5));
+            }
+            // A few resyncs too.
+            agent.wait_for_log("rules resynced", 3, Duration::from_secs(5));
+            agent.terminate();
+            assert_eq!(foreign_state(&node), before, "after {flags:?}");
+        }
+        let out = AGENT.run(&node, ["cleanup"]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(foreign_state(&node), before, "after cleanup");
+        let nat = node.save("iptables-nft-save");
+        assert!(
+            !nat.contains(":IP-MASQ-AGENT "),
+            "cleanup left the agent's chain: {nat}"
+        );
     }
-    let out = agent_command(&node, &["cleanup"]);
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(foreign_state(&node), before, "after cleanup");
-    let nat = node.save("iptables-nft-save");
-    assert!(
-        !nat.contains(":IP-MASQ-AGENT "),
-        "cleanup left the agent's chain: {nat}"
-    );
-}
+);
 
 fn prefixes_config(second_octet_base: u32, count: u32) -> String {
     let mut text = String::from("resyncInterval: 60s\ncidrLimit: 100000\nnonMasqueradeCIDRs:\n");
@@ -546,48 +518,46 @@ fn prefixes_config(second_octet_base: u32, count: u32) -> String {
     text
 }
 
-/// SIGKILL of the agent while it writes a large change: the kernel holds the old set or
-/// the new one, never a mix, and a restarted agent converges.
-#[test]
-fn regression_sigkill_mid_write_leaves_old_or_new_rules() {
-    if !require_root() {
-        return;
-    }
-    let configs = TempDir::new("kill");
-    let old = configs.path.join("old");
-    let new = configs.path.join("new");
-    std::fs::write(&old, prefixes_config(0, 2000)).unwrap();
-    std::fs::write(&new, prefixes_config(100, 2000)).unwrap();
-    let (old, new) = (old.to_str().unwrap(), new.to_str().unwrap());
-    for flags in [
-        &["--iptables-mode=nft"][..],
-        &["--iptables-mode=legacy"],
-        &["--backend=nftables"],
-    ] {
-        let node = Netns::new("node");
-        let mut volume = ConfigMapVolume::new(&prefixes_config(0, 2000));
-        let mut current_is_new = false;
-        for delay_ms in [0u64, 3, 10, 25] {
-            let agent = start_synced(&node, &volume, flags);
-            current_is_new = !current_is_new;
-            volume.update(&prefixes_config(if current_is_new { 100 } else { 0 }, 2000));
-            std::thread::sleep(Duration::from_millis(delay_ms));
-            agent.signal(nix::sys::signal::Signal::SIGKILL);
-            drop(agent);
-            // A tool the agent started may still be finishing its (atomic) write.
-            std::thread::sleep(Duration::from_millis(300));
-            let (is_old, is_new) = (in_sync(&node, old, flags), in_sync(&node, new, flags));
+root_test!(
+    /// SIGKILL of the agent while it writes a large change: the kernel holds the old set or
+    /// the new one, never a mix, and a restarted agent converges.
+    fn regression_sigkill_mid_write_leaves_old_or_new_rules() {
+        let configs = TempDir::new("kill");
+        let old = configs.path.join("old");
+        let new = configs.path.join("new");
+        std::fs::write(&old, prefixes_config(0, 2000)).unwrap();
+        std::fs::write(&new, prefixes_config(100, 2000)).unwrap();
+        let (old, new) = (old.to_str().unwrap(), new.to_str().unwrap());
+        for flags in [
+            &["--iptables-mode=nft"][..],
+            &["--iptables-mode=legacy"],
+            &["--backend=nftables"],
+        ] {
+            let node = Netns::new("node");
+            let mut volume = ConfigMapVolume::new(&prefixes_config(0, 2000));
+            let mut current_is_new = false;
+            for delay_ms in [0u64, 3, 10, 25] {
+                let agent = AGENT.start_synced(&node, &volume, flags);
+                current_is_new = !current_is_new;
+                volume.update(&prefixes_config(if current_is_new { 100 } else { 0 }, 2000));
+                std::thread::sleep(Duration::from_millis(delay_ms));
+                agent.signal(nix::sys::signal::Signal::SIGKILL);
+                drop(agent);
+                // A tool the agent started may still be finishing its (atomic) write.
+                std::thread::sleep(Duration::from_millis(300));
+                let (is_old, is_new) = (in_sync(&node, old, flags), in_sync(&node, new, flags));
+                assert!(
+                    is_old ^ is_new,
+                    "{flags:?} killed {delay_ms} ms after the swap: old {is_old}, new {is_new}"
+                );
+            }
+            let agent = AGENT.start_synced(&node, &volume, flags);
+            let current = if current_is_new { new } else { old };
             assert!(
-                is_old ^ is_new,
-                "{flags:?} killed {delay_ms} ms after the swap: old {is_old}, new {is_new}"
+                eventually(Duration::from_secs(5), || in_sync(&node, current, flags)),
+                "{flags:?}: a restarted agent did not converge"
             );
+            drop(agent);
         }
-        let agent = start_synced(&node, &volume, flags);
-        let current = if current_is_new { new } else { old };
-        assert!(
-            eventually(Duration::from_secs(5), || in_sync(&node, current, flags)),
-            "{flags:?}: a restarted agent did not converge"
-        );
-        drop(agent);
     }
-}
+);

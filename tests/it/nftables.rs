@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use ima_harness::*;
+
+use crate::AGENT;
 
 fn agent_table(ns: &Netns) -> Option<String> {
     let out = ns.output(&["nft", "list", "table", "inet", "ip-masq-agent"]);
@@ -24,26 +26,23 @@ fn iptables_agent_lines(ns: &Netns) -> Vec<String> {
     lines
 }
 
-#[test]
-fn first_sync_lists_the_expected_table() {
-    if !require_root() {
-        return;
-    }
-    let node = Netns::new("node");
-    // Overlapping and duplicate prefixes are merged before they reach the set.
-    let volume = ConfigMapVolume::new(
-        "nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16, 192.168.0.0/16, 10.0.0.0/8, 'fd00::/8']\n",
-    );
-    let mut agent = start_synced(
-        &node,
-        &volume,
-        &[
-            "--backend=nftables",
-            "--enable-ipv6",
-            "--to-ports=1024-29999,32768-65535",
-        ],
-    );
-    let expected = "\
+root_test!(
+    fn first_sync_lists_the_expected_table() {
+        let node = Netns::new("node");
+        // Overlapping and duplicate prefixes are merged before they reach the set.
+        let volume = ConfigMapVolume::new(
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16, 192.168.0.0/16, 10.0.0.0/8, 'fd00::/8']\n",
+        );
+        let mut agent = AGENT.start_synced(
+            &node,
+            &volume,
+            &[
+                "--backend=nftables",
+                "--enable-ipv6",
+                "--to-ports=1024-29999,32768-65535",
+            ],
+        );
+        let expected = "\
 table inet ip-masq-agent {
 \tset non-masq-v4 {
 \t\ttype ipv4_addr
@@ -81,141 +80,137 @@ table inet ip-masq-agent {
 \t}
 }
 ";
-    assert_eq!(agent_table(&node).as_deref(), Some(expected));
-    // Nothing in iptables, and no other nft table was created.
-    assert!(iptables_agent_lines(&node).is_empty());
-    let tables = node.sh(&["nft", "list", "tables"]);
-    assert_eq!(tables.trim(), "table inet ip-masq-agent");
-    assert!(agent.terminate().success());
-    assert!(
-        agent_table(&node).is_some(),
-        "SIGTERM leaves the table in place"
-    );
-}
-
-#[test]
-fn switching_backends_leaves_exactly_one() {
-    if !require_root() {
-        return;
+        assert_eq!(agent_table(&node).as_deref(), Some(expected));
+        // Nothing in iptables, and no other nft table was created.
+        assert!(iptables_agent_lines(&node).is_empty());
+        let tables = node.sh(&["nft", "list", "tables"]);
+        assert_eq!(tables.trim(), "table inet ip-masq-agent");
+        assert!(agent.terminate().success());
+        assert!(
+            agent_table(&node).is_some(),
+            "SIGTERM leaves the table in place"
+        );
     }
-    for flavour in ["nft", "legacy"] {
+);
+
+root_test!(
+    fn switching_backends_leaves_exactly_one() {
+        for flavour in ["nft", "legacy"] {
+            let node = Netns::new("node");
+            let volume = ConfigMapVolume::new("");
+            let mode = format!("--iptables-mode={flavour}");
+            let mut agent = AGENT.start_synced(
+                &node,
+                &volume,
+                &["--backend=iptables", &mode, "--enable-ipv6"],
+            );
+            agent.terminate();
+            assert_eq!(
+                iptables_agent_lines(&node).len(),
+                11,
+                "{flavour}: both families"
+            );
+            assert!(agent_table(&node).is_none());
+
+            let mut agent =
+                AGENT.start_synced(&node, &volume, &["--backend=nftables", "--enable-ipv6"]);
+            agent.wait_for_log(
+                "removed the iptables backend's rules",
+                2,
+                Duration::from_secs(5),
+            );
+            agent.terminate();
+            assert!(agent_table(&node).is_some());
+            assert_eq!(
+                iptables_agent_lines(&node),
+                Vec::<String>::new(),
+                "{flavour}"
+            );
+
+            let mut agent = AGENT.start_synced(
+                &node,
+                &volume,
+                &["--backend=iptables", &mode, "--enable-ipv6"],
+            );
+            agent.wait_for_log(
+                "removed the nftables backend's table",
+                1,
+                Duration::from_secs(5),
+            );
+            agent.terminate();
+            assert!(agent_table(&node).is_none(), "{flavour}");
+            assert_eq!(iptables_agent_lines(&node).len(), 11, "{flavour}");
+        }
+    }
+);
+
+root_test!(
+    fn auto_picks_nftables_when_kube_proxy_runs_in_nftables_mode() {
         let node = Netns::new("node");
         let volume = ConfigMapVolume::new("");
-        let mode = format!("--iptables-mode={flavour}");
-        let mut agent = start_synced(
-            &node,
-            &volume,
-            &["--backend=iptables", &mode, "--enable-ipv6"],
-        );
+        let mut agent = AGENT.start_synced(&node, &volume, &["--backend=auto"]);
         agent.terminate();
-        assert_eq!(
-            iptables_agent_lines(&node).len(),
-            11,
-            "{flavour}: both families"
-        );
         assert!(agent_table(&node).is_none());
+        assert_eq!(iptables_agent_lines(&node).len(), 7);
 
-        let mut agent = start_synced(&node, &volume, &["--backend=nftables", "--enable-ipv6"]);
+        node.sh(&["nft", "add table ip kube-proxy"]);
+        let mut agent = AGENT.start_synced(&node, &volume, &["--backend=auto"]);
+        // The other backend's rules go after the first sync's "rules applied".
         agent.wait_for_log(
             "removed the iptables backend's rules",
-            2,
-            Duration::from_secs(5),
-        );
-        agent.terminate();
-        assert!(agent_table(&node).is_some());
-        assert_eq!(
-            iptables_agent_lines(&node),
-            Vec::<String>::new(),
-            "{flavour}"
-        );
-
-        let mut agent = start_synced(
-            &node,
-            &volume,
-            &["--backend=iptables", &mode, "--enable-ipv6"],
-        );
-        agent.wait_for_log(
-            "removed the nftables backend's table",
             1,
             Duration::from_secs(5),
         );
         agent.terminate();
-        assert!(agent_table(&node).is_none(), "{flavour}");
-        assert_eq!(iptables_agent_lines(&node).len(), 11, "{flavour}");
+        assert!(agent_table(&node).is_some());
+        assert!(iptables_agent_lines(&node).is_empty());
     }
-}
+);
 
-#[test]
-fn auto_picks_nftables_when_kube_proxy_runs_in_nftables_mode() {
-    if !require_root() {
-        return;
-    }
-    let node = Netns::new("node");
-    let volume = ConfigMapVolume::new("");
-    let mut agent = start_synced(&node, &volume, &["--backend=auto"]);
-    agent.terminate();
-    assert!(agent_table(&node).is_none());
-    assert_eq!(iptables_agent_lines(&node).len(), 7);
-
-    node.sh(&["nft", "add table ip kube-proxy"]);
-    let mut agent = start_synced(&node, &volume, &["--backend=auto"]);
-    // The other backend's rules go after the first sync's "rules applied".
-    agent.wait_for_log(
-        "removed the iptables backend's rules",
-        1,
-        Duration::from_secs(5),
-    );
-    agent.terminate();
-    assert!(agent_table(&node).is_some());
-    assert!(iptables_agent_lines(&node).is_empty());
-}
-
-/// While the config flips between two lists every 100 ms, a destination inside both
-/// is never masqueraded and one outside both always is: no packet sees a half-applied
-/// table.
-#[test]
-fn rapid_config_flips_are_atomic() {
-    if !require_root() {
-        return;
-    }
-    let topology = Topology::new();
-    const A: &str = "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\nresyncInterval: 20ms\n";
-    const B: &str = "nonMasqueradeCIDRs: [172.16.0.0/12, 10.0.0.0/8]\nresyncInterval: 20ms\n";
-    let volume = ConfigMapVolume::new(A);
-    let mut agent = start_synced(&topology.node, &volume, &["--backend=nftables"]);
-    let path = volume.path();
-    let flipper = Flipper::start(
-        volume,
-        [A, B],
-        Duration::from_millis(100),
-        Duration::from_secs(10),
-    );
-    let mut probes = 0;
-    while !flipper.is_finished() {
-        assert!(
-            !topology.is_masqueraded("10.99.0.10"),
-            "inside both lists but masqueraded"
+root_test!(
+    /// While the config flips between two lists every 100 ms, a destination inside both
+    /// is never masqueraded and one outside both always is: no packet sees a half-applied
+    /// table.
+    fn rapid_config_flips_are_atomic() {
+        let topology = Topology::new();
+        const A: &str = "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\nresyncInterval: 20ms\n";
+        const B: &str = "nonMasqueradeCIDRs: [172.16.0.0/12, 10.0.0.0/8]\nresyncInterval: 20ms\n";
+        let volume = ConfigMapVolume::new(A);
+        let mut agent = AGENT.start_synced(&topology.node, &volume, &["--backend=nftables"]);
+        let path = volume.path();
+        let flipper = Flipper::start(
+            volume,
+            [A, B],
+            Duration::from_millis(100),
+            Duration::from_secs(10),
         );
-        assert!(
-            topology.is_masqueraded("203.0.113.10"),
-            "outside both lists but kept"
+        let mut probes = 0;
+        while !flipper.is_finished() {
+            assert!(
+                !topology.is_masqueraded("10.99.0.10"),
+                "inside both lists but masqueraded"
+            );
+            assert!(
+                topology.is_masqueraded("203.0.113.10"),
+                "outside both lists but kept"
+            );
+            probes += 2;
+        }
+        let flips = flipper.finish();
+        let applied = agent.log().matches("config changed; rules applied").count();
+        eprintln!(
+            "{flips} flips, {applied} applied, {probes} probes ({})",
+            path.display()
         );
-        probes += 2;
+        assert!(flips >= 80, "{flips}");
+        assert!(
+            applied >= flips / 2,
+            "the agent applied only {applied} of {flips} flips"
+        );
+        assert!(probes >= 100, "only {probes} probes");
+        assert!(agent.is_running());
     }
-    let flips = flipper.finish();
-    let applied = agent.log().matches("config changed; rules applied").count();
-    eprintln!(
-        "{flips} flips, {applied} applied, {probes} probes ({})",
-        path.display()
-    );
-    assert!(flips >= 80, "{flips}");
-    assert!(
-        applied >= flips / 2,
-        "the agent applied only {applied} of {flips} flips"
-    );
-    assert!(probes >= 100, "only {probes} probes");
-    assert!(agent.is_running());
-}
+);
 
 /// Rewrites the volume alternately with two configs on its own thread; stopped and
 /// joined on drop, so a failing assertion still removes the volume.
@@ -267,30 +262,28 @@ impl Drop for Flipper {
     }
 }
 
-#[test]
-fn fifty_thousand_prefixes_load_and_decide() {
-    if !require_root() {
-        return;
+root_test!(
+    fn fifty_thousand_prefixes_load_and_decide() {
+        let topology = Topology::new();
+        let mut config = String::from("cidrLimit: 50000\nnonMasqueradeCIDRs:\n");
+        // 50,000 disjoint /24s in 11.0.0.0/8 and beyond, plus the remote's 10.99.0.0/16.
+        for i in 0..49_999u32 {
+            let base = 0x0B00_0000u32 + (i << 9);
+            config.push_str(&format!(
+                "  - {}.{}.{}.0/24\n",
+                base >> 24,
+                (base >> 16) & 0xFF,
+                (base >> 8) & 0xFF
+            ));
+        }
+        config.push_str("  - 10.99.0.0/16\n");
+        let volume = ConfigMapVolume::new(&config);
+        let _agent = AGENT.start_synced(&topology.node, &volume, &["--backend=nftables"]);
+        let set = topology
+            .node
+            .sh(&["nft", "list", "set", "inet", "ip-masq-agent", "non-masq-v4"]);
+        assert_eq!(set.matches("/24").count(), 49_999);
+        assert!(!topology.is_masqueraded("10.99.0.10"));
+        assert!(topology.is_masqueraded("203.0.113.10"));
     }
-    let topology = Topology::new();
-    let mut config = String::from("cidrLimit: 50000\nnonMasqueradeCIDRs:\n");
-    // 50,000 disjoint /24s in 11.0.0.0/8 and beyond, plus the remote's 10.99.0.0/16.
-    for i in 0..49_999u32 {
-        let base = 0x0B00_0000u32 + (i << 9);
-        config.push_str(&format!(
-            "  - {}.{}.{}.0/24\n",
-            base >> 24,
-            (base >> 16) & 0xFF,
-            (base >> 8) & 0xFF
-        ));
-    }
-    config.push_str("  - 10.99.0.0/16\n");
-    let volume = ConfigMapVolume::new(&config);
-    let _agent = start_synced(&topology.node, &volume, &["--backend=nftables"]);
-    let set = topology
-        .node
-        .sh(&["nft", "list", "set", "inet", "ip-masq-agent", "non-masq-v4"]);
-    assert_eq!(set.matches("/24").count(), 49_999);
-    assert!(!topology.is_masqueraded("10.99.0.10"));
-    assert!(topology.is_masqueraded("203.0.113.10"));
-}
+);
