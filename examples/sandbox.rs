@@ -2,12 +2,9 @@
 //! agent runs and a remote that owns every destination, all network namespaces made
 //! here and deleted on exit. Run as root: `scripts/sandbox.sh`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use ima_harness::*;
 
 const FIRST: &str = "nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n  - 172.16.0.0/12\n  - 192.168.0.0/16\n  - fd00:99::/32\nresyncInterval: 1s\n";
 const SECOND: &str =
@@ -40,6 +37,8 @@ fn main() {
         std::process::exit(1);
     }
     println!("sandbox: pod {POD_V4} / {POD_V6} -> node {NODE_V4} / {NODE_V6} (agent) -> remote");
+    // Built beside it: `cargo build --release --bin ip-masq-agent --example sandbox`.
+    let agent_binary = Agent::beside_current_exe();
     let topology = Topology::new();
     let mut volume = ConfigMapVolume::new(FIRST);
     let path = volume.path();
@@ -47,7 +46,7 @@ fn main() {
         "\nConfigMap volume {} holds:\n{FIRST}",
         volume.dir.path.display()
     );
-    let mut agent = AgentProcess::start(
+    let mut agent = agent_binary.start(
         &topology.node,
         &[
             "--config",

@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, the container image and the manifest validator,
 # unit tests, and the root-only namespace tests (real iptables/nft in namespaces the tests
-# create; tests/image.rs runs the image built here in such namespaces). Run as root.
+# create; tests/it/image.rs runs the image built here in such namespaces), for the agent and
+# its test harness (crates/harness). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --workspace -- -D warnings
 ci=false
 [ "${CI:-}" = true ] && ci=true
-# The image tests/image.rs runs (its tag is the DaemonSet's image line). Without podman
+# The image tests/it/image.rs runs (its tag is the DaemonSet's image line). Without podman
 # the image tests skip with a note, except under CI=true, where the build must succeed.
 if $ci || { command -v podman && command -v mmdebstrap && command -v runc; } >/dev/null 2>&1; then
   scripts/build-image.sh >/dev/null
 else
-  echo "NOTE: podman, mmdebstrap or runc missing: tests/image.rs will be skipped" >&2
+  echo "NOTE: podman, mmdebstrap or runc missing: tests/it/image.rs will be skipped" >&2
 fi
-# kubernetes-validate for tests/manifests.rs (same rule: only outside CI may it be missing).
+# kubernetes-validate for tests/it/manifests.rs (same rule: only outside CI may it be missing).
 if ! scripts/install-validator.sh >/dev/null; then
   $ci && exit 1
   echo "NOTE: kubernetes-validate could not be installed: the schema check will be skipped" >&2
 fi
-cargo test --all-targets
+cargo test --all-targets --workspace
 # No test may leave a namespace or a container behind, even a failing one.
 # (Only those of processes that have exited: another suite running at the same time owns
 # the namespaces of its live test process.)

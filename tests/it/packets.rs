@@ -1,12 +1,11 @@
 //! Packets from a pod namespace through the node namespace (where the agent runs) to a
 //! remote namespace that owns every destination: the remote records the source address.
 
-#[macro_use]
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use ima_harness::*;
+
+use crate::AGENT;
 
 const DUAL_STACK_CONFIG: &str = "nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 'fd00:99::/32']\nresyncInterval: 1s\n";
 
@@ -31,21 +30,13 @@ fn ipv4_and_ipv6_sources_follow_the_config(backend: &str) {
     dual_stack_sources(backend, |_| {});
 }
 
-#[test]
-fn ipv4_and_ipv6_sources_follow_the_config_on_iptables_legacy() {
-    if !require_root() {
-        return;
+root_test!(
+    fn ipv4_and_ipv6_sources_follow_the_config_on_iptables_legacy() {
+        dual_stack_sources("--backend=iptables", |node| {
+            node.sh_line("iptables-legacy -t mangle -N KUBE-IPTABLES-HINT");
+        });
     }
-    dual_stack_sources("--backend=iptables", |node| {
-        node.sh(&[
-            "iptables-legacy",
-            "-t",
-            "mangle",
-            "-N",
-            "KUBE-IPTABLES-HINT",
-        ]);
-    });
-}
+);
 
 fn dual_stack_sources(backend: &str, prepare_node: impl Fn(&Netns)) {
     let topology = Topology::new();
@@ -56,7 +47,7 @@ fn dual_stack_sources(backend: &str, prepare_node: impl Fn(&Netns)) {
         &[("203.0.113.10", false), ("2001:db8:99::10", false)],
     );
     let volume = ConfigMapVolume::new(DUAL_STACK_CONFIG);
-    let _agent = start_synced(&topology.node, &volume, &["--enable-ipv6", backend]);
+    let _agent = AGENT.start_synced(&topology.node, &volume, &["--enable-ipv6", backend]);
     assert_sources(
         &topology,
         &[
@@ -75,7 +66,7 @@ fn dual_stack_sources(backend: &str, prepare_node: impl Fn(&Netns)) {
 fn masq_link_local_and_reserved_ranges_change_the_datapath(backend: &str) {
     let topology = Topology::new();
     let volume = ConfigMapVolume::new("masqLinkLocal: true\n");
-    let _agent = start_synced(
+    let _agent = AGENT.start_synced(
         &topology.node,
         &volume,
         &["--nomasq-all-reserved-ranges", backend],
@@ -94,7 +85,7 @@ fn masq_link_local_and_reserved_ranges_change_the_datapath(backend: &str) {
 fn configmap_swap_takes_effect_within_resync_interval(backend: &str) {
     let topology = Topology::new();
     let mut volume = ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 1s\n");
-    let _agent = start_synced(&topology.node, &volume, &[backend]);
+    let _agent = AGENT.start_synced(&topology.node, &volume, &[backend]);
     assert_sources(&topology, &[("192.168.5.10", true), ("10.99.0.10", false)]);
 
     volume.update("nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\nresyncInterval: 1s\n");
@@ -122,7 +113,7 @@ fn configmap_swap_takes_effect_within_resync_interval(backend: &str) {
 fn broken_config_keeps_the_old_behaviour_and_the_agent_running(backend: &str) {
     let topology = Topology::new();
     let mut volume = ConfigMapVolume::new(DUAL_STACK_CONFIG);
-    let mut agent = start_synced(&topology.node, &volume, &["--enable-ipv6", backend]);
+    let mut agent = AGENT.start_synced(&topology.node, &volume, &["--enable-ipv6", backend]);
     let good = [
         ("203.0.113.10", true),
         ("192.168.5.10", false),
@@ -157,47 +148,14 @@ fn broken_config_keeps_the_old_behaviour_and_the_agent_running(backend: &str) {
 fn foreign_rules_in_the_node_are_untouched_while_traffic_flows(backend: &str) {
     let topology = Topology::new();
     let node = &topology.node;
-    node.sh(&["iptables-nft", "-t", "nat", "-N", "KUBE-POSTROUTING"]);
-    node.sh(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-m",
-        "comment",
-        "--comment",
-        "kubernetes postrouting rules",
-        "-j",
-        "KUBE-POSTROUTING",
-    ]);
-    node.sh(&[
-        "iptables-nft",
-        "-t",
-        "nat",
-        "-A",
-        "KUBE-POSTROUTING",
-        "-m",
-        "mark",
-        "!",
-        "--mark",
-        "0x4000/0x4000",
-        "-j",
-        "RETURN",
-    ]);
-    node.sh(&[
-        "iptables-nft",
-        "-t",
-        "filter",
-        "-A",
-        "FORWARD",
-        "-m",
-        "comment",
-        "--comment",
-        "container runtime",
-        "-j",
-        "ACCEPT",
-    ]);
+    node.sh_line("iptables-nft -t nat -N KUBE-POSTROUTING");
+    node.sh_line("iptables-nft -t nat -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING");
+    node.sh_line(
+        "iptables-nft -t nat -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+    );
+    node.sh_line(
+        "iptables-nft -t filter -A FORWARD -m comment --comment \"container runtime\" -j ACCEPT",
+    );
     node.sh(&["nft", "add table inet foreign; add chain inet foreign post { type nat hook postrouting priority 50; }; add rule inet foreign post ip daddr 198.51.100.1 counter"]);
     let nat_before = node.save("iptables-nft-save");
     let filter_before = node
@@ -209,7 +167,7 @@ fn foreign_rules_in_the_node_are_untouched_while_traffic_flows(backend: &str) {
     let foreign_before = node.sh(&["nft", "list", "table", "inet", "foreign"]);
 
     let volume = ConfigMapVolume::new("resyncInterval: 300ms\n");
-    let mut agent = start_synced(&topology.node, &volume, &[backend]);
+    let mut agent = AGENT.start_synced(&topology.node, &volume, &[backend]);
     assert_sources(&topology, &[("203.0.113.10", true), ("10.99.0.10", false)]);
     agent.wait_for_log("rules resynced", 2, Duration::from_secs(5));
 

@@ -8,16 +8,15 @@
 //! Without podman or the image the tests are skipped with a note, except under CI=true,
 //! where scripts/test.sh builds the image first and a missing one fails them.
 
-#[macro_use]
-mod common;
-
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::*;
+use ima_harness::*;
 use serde_json::Value;
+
+use crate::AGENT;
 
 fn project() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -668,7 +667,7 @@ fn rules_match_the_bare_binary(prepare: impl Fn(&Netns), extra: &[&str], dumps: 
         .collect();
     bare_args.extend_from_slice(&manifest_args);
     bare_args.extend_from_slice(extra);
-    let mut bare = AgentProcess::start(&bare_ns, &bare_args);
+    let mut bare = AGENT.start(&bare_ns, &bare_args);
     bare.wait_for_log("rules applied", 1, Duration::from_secs(20));
 
     let boxed_config = ConfigMapVolume::new(IDENTICAL_CONFIG);

@@ -8,14 +8,14 @@
 //! namespace of its own; the agent is restarted per case and the namespace is cleaned
 //! (`ip-masq-agent cleanup`) between cases, so a verdict depends on its case alone.
 
-mod common;
-
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use ima_harness::*;
+
+use crate::AGENT;
 
 const DEFAULT_CASES: usize = 40;
 /// Idle resyncs watched after the first sync.
@@ -67,20 +67,23 @@ impl Setup {
     }
 }
 
-#[test]
-fn iptables_nft() {
-    run(Setup::IptablesNft);
-}
+root_test!(
+    fn iptables_nft() {
+        run(Setup::IptablesNft);
+    }
+);
 
-#[test]
-fn iptables_legacy() {
-    run(Setup::IptablesLegacy);
-}
+root_test!(
+    fn iptables_legacy() {
+        run(Setup::IptablesLegacy);
+    }
+);
 
-#[test]
-fn nftables() {
-    run(Setup::Nftables);
-}
+root_test!(
+    fn nftables() {
+        run(Setup::Nftables);
+    }
+);
 
 /// splitmix64: tiny, deterministic, good enough to pick test cases.
 struct Rng(u64);
@@ -692,7 +695,7 @@ fn check_case(ns: &Netns, volume: &mut ConfigMapVolume, setup: Setup, case: &Cas
 
     let mut agent_args = flags.clone();
     agent_args.push("--metrics-address=".to_string());
-    let mut agent = AgentProcess::start(ns, &to_strs(&agent_args));
+    let mut agent = AGENT.start(ns, &to_strs(&agent_args));
     let log = match wait_log(&mut agent, FIRST_SYNC_TIMEOUT, "first sync", |log| {
         syncs(log) >= 1
     }) {
@@ -709,8 +712,8 @@ fn check_case(ns: &Netns, volume: &mut ConfigMapVolume, setup: Setup, case: &Cas
     // 1. The kernel is what the config asks for.
     let mut status_args = vec!["status".to_string()];
     status_args.extend(flags.iter().cloned());
-    let status = ns
-        .command(agent_binary())
+    let status = AGENT
+        .command(ns)
         .args(&status_args)
         .output()
         .expect("run status");
@@ -794,8 +797,8 @@ fn check_case(ns: &Netns, volume: &mut ConfigMapVolume, setup: Setup, case: &Cas
 /// Removes what the case's agent installed, so the next case starts from nothing.
 fn reset(ns: &Netns, case: &Case) -> Result<(), String> {
     let chain = format!("--masq-chain={}", case.chain);
-    let out = ns
-        .command(agent_binary())
+    let out = AGENT
+        .command(ns)
         .args(["cleanup", &chain])
         .output()
         .expect("run cleanup");
@@ -811,9 +814,6 @@ fn reset(ns: &Netns, case: &Case) -> Result<(), String> {
 }
 
 fn run(setup: Setup) {
-    if !require_root() {
-        return;
-    }
     let seed = seed();
     let name = setup.test_name();
     let only = env_number("IMA_CASE").map(|i| i as usize);
@@ -822,7 +822,7 @@ fn run(setup: Setup) {
         Some(index) => vec![index],
         None => (0..count).collect(),
     };
-    let reproduce = format!("IMA_SEED={seed} cargo test --test convergence {name}");
+    let reproduce = format!("IMA_SEED={seed} cargo test --test it convergence::{name}");
     eprintln!(
         "convergence {name}: seed {seed}, {} case(s); reproduce with: {reproduce}",
         indices.len()
@@ -856,7 +856,7 @@ fn run(setup: Setup) {
         if !problems.is_empty() {
             failed_cases.push(index);
             let mut message = format!(
-                "case {index} of seed {seed} on {name} failed ({})\n  reproduce: IMA_SEED={seed} IMA_CASE={index} cargo test --test convergence {name}\n  flags: {} {}\n  config:\n{}",
+                "case {index} of seed {seed} on {name} failed ({})\n  reproduce: IMA_SEED={seed} IMA_CASE={index} cargo test --test it convergence::{name}\n  flags: {} {}\n  config:\n{}",
                 case.features,
                 setup.flags().join(" "),
                 case.flags.join(" "),

@@ -2,7 +2,7 @@
 //! `config -> policy -> backend -> agent -> cli/commands -> main`, `observe` imports none
 //! of the agent, backend drivers never import each other, and there is no cycle among
 //! modules. Reads the sources, so a new `use` that breaks the shape fails here.
-//! `cargo test --test architecture -- --nocapture` prints the graph.
+//! `cargo test --test it architecture -- --nocapture` prints the graph.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

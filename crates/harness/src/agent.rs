@@ -1,0 +1,193 @@
+//! The agent binary, and the agent running in a namespace.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::{ConfigMapVolume, Netns, TempDir};
+
+/// The agent binary under test. Integration tests name it with
+/// `Agent::new(env!("CARGO_BIN_EXE_ip-masq-agent"))`; examples and benchmarks, which
+/// cargo does not tell, use [`Agent::beside_current_exe`].
+#[derive(Clone, Debug)]
+pub struct Agent {
+    binary: PathBuf,
+}
+
+impl Agent {
+    pub fn new(binary: impl Into<PathBuf>) -> Agent {
+        Agent {
+            binary: binary.into(),
+        }
+    }
+
+    /// `ip-masq-agent` in the profile directory this executable was built into: an
+    /// example runs from `target/<profile>/examples/`, a bench from `target/<profile>/deps/`.
+    pub fn beside_current_exe() -> Agent {
+        let exe = std::env::current_exe().expect("current exe");
+        let binary = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|dir| dir.join("ip-masq-agent"))
+            .expect("a target/<profile>/<kind>/ executable");
+        Agent { binary }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.binary
+    }
+
+    /// The binary as a command-line word, e.g. for [`Netns::sh`].
+    pub fn path_str(&self) -> &str {
+        self.binary.to_str().expect("utf-8 agent path")
+    }
+
+    /// A command running the binary inside `ns`, for a subcommand such as `status`.
+    pub fn command(&self, ns: &Netns) -> Command {
+        ns.command(&self.binary)
+    }
+
+    /// Runs the binary's `args` (a command such as `status` or `cleanup`) in `ns`.
+    pub fn run<S: AsRef<OsStr>>(&self, ns: &Netns, args: impl IntoIterator<Item = S>) -> Output {
+        self.command(ns)
+            .args(args)
+            .output()
+            .expect("run the agent binary")
+    }
+
+    /// Starts the agent with `args` in `ns`; its log is [`AgentProcess::log`].
+    pub fn start(&self, ns: &Netns, args: &[&str]) -> AgentProcess {
+        self.start_with(ns, args, &[], &[])
+    }
+
+    /// Starts the agent behind `wrapper` (e.g. `setpriv ...`) with extra environment.
+    pub fn start_with(
+        &self,
+        ns: &Netns,
+        args: &[&str],
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
+        let logdir = TempDir::new("log");
+        let log = logdir.path.join("agent.log");
+        let file = File::create(&log).expect("log file");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = ns.command(program);
+                c.args(rest).arg(&self.binary);
+                c
+            }
+            None => ns.command(&self.binary),
+        };
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command
+            .args(args)
+            .arg("--v=2")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn agent");
+        AgentProcess {
+            child,
+            log,
+            _logdir: logdir,
+        }
+    }
+
+    /// Starts the agent on `volume`'s config with `extra` flags and waits for its first sync.
+    pub fn start_synced(
+        &self,
+        ns: &Netns,
+        volume: &ConfigMapVolume,
+        extra: &[&str],
+    ) -> AgentProcess {
+        let path = volume.path();
+        let mut args = vec!["--config", path.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        let mut agent = self.start(ns, &args);
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+        agent
+    }
+}
+
+/// The agent binary running in a namespace; killed by PID on drop, and its log printed
+/// when the test is failing.
+pub struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+    _logdir: TempDir,
+}
+
+impl AgentProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits until the log has a line containing `text`, counting occurrences.
+    pub fn wait_for_log(&mut self, text: &str, occurrences: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let count = BufReader::new(File::open(&self.log).expect("log"))
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| l.contains(text))
+                .count();
+            if count >= occurrences {
+                return;
+            }
+            assert!(self.is_running(), "agent exited early:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} x{occurrences} in agent log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .expect("kill");
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log());
+        }
+    }
+}

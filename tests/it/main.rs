@@ -1,0 +1,22 @@
+//! The integration tests, one binary with a module per area (as ripgrep does): one link
+//! step and one process instead of one per file. `cargo test --test it AREA::` runs an
+//! area, e.g. `cargo test --test it faults::`. The helpers are the `ima-harness` crate
+//! (crates/harness).
+
+use std::sync::LazyLock;
+
+use ima_harness::Agent;
+
+mod architecture;
+mod convergence;
+mod faults;
+mod image;
+mod iptables_layout;
+mod lifecycle;
+mod manifests;
+mod nftables;
+mod operable;
+mod packets;
+
+/// The agent binary cargo built for these tests.
+static AGENT: LazyLock<Agent> = LazyLock::new(|| Agent::new(env!("CARGO_BIN_EXE_ip-masq-agent")));
