@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the container image with podman and no registry at all: the static release binary
 # (scripts/build-release.sh) on a Debian bookworm base made here from Debian packages with
-# mmdebstrap (iptables in both flavours, nftables, their libraries; no shell, no apt).
+# mmdebstrap (iptables in both flavours, nftables, conntrack-tools, their libraries; no shell, no apt).
 #
 #   scripts/build-image.sh            -> localhost/ip-masq-agent:v<Cargo.toml version>
 #   IMAGE=registry.example.com/net/ip-masq-agent:v0.1.0 scripts/build-image.sh
@@ -65,7 +65,7 @@ else
 fi
 mmdebstrap_options=(
   --variant=extract
-  --include=libgcc-s1,iptables,nftables
+  --include=libgcc-s1,iptables,nftables,conntrack
   --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
   --dpkgopt='path-exclude=/usr/share/man/*'
   --dpkgopt='path-exclude=/usr/share/info/*'
@@ -95,7 +95,7 @@ base="localhost/ip-masq-agent-base:bookworm-$key"
 if ! podman image exists "$base"; then
   podman import --quiet \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-    --message "Debian bookworm: libgcc-s1 iptables nftables (mmdebstrap extract)" \
+    --message "Debian bookworm: libgcc-s1 iptables nftables conntrack (mmdebstrap extract)" \
     "$base_tar" "$base" >/dev/null
 fi
 

@@ -3,9 +3,9 @@
 # tools the image build and test use (podman, mmdebstrap, runc) and python3's venv (for
 # kubernetes-validate), if missing.
 set -euo pipefail
-packages="iptables nftables iproute2 procps podman mmdebstrap runc python3-venv"
+packages="iptables nftables iproute2 procps conntrack podman mmdebstrap runc python3-venv"
 need=()
-for tool in iptables-nft iptables-legacy nft ip sysctl podman mmdebstrap runc python3; do
+for tool in iptables-nft iptables-legacy nft ip sysctl conntrack podman mmdebstrap runc python3; do
   command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::agent::Settings;
+use crate::backend::conntrack::ConntrackCleanup;
 use crate::backend::iptables::IptablesMode;
 use crate::backend::{BackendChoice, ChainName};
 use crate::config::source::ConfigPath;
@@ -148,6 +149,11 @@ pub struct AgentArgs {
     #[arg(long = "dry-run", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
     pub dry_run: bool,
 
+    /// After a config change, delete the conntrack entries of UDP flows whose decision
+    /// changed, so their next packet follows the new rules (udp), or touch none (none).
+    #[arg(long = "conntrack-cleanup", value_enum, default_value_t = ConntrackCleanup::Udp, global = true)]
+    pub conntrack_cleanup: ConntrackCleanup,
+
     /// How long one iptables/nft run may take before it is killed and the sync counts as
     /// failed (never less than the xtables lock wait it is given).
     #[arg(long = "tool-timeout", default_value = "30s", value_parser = positive_duration, global = true)]
@@ -274,6 +280,7 @@ impl AgentArgs {
             dry_run: self.dry_run,
             metrics_address: self.metrics_address.parse().ok(),
             tool_timeout: self.tool_timeout,
+            conntrack_cleanup: self.conntrack_cleanup,
         }
     }
 }

@@ -571,6 +571,69 @@ pub fn split_range(mut start: u128, end: u128, bits: u32, family: Family, out: &
     }
 }
 
+impl FamilyPolicy {
+    /// The destinations that keep the pod address, merged into the fewest blocks: the
+    /// flat answer, or upstream's link-local and non-masquerade lists.
+    pub fn kept_blocks(&self) -> Vec<IpNet> {
+        match &self.resolved {
+            Some(resolved) => merge_prefixes(&resolved.keep),
+            None => {
+                let mut all: Vec<IpNet> = self.link_local.iter().copied().collect();
+                all.extend(&self.non_masq.0);
+                merge_prefixes(&all)
+            }
+        }
+    }
+}
+
+/// Where the decisions for `family` differ between `old` and `new`, as CIDR blocks of
+/// destinations; None when they may differ anywhere (the family was not managed before,
+/// or the source scope changed).
+pub fn changed_destinations(old: &Policy, new: &Policy, family: Family) -> Option<Vec<IpNet>> {
+    let (before, after) = (old.family(family)?, new.family(family)?);
+    if before.sources != after.sources {
+        return None;
+    }
+    let ranges = |blocks: Vec<IpNet>| -> Vec<(u128, u128)> {
+        blocks
+            .iter()
+            .map(|b| (to_u128(b.network()), to_u128(b.broadcast())))
+            .collect()
+    };
+    let (a, b) = (ranges(before.kept_blocks()), ranges(after.kept_blocks()));
+    let mut changed = subtract(&a, &b);
+    changed.extend(subtract(&b, &a));
+    changed.sort_unstable();
+    let mut out = Vec::new();
+    for (start, end) in changed {
+        split_range(start, end, family.bits(), family, &mut out);
+    }
+    Some(merge_prefixes(&out))
+}
+
+/// The parts of the sorted, disjoint ranges `a` that no range of `b` covers.
+fn subtract(a: &[(u128, u128)], b: &[(u128, u128)]) -> Vec<(u128, u128)> {
+    let mut out = Vec::new();
+    for &(start, end) in a {
+        let mut from = Some(start);
+        for &(b_start, b_end) in b.iter().filter(|(s, e)| *s <= end && *e >= start) {
+            if let Some(f) = from
+                && f < b_start
+            {
+                out.push((f, b_start - 1));
+            }
+            from = b_end.checked_add(1).filter(|next| *next <= end);
+            if from.is_none() {
+                break;
+            }
+        }
+        if let Some(f) = from {
+            out.push((f, end));
+        }
+    }
+    out
+}
+
 /// The addresses of `family` outside the (merged, sorted) `prefixes`, as CIDR blocks.
 pub fn complement(prefixes: &[IpNet], family: Family) -> Vec<IpNet> {
     let bits = family.bits();
@@ -748,6 +811,41 @@ mod tests {
                 .families
                 .iter()
                 .all(|f| f.resolved.is_none())
+        );
+    }
+
+    #[test]
+    fn changed_destinations_are_the_symmetric_difference_of_what_is_kept() {
+        let a = policy("nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\n", true);
+        let b = policy("nonMasqueradeCIDRs: [172.16.0.0/12, 10.0.0.0/8]\n", true);
+        let nets =
+            |list: &[&str]| -> Vec<IpNet> { list.iter().map(|s| s.parse().unwrap()).collect() };
+        assert_eq!(
+            changed_destinations(&a, &b, Family::V4),
+            Some(nets(&["172.16.0.0/12", "192.168.0.0/16"]))
+        );
+        assert_eq!(changed_destinations(&a, &a, Family::V4), Some(Vec::new()));
+        assert_eq!(changed_destinations(&a, &b, Family::V6), Some(Vec::new()));
+        let forced = policy(
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\nforceMasqueradeCIDRs: [10.3.0.0/16]\n",
+            true,
+        );
+        assert_eq!(
+            changed_destinations(&a, &forced, Family::V4),
+            Some(nets(&["10.3.0.0/16"]))
+        );
+        let scoped = policy(
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\nmasqueradeSourceCIDRs: [10.244.0.0/16]\n",
+            true,
+        );
+        assert_eq!(changed_destinations(&a, &scoped, Family::V4), None);
+        let v4_only = policy("nonMasqueradeCIDRs: [10.0.0.0/8]\n", false);
+        assert_eq!(changed_destinations(&v4_only, &a, Family::V6), None);
+        let everything = policy("nonMasqueradeCIDRs: ['0.0.0.0/0']\n", false);
+        let nothing = policy("nonMasqueradeCIDRs: []\nmasqLinkLocal: true\n", false);
+        assert_eq!(
+            changed_destinations(&everything, &nothing, Family::V4),
+            Some(nets(&["0.0.0.0/0"]))
         );
     }
 }

@@ -1,6 +1,7 @@
 //! The sync loop: read the config, keep the kernel in step with it, and keep the
 //! last good rules when the config is bad or a tool fails.
 
+pub mod flows;
 pub mod watch;
 pub mod wiring;
 
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use crate::backend::conntrack::ConntrackCleanup;
 use crate::backend::iptables::IptablesMode;
 use crate::backend::runner::SharedRunner;
 use crate::backend::{Backend, BackendChoice, ChainName, Leftovers, SyncError, SyncErrorKind};
@@ -31,6 +33,7 @@ pub struct Settings {
     /// None when the endpoint is disabled.
     pub metrics_address: Option<SocketAddr>,
     pub tool_timeout: Duration,
+    pub conntrack_cleanup: ConntrackCleanup,
 }
 
 impl Settings {
@@ -45,8 +48,11 @@ impl Settings {
 pub enum Event {
     /// Exit now, leaving the rules in place.
     Shutdown(&'static str),
-    /// Re-read the config and sync now.
+    /// Re-read the config and sync, once a burst of such events has settled.
     Reload(&'static str),
+    /// Re-read the config and sync at once: the event commits an update (kubelet's
+    /// `..data` rename), so nothing more is coming that a wait would gather.
+    Commit(&'static str),
 }
 
 /// How the most recent sync ended.
@@ -64,7 +70,7 @@ pub enum SyncOutcome {
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// A rejected config that stays the same is reported again this often, not every resync.
 const REPEAT_ERROR_EVERY: Duration = Duration::from_secs(600);
-/// Kubelet's swap is several directory events; gather them into one sync.
+/// A plain file written in place can be several events (truncate, write); gather them.
 const SETTLE: Duration = Duration::from_millis(15);
 
 pub struct Agent {
@@ -72,6 +78,8 @@ pub struct Agent {
     backend: Box<dyn Backend>,
     /// The other backend's rules, until they are removed after a successful sync.
     leftovers: Option<(Leftovers, SharedRunner)>,
+    /// Brings existing flows in line after a change of decisions (None: never).
+    flows: Option<flows::FlowReconciler>,
     applied: Option<Applied>,
     last_loaded: Option<LoadedConfig>,
     last_error: Option<(String, Instant)>,
@@ -93,6 +101,7 @@ impl Agent {
             settings,
             backend,
             leftovers: None,
+            flows: None,
             applied: None,
             last_loaded: None,
             last_error: None,
@@ -109,6 +118,21 @@ impl Agent {
     pub fn with_leftovers(mut self, leftovers: Leftovers, runner: SharedRunner) -> Agent {
         self.leftovers = Some((leftovers, runner));
         self
+    }
+
+    /// After each change of decisions, deletes the conntrack entries of UDP flows that
+    /// carry the old decision (`--conntrack-cleanup=udp`), on a worker thread.
+    pub fn with_conntrack(mut self, runner: SharedRunner) -> Agent {
+        self.start_conntrack(runner);
+        self
+    }
+
+    fn start_conntrack(&mut self, runner: SharedRunner) {
+        self.flows = flows::FlowReconciler::start(
+            self.settings.conntrack_cleanup,
+            runner,
+            self.telemetry.clone(),
+        );
     }
 
     /// Reports into `telemetry` (shared with the HTTP endpoint) instead of a private one.
@@ -236,7 +260,13 @@ impl Agent {
             );
         }
         let resync_interval = config.resync_interval;
-        self.applied = Some(Applied { config, policy });
+        let previous = self.applied.replace(Applied { config, policy });
+        if changed
+            && let (Some(previous), Some(flows), Some(applied)) =
+                (previous, &self.flows, &self.applied)
+        {
+            flows.submit(&previous.policy, &applied.policy);
+        }
         // Only after our own rules are in force, so traffic is never left unmasqueraded.
         if let Err(err) = self.remove_leftovers() {
             let message =
@@ -326,7 +356,9 @@ impl Agent {
         self.last_outcome.as_ref()
     }
 
-    /// Swallows the burst of events that follows the first; true if one asks to exit.
+    /// Swallows the burst of events that follows the first, until it settles or a commit
+    /// ends it (kubelet's `..data_tmp` is followed at once by the `..data` rename); true
+    /// if one asks to exit.
     fn settle(&self, events: &Receiver<Event>) -> bool {
         let until = Instant::now() + SETTLE;
         while let Some(left) = until.checked_duration_since(Instant::now()) {
@@ -335,8 +367,20 @@ impl Agent {
                     tracing::info!("{why}: exiting and leaving the rules in place");
                     return true;
                 }
+                Ok(Event::Commit(_)) => return self.drain(events),
                 Ok(Event::Reload(_)) => {}
                 Err(_) => break,
+            }
+        }
+        false
+    }
+
+    /// Takes the events already queued (without waiting); true if one asks to exit.
+    fn drain(&self, events: &Receiver<Event>) -> bool {
+        while let Ok(event) = events.try_recv() {
+            if let Event::Shutdown(why) = event {
+                tracing::info!("{why}: exiting and leaving the rules in place");
+                return true;
             }
         }
         false
@@ -355,6 +399,12 @@ impl Agent {
                 Ok(Event::Reload(why)) => {
                     tracing::debug!("{why}: reloading");
                     if self.settle(events) {
+                        return;
+                    }
+                }
+                Ok(Event::Commit(why)) => {
+                    tracing::debug!("{why}: reloading");
+                    if self.drain(events) {
                         return;
                     }
                 }
@@ -569,6 +619,48 @@ mod tests {
             calls,
             "removed once, not at every sync"
         );
+    }
+
+    #[test]
+    fn a_change_of_decisions_reaches_existing_udp_flows_and_nothing_else() {
+        use crate::backend::runner::fake::FakeRunner;
+        let runner = FakeRunner::new();
+        runner.set_conntrack(
+            "ipv4",
+            "udp      17 29 src=10.244.1.2 dst=203.0.113.10 sport=40000 dport=9999 src=203.0.113.10 dst=192.0.2.1 sport=9999 dport=40000 mark=0 use=1\n\
+             udp      17 29 src=10.244.1.2 dst=198.51.100.7 sport=40001 dport=53 src=198.51.100.7 dst=192.0.2.1 sport=53 dport=40001 mark=0 use=1\n",
+        );
+        let mut f = fixture("conntrack");
+        f.agent.start_conntrack(runner.clone());
+        let settled = |f: &Fixture| {
+            if let Some(flows) = &f.agent.flows {
+                flows.wait_idle();
+            }
+        };
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
+        f.agent.sync_once();
+        settled(&f);
+        // The first sync changes no decision a flow was made under: nothing listed.
+        assert!(runner.calls().is_empty(), "{:?}", runner.calls());
+        std::fs::write(
+            &f.file,
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 203.0.113.0/24]\n",
+        )
+        .unwrap();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
+        settled(&f);
+        let commands: Vec<String> = runner.calls().into_iter().map(|c| c.command).collect();
+        assert_eq!(
+            commands,
+            [
+                "conntrack -L -f ipv4 -d 203.0.113.0 --mask-dst 255.255.255.0",
+                "conntrack -D -f ipv4 -p udp -s 10.244.1.2 -d 203.0.113.10 --sport 40000 --dport 9999"
+            ]
+        );
+        // An unchanged config never touches conntrack.
+        f.agent.sync_once();
+        settled(&f);
+        assert_eq!(runner.calls().len(), 2);
     }
 
     #[test]

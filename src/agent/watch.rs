@@ -22,15 +22,24 @@ pub fn is_relevant(event: &notify::Event, is_of_interest: &impl Fn(&OsStr) -> bo
         .any(|path| path.file_name().is_some_and(is_of_interest))
 }
 
-/// Calls `on_change` for relevant changes in `dir`; keep the watcher alive to keep watching.
+/// Calls `on_change` with the names of interest for each relevant change in `dir`; keep
+/// the watcher alive to keep watching.
 pub fn watch_dir(
     dir: &Path,
     is_of_interest: impl Fn(&OsStr) -> bool + Send + 'static,
-    on_change: impl Fn() + Send + 'static,
+    on_change: impl Fn(&[&OsStr]) + Send + 'static,
 ) -> notify::Result<RecommendedWatcher> {
     let mut watcher =
         notify::recommended_watcher(move |result: notify::Result<notify::Event>| match result {
-            Ok(event) if is_relevant(&event, &is_of_interest) => on_change(),
+            Ok(event) if is_relevant(&event, &is_of_interest) => {
+                let names: Vec<&OsStr> = event
+                    .paths
+                    .iter()
+                    .filter_map(|path| path.file_name())
+                    .filter(|name| is_of_interest(name))
+                    .collect();
+                on_change(&names);
+            }
             Ok(_) => {}
             Err(err) => tracing::debug!("config watch error: {err}"),
         })?;

@@ -10,9 +10,11 @@ use anyhow::Context;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use super::{Agent, Event, Settings};
+use crate::backend::conntrack::ConntrackCleanup;
 use crate::backend::dry_run::DryRunBackend;
 use crate::backend::runner::{self, SharedRunner, SystemRunner};
 use crate::backend::{self, Backend};
+use crate::config::source;
 use crate::observe::http;
 use crate::observe::telemetry::Telemetry;
 
@@ -51,8 +53,15 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let _watcher = match super::watch::watch_dir(
         &watched,
         move |name| config.is_of_interest(name),
-        move || {
-            let _ = sender.send(Event::Reload("config directory changed"));
+        move |names| {
+            // Kubelet's `..data` rename commits an update: act on it at once. Anything
+            // else (an edited plain file) may come in a burst and is settled first.
+            let event = if names.iter().any(|name| source::is_commit(name)) {
+                Event::Commit("ConfigMap update committed (..data swapped)")
+            } else {
+                Event::Reload("config directory changed")
+            };
+            let _ = sender.send(event);
         },
     ) {
         Ok(watcher) => Some(watcher),
@@ -75,6 +84,15 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let mut agent = Agent::new(settings.clone(), backend).with_telemetry(telemetry);
     if !settings.dry_run {
         agent = agent.with_leftovers(leftovers, runner.clone());
+        match settings.conntrack_cleanup {
+            ConntrackCleanup::Udp if runner.exists("conntrack") => {
+                agent = agent.with_conntrack(runner.clone());
+            }
+            ConntrackCleanup::Udp => tracing::warn!(
+                "conntrack (conntrack-tools) is not on PATH: after a config change, UDP flows that already exist keep their old decision until they end"
+            ),
+            ConntrackCleanup::None => {}
+        }
     }
     agent.run(&events);
     if let Some(chain) = cleanup_chain {

@@ -3,6 +3,7 @@
 //! the [`runner`] seam, and never calls another driver: what concerns two of them (the
 //! names they share, removing the other's leftovers after a switch, `cleanup`) is here.
 
+pub mod conntrack;
 pub mod dry_run;
 pub mod iptables;
 pub mod nftables;

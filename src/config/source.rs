@@ -45,10 +45,10 @@ impl ConfigPath {
 
     /// Whether a change to the entry `name` of the watched directory can mean new config:
     /// the config file (for a directory, every `ip-masq*` file) and kubelet's `..data`
-    /// swap. Anything else there (a log next to the config, an editor's swap file) must
-    /// not cause reloads.
+    /// swap (`..data_tmp` announces it). Anything else there (a log next to the config,
+    /// an editor's swap file) must not cause reloads.
     pub fn is_of_interest(&self, name: &OsStr) -> bool {
-        if name == "..data" || name == "..data_tmp" {
+        if is_commit(name) || name == "..data_tmp" {
             return true;
         }
         match self {
@@ -59,6 +59,12 @@ impl ConfigPath {
             ConfigPath::Dir(_) => name.to_string_lossy().starts_with(DIR_FILE_PREFIX),
         }
     }
+}
+
+/// Kubelet's atomic writer renames `..data_tmp` over `..data`: that rename is the single
+/// commit of a ConfigMap update, after which every key reads the new content.
+pub fn is_commit(name: &OsStr) -> bool {
+    name == "..data"
 }
 
 #[cfg(test)]
@@ -72,6 +78,7 @@ mod tests {
         for name in ["ip-masq-agent", "..data", "..data_tmp"] {
             assert!(file.is_of_interest(OsStr::new(name)), "{name}");
         }
+        assert!(is_commit(OsStr::new("..data")) && !is_commit(OsStr::new("..data_tmp")));
         for name in ["agent.log", ".ip-masq-agent.swp", "ip-masq-extra"] {
             assert!(!file.is_of_interest(OsStr::new(name)), "{name}");
         }

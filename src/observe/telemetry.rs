@@ -33,6 +33,11 @@ pub struct PrefixCounts {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -88,6 +93,8 @@ pub struct Telemetry {
     source_prefixes: Family<FamilyLabels, Gauge>,
     drift_repairs: Counter,
     sync_errors: Family<KindLabels, Counter>,
+    conntrack_deleted: Family<ProtocolLabels, Counter>,
+    conntrack_stale: Family<ProtocolLabels, Gauge>,
     http_endpoint_bound: Gauge,
     http_bind_failures: Counter,
     http_accept_errors: Counter,
@@ -113,6 +120,18 @@ impl Telemetry {
         let source_prefixes = Family::<FamilyLabels, Gauge>::default();
         let drift_repairs = Counter::default();
         let sync_errors = Family::<KindLabels, Counter>::default();
+        let conntrack_deleted = Family::<ProtocolLabels, Counter>::default();
+        let conntrack_stale = Family::<ProtocolLabels, Gauge>::default();
+        registry.register(
+            "conntrack_deleted_flows",
+            "Conntrack entries deleted after a change of decisions, so the flow's next packet follows the new rules (UDP only)",
+            conntrack_deleted.clone(),
+        );
+        registry.register(
+            "conntrack_stale_flows",
+            "Flows still carrying the old decision after the last change, left alone because deleting them would break them (TCP, SCTP, ...)",
+            conntrack_stale.clone(),
+        );
         let http_endpoint_bound = Gauge::default();
         let http_bind_failures = Counter::default();
         let http_accept_errors = Counter::default();
@@ -193,6 +212,8 @@ impl Telemetry {
             source_prefixes,
             drift_repairs,
             sync_errors,
+            conntrack_deleted,
+            conntrack_stale,
             http_endpoint_bound,
             http_bind_failures,
             http_accept_errors,
@@ -221,6 +242,23 @@ impl Telemetry {
     /// The longest a sync may take before its tools are killed (`--tool-timeout`).
     pub fn set_sync_deadline(&self, deadline: Duration) {
         self.health().sync_deadline = deadline;
+    }
+
+    /// What the last conntrack reconciliation did.
+    pub fn conntrack_reconciled(&self, deleted_udp: usize, stale: &[(String, usize)]) {
+        self.conntrack_deleted
+            .get_or_create(&ProtocolLabels {
+                protocol: "udp".into(),
+            })
+            .inc_by(deleted_udp as u64);
+        self.conntrack_stale.clear();
+        for (protocol, count) in stale {
+            self.conntrack_stale
+                .get_or_create(&ProtocolLabels {
+                    protocol: protocol.clone(),
+                })
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
     }
 
     /// Counts a failed sync by the kind of its error.

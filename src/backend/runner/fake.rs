@@ -223,6 +223,8 @@ struct State {
     faults: Vec<Injected>,
     /// What `iptables-restore --version` prints (None: a current release).
     iptables_version: Option<String>,
+    /// `conntrack -L -f FAMILY` output, by family (`ipv4`, `ipv6`).
+    conntrack: BTreeMap<String, String>,
 }
 
 /// The fake tools. Every flavour's tools and nft are installed unless removed.
@@ -230,7 +232,7 @@ pub struct FakeRunner {
     state: Mutex<State>,
 }
 
-pub const INSTALLED: [&str; 9] = [
+pub const INSTALLED: [&str; 10] = [
     "iptables-nft-save",
     "iptables-nft-restore",
     "ip6tables-nft-save",
@@ -240,6 +242,7 @@ pub const INSTALLED: [&str; 9] = [
     "ip6tables-legacy-save",
     "ip6tables-legacy-restore",
     "nft",
+    "conntrack",
 ];
 
 const AGENT_TABLE: &str = "inet ip-masq-agent";
@@ -277,6 +280,13 @@ impl FakeRunner {
         if let Err(err) = table.restore(input) {
             panic!("fake {key}-restore refused the test's input: {err}");
         }
+    }
+
+    /// What `conntrack -L -f FAMILY` lists; `conntrack -D` removes matching lines.
+    pub fn set_conntrack(&self, family: &str, listing: &str) {
+        self.state()
+            .conntrack
+            .insert(family.to_string(), listing.to_string());
     }
 
     pub fn set_iptables_version(&self, version: &str) {
@@ -374,6 +384,48 @@ impl FakeRunner {
         }
     }
 
+    fn conntrack(state: &mut State, args: &[&str]) -> Result<String, String> {
+        match args {
+            // A filtered listing answers like the whole one: the agent filters again.
+            ["-L", "-f", family, ..] => {
+                Ok(state.conntrack.get(*family).cloned().unwrap_or_default())
+            }
+            ["-D", "-f", family, rest @ ..] => {
+                // The filter as the words it would show in a listing: `src=A dst=B ...`.
+                let wanted: Vec<String> = rest
+                    .chunks(2)
+                    .filter_map(|pair| match pair {
+                        ["-s", v] => Some(format!("src={v}")),
+                        ["-d", v] => Some(format!("dst={v}")),
+                        ["--sport", v] => Some(format!("sport={v}")),
+                        ["--dport", v] => Some(format!("dport={v}")),
+                        ["-p", v] => Some((*v).to_string()),
+                        _ => None,
+                    })
+                    .collect();
+                let listing = state.conntrack.entry(family.to_string()).or_default();
+                let before = listing.lines().count();
+                let kept: Vec<&str> = listing
+                    .lines()
+                    .filter(|line| {
+                        let words: Vec<&str> = line.split_whitespace().collect();
+                        !wanted.iter().all(|w| words.contains(&w.as_str()))
+                    })
+                    .collect();
+                let deleted = before - kept.len();
+                *listing = kept.iter().map(|l| format!("{l}\n")).collect();
+                if deleted == 0 {
+                    return Err(
+                        "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted."
+                            .into(),
+                    );
+                }
+                Ok(String::new())
+            }
+            _ => Err(format!("the fake does not know conntrack {args:?}")),
+        }
+    }
+
     fn nft(state: &mut State, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
         match args {
             ["list", "tables"] => Ok(state
@@ -428,6 +480,7 @@ impl Runner for FakeRunner {
         words.extend_from_slice(args);
         let result = match program.path.rsplit_once('-') {
             _ if program.path == "nft" => Self::nft(&mut state, &words, stdin.as_deref()),
+            _ if program.path == "conntrack" => Self::conntrack(&mut state, &words),
             Some((key, tool @ ("save" | "restore"))) => {
                 Self::iptables(&mut state, key, tool, &words, stdin.as_deref())
             }
