@@ -8,6 +8,7 @@ use std::sync::LazyLock;
 use ima_harness::Agent;
 
 mod architecture;
+mod conntrack;
 mod convergence;
 mod faults;
 mod image;
