@@ -214,6 +214,24 @@ impl Agent {
         };
         let changed = self.applied.as_ref().map(|a| &a.policy) != Some(&policy);
         let first = self.applied.is_none();
+        // Recorded before the log line, so whoever sees "rules applied" sees the metrics.
+        if changed {
+            let prefixes: Vec<PrefixCounts> = policy
+                .families
+                .iter()
+                .map(|f| PrefixCounts {
+                    family: f.family.label(),
+                    non_masquerade: f.non_masq.0.len(),
+                    force: f.force.len(),
+                    sources: f.sources.as_ref().map(Vec::len),
+                })
+                .collect();
+            self.telemetry.applied(
+                &config_hash(&format!("{config:?}")),
+                self.backend.kind(),
+                &prefixes,
+            );
+        }
         if changed {
             let prefixes: usize = policy.families.iter().map(|f| f.non_masq.0.len()).sum();
             tracing::info!(
@@ -240,23 +258,6 @@ impl Agent {
                 elapsed_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
                 processes = report.processes,
                 "rules resynced"
-            );
-        }
-        if changed {
-            let prefixes: Vec<PrefixCounts> = policy
-                .families
-                .iter()
-                .map(|f| PrefixCounts {
-                    family: f.family.label(),
-                    non_masquerade: f.non_masq.0.len(),
-                    force: f.force.len(),
-                    sources: f.sources.as_ref().map(Vec::len),
-                })
-                .collect();
-            self.telemetry.applied(
-                &config_hash(&format!("{config:?}")),
-                self.backend.kind(),
-                &prefixes,
             );
         }
         let resync_interval = config.resync_interval;

@@ -10,6 +10,7 @@ use ima_harness::Agent;
 mod architecture;
 mod conntrack;
 mod convergence;
+mod exceptions;
 mod faults;
 mod image;
 mod iptables_layout;
