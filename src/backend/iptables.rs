@@ -704,6 +704,9 @@ pub struct IptablesBackend {
     v4: FamilyTools,
     v6: Option<FamilyTools>,
     runner: SharedRunner,
+    /// iptables-nft only: the ruleset generation at which the kernel was seen to hold the
+    /// rules rendered as the key; while neither moves, an idle resync reads nothing.
+    verified: Option<(u64, Vec<String>)>,
 }
 
 impl IptablesBackend {
@@ -740,6 +743,7 @@ impl IptablesBackend {
             v4,
             v6,
             runner,
+            verified: None,
         })
     }
 
@@ -849,9 +853,31 @@ impl Backend for IptablesBackend {
         let started_with = self.runner.spawned();
         self.learn_random_fully_support()?;
         let masquerade = self.effective_masquerade(policy);
+        let wanted: Vec<Vec<String>> = policy
+            .families
+            .iter()
+            .map(|family| render_chain_rules(&self.chain, family, &masquerade))
+            .collect();
+        let key: Vec<String> = wanted.iter().flatten().cloned().collect();
+        // iptables-nft writes to nf_tables, so its generation tells whether anything
+        // changed since the rules were last seen right; legacy tables are not counted.
+        let generation = match self.flavour {
+            Flavour::Nft => self.runner.ruleset_generation(),
+            Flavour::Legacy => None,
+        };
+        if let Some(generation) = generation
+            && self.verified.as_ref() == Some(&(generation, key.clone()))
+        {
+            return Ok(SyncReport {
+                processes: self.runner.spawned() - started_with,
+                rules: key.len(),
+                wrote: false,
+            });
+        }
+        self.verified = None;
         let mut rules_total = 0;
         let mut wrote = false;
-        for family in &policy.families {
+        for (family, rules) in policy.families.iter().zip(wanted) {
             let saved = self.read_nat(family.family)?;
             let foreign = foreign_rules(&saved, &self.chain);
             if let Some(example) = foreign.first() {
@@ -862,7 +888,6 @@ impl Backend for IptablesBackend {
                     example: example.clone(),
                 });
             }
-            let rules = render_chain_rules(&self.chain, family, &masquerade);
             rules_total += rules.len();
             let mut repairs = plan_stale_removal(&saved, Some(&self.chain));
             repairs.extend(plan_jump_repairs(&saved, &self.chain));
@@ -880,6 +905,11 @@ impl Backend for IptablesBackend {
                 )
                 .doing(|| format!("replacing the {} chain {}", family.family, self.chain))?;
             wrote = true;
+        }
+        // Seen right without writing: remember at which generation (read before the
+        // saves, so a change in between only costs one more read).
+        if !wrote && let Some(generation) = generation {
+            self.verified = Some((generation, key));
         }
         Ok(SyncReport {
             processes: self.runner.spawned() - started_with,

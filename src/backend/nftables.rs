@@ -2,6 +2,7 @@
 //! packet costs the same whether the list holds 3 prefixes or 50,000. Each sync is one
 //! `nft -f -` transaction that replaces the whole table atomically.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -141,6 +142,30 @@ pub fn render_transaction(policy: &Policy) -> String {
 /// source set an earlier run may have left: the backend always sends them, since it
 /// cannot know what a previous process wrote; `render` leaves them out.
 fn render_transaction_with(policy: &Policy, remove_unused: bool) -> String {
+    render_with_sets(policy, &set_contents(policy), remove_unused)
+}
+
+/// What the agent's sets hold, by set name: the kept destinations (merged for nft, which
+/// refuses overlapping intervals) and, with a source scope, the in-scope sources.
+pub type SetContents = BTreeMap<&'static str, Vec<IpNet>>;
+
+pub fn set_contents(policy: &Policy) -> SetContents {
+    let mut sets = SetContents::new();
+    for family in &policy.families {
+        let kept = match &family.resolved {
+            None => merge_prefixes(&family.non_masq.0),
+            Some(resolved) => merge_prefixes(&resolved.keep),
+        };
+        sets.insert(set_name(family.family), kept);
+        if let Some(sources) = family.resolved.as_ref().and_then(|r| r.sources.as_ref()) {
+            sets.insert(source_set_name(family.family), sources.clone());
+        }
+    }
+    sets
+}
+
+/// The transaction with `sets` as the sets' contents.
+fn render_with_sets(policy: &Policy, sets: &SetContents, remove_unused: bool) -> String {
     let masquerade = masquerade_statements(&policy.masquerade);
     let mut out = format!("table inet {TABLE} {{}}\n");
     let declare = |out: &mut String, name: &str, family: Family| {
@@ -192,18 +217,10 @@ fn render_transaction_with(policy: &Policy, remove_unused: bool) -> String {
     }
     out.push_str(&format!("table inet {TABLE} {{\n"));
     for family in &policy.families {
-        let kept = match &family.resolved {
-            None => merge_prefixes(&family.non_masq.0),
-            Some(resolved) => merge_prefixes(&resolved.keep),
-        };
-        render_set(&mut out, set_name(family.family), family.family, &kept);
-        if let Some(sources) = family.resolved.as_ref().and_then(|r| r.sources.as_ref()) {
-            render_set(
-                &mut out,
-                source_set_name(family.family),
-                family.family,
-                sources,
-            );
+        for name in [set_name(family.family), source_set_name(family.family)] {
+            if let Some(elements) = sets.get(name) {
+                render_set(&mut out, name, family.family, elements);
+            }
         }
     }
     // After kube-proxy's srcnat chains, as upstream's jump is appended after KUBE-POSTROUTING.
@@ -338,12 +355,52 @@ pub fn explain(policy: Option<&FamilyPolicy>, decision: &Decision, family: Famil
     }
 }
 
+/// The elements that must leave and enter each set to turn `old` into `new` (which have
+/// the same sets), as one transaction; empty when nothing differs.
+pub fn render_delta(old: &SetContents, new: &SetContents) -> String {
+    let list = |elements: Vec<&IpNet>| -> String {
+        elements
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = String::new();
+    for (name, wanted) in new {
+        let had: BTreeSet<&IpNet> = old.get(name).into_iter().flatten().collect();
+        let wanted: BTreeSet<&IpNet> = wanted.iter().collect();
+        let leaving: Vec<&IpNet> = had.difference(&wanted).copied().collect();
+        let entering: Vec<&IpNet> = wanted.difference(&had).copied().collect();
+        if !leaving.is_empty() {
+            out.push_str(&format!(
+                "delete element inet {TABLE} {name} {{ {} }}\n",
+                list(leaving)
+            ));
+        }
+        if !entering.is_empty() {
+            out.push_str(&format!(
+                "add element inet {TABLE} {name} {{ {} }}\n",
+                list(entering)
+            ));
+        }
+    }
+    out
+}
+
+/// What the backend last wrote: the table without its set elements, and the elements.
+struct Written {
+    frame: String,
+    sets: SetContents,
+}
+
 pub struct NftablesBackend {
     nft: Program,
     runner: SharedRunner,
-    /// The transaction of the last write: a different one is written without reading
-    /// the kernel first.
-    last_written: Option<String>,
+    /// The table of the last write; None until the first, and after a failed one.
+    written: Option<Written>,
+    /// The ruleset generation at which the kernel was last seen to hold `written`: while
+    /// it has not moved, no one changed any nf_tables table, so there is nothing to read.
+    verified_generation: Option<u64>,
 }
 
 impl NftablesBackend {
@@ -356,7 +413,8 @@ impl NftablesBackend {
         Ok(NftablesBackend {
             nft: Program::new("nft"),
             runner,
-            last_written: None,
+            written: None,
+            verified_generation: None,
         })
     }
 
@@ -365,6 +423,13 @@ impl NftablesBackend {
         self.runner
             .run(&self.nft, &["list", "table", "inet", TABLE], None, None)
             .ok()
+    }
+
+    fn apply(&self, transaction: &str, doing: &str) -> Result<(), SyncError> {
+        self.runner
+            .run(&self.nft, &["-f", "-"], Some(transaction.as_bytes()), None)
+            .doing(|| doing.to_string())
+            .map(|_| ())
     }
 }
 
@@ -386,9 +451,16 @@ impl Backend for NftablesBackend {
         Ok(super::line_diff(&expected, &actual))
     }
 
+    /// Writes only what differs. An unchanged config with an unmoved ruleset generation
+    /// reads nothing; otherwise the kernel's listing is compared with the table it should
+    /// hold. A change of set contents alone is one transaction of element deletions and
+    /// additions (falling back to the whole table if nft refuses it); anything else, and
+    /// any drift, rewrites the whole table in one transaction.
     fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError> {
         let started_with = self.runner.spawned();
-        let transaction = render_transaction_with(policy, true);
+        let sets = set_contents(policy);
+        let empty: SetContents = sets.keys().map(|name| (*name, Vec::new())).collect();
+        let frame = render_with_sets(policy, &empty, true);
         let rules = policy
             .families
             .iter()
@@ -397,29 +469,48 @@ impl Backend for NftablesBackend {
                     + masquerade_statements(&policy.masquerade).len()
             })
             .sum();
-        // Write only on difference. A changed config is written straight away; for an
-        // unchanged one the kernel's listing is compared with the table it should hold
-        // (one `nft list`, no write when it matches). Reading back after our own write
-        // would add tens of milliseconds to every change at 10,000 prefixes.
-        if self.last_written.as_deref() == Some(transaction.as_str())
-            && let Some(listing) = self.list_table()
-            && normalized_table(&listing) == normalized_table(&transaction)
-        {
-            return Ok(SyncReport {
-                processes: self.runner.spawned() - started_with,
-                rules,
-                wrote: false,
-            });
-        }
-        self.runner
-            .run(&self.nft, &["-f", "-"], Some(transaction.as_bytes()), None)
-            .doing(|| format!("replacing nft table inet {TABLE}"))?;
-        self.last_written = Some(transaction);
-        Ok(SyncReport {
-            processes: self.runner.spawned() - started_with,
+        let report = |wrote: bool, runner: &SharedRunner| SyncReport {
+            processes: runner.spawned() - started_with,
             rules,
-            wrote: true,
-        })
+            wrote,
+        };
+        let transaction = render_with_sets(policy, &sets, true);
+        if let Some(written) = &self.written
+            && written.frame == frame
+        {
+            if written.sets == sets {
+                let generation = self.runner.ruleset_generation();
+                if generation.is_some() && generation == self.verified_generation {
+                    return Ok(report(false, &self.runner));
+                }
+                if let Some(listing) = self.list_table()
+                    && normalized_table(&listing) == normalized_table(&transaction)
+                {
+                    self.verified_generation = generation;
+                    return Ok(report(false, &self.runner));
+                }
+            } else {
+                let delta = render_delta(&written.sets, &sets);
+                match self.apply(
+                    &delta,
+                    &format!("updating the sets of nft table inet {TABLE}"),
+                ) {
+                    Ok(()) => {
+                        self.written = Some(Written { frame, sets });
+                        self.verified_generation = None;
+                        return Ok(report(true, &self.runner));
+                    }
+                    Err(err) => tracing::info!(
+                        "updating the sets element by element failed ({err}); rewriting the table"
+                    ),
+                }
+            }
+        }
+        self.verified_generation = None;
+        self.written = None;
+        self.apply(&transaction, &format!("replacing nft table inet {TABLE}"))?;
+        self.written = Some(Written { frame, sets });
+        Ok(report(true, &self.runner))
     }
 }
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 #[cfg(test)]
 pub mod fake;
+mod netlink;
 
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
 /// The deadline for one tool run, in milliseconds (`--tool-timeout`).
@@ -84,6 +85,11 @@ pub trait Runner: Send + Sync {
 
     /// Processes started so far (for sync reports and benchmarks).
     fn spawned(&self) -> u64;
+
+    /// The nf_tables ruleset generation of this network namespace: it changes with every
+    /// committed change to any nf_tables table (nft and iptables-nft alike). None when
+    /// it cannot be read; then nothing may be concluded from it.
+    fn ruleset_generation(&self) -> Option<u64>;
 }
 
 pub type SharedRunner = Arc<dyn Runner>;
@@ -119,6 +125,10 @@ impl Runner for SystemRunner {
 
     fn spawned(&self) -> u64 {
         spawned_processes()
+    }
+
+    fn ruleset_generation(&self) -> Option<u64> {
+        netlink::nftables_generation()
     }
 }
 

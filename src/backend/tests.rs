@@ -77,13 +77,22 @@ fn iptables_first_sync_writes_once_and_idle_resyncs_write_nothing() {
         "one restore per family: {calls:#?}"
     );
     assert!(runner.nat("iptables-nft").contains(JUMP));
-    for _ in 0..3 {
+    for resync in 0..3 {
         let report = backend.sync(&policy).unwrap();
         assert!(!report.wrote);
         let calls = runner.take_calls();
         assert!(writes(&calls).is_empty(), "{calls:#?}");
-        assert_eq!(calls.len(), 2, "one iptables-save per family");
+        // One iptables-save per family to see the rules right; then, while the
+        // nf_tables generation stands still, nothing at all.
+        assert_eq!(calls.len(), if resync == 0 { 2 } else { 0 }, "{calls:#?}");
     }
+    runner.bump_generation();
+    backend.sync(&policy).unwrap();
+    assert_eq!(
+        runner.take_calls().len(),
+        2,
+        "the generation moved: read again"
+    );
     assert!(backend.diff(&policy).unwrap().is_empty());
 }
 
@@ -331,5 +340,77 @@ fn flavour_detection_reads_kubelets_hint_through_the_runner() {
             "iptables-legacy-save",
             "ip6tables-legacy-save"
         ]
+    );
+}
+
+#[test]
+fn nftables_idle_resyncs_read_nothing_while_the_ruleset_generation_stands_still() {
+    let runner = FakeRunner::new();
+    let mut backend = NftablesBackend::new(runner.clone()).unwrap();
+    let policy = policy("nonMasqueradeCIDRs: [10.0.0.0/8]\n", false, "");
+    backend.sync(&policy).unwrap();
+    // The first resync after a write reads the table once and notes the generation.
+    runner.take_calls();
+    assert!(!backend.sync(&policy).unwrap().wrote);
+    assert_eq!(runner.take_calls().len(), 1);
+    for _ in 0..3 {
+        let report = backend.sync(&policy).unwrap();
+        assert_eq!((report.wrote, report.processes), (false, 0));
+    }
+    assert!(runner.take_calls().is_empty());
+    // Someone changed some nf_tables table: read again (and find ours intact).
+    runner.bump_generation();
+    assert!(!backend.sync(&policy).unwrap().wrote);
+    assert_eq!(runner.take_calls().len(), 1);
+}
+
+#[test]
+fn a_change_of_set_contents_alone_is_an_element_delta() {
+    use super::nftables::{render_delta, set_contents};
+    let before = set_contents(&policy(
+        "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\n",
+        false,
+        "",
+    ));
+    let after = set_contents(&policy(
+        "nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12]\n",
+        false,
+        "",
+    ));
+    assert_eq!(
+        render_delta(&before, &after),
+        "delete element inet ip-masq-agent non-masq-v4 { 192.168.0.0/16 }\nadd element inet ip-masq-agent non-masq-v4 { 172.16.0.0/12 }\n"
+    );
+    assert_eq!(render_delta(&after, &after), "");
+    // A change the delta cannot express (here refused by nft) falls back to the table.
+    let runner = FakeRunner::new();
+    let mut backend = NftablesBackend::new(runner.clone()).unwrap();
+    backend
+        .sync(&policy(
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\n",
+            false,
+            "",
+        ))
+        .unwrap();
+    runner.take_calls();
+    let changed = policy(
+        "nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12]\n",
+        false,
+        "",
+    );
+    assert!(backend.sync(&changed).unwrap().wrote);
+    let inputs: Vec<String> = runner
+        .take_calls()
+        .into_iter()
+        .filter_map(|c| c.stdin)
+        .collect();
+    assert_eq!(inputs.len(), 2, "{inputs:#?}");
+    assert!(inputs[0].starts_with("delete element"), "{}", inputs[0]);
+    assert!(inputs[1].contains("flush table"), "{}", inputs[1]);
+    assert!(
+        runner
+            .nft_table("inet ip-masq-agent")
+            .unwrap()
+            .contains("172.16.0.0/12")
     );
 }

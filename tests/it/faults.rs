@@ -21,6 +21,15 @@ fn health(ns: &Netns) -> (u16, String) {
     ns.http_get(ENDPOINT, "/healthz")
 }
 
+/// Moves the nf_tables ruleset generation on, as any change by anyone would: an idle
+/// resync that finds it where it was reads nothing, so a faulty tool is only met after it.
+fn touch_nf_tables(ns: &Netns) {
+    ns.sh(&[
+        "nft",
+        "add table inet ima-touch; delete table inet ima-touch",
+    ]);
+}
+
 /// `status` with `flags` exits 0: the kernel matches the config.
 fn in_sync(ns: &Netns, config: &str, flags: &[&str]) -> bool {
     let mut args = vec!["status", "--config", config];
@@ -56,6 +65,7 @@ root_test!(
         assert_eq!(health(&node).0, 200);
 
         shims.fault_on("iptables-nft-save");
+        touch_nf_tables(&node);
         agent.wait_for_log(
             "did not finish within 1s; killed",
             1,
@@ -89,6 +99,7 @@ root_test!(
         assert_eq!(our_lines(&node).len(), 7);
 
         shims.fault_on("iptables-nft-save");
+        touch_nf_tables(&node);
         assert!(eventually(Duration::from_secs(5), || !pids_matching(
             "sleep 987"
         )
@@ -232,6 +243,7 @@ fn run_fault(fault: &Fault) {
     let context = format!("{} faulting with `{}`", fault.tool, fault.script);
 
     shims.fault_on(fault.tool);
+    touch_nf_tables(&node);
     if !fault.drift.is_empty() {
         node.sh(fault.drift);
     }

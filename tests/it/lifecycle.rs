@@ -50,28 +50,21 @@ fn idle_resyncs_write_nothing(backend: &str) {
     let node = Netns::new("node");
     let volume = ConfigMapVolume::new("resyncInterval: 100ms\n");
     let mut agent = AGENT.start_synced(&node, &volume, &[backend, "--iptables-mode=nft"]);
-    let dir = TempDir::new("monitor");
-    let out = dir.path.join("monitor.log");
-    let mut monitor = MonitorGuard(
-        node.command("nft")
-            .args(["monitor"])
-            .stdout(std::fs::File::create(&out).expect("monitor log"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nft monitor"),
-    );
+    let monitor = NftMonitor::start(&node);
     std::thread::sleep(Duration::from_millis(300));
     let before = agent.log().matches("rules resynced").count();
     agent.wait_for_log("rules resynced", before + 10, Duration::from_secs(5));
     // A marker proves the monitor was listening the whole time.
     node.sh(&["nft", "add table inet marker"]);
     assert!(eventually(Duration::from_secs(3), || {
-        std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .contains("marker")
+        monitor.text().contains("marker")
     }));
-    monitor.stop();
-    let seen = std::fs::read_to_string(&out).unwrap_or_default();
+    let seen: String = monitor
+        .text()
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| format!("{line}\n"))
+        .collect();
     let before_marker = &seen[..seen.find("add table inet marker").unwrap_or(seen.len())];
     assert_eq!(before_marker.trim(), "", "idle resyncs wrote to the kernel");
 }

@@ -287,3 +287,74 @@ root_test!(
         assert!(topology.is_masqueraded("203.0.113.10"));
     }
 );
+
+fn many_prefixes(count: u32, extra: &str) -> String {
+    let mut config = String::from("cidrLimit: 100000\nresyncInterval: 60s\nnonMasqueradeCIDRs:\n");
+    for i in 0..count {
+        let v = 0x0B00_0000u32 + (i << 9);
+        config.push_str(&format!(
+            "- {}.{}.{}.0/24\n",
+            v >> 24,
+            (v >> 16) & 255,
+            (v >> 8) & 255
+        ));
+    }
+    config.push_str(extra);
+    config
+}
+
+root_test!(
+    /// A change of one prefix in a long list is one transaction of element changes: the
+    /// table, its chains and the other elements are not rewritten. Drift (an element
+    /// deleted by hand) is still repaired in full.
+    fn a_changed_prefix_writes_only_that_element() {
+        let topology = Topology::new();
+        let mut volume = ConfigMapVolume::new(&many_prefixes(2000, "- 203.0.113.0/24\n"));
+        let mut agent = AGENT.start_synced(&topology.node, &volume, &["--backend=nftables"]);
+        assert!(!topology.is_masqueraded("203.0.113.10"));
+        let monitor = NftMonitor::start(&topology.node);
+        volume.update(&many_prefixes(2000, "- 198.51.100.0/24\n"));
+        agent.wait_for_log("config changed; rules applied", 1, Duration::from_secs(10));
+        assert!(topology.is_masqueraded("203.0.113.10"));
+        assert!(eventually(Duration::from_secs(3), || monitor
+            .text()
+            .contains("198.51.100.0/24")));
+        let written = monitor.text();
+        let changes: Vec<&str> = written
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                "delete element inet ip-masq-agent non-masq-v4 { 203.0.113.0/24 }",
+                "add element inet ip-masq-agent non-masq-v4 { 198.51.100.0/24 }"
+            ],
+            "{written}"
+        );
+        // Drift: an element deleted by hand, then a change that would delete it again.
+        topology.node.sh(&[
+            "nft",
+            "delete element inet ip-masq-agent non-masq-v4 { 198.51.100.0/24 }",
+        ]);
+        volume.update(&many_prefixes(2000, "- 192.0.2.128/25\n"));
+        agent.wait_for_log("config changed; rules applied", 2, Duration::from_secs(10));
+        let path = volume.path();
+        assert!(
+            AGENT
+                .run(
+                    &topology.node,
+                    [
+                        "status",
+                        "--backend=nftables",
+                        "--config",
+                        path.to_str().unwrap()
+                    ]
+                )
+                .status
+                .success(),
+            "{}",
+            agent.log()
+        );
+    }
+);

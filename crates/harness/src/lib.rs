@@ -13,6 +13,7 @@
 //! - [`Shims`]: PATH stand-ins that make a tool fail, hang or lie on demand.
 
 mod agent;
+mod monitor;
 mod netns;
 mod root;
 mod shims;
@@ -22,6 +23,7 @@ mod volume;
 use std::time::{Duration, Instant};
 
 pub use agent::{Agent, AgentProcess};
+pub use monitor::NftMonitor;
 pub use netns::{Netns, TempDir, unique_name};
 pub use root::require_root;
 pub use shims::{Shims, pids_matching};

@@ -225,6 +225,8 @@ struct State {
     iptables_version: Option<String>,
     /// `conntrack -L -f FAMILY` output, by family (`ipv4`, `ipv6`).
     conntrack: BTreeMap<String, String>,
+    /// The nf_tables generation: bumped by every write to an nft-based table.
+    generation: u64,
 }
 
 /// The fake tools. Every flavour's tools and nft are installed unless removed.
@@ -276,6 +278,7 @@ impl FakeRunner {
     /// Applies a restore input to `key`'s nat table, as a neighbour would.
     pub fn restore_nat(&self, key: &str, input: &str) {
         let mut state = self.state();
+        state.generation += 1;
         let table = state.nat.entry(key.to_string()).or_default();
         if let Err(err) = table.restore(input) {
             panic!("fake {key}-restore refused the test's input: {err}");
@@ -287,6 +290,11 @@ impl FakeRunner {
         self.state()
             .conntrack
             .insert(family.to_string(), listing.to_string());
+    }
+
+    /// A change someone else made to nf_tables (the generation moves on).
+    pub fn bump_generation(&self) {
+        self.state().generation += 1;
     }
 
     pub fn set_iptables_version(&self, version: &str) {
@@ -301,9 +309,11 @@ impl FakeRunner {
 
     /// Adds a table (e.g. `ip kube-proxy`) with the listing nft prints for it.
     pub fn add_nft_table(&self, name: &str, listing: &str) {
-        self.state()
+        let mut state = self.state();
+        state
             .nft_tables
             .insert(name.to_string(), listing.to_string());
+        state.generation += 1;
     }
 
     pub fn nft_table(&self, name: &str) -> Option<String> {
@@ -486,6 +496,10 @@ impl Runner for FakeRunner {
             }
             _ => Err(format!("the fake has no {}", program.path)),
         };
+        let nft_based = program.path == "nft" || program.path.contains("-nft-");
+        if result.is_ok() && stdin.is_some() && nft_based {
+            state.generation += 1;
+        }
         result.map_err(|stderr| ToolError::Failed {
             command,
             status: ExitStatus::from_raw(1 << 8),
@@ -499,5 +513,9 @@ impl Runner for FakeRunner {
 
     fn spawned(&self) -> u64 {
         self.state().calls.len() as u64
+    }
+
+    fn ruleset_generation(&self) -> Option<u64> {
+        Some(self.state().generation)
     }
 }
