@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::agent::Settings;
+use crate::backend::precedence::Survey;
 use crate::backend::runner::SystemRunner;
 use crate::backend::{iptables, nftables, windows};
 use crate::cli::{Cli, Command};
@@ -220,26 +221,67 @@ pub fn explain(
 pub fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     let loaded = settings.load_config()?;
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
+    let runner = SystemRunner::shared();
     let (mut backend, _) = crate::backend::build(
         settings.backend,
         &settings.chain,
         settings.iptables_mode,
         settings.policy_settings.enable_ipv6,
-        &SystemRunner::shared(),
+        &runner,
     )?;
     let diff = backend.diff(&policy)?;
-    if diff.is_empty() {
+    let code = if diff.is_empty() {
         println!("in sync: the {} rules match the config", backend.describe());
-        return Ok(ExitCode::SUCCESS);
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "out of sync: the {} rules differ from the config",
+            backend.describe()
+        );
+        for line in diff {
+            println!("  {line}");
+        }
+        ExitCode::FAILURE
+    };
+    // Informational: the exit code says only whether the agent's own rules match.
+    if let Some(survey) = crate::backend::survey_srcnat(backend.as_ref(), &policy, &runner) {
+        for line in preceding_lines(&survey) {
+            println!("{line}");
+        }
     }
-    println!(
-        "out of sync: the {} rules differ from the config",
-        backend.describe()
-    );
-    for line in diff {
-        println!("  {line}");
+    Ok(code)
+}
+
+/// `status`'s report of the NAT rules that act before the agent's.
+pub fn preceding_lines(survey: &Survey) -> Vec<String> {
+    let (expected, unexpected) = survey.counts();
+    let mut lines = Vec::new();
+    if expected + unexpected == 0 {
+        lines.push("no NAT rule of others acts before the agent's on srcnat".to_string());
+    } else {
+        lines.push(format!(
+            "NAT rules that act before the agent's on srcnat: {} ({expected} expected)",
+            expected + unexpected
+        ));
     }
-    Ok(ExitCode::FAILURE)
+    for rule in &survey.rules {
+        lines.push(format!("  {} {}:", rule.place, rule.position));
+        lines.push(format!("      {}", rule.rule));
+        if let Some(via) = &rule.via {
+            lines.push(format!("      -> {via}"));
+        }
+        lines.push(format!("      {}", rule.effect));
+    }
+    if survey.omitted > 0 {
+        lines.push(format!("  ... and {} more", survey.omitted));
+    }
+    if !survey.read.is_empty() {
+        lines.push(format!("surveyed: {}", survey.read.join(", ")));
+    }
+    for note in &survey.notes {
+        lines.push(format!("not surveyed: {note}"));
+    }
+    lines
 }
 
 /// `windows-cni --cni-conf PATH`: rewrites the OutBoundNAT exception list in place.

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use crate::backend::conntrack::ConntrackCleanup;
 use crate::backend::iptables::IptablesMode;
 use crate::backend::runner::SharedRunner;
-use crate::backend::{Backend, BackendChoice, ChainName, Leftovers, SyncError, SyncErrorKind};
+use crate::backend::{
+    Backend, BackendChoice, ChainName, Leftovers, SrcnatWatch, SyncError, SyncErrorKind,
+};
 use crate::config::source::ConfigPath;
 use crate::config::{Config, ConfigError, ConfigSource, LoadedConfig, ParseOptions};
 use crate::observe::telemetry::{PrefixCounts, SyncResult, Telemetry, config_hash};
@@ -88,6 +90,8 @@ pub struct Agent {
     drift_repairs: u64,
     started: Instant,
     telemetry: Arc<Telemetry>,
+    /// The survey of other owners' NAT rules acting before the agent's (None: off).
+    srcnat: Option<SrcnatWatch>,
 }
 
 struct Applied {
@@ -110,6 +114,7 @@ impl Agent {
             drift_repairs: 0,
             started: Instant::now(),
             telemetry: Arc::new(Telemetry::new()),
+            srcnat: None,
         }
     }
 
@@ -139,6 +144,50 @@ impl Agent {
     pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Agent {
         self.telemetry = telemetry;
         self
+    }
+
+    /// Surveys the NAT rules of others that act before the agent's after each successful
+    /// sync: fully at the first and after a config change, otherwise from what the sync
+    /// read (no extra process).
+    pub fn with_srcnat_survey(mut self, runner: SharedRunner) -> Agent {
+        self.srcnat = Some(SrcnatWatch::new(runner));
+        self
+    }
+
+    /// Logs the NAT rules acting before the agent's when their set changes: a warning per
+    /// rule, kube-proxy's expected masquerade at info; sets the gauge.
+    fn survey_srcnat(&mut self, full: bool) {
+        let (Some(watch), Some(applied)) = (self.srcnat.as_mut(), self.applied.as_ref()) else {
+            return;
+        };
+        let Some(change) = watch.update(self.backend.as_ref(), &applied.policy, full) else {
+            return;
+        };
+        for rule in &change.appeared {
+            if rule.expected {
+                tracing::info!("NAT rule acts before the agent's: {rule}");
+            } else {
+                tracing::warn!("NAT rule acts before the agent's: {rule}");
+            }
+        }
+        for rule in &change.gone {
+            tracing::info!(
+                "NAT rule no longer acts before the agent's: {} `{}`",
+                rule.place,
+                rule.rule
+            );
+        }
+        if change.survey.omitted > 0 {
+            tracing::warn!(
+                "{} more NAT rules act before the agent's (not listed)",
+                change.survey.omitted
+            );
+        }
+        for note in &change.new_notes {
+            tracing::warn!("surveying the NAT rules before the agent's: {note}");
+        }
+        let (expected, unexpected) = change.survey.counts();
+        self.telemetry.preceding_nat_rules(expected, unexpected);
     }
 
     /// Reads the config and makes the kernel match it (or the last good config).
@@ -290,6 +339,7 @@ impl Agent {
             resync_interval,
             None,
         );
+        self.survey_srcnat(changed);
         SyncOutcome::Applied { changed }
     }
 

@@ -94,6 +94,8 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             ConntrackCleanup::None => {}
         }
     }
+    // Read-only, so a dry run surveys too.
+    agent = agent.with_srcnat_survey(runner.clone());
     agent.run(&events);
     if let Some(chain) = cleanup_chain {
         // The one step that still runs tools after a stop was asked for.

@@ -1,6 +1,6 @@
 //! A backend that touches nothing: each sync logs what the wrapped backend would write.
 
-use super::{Backend, BackendChoice, ChainName, SyncError, SyncReport};
+use super::{Backend, BackendChoice, ChainName, SrcnatPlace, SyncError, SyncReport};
 use crate::policy::Policy;
 
 pub struct DryRunBackend {
@@ -40,6 +40,11 @@ impl Backend for DryRunBackend {
 
     fn kind(&self) -> &'static str {
         self.inner.kind()
+    }
+
+    /// Where the wrapped backend would write: the survey only reads.
+    fn srcnat_place(&self) -> Option<SrcnatPlace> {
+        self.inner.srcnat_place()
     }
 
     fn diff(&mut self, _policy: &Policy) -> Result<Vec<String>, SyncError> {

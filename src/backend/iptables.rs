@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::runner::{Program, SharedRunner};
-use super::{Backend, ChainName, Doing, SyncError, SyncReport};
+use super::{Backend, ChainName, Doing, SrcnatPlace, SyncError, SyncReport};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -304,6 +304,12 @@ pub fn is_agent_chain_rule(line: &str) -> bool {
     }
 }
 
+/// True when a POSTROUTING rule spec (after `-A POSTROUTING `) is a jump some release of
+/// the agent wrote, into any chain.
+pub fn is_agent_jump_spec(spec: &str) -> bool {
+    agent_jump_target(spec).is_some()
+}
+
 fn is_agent_jump(spec: &str, chain: &ChainName) -> bool {
     agent_jump_target(spec) == Some(chain.as_str())
 }
@@ -436,7 +442,7 @@ pub fn plan_removal(saved_nat: &str, chain: &ChainName) -> Vec<String> {
 
 /// A cheap look before spawning iptables-save: legacy nat tables are listed in
 /// /proc/net/ip(6)_tables_names, iptables-nft ones by `nft list tables`. True when unsure.
-fn may_hold_nat_table(flavour: Flavour, family: Family, runner: &SharedRunner) -> bool {
+pub fn may_hold_nat_table(flavour: Flavour, family: Family, runner: &SharedRunner) -> bool {
     match flavour {
         Flavour::Legacy => {
             let names = match family {
@@ -707,6 +713,9 @@ pub struct IptablesBackend {
     /// iptables-nft only: the ruleset generation at which the kernel was seen to hold the
     /// rules rendered as the key; while neither moves, an idle resync reads nothing.
     verified: Option<(u64, Vec<String>)>,
+    /// The nat tables the last sync or diff read, by family: the survey of rules acting
+    /// before the agent's reuses them (`Backend::last_read_nat`).
+    last_read: Vec<(Family, String)>,
 }
 
 impl IptablesBackend {
@@ -744,6 +753,7 @@ impl IptablesBackend {
             v6,
             runner,
             verified: None,
+            last_read: Vec::new(),
         })
     }
 
@@ -808,10 +818,22 @@ impl Backend for IptablesBackend {
         "iptables"
     }
 
+    fn srcnat_place(&self) -> Option<SrcnatPlace> {
+        Some(SrcnatPlace::Iptables(self.flavour))
+    }
+
+    fn last_read_nat(&self) -> Vec<(Family, &str)> {
+        self.last_read
+            .iter()
+            .map(|(family, text)| (*family, text.as_str()))
+            .collect()
+    }
+
     fn diff(&mut self, policy: &Policy) -> Result<Vec<String>, SyncError> {
         self.learn_random_fully_support()?;
         let masquerade = self.effective_masquerade(policy);
         let mut diff = Vec::new();
+        self.last_read.clear();
         for family in &policy.families {
             let saved = self.read_nat(family.family)?;
             let mut expected = vec![
@@ -845,6 +867,7 @@ impl Backend for IptablesBackend {
                     .into_iter()
                     .map(|line| format!("{}: {line}", base_name(family.family))),
             );
+            self.last_read.push((family.family, saved));
         }
         Ok(diff)
     }
@@ -877,6 +900,7 @@ impl Backend for IptablesBackend {
         self.verified = None;
         let mut rules_total = 0;
         let mut wrote = false;
+        self.last_read.clear();
         for (family, rules) in policy.families.iter().zip(wanted) {
             let saved = self.read_nat(family.family)?;
             let foreign = foreign_rules(&saved, &self.chain);
@@ -892,7 +916,9 @@ impl Backend for IptablesBackend {
             let mut repairs = plan_stale_removal(&saved, Some(&self.chain));
             repairs.extend(plan_jump_repairs(&saved, &self.chain));
             // Write only on difference: no xtables lock, no churn for kube-proxy.
-            if repairs.is_empty() && chain_matches(&saved, &self.chain, &rules) {
+            let unchanged = repairs.is_empty() && chain_matches(&saved, &self.chain, &rules);
+            self.last_read.push((family.family, saved));
+            if unchanged {
                 continue;
             }
             let payload = render_restore_payload(&self.chain, &repairs, &rules);

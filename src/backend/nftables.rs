@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::runner::{Program, SharedRunner, ToolError};
-use super::{Backend, Doing, SyncError, SyncReport};
+use super::{Backend, Doing, SrcnatPlace, SyncError, SyncReport};
 use crate::policy::{
     Decision, Family, FamilyPolicy, KeepReason, Masquerade, Policy, merge_prefixes,
 };
@@ -440,6 +440,10 @@ impl Backend for NftablesBackend {
 
     fn kind(&self) -> &'static str {
         "nftables"
+    }
+
+    fn srcnat_place(&self) -> Option<SrcnatPlace> {
+        Some(SrcnatPlace::Nftables)
     }
 
     fn diff(&mut self, policy: &Policy) -> Result<Vec<String>, SyncError> {

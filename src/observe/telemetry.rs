@@ -43,6 +43,11 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExpectedLabels {
+    expected: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConfigLabels {
     hash: String,
 }
@@ -92,6 +97,7 @@ pub struct Telemetry {
     force_prefixes: Family<FamilyLabels, Gauge>,
     source_prefixes: Family<FamilyLabels, Gauge>,
     drift_repairs: Counter,
+    preceding_nat_rules: Family<ExpectedLabels, Gauge>,
     sync_errors: Family<KindLabels, Counter>,
     conntrack_deleted: Family<ProtocolLabels, Counter>,
     conntrack_stale: Family<ProtocolLabels, Gauge>,
@@ -119,6 +125,7 @@ impl Telemetry {
         let force_prefixes = Family::<FamilyLabels, Gauge>::default();
         let source_prefixes = Family::<FamilyLabels, Gauge>::default();
         let drift_repairs = Counter::default();
+        let preceding_nat_rules = Family::<ExpectedLabels, Gauge>::default();
         let sync_errors = Family::<KindLabels, Counter>::default();
         let conntrack_deleted = Family::<ProtocolLabels, Counter>::default();
         let conntrack_stale = Family::<ProtocolLabels, Gauge>::default();
@@ -186,6 +193,11 @@ impl Telemetry {
             drift_repairs.clone(),
         );
         registry.register(
+            "preceding_nat_rules",
+            "Other owners' NAT rules that can masquerade or SNAT before the agent's rules on srcnat (expected=\"true\": kube-proxy's mark-guarded masquerade)",
+            preceding_nat_rules.clone(),
+        );
+        registry.register(
             "http_endpoint_bound",
             "1 once this endpoint listens; 0 while its address cannot be bound (syncing goes on)",
             http_endpoint_bound.clone(),
@@ -211,6 +223,7 @@ impl Telemetry {
             force_prefixes,
             source_prefixes,
             drift_repairs,
+            preceding_nat_rules,
             sync_errors,
             conntrack_deleted,
             conntrack_stale,
@@ -299,6 +312,16 @@ impl Telemetry {
 
     pub fn drift_repaired(&self) {
         self.drift_repairs.inc();
+    }
+
+    /// The NAT rules of others that act before the agent's, as the last survey found them.
+    pub fn preceding_nat_rules(&self, expected: usize, unexpected: usize) {
+        let gauge = |count: usize| i64::try_from(count).unwrap_or(i64::MAX);
+        for (label, count) in [("true", expected), ("false", unexpected)] {
+            self.preceding_nat_rules
+                .get_or_create(&ExpectedLabels { expected: label })
+                .set(gauge(count));
+        }
     }
 
     pub fn http_bind_failed(&self) {
@@ -444,6 +467,7 @@ mod tests {
         };
         t.applied("abc", "iptables", &[counts(3, 0, None)]);
         t.drift_repaired();
+        t.preceding_nat_rules(1, 2);
         let text = t.encode();
         for line in [
             "ip_masq_agent_syncs_total{result=\"success\"} 1",
@@ -452,6 +476,8 @@ mod tests {
             "ip_masq_agent_prefixes{family=\"ipv4\",backend=\"iptables\"} 3",
             "ip_masq_agent_drift_repairs_total 1",
             "ip_masq_agent_sync_duration_seconds_count 1",
+            "ip_masq_agent_preceding_nat_rules{expected=\"true\"} 1",
+            "ip_masq_agent_preceding_nat_rules{expected=\"false\"} 2",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

@@ -226,6 +226,7 @@ fn dependencies_point_one_way_and_nothing_is_cyclic() {
         "backend::nftables",
         "backend::windows",
         "backend::dry_run",
+        "backend::precedence",
     ] {
         let allowed = ["backend", "backend::runner", "policy", "config"];
         let extra: Vec<&Module> = edges[driver]

@@ -19,6 +19,7 @@ mod manifests;
 mod nftables;
 mod operable;
 mod packets;
+mod precedence;
 
 /// The agent binary cargo built for these tests.
 static AGENT: LazyLock<Agent> = LazyLock::new(|| Agent::new(env!("CARGO_BIN_EXE_ip-masq-agent")));

@@ -149,6 +149,11 @@ impl NatTable {
                 let printed = as_kernel_prints(spec);
                 self.chain_mut(chain)?.rules.push(printed);
             }
+            // Neighbours insert at the top (Docker, Calico); the agent never does.
+            "-I" => {
+                let printed = as_kernel_prints(spec);
+                self.chain_mut(chain)?.rules.insert(0, printed);
+            }
             "-D" => {
                 let printed = as_kernel_prints(spec);
                 let rules = &mut self.chain_mut(chain)?.rules;
@@ -444,6 +449,19 @@ impl FakeRunner {
                 .map(|name| format!("table {name}\n"))
                 .collect()),
             ["list", "table", "ip" | "ip6", "nat"] => Ok(String::new()),
+            // iptables-nft's nat tables show as `table ip nat`, then every other table.
+            ["-t", "list", "ruleset"] => {
+                let mut out = String::new();
+                for (key, table) in [("iptables-nft", "ip nat"), ("ip6tables-nft", "ip6 nat")] {
+                    if state.nat.contains_key(key) {
+                        out.push_str(&format!("table {table} {{\n}}\n"));
+                    }
+                }
+                for listing in state.nft_tables.values() {
+                    out.push_str(listing);
+                }
+                Ok(out)
+            }
             ["list", "table", family, name] => state
                 .nft_tables
                 .get(&format!("{family} {name}"))
