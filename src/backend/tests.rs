@@ -414,3 +414,17 @@ fn a_change_of_set_contents_alone_is_an_element_delta() {
             .contains("172.16.0.0/12")
     );
 }
+
+#[test]
+fn the_first_sync_learns_the_iptables_version_from_the_save_it_reads_anyway() {
+    let runner = FakeRunner::new();
+    iptables(&runner, false).sync(&default_policy()).unwrap();
+    let commands: Vec<String> = runner.calls().into_iter().map(|c| c.command).collect();
+    assert_eq!(
+        commands,
+        [
+            "iptables-nft-save -t nat",
+            "iptables-nft-restore -w 5 --noflush"
+        ]
+    );
+}
