@@ -261,3 +261,23 @@ fn kube_proxy_and_agent_tables_are_recognised() {
         "table inet ip-masq-agent {}\ndelete table inet ip-masq-agent\n"
     );
 }
+
+#[test]
+fn regression_host_prefixes_compare_as_nft_lists_them() {
+    // nft lists a /32 or /128 set element without its length, and prints addresses its
+    // own way: without normalising both sides every resync looked like drift.
+    let rendered = render_transaction(&policy(
+        "nonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.7/32, 'fd00::1/128', '2001:db8::/32']\n",
+        true,
+        true,
+        "",
+    ));
+    let listed = rendered
+        .replace("198.51.100.7/32", "198.51.100.7")
+        .replace("fd00::1/128", "fd00::1")
+        .replace("2001:db8::/32", "2001:0db8::/32");
+    assert_ne!(rendered, listed);
+    assert_eq!(normalized_table(&rendered), normalized_table(&listed));
+    let other = listed.replace("198.51.100.7,", "198.51.100.8,");
+    assert_ne!(normalized_table(&rendered), normalized_table(&other));
+}
