@@ -408,167 +408,175 @@ fn assert_stop_keeps_the_rules(
     assert_sources(topology, cases);
 }
 
-#[test]
-fn daemonset_container_masquerades_on_iptables_nft_and_follows_a_configmap_swap() {
-    if require_image().is_none() {
-        return;
-    }
-    let pod = pod_spec("daemonset.yaml");
-    let topology = Topology::new();
-    assert!(
-        !topology.is_masqueraded("203.0.113.10"),
-        "nothing masquerades before the agent runs"
-    );
-    let mut config = ConfigMapVolume::new(&example_config());
-    let (_lock_dir, lock) = xtables_lock();
-    let volumes = Volumes {
-        config: &config,
-        xtables_lock: &lock,
+/// A test that runs the image: skipped (with a note) when it or podman is missing, except
+/// under CI=true, where `require_image` fails it.
+macro_rules! image_test {
+    ($(#[$meta:meta])* fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        #[test]
+        fn $name() {
+            if require_image().is_none() {
+                return;
+            }
+            $body
+        }
     };
-    let agent = Container::start(&pod, &topology.node, &volumes, &[]);
-    agent.wait_ready(&topology.node, &pod);
-    assert_probes_answer(&topology.node, &pod);
-    assert_sources(&topology, &EXAMPLE_CASES);
-    let node = &topology.node;
-    assert!(
-        node.save("iptables-nft-save")
-            .contains(":IP-MASQ-AGENT - [0:0]")
-    );
-    assert!(
-        !node.sh(&["iptables-legacy-save"]).contains("IP-MASQ-AGENT"),
-        "kubelet's flavour (none here: nft) is used"
-    );
-
-    // resyncInterval is 60s: the swap is seen through the read-only directory mount.
-    config.update("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 60s\n");
-    let swapped = Instant::now();
-    assert!(
-        eventually(Duration::from_secs(5), || topology
-            .is_masqueraded("192.168.5.10")),
-        "ConfigMap swap not in force {:?} later",
-        swapped.elapsed()
-    );
-    let after_swap = [
-        ("172.16.5.10", true),
-        ("10.99.0.10", false),
-        ("169.254.5.10", false),
-    ];
-    assert_sources(&topology, &after_swap);
-    assert_probes_answer(&topology.node, &pod);
-
-    assert_stop_keeps_the_rules(
-        &agent,
-        &topology,
-        || normalised(&node.save("iptables-nft-save")),
-        &after_swap,
-    );
 }
 
-#[test]
-fn daemonset_container_masquerades_on_iptables_legacy_when_kubelet_uses_it() {
-    if require_image().is_none() {
-        return;
-    }
-    let pod = pod_spec("daemonset.yaml");
-    let topology = Topology::new();
-    let node = &topology.node;
-    node.sh(&[
-        "iptables-legacy",
-        "-t",
-        "mangle",
-        "-N",
-        "KUBE-KUBELET-CANARY",
-    ]);
+/// The example config in a kubelet-style volume and a private xtables lock, with the
+/// DaemonSet's container started on them: ready, answering its probes, and masquerading
+/// as the example config says.
+struct Deployed {
+    config: ConfigMapVolume,
+    agent: Container,
+    _lock_dir: TempDir,
+}
+
+fn deploy(pod: &Value, topology: &Topology, extra_args: &[&str]) -> Deployed {
     let config = ConfigMapVolume::new(&example_config());
-    let (_lock_dir, lock) = xtables_lock();
+    let (lock_dir, lock) = xtables_lock();
     let volumes = Volumes {
         config: &config,
         xtables_lock: &lock,
     };
-    let agent = Container::start(&pod, node, &volumes, &[]);
-    agent.wait_ready(node, &pod);
-    assert_probes_answer(node, &pod);
-    assert_sources(&topology, &EXAMPLE_CASES);
-    assert!(
-        node.save("iptables-legacy-save")
-            .contains(":IP-MASQ-AGENT - [0:0]")
-    );
-    assert!(
-        !node
-            .sh(&["nft", "list", "ruleset"])
-            .contains("IP-MASQ-AGENT"),
-        "nothing in nft when kubelet uses legacy"
-    );
-    assert_stop_keeps_the_rules(
-        &agent,
-        &topology,
-        || normalised(&node.save("iptables-legacy-save")),
-        &EXAMPLE_CASES,
-    );
-}
-
-#[test]
-fn daemonset_container_masquerades_with_the_nftables_backend() {
-    if require_image().is_none() {
-        return;
+    let agent = Container::start(pod, &topology.node, &volumes, extra_args);
+    agent.wait_ready(&topology.node, pod);
+    assert_probes_answer(&topology.node, pod);
+    assert_sources(topology, &EXAMPLE_CASES);
+    Deployed {
+        config,
+        agent,
+        _lock_dir: lock_dir,
     }
-    let pod = pod_spec("daemonset.yaml");
-    let topology = Topology::new();
-    let node = &topology.node;
-    let mut config = ConfigMapVolume::new(&example_config());
-    let (_lock_dir, lock) = xtables_lock();
-    let volumes = Volumes {
-        config: &config,
-        xtables_lock: &lock,
-    };
-    let agent = Container::start(&pod, node, &volumes, &["--backend=nftables"]);
-    agent.wait_ready(node, &pod);
-    assert_probes_answer(node, &pod);
-    assert_sources(&topology, &EXAMPLE_CASES);
-    let table = || node.sh(&["nft", "list", "table", "inet", "ip-masq-agent"]);
-    assert!(table().contains("set non-masq-v4"));
-    assert!(
-        !node
-            .sh(&["nft", "list", "ruleset"])
-            .contains("IP-MASQ-AGENT")
-    );
-
-    config.update("nonMasqueradeCIDRs: [172.16.0.0/12]\nresyncInterval: 60s\n");
-    assert!(
-        eventually(Duration::from_secs(5), || topology
-            .is_masqueraded("10.99.0.10")),
-        "ConfigMap swap not in force"
-    );
-    let after_swap = [
-        ("10.99.0.10", true),
-        ("192.168.5.10", true),
-        ("172.16.5.10", false),
-    ];
-    assert_sources(&topology, &after_swap);
-    assert_stop_keeps_the_rules(&agent, &topology, || normalised(&table()), &after_swap);
 }
 
-/// deploy/from-upstream/daemonset.yaml: upstream's DaemonSet with only the image swapped
-/// (and probes added) runs as it is, `command: ["/ip-masq-agent"]` and klog flags included.
-#[test]
-fn switched_upstream_daemonset_runs_unchanged() {
-    if require_image().is_none() {
-        return;
+image_test!(
+    fn daemonset_container_masquerades_on_iptables_nft_and_follows_a_configmap_swap() {
+        let pod = pod_spec("daemonset.yaml");
+        let topology = Topology::new();
+        assert!(
+            !topology.is_masqueraded("203.0.113.10"),
+            "nothing masquerades before the agent runs"
+        );
+        let Deployed {
+            mut config,
+            agent,
+            _lock_dir,
+        } = deploy(&pod, &topology, &[]);
+        let node = &topology.node;
+        assert!(
+            node.save("iptables-nft-save")
+                .contains(":IP-MASQ-AGENT - [0:0]")
+        );
+        assert!(
+            !node.sh(&["iptables-legacy-save"]).contains("IP-MASQ-AGENT"),
+            "kubelet's flavour (none here: nft) is used"
+        );
+
+        // resyncInterval is 60s: the swap is seen through the read-only directory mount.
+        config.update("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 60s\n");
+        let swapped = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(5), || topology
+                .is_masqueraded("192.168.5.10")),
+            "ConfigMap swap not in force {:?} later",
+            swapped.elapsed()
+        );
+        let after_swap = [
+            ("172.16.5.10", true),
+            ("10.99.0.10", false),
+            ("169.254.5.10", false),
+        ];
+        assert_sources(&topology, &after_swap);
+        assert_probes_answer(&topology.node, &pod);
+
+        assert_stop_keeps_the_rules(
+            &agent,
+            &topology,
+            || normalised(&node.save("iptables-nft-save")),
+            &after_swap,
+        );
     }
-    let pod = pod_spec("from-upstream/daemonset.yaml");
-    assert_eq!(only_container(&pod)["command"][0], "/ip-masq-agent");
-    let topology = Topology::new();
-    let config = ConfigMapVolume::new(&example_config());
-    let (_lock_dir, lock) = xtables_lock();
-    let volumes = Volumes {
-        config: &config,
-        xtables_lock: &lock,
-    };
-    let agent = Container::start(&pod, &topology.node, &volumes, &[]);
-    agent.wait_ready(&topology.node, &pod);
-    assert_probes_answer(&topology.node, &pod);
-    assert_sources(&topology, &EXAMPLE_CASES);
-}
+);
+
+image_test!(
+    fn daemonset_container_masquerades_on_iptables_legacy_when_kubelet_uses_it() {
+        let pod = pod_spec("daemonset.yaml");
+        let topology = Topology::new();
+        let node = &topology.node;
+        node.sh(&[
+            "iptables-legacy",
+            "-t",
+            "mangle",
+            "-N",
+            "KUBE-KUBELET-CANARY",
+        ]);
+        let Deployed {
+            agent, _lock_dir, ..
+        } = deploy(&pod, &topology, &[]);
+        assert!(
+            node.save("iptables-legacy-save")
+                .contains(":IP-MASQ-AGENT - [0:0]")
+        );
+        assert!(
+            !node
+                .sh(&["nft", "list", "ruleset"])
+                .contains("IP-MASQ-AGENT"),
+            "nothing in nft when kubelet uses legacy"
+        );
+        assert_stop_keeps_the_rules(
+            &agent,
+            &topology,
+            || normalised(&node.save("iptables-legacy-save")),
+            &EXAMPLE_CASES,
+        );
+    }
+);
+
+image_test!(
+    fn daemonset_container_masquerades_with_the_nftables_backend() {
+        let pod = pod_spec("daemonset.yaml");
+        let topology = Topology::new();
+        let node = &topology.node;
+        let Deployed {
+            mut config,
+            agent,
+            _lock_dir,
+        } = deploy(&pod, &topology, &["--backend=nftables"]);
+        let table = || node.sh(&["nft", "list", "table", "inet", "ip-masq-agent"]);
+        assert!(table().contains("set non-masq-v4"));
+        assert!(
+            !node
+                .sh(&["nft", "list", "ruleset"])
+                .contains("IP-MASQ-AGENT")
+        );
+
+        config.update("nonMasqueradeCIDRs: [172.16.0.0/12]\nresyncInterval: 60s\n");
+        assert!(
+            eventually(Duration::from_secs(5), || topology
+                .is_masqueraded("10.99.0.10")),
+            "ConfigMap swap not in force"
+        );
+        let after_swap = [
+            ("10.99.0.10", true),
+            ("192.168.5.10", true),
+            ("172.16.5.10", false),
+        ];
+        assert_sources(&topology, &after_swap);
+        assert_stop_keeps_the_rules(&agent, &topology, || normalised(&table()), &after_swap);
+    }
+);
+
+image_test!(
+    /// deploy/from-upstream/daemonset.yaml: upstream's DaemonSet with only the image swapped
+    /// (and probes added) runs as it is, `command: ["/ip-masq-agent"]` and klog flags included.
+    fn switched_upstream_daemonset_runs_unchanged() {
+        let pod = pod_spec("from-upstream/daemonset.yaml");
+        assert_eq!(only_container(&pod)["command"][0], "/ip-masq-agent");
+        let topology = Topology::new();
+        deploy(&pod, &topology, &[]);
+    }
+);
 
 #[test]
 fn image_runs_the_binary_at_upstreams_path_as_root_without_a_shell() {
@@ -702,62 +710,56 @@ fn rules_match_the_bare_binary(prepare: impl Fn(&Netns), extra: &[&str], dumps: 
     assert!(bare.is_running());
 }
 
-#[test]
-fn container_rules_are_byte_identical_to_the_bare_binary_on_iptables_nft() {
-    if require_image().is_none() {
-        return;
+image_test!(
+    fn container_rules_are_byte_identical_to_the_bare_binary_on_iptables_nft() {
+        rules_match_the_bare_binary(
+            |_| {},
+            &[
+                "--enable-ipv6",
+                "--nomasq-all-reserved-ranges",
+                "--to-ports=1024-29999,32768-65535",
+            ],
+            &[
+                &["iptables-nft-save", "-t", "nat"],
+                &["ip6tables-nft-save", "-t", "nat"],
+                &["nft", "list", "ruleset"],
+            ],
+        );
     }
-    rules_match_the_bare_binary(
-        |_| {},
-        &[
-            "--enable-ipv6",
-            "--nomasq-all-reserved-ranges",
-            "--to-ports=1024-29999,32768-65535",
-        ],
-        &[
-            &["iptables-nft-save", "-t", "nat"],
-            &["ip6tables-nft-save", "-t", "nat"],
-            &["nft", "list", "ruleset"],
-        ],
-    );
-}
+);
 
-#[test]
-fn container_rules_are_byte_identical_to_the_bare_binary_on_iptables_legacy() {
-    if require_image().is_none() {
-        return;
+image_test!(
+    fn container_rules_are_byte_identical_to_the_bare_binary_on_iptables_legacy() {
+        rules_match_the_bare_binary(
+            |ns| {
+                ns.sh(&[
+                    "iptables-legacy",
+                    "-t",
+                    "mangle",
+                    "-N",
+                    "KUBE-KUBELET-CANARY",
+                ]);
+            },
+            &["--enable-ipv6", "--nomasq-all-reserved-ranges"],
+            &[
+                &["iptables-legacy-save", "-t", "nat"],
+                &["ip6tables-legacy-save", "-t", "nat"],
+                &["nft", "list", "ruleset"],
+            ],
+        );
     }
-    rules_match_the_bare_binary(
-        |ns| {
-            ns.sh(&[
-                "iptables-legacy",
-                "-t",
-                "mangle",
-                "-N",
-                "KUBE-KUBELET-CANARY",
-            ]);
-        },
-        &["--enable-ipv6", "--nomasq-all-reserved-ranges"],
-        &[
-            &["iptables-legacy-save", "-t", "nat"],
-            &["ip6tables-legacy-save", "-t", "nat"],
-            &["nft", "list", "ruleset"],
-        ],
-    );
-}
+);
 
-#[test]
-fn container_rules_are_byte_identical_to_the_bare_binary_with_nftables() {
-    if require_image().is_none() {
-        return;
+image_test!(
+    fn container_rules_are_byte_identical_to_the_bare_binary_with_nftables() {
+        rules_match_the_bare_binary(
+            |_| {},
+            &[
+                "--enable-ipv6",
+                "--backend=nftables",
+                "--to-ports=1024-29999,32768-65535",
+            ],
+            &[&["nft", "list", "ruleset"]],
+        );
     }
-    rules_match_the_bare_binary(
-        |_| {},
-        &[
-            "--enable-ipv6",
-            "--backend=nftables",
-            "--to-ports=1024-29999,32768-65535",
-        ],
-        &[&["nft", "list", "ruleset"]],
-    );
-}
+);
