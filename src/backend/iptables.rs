@@ -126,6 +126,12 @@ pub fn resolve_tools(
 /// probe that fails (tool missing, error, deadline) just moves on to the next.
 pub fn detect_flavour(runner: &SharedRunner) -> Flavour {
     detect_flavour_with(|flavour, family, args| {
+        // kubelet's chains live in the mangle table: no legacy mangle table, no hint
+        // there, and no process spent on finding that out.
+        if flavour == Flavour::Legacy && !runner.legacy_tables(family).iter().any(|t| t == "mangle")
+        {
+            return None;
+        }
         resolve_tool(family, flavour, "save", runner)
             .and_then(|save| runner.run(&save, args, None, None).ok())
     })
@@ -444,14 +450,7 @@ pub fn plan_removal(saved_nat: &str, chain: &ChainName) -> Vec<String> {
 /// /proc/net/ip(6)_tables_names, iptables-nft ones by `nft list tables`. True when unsure.
 pub fn may_hold_nat_table(flavour: Flavour, family: Family, runner: &SharedRunner) -> bool {
     match flavour {
-        Flavour::Legacy => {
-            let names = match family {
-                Family::V4 => "/proc/net/ip_tables_names",
-                Family::V6 => "/proc/net/ip6_tables_names",
-            };
-            // No file: the legacy module is not loaded, so no legacy table exists.
-            std::fs::read_to_string(names).is_ok_and(|tables| tables.lines().any(|t| t == "nat"))
-        }
+        Flavour::Legacy => runner.legacy_tables(family).iter().any(|t| t == "nat"),
         Flavour::Nft => {
             if !runner.exists("nft") {
                 return true;

@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use crate::policy::Family;
+
 #[cfg(test)]
 pub mod fake;
 mod netlink;
@@ -90,6 +92,10 @@ pub trait Runner: Send + Sync {
     /// committed change to any nf_tables table (nft and iptables-nft alike). None when
     /// it cannot be read; then nothing may be concluded from it.
     fn ruleset_generation(&self) -> Option<u64>;
+
+    /// The tables iptables-legacy holds for `family` (`/proc/net/ip_tables_names`,
+    /// `ip6_tables_names`); an empty list when the legacy module is not loaded.
+    fn legacy_tables(&self, family: Family) -> Vec<String>;
 }
 
 pub type SharedRunner = Arc<dyn Runner>;
@@ -129,6 +135,17 @@ impl Runner for SystemRunner {
 
     fn ruleset_generation(&self) -> Option<u64> {
         netlink::nftables_generation()
+    }
+
+    fn legacy_tables(&self, family: Family) -> Vec<String> {
+        let names = match family {
+            Family::V4 => "/proc/net/ip_tables_names",
+            Family::V6 => "/proc/net/ip6_tables_names",
+        };
+        // No file: the legacy module is not loaded, so no legacy table exists.
+        std::fs::read_to_string(names)
+            .map(|text| text.lines().map(str::to_string).collect())
+            .unwrap_or_default()
     }
 }
 

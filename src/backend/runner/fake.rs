@@ -542,4 +542,22 @@ impl Runner for FakeRunner {
     fn ruleset_generation(&self) -> Option<u64> {
         Some(self.state().generation)
     }
+
+    /// A legacy table exists once something was restored into it or its mangle table
+    /// was given text.
+    fn legacy_tables(&self, family: crate::policy::Family) -> Vec<String> {
+        let key = match family {
+            crate::policy::Family::V4 => "iptables-legacy",
+            crate::policy::Family::V6 => "ip6tables-legacy",
+        };
+        let state = self.state();
+        let mut tables = Vec::new();
+        if state.mangle.contains_key(key) {
+            tables.push("mangle".to_string());
+        }
+        if state.nat.contains_key(key) {
+            tables.push("nat".to_string());
+        }
+        tables
+    }
 }
