@@ -194,7 +194,9 @@ impl SyncError {
             SyncError::Unusable(_) => SyncErrorKind::Unusable,
             SyncError::Tool { error, .. } => match error {
                 ToolError::Missing { .. } => SyncErrorKind::ToolMissing,
-                ToolError::Failed { .. } | ToolError::Wait { .. } => SyncErrorKind::ToolFailed,
+                ToolError::Failed { .. } | ToolError::Wait { .. } | ToolError::Kernel { .. } => {
+                    SyncErrorKind::ToolFailed
+                }
                 ToolError::TimedOut { .. } => SyncErrorKind::ToolTimedOut,
                 ToolError::Interrupted { .. } => SyncErrorKind::Interrupted,
             },

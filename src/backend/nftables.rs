@@ -2,12 +2,12 @@
 //! packet costs the same whether the list holds 3 prefixes or 50,000. Each sync is one
 //! `nft -f -` transaction that replaces the whole table atomically.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::runner::{Program, SharedRunner, ToolError};
+use super::runner::{Program, SetChange, SharedRunner, ToolError};
 use super::{Backend, Doing, SrcnatPlace, SyncError, SyncReport};
 use crate::policy::{
     Decision, Family, FamilyPolicy, KeepReason, Masquerade, Policy, merge_prefixes,
@@ -355,10 +355,64 @@ pub fn explain(policy: Option<&FamilyPolicy>, decision: &Decision, family: Famil
     }
 }
 
+/// How many prefixes a change may touch and still go element by element; a bigger change
+/// rewrites the table, which costs about the same and is one well-known transaction.
+const MAX_DELTA_PREFIXES: usize = 1000;
+
+/// One set's elements to delete and to add.
+pub type SetDelta = (&'static str, Vec<IpNet>, Vec<IpNet>);
+
 /// The elements that must leave and enter each set to turn `old` into `new` (which have
-/// the same sets), as one transaction; empty when nothing differs.
+/// the same sets), per set; None when that is more than [`MAX_DELTA_PREFIXES`].
+pub fn set_delta(old: &SetContents, new: &SetContents) -> Option<Vec<SetDelta>> {
+    let mut delta = Vec::new();
+    let mut touched = 0;
+    for (name, wanted) in new {
+        let had = old.get(name).map(Vec::as_slice).unwrap_or_default();
+        let (leaving, entering) = sorted_difference(had, wanted);
+        touched += leaving.len() + entering.len();
+        if touched > MAX_DELTA_PREFIXES {
+            return None;
+        }
+        if !leaving.is_empty() || !entering.is_empty() {
+            delta.push((*name, leaving, entering));
+        }
+    }
+    Some(delta)
+}
+
+/// What only `a` holds and what only `b` holds, for two lists sorted and free of
+/// duplicates (as `merge_prefixes` makes them): one linear walk.
+fn sorted_difference(a: &[IpNet], b: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
+    let (mut only_a, mut only_b) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x == y => {
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x < y => {
+                only_a.push(*x);
+                i += 1;
+            }
+            (Some(_), Some(y)) | (None, Some(y)) => {
+                only_b.push(*y);
+                j += 1;
+            }
+            (Some(x), None) => {
+                only_a.push(*x);
+                i += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (only_a, only_b)
+}
+
+/// The same change as `nft -f -` input (for `render` and for reading).
 pub fn render_delta(old: &SetContents, new: &SetContents) -> String {
-    let list = |elements: Vec<&IpNet>| -> String {
+    let list = |elements: &[IpNet]| -> String {
         elements
             .iter()
             .map(ToString::to_string)
@@ -366,21 +420,17 @@ pub fn render_delta(old: &SetContents, new: &SetContents) -> String {
             .join(", ")
     };
     let mut out = String::new();
-    for (name, wanted) in new {
-        let had: BTreeSet<&IpNet> = old.get(name).into_iter().flatten().collect();
-        let wanted: BTreeSet<&IpNet> = wanted.iter().collect();
-        let leaving: Vec<&IpNet> = had.difference(&wanted).copied().collect();
-        let entering: Vec<&IpNet> = wanted.difference(&had).copied().collect();
+    for (name, leaving, entering) in set_delta(old, new).unwrap_or_default() {
         if !leaving.is_empty() {
             out.push_str(&format!(
                 "delete element inet {TABLE} {name} {{ {} }}\n",
-                list(leaving)
+                list(&leaving)
             ));
         }
         if !entering.is_empty() {
             out.push_str(&format!(
                 "add element inet {TABLE} {name} {{ {} }}\n",
-                list(entering)
+                list(&entering)
             ));
         }
     }
@@ -478,43 +528,59 @@ impl Backend for NftablesBackend {
             rules,
             wrote,
         };
-        let transaction = render_with_sets(policy, &sets, true);
+        // The generation before a write: if the write is the only commit after it, the
+        // kernel holds exactly what was verified plus what was written.
+        let before = self.runner.ruleset_generation();
+        let known_good = before.is_some() && before == self.verified_generation;
         if let Some(written) = &self.written
             && written.frame == frame
         {
             if written.sets == sets {
-                let generation = self.runner.ruleset_generation();
-                if generation.is_some() && generation == self.verified_generation {
+                if known_good {
                     return Ok(report(false, &self.runner));
                 }
+                let transaction = render_with_sets(policy, &sets, true);
                 if let Some(listing) = self.list_table()
                     && normalized_table(&listing) == normalized_table(&transaction)
                 {
-                    self.verified_generation = generation;
+                    self.verified_generation = before;
                     return Ok(report(false, &self.runner));
                 }
-            } else {
-                let delta = render_delta(&written.sets, &sets);
-                match self.apply(
-                    &delta,
-                    &format!("updating the sets of nft table inet {TABLE}"),
-                ) {
+            } else if let Some(delta) = set_delta(&written.sets, &sets) {
+                // Straight to the kernel: nft would first load every element of the set.
+                let changes: Vec<SetChange> = delta
+                    .iter()
+                    .map(|(set, delete, add)| SetChange { set, delete, add })
+                    .collect();
+                match self.runner.change_set_elements(TABLE, &changes) {
                     Ok(()) => {
                         self.written = Some(Written { frame, sets });
-                        self.verified_generation = None;
+                        self.verified_generation = self.only_commit_since(before, known_good);
                         return Ok(report(true, &self.runner));
                     }
                     Err(err) => tracing::info!(
-                        "updating the sets element by element failed ({err}); rewriting the table"
+                        "changing the set elements failed ({err}); rewriting the table"
                     ),
                 }
             }
         }
         self.verified_generation = None;
         self.written = None;
+        let transaction = render_with_sets(policy, &sets, true);
         self.apply(&transaction, &format!("replacing nft table inet {TABLE}"))?;
         self.written = Some(Written { frame, sets });
+        // The whole table was written: known good if no one else committed since.
+        self.verified_generation = self.only_commit_since(before, true);
         Ok(report(true, &self.runner))
+    }
+}
+
+impl NftablesBackend {
+    /// The generation now, when our write was the one commit since `before` and the
+    /// kernel was known good then (or the write replaced everything of ours).
+    fn only_commit_since(&self, before: Option<u64>, known_good: bool) -> Option<u64> {
+        let after = self.runner.ruleset_generation()?;
+        (known_good && before.and_then(|b| b.checked_add(1)) == Some(after)).then_some(after)
     }
 }
 

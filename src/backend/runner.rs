@@ -21,6 +21,8 @@ use crate::policy::Family;
 pub mod fake;
 mod netlink;
 
+pub use netlink::SetChange;
+
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
 /// The deadline for one tool run, in milliseconds (`--tool-timeout`).
 static TOOL_TIMEOUT_MS: AtomicU64 = AtomicU64::new(DEFAULT_TOOL_TIMEOUT.as_millis() as u64);
@@ -93,6 +95,10 @@ pub trait Runner: Send + Sync {
     /// it cannot be read; then nothing may be concluded from it.
     fn ruleset_generation(&self) -> Option<u64>;
 
+    /// Deletes and adds elements of interval sets of the `inet` table `table`, in one
+    /// nf_tables transaction.
+    fn change_set_elements(&self, table: &str, changes: &[SetChange]) -> Result<(), ToolError>;
+
     /// The tables iptables-legacy holds for `family` (`/proc/net/ip_tables_names`,
     /// `ip6_tables_names`); an empty list when the legacy module is not loaded.
     fn legacy_tables(&self, family: Family) -> Vec<String>;
@@ -137,6 +143,18 @@ impl Runner for SystemRunner {
         netlink::nftables_generation()
     }
 
+    fn change_set_elements(&self, table: &str, changes: &[SetChange]) -> Result<(), ToolError> {
+        if stopping() {
+            return Err(ToolError::Interrupted {
+                command: "netlink set element change".into(),
+            });
+        }
+        netlink::change_set_elements(table, changes).map_err(|message| ToolError::Kernel {
+            what: format!("changing the elements of table inet {table}"),
+            message,
+        })
+    }
+
     fn legacy_tables(&self, family: Family) -> Vec<String> {
         let names = match family {
             Family::V4 => "/proc/net/ip_tables_names",
@@ -167,6 +185,9 @@ pub enum ToolError {
     TimedOut { command: String, after: Duration },
     #[error("{command} interrupted: the agent is stopping")]
     Interrupted { command: String },
+    /// A request made to the kernel directly (netlink) was refused or failed.
+    #[error("{what}: {message}")]
+    Kernel { what: String, message: String },
     #[error("waiting for {command}: {source}")]
     Wait {
         command: String,

@@ -543,6 +543,79 @@ impl Runner for FakeRunner {
         Some(self.state().generation)
     }
 
+    /// Edits the set's `elements = { ... }` in the stored listing, as the kernel would
+    /// change the set; refuses to delete an element that is not there (ENOENT).
+    fn change_set_elements(
+        &self,
+        table: &str,
+        changes: &[super::SetChange],
+    ) -> Result<(), ToolError> {
+        let mut state = self.state();
+        let command = format!("netlink set element change in inet {table}");
+        state.calls.push(Call {
+            command: command.clone(),
+            stdin: Some(
+                changes
+                    .iter()
+                    .map(|c| format!("{}: -{:?} +{:?}", c.set, c.delete, c.add))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+        });
+        if let Some(error) = Self::injected(&mut state, &command) {
+            return Err(error);
+        }
+        let refused = |message: &str| ToolError::Kernel {
+            what: command.clone(),
+            message: message.to_string(),
+        };
+        let key = format!("inet {table}");
+        let mut listing = state
+            .nft_tables
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| refused("No such file or directory"))?;
+        for change in changes {
+            let opening = format!("\tset {} {{\n", change.set);
+            let start = listing
+                .find(&opening)
+                .ok_or_else(|| refused("no such set"))?;
+            let end = start
+                + listing[start..]
+                    .find("\n\t}\n")
+                    .ok_or_else(|| refused("bad set"))?;
+            let block = &listing[start..end];
+            let mut elements: Vec<String> = block
+                .split_once("elements = {")
+                .map(|(_, rest)| {
+                    rest.split([',', '\n', '\t', ' ', '}'])
+                        .filter(|e| !e.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            for gone in change.delete {
+                let at = elements
+                    .iter()
+                    .position(|e| *e == gone.to_string())
+                    .ok_or_else(|| refused("No such file or directory"))?;
+                elements.remove(at);
+            }
+            elements.extend(change.add.iter().map(ToString::to_string));
+            let header_end = block
+                .find("flags interval\n")
+                .map_or(block.len(), |i| i + 15);
+            let mut rebuilt = block[..header_end].to_string();
+            if !elements.is_empty() {
+                rebuilt.push_str(&format!("\t\telements = {{ {}, }}\n", elements.join(", ")));
+            }
+            listing.replace_range(start..end, rebuilt.trim_end_matches('\n'));
+        }
+        state.nft_tables.insert(key, listing);
+        state.generation += 1;
+        Ok(())
+    }
+
     /// A legacy table exists once something was restored into it or its mangle table
     /// was given text.
     fn legacy_tables(&self, family: crate::policy::Family) -> Vec<String> {

@@ -134,3 +134,302 @@ mod tests {
         assert_eq!(request().len(), 20);
     }
 }
+
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NLMSG_ERROR: u16 = 2;
+const NFPROTO_INET: u8 = 1;
+const NLA_F_NESTED: u16 = 0x8000;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFTA_SET_ELEM_USERDATA: u16 = 6;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
+/// nft's element user data for an interval that runs to the end of the address space
+/// (NFTNL_UDATA_SET_ELEM_FLAGS = NFTNL_SET_ELEM_F_INTERVAL_OPEN), so nft lists it back
+/// as the prefix it was.
+const INTERVAL_OPEN_USERDATA: [u8; 6] = [1, 4, 1, 0, 0, 0];
+
+/// Elements to delete from and add to one interval set of an `inet` table.
+pub struct SetChange<'a> {
+    pub set: &'a str,
+    pub delete: &'a [ipnet::IpNet],
+    pub add: &'a [ipnet::IpNet],
+}
+
+/// A netlink message under construction.
+struct Message(Vec<u8>);
+
+impl Message {
+    fn new(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Message {
+        let mut bytes = vec![0u8; NLMSG_HEADER];
+        bytes[4..6].copy_from_slice(&kind.to_ne_bytes());
+        bytes[6..8].copy_from_slice(&flags.to_ne_bytes());
+        bytes[8..12].copy_from_slice(&seq.to_ne_bytes());
+        bytes.extend_from_slice(&[family, 0]);
+        bytes.extend_from_slice(&res_id.to_be_bytes());
+        Message(bytes)
+    }
+
+    fn attribute(&mut self, kind: u16, payload: &[u8]) {
+        let length = (4 + payload.len()) as u16;
+        self.0.extend_from_slice(&length.to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        self.0.extend_from_slice(payload);
+        self.pad();
+    }
+
+    fn nested(&mut self, kind: u16, fill: impl FnOnce(&mut Message)) {
+        let start = self.0.len();
+        self.0.extend_from_slice(&[0, 0]);
+        self.0
+            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        fill(self);
+        let length = (self.0.len() - start) as u16;
+        self.0[start..start + 2].copy_from_slice(&length.to_ne_bytes());
+    }
+
+    fn pad(&mut self) {
+        while !self.0.len().is_multiple_of(4) {
+            self.0.push(0);
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        let length = self.0.len() as u32;
+        self.0[0..4].copy_from_slice(&length.to_ne_bytes());
+        self.0
+    }
+}
+
+/// The two elements of an interval set that stand for `prefix`: its start, and the end
+/// (the address after it, flagged) unless it runs to the end of the address space.
+fn elements_of(prefix: &ipnet::IpNet, message: &mut Message) {
+    let (start, after) = match prefix {
+        ipnet::IpNet::V4(net) => (
+            net.network().octets().to_vec(),
+            u32::from(net.broadcast())
+                .checked_add(1)
+                .map(|next| next.to_be_bytes().to_vec()),
+        ),
+        ipnet::IpNet::V6(net) => (
+            net.network().octets().to_vec(),
+            u128::from(net.broadcast())
+                .checked_add(1)
+                .map(|next| next.to_be_bytes().to_vec()),
+        ),
+    };
+    message.nested(NFTA_LIST_ELEM, |element| {
+        element.nested(NFTA_SET_ELEM_KEY, |key| {
+            key.attribute(NFTA_DATA_VALUE, &start)
+        });
+        if after.is_none() {
+            element.attribute(NFTA_SET_ELEM_USERDATA, &INTERVAL_OPEN_USERDATA);
+        }
+    });
+    if let Some(after) = after {
+        message.nested(NFTA_LIST_ELEM, |element| {
+            element.nested(NFTA_SET_ELEM_KEY, |key| {
+                key.attribute(NFTA_DATA_VALUE, &after)
+            });
+            element.attribute(
+                NFTA_SET_ELEM_FLAGS,
+                &NFT_SET_ELEM_INTERVAL_END.to_be_bytes(),
+            );
+        });
+    }
+}
+
+/// One batch (one transaction: all or nothing) deleting and adding interval-set elements
+/// of the `inet` table `table`; the sequence numbers of the messages that must be acked.
+fn element_batch(table: &str, changes: &[SetChange]) -> (Vec<u8>, Vec<u32>) {
+    let subsystem = |message: u16| (NFNL_SUBSYS_NFTABLES << 8) | message;
+    let request = libc::NLM_F_REQUEST as u16;
+    let ack = libc::NLM_F_ACK as u16;
+    let mut batch =
+        Message::new(NFNL_MSG_BATCH_BEGIN, request, 1, 0, NFNL_SUBSYS_NFTABLES).finish();
+    let mut acked = Vec::new();
+    let mut seq = 2;
+    let terminated = |name: &str| {
+        let mut bytes = name.as_bytes().to_vec();
+        bytes.push(0);
+        bytes
+    };
+    for (kind, flags, deleting) in [
+        (NFT_MSG_DELSETELEM, request | ack, true),
+        (
+            NFT_MSG_NEWSETELEM,
+            request | ack | libc::NLM_F_CREATE as u16,
+            false,
+        ),
+    ] {
+        for change in changes {
+            let prefixes = if deleting { change.delete } else { change.add };
+            if prefixes.is_empty() {
+                continue;
+            }
+            let mut message = Message::new(subsystem(kind), flags, seq, NFPROTO_INET, 0);
+            message.attribute(NFTA_SET_ELEM_LIST_TABLE, &terminated(table));
+            message.attribute(NFTA_SET_ELEM_LIST_SET, &terminated(change.set));
+            message.nested(NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
+                for prefix in prefixes {
+                    elements_of(prefix, list);
+                }
+            });
+            batch.extend(message.finish());
+            acked.push(seq);
+            seq += 1;
+        }
+    }
+    batch.extend(Message::new(NFNL_MSG_BATCH_END, request, seq, 0, NFNL_SUBSYS_NFTABLES).finish());
+    (batch, acked)
+}
+
+/// Applies `changes` to the interval sets of `table` in one nf_tables transaction, straight
+/// over netlink: nft 1.0.x loads every element of every set before any command (about a
+/// third of a second at 50,000 prefixes), which a change of one prefix should not cost.
+pub fn change_set_elements(table: &str, changes: &[SetChange]) -> Result<(), String> {
+    let (batch, mut waiting) = element_batch(table, changes);
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: plain socket calls on a descriptor this function owns; every buffer passed
+    // to the kernel is a live local of the stated length.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_NETFILTER,
+        );
+        if fd < 0 {
+            return Err(format!(
+                "netlink socket: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let socket = Socket(fd);
+        let timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            socket.0,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        let mut kernel: libc::sockaddr_nl = zeroed();
+        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        let sent = libc::sendto(
+            socket.0,
+            batch.as_ptr().cast(),
+            batch.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        );
+        if sent != batch.len() as isize {
+            return Err(format!("netlink send: {}", std::io::Error::last_os_error()));
+        }
+        let mut reply = vec![0u8; 16384];
+        while !waiting.is_empty() {
+            let received = libc::recv(socket.0, reply.as_mut_ptr().cast(), reply.len(), 0);
+            let received = usize::try_from(received)
+                .map_err(|_| format!("netlink receive: {}", std::io::Error::last_os_error()))?;
+            for (seq, error) in acks(&reply[..received]) {
+                if error != 0 {
+                    return Err(format!(
+                        "the kernel refused the element change: {}",
+                        std::io::Error::from_raw_os_error(-error)
+                    ));
+                }
+                waiting.retain(|s| *s != seq);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The (sequence number, error) of every NLMSG_ERROR message in a datagram (0: an ack).
+fn acks(datagram: &[u8]) -> Vec<(u32, i32)> {
+    let mut found = Vec::new();
+    let mut at = 0;
+    while at + NLMSG_HEADER <= datagram.len() {
+        let field = |offset: usize| -> Option<[u8; 4]> {
+            datagram.get(at + offset..at + offset + 4)?.try_into().ok()
+        };
+        let (Some(length), Some(kind_flags), Some(seq)) = (field(0), field(4), field(8)) else {
+            break;
+        };
+        let length = u32::from_ne_bytes(length) as usize;
+        let kind = u16::from_ne_bytes([kind_flags[0], kind_flags[1]]);
+        if length < NLMSG_HEADER {
+            break;
+        }
+        if kind == NLMSG_ERROR
+            && let Some(error) = field(NLMSG_HEADER)
+        {
+            found.push((u32::from_ne_bytes(seq), i32::from_ne_bytes(error)));
+        }
+        at += (length + 3) & !3;
+    }
+    found
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_is_a_start_and_a_flagged_end_and_the_last_one_is_open() {
+        let delete: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let add: Vec<ipnet::IpNet> = vec!["255.255.255.0/24".parse().unwrap()];
+        let (batch, acked) = element_batch(
+            "ip-masq-agent",
+            &[SetChange {
+                set: "non-masq-v4",
+                delete: &delete,
+                add: &add,
+            }],
+        );
+        assert_eq!(acked, [2, 3]);
+        let contains = |needle: &[u8]| batch.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"ip-masq-agent\0"));
+        assert!(contains(b"non-masq-v4\0"));
+        // 10.0.0.0 and the end 11.0.0.0; 255.255.255.0 with the open-interval user data.
+        assert!(contains(&[10, 0, 0, 0]) && contains(&[11, 0, 0, 0]));
+        assert!(contains(&[255, 255, 255, 0]) && contains(&INTERVAL_OPEN_USERDATA));
+        // Every message's length is where the next one starts.
+        let mut at = 0;
+        let mut messages = 0;
+        while at < batch.len() {
+            let length = u32::from_ne_bytes(batch[at..at + 4].try_into().unwrap()) as usize;
+            assert!(length >= NLMSG_HEADER + NFGENMSG);
+            at += length;
+            messages += 1;
+        }
+        assert_eq!((at, messages), (batch.len(), 4));
+    }
+
+    #[test]
+    fn acks_and_errors_are_read_from_a_datagram() {
+        let mut datagram = Vec::new();
+        for (seq, error) in [(2u32, 0i32), (3, -17)] {
+            let mut message = vec![0u8; 36];
+            message[0..4].copy_from_slice(&36u32.to_ne_bytes());
+            message[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+            message[8..12].copy_from_slice(&seq.to_ne_bytes());
+            message[16..20].copy_from_slice(&error.to_ne_bytes());
+            datagram.extend(message);
+        }
+        assert_eq!(acks(&datagram), [(2, 0), (3, -17)]);
+        assert!(acks(&[0u8; 8]).is_empty());
+    }
+}
