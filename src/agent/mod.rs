@@ -72,6 +72,9 @@ pub enum SyncOutcome {
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// A rejected config that stays the same is reported again this often, not every resync.
 const REPEAT_ERROR_EVERY: Duration = Duration::from_secs(600);
+/// How often the survey of NAT rules acting before the agent's reads everything again
+/// (native nft tables, the other iptables flavour) rather than only what syncs read.
+const FULL_SURVEY_EVERY: Duration = Duration::from_secs(600);
 /// A plain file written in place can be several events (truncate, write); gather them.
 const SETTLE: Duration = Duration::from_millis(15);
 
@@ -92,6 +95,7 @@ pub struct Agent {
     telemetry: Arc<Telemetry>,
     /// The survey of other owners' NAT rules acting before the agent's (None: off).
     srcnat: Option<SrcnatWatch>,
+    last_full_survey: Option<Instant>,
 }
 
 struct Applied {
@@ -115,6 +119,7 @@ impl Agent {
             started: Instant::now(),
             telemetry: Arc::new(Telemetry::new()),
             srcnat: None,
+            last_full_survey: None,
         }
     }
 
@@ -147,8 +152,10 @@ impl Agent {
     }
 
     /// Surveys the NAT rules of others that act before the agent's after each successful
-    /// sync: fully at the first and after a config change, otherwise from what the sync
-    /// read (no extra process).
+    /// sync: fully at the first and then every [`FULL_SURVEY_EVERY`] (reading the whole
+    /// nft ruleset costs a third of a second beside a 50,000-element set, which a config
+    /// change should not pay), otherwise from what the sync read (no extra process),
+    /// classified again for the new policy after a change.
     pub fn with_srcnat_survey(mut self, runner: SharedRunner) -> Agent {
         self.srcnat = Some(SrcnatWatch::new(runner));
         self
@@ -339,7 +346,13 @@ impl Agent {
             resync_interval,
             None,
         );
-        self.survey_srcnat(changed);
+        let full = self
+            .last_full_survey
+            .is_none_or(|at| at.elapsed() >= FULL_SURVEY_EVERY);
+        if full {
+            self.last_full_survey = Some(Instant::now());
+        }
+        self.survey_srcnat(full);
         SyncOutcome::Applied { changed }
     }
 

@@ -365,6 +365,8 @@ pub struct SrcnatWatch {
     listings: Option<precedence::Listings>,
     /// A hash of what the backend's sync had read at the last classification.
     fresh: Option<u64>,
+    /// The policy of the last classification (what a rule can override depends on it).
+    classified_for: Option<Policy>,
     last: Option<precedence::Survey>,
 }
 
@@ -374,6 +376,7 @@ impl SrcnatWatch {
             runner,
             listings: None,
             fresh: None,
+            classified_for: None,
             last: None,
         }
     }
@@ -391,7 +394,7 @@ impl SrcnatWatch {
         let hash = fingerprint(&fresh);
         let listings = match self.listings.as_mut() {
             Some(listings) if !full => {
-                if self.fresh == Some(hash) {
+                if self.fresh == Some(hash) && self.classified_for.as_ref() == Some(policy) {
                     return None;
                 }
                 for (family, text) in &fresh {
@@ -424,6 +427,7 @@ impl SrcnatWatch {
             }
         };
         self.fresh = Some(hash);
+        self.classified_for = Some(policy.clone());
         let survey = precedence::classify(&listings, &srcnat_ours(place), policy);
         let previous = self.last.replace(survey.clone());
         let before: &[precedence::Preceding] = previous.as_ref().map_or(&[], |s| &s.rules);
