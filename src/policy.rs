@@ -611,12 +611,18 @@ pub fn changed_destinations(old: &Policy, new: &Policy, family: Family) -> Optio
     Some(merge_prefixes(&out))
 }
 
-/// The parts of the sorted, disjoint ranges `a` that no range of `b` covers.
+/// The parts of the sorted, disjoint ranges `a` that no range of `b` covers: one walk
+/// over both lists.
 fn subtract(a: &[(u128, u128)], b: &[(u128, u128)]) -> Vec<(u128, u128)> {
     let mut out = Vec::new();
+    let mut first = 0;
     for &(start, end) in a {
+        // Ranges of `b` that end before this one starts can matter to no later one either.
+        while b.get(first).is_some_and(|&(_, b_end)| b_end < start) {
+            first += 1;
+        }
         let mut from = Some(start);
-        for &(b_start, b_end) in b.iter().filter(|(s, e)| *s <= end && *e >= start) {
+        for &(b_start, b_end) in b[first..].iter().take_while(|(s, _)| *s <= end) {
             if let Some(f) = from
                 && f < b_start
             {
@@ -847,5 +853,35 @@ mod tests {
             changed_destinations(&everything, &nothing, Family::V4),
             Some(nets(&["0.0.0.0/0"]))
         );
+    }
+
+    proptest::proptest! {
+        /// The changed blocks hold exactly the addresses whose decision differs.
+        #[test]
+        fn changed_destinations_are_where_decisions_differ(
+            a in proptest::collection::vec((0u32..64, 24u8..=30), 0..12),
+            b in proptest::collection::vec((0u32..64, 24u8..=30), 0..12),
+            probes in proptest::collection::vec(0u32..(64 * 256), 1..64),
+        ) {
+            let yaml = |list: &[(u32, u8)]| {
+                let cidrs: Vec<String> = list
+                    .iter()
+                    .map(|(third, len)| {
+                        IpNet::new(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, *third as u8, 0)), *len)
+                            .map(|n| format!("'{}'", n.trunc()))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                format!("nonMasqueradeCIDRs: [{}]\n", cidrs.join(", "))
+            };
+            let (old, new) = (policy(&yaml(&a), false), policy(&yaml(&b), false));
+            let changed = changed_destinations(&old, &new, Family::V4).unwrap();
+            for probe in probes {
+                let address = IpAddr::V4(std::net::Ipv4Addr::from(0x0A00_0000 | probe));
+                let differs = old.decide(address).masquerades() != new.decide(address).masquerades();
+                let listed = changed.iter().any(|n| n.contains(&address));
+                proptest::prop_assert_eq!(differs, listed, "{}", address);
+            }
+        }
     }
 }
