@@ -18,7 +18,7 @@ use crate::backend::{
 };
 use crate::config::source::ConfigPath;
 use crate::config::{Config, ConfigError, ConfigSource, LoadedConfig, ParseOptions};
-use crate::observe::telemetry::{PrefixCounts, SyncResult, Telemetry, config_hash};
+use crate::observe::telemetry::{PrefixCounts, SyncResult, Telemetry, fingerprint};
 use crate::policy::{Policy, PolicySettings};
 
 /// What the agent (and the commands) derive from the flags.
@@ -268,6 +268,8 @@ impl Agent {
                 return self.sync_failed(&err, format!("{err}"), started, &config);
             }
         };
+        // The backend's sync alone: rules read, compared and written.
+        let synced_in = started.elapsed();
         let changed = self.applied.as_ref().map(|a| &a.policy) != Some(&policy);
         let first = self.applied.is_none();
         // Recorded before the log line, so whoever sees "rules applied" sees the metrics.
@@ -283,7 +285,7 @@ impl Agent {
                 })
                 .collect();
             self.telemetry.applied(
-                &config_hash(&format!("{config:?}")),
+                &fingerprint(&config),
                 self.backend.kind(),
                 &prefixes,
             );
@@ -294,7 +296,7 @@ impl Agent {
                 prefixes,
                 rules = report.rules,
                 resync_interval = ?config.resync_interval,
-                elapsed_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
+                elapsed_ms = format!("{:.3}", synced_in.as_secs_f64() * 1e3),
                 since_start_ms = format!("{:.3}", self.started.elapsed().as_secs_f64() * 1e3),
                 processes = report.processes,
                 "{}",

@@ -69,7 +69,7 @@ pub struct ParseOptions {
 }
 
 /// A validated config: every prefix parses, is aligned, and belongs to an enabled family.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Config {
     pub non_masquerade_cidrs: Vec<IpNet>,
     /// Destinations masqueraded even inside a non-masquerade range (longest prefix wins).
