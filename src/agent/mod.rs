@@ -284,11 +284,8 @@ impl Agent {
                     sources: f.sources.as_ref().map(Vec::len),
                 })
                 .collect();
-            self.telemetry.applied(
-                &fingerprint(&config),
-                self.backend.kind(),
-                &prefixes,
-            );
+            self.telemetry
+                .applied(&fingerprint(&config), self.backend.kind(), &prefixes);
         }
         if changed {
             let prefixes: usize = policy.families.iter().map(|f| f.non_masq.0.len()).sum();
