@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 use crate::{ConfigMapVolume, Netns, TempDir};
 
 /// The agent binary under test. Integration tests name it with
-/// `Agent::new(env!("CARGO_BIN_EXE_ip-masq-agent"))`; examples and benchmarks, which
+/// `Agent::new(env!("CARGO_BIN_EXE_ip-masq-agent"))` (benchmarks too); examples, which
 /// cargo does not tell, use [`Agent::beside_current_exe`].
 #[derive(Clone, Debug)]
 pub struct Agent {
@@ -73,6 +73,20 @@ impl Agent {
         wrapper: &[&str],
         env: &[(&str, &str)],
     ) -> AgentProcess {
+        let mut args = args.to_vec();
+        args.push("--v=2");
+        self.launch(ns, &args, wrapper, env)
+    }
+
+    /// Like [`Agent::start_with`], with exactly `args` (no `--v=2` added): for another
+    /// build, or another agent such as upstream's, that is run the same way.
+    pub fn launch(
+        &self,
+        ns: &Netns,
+        args: &[&str],
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
         let logdir = TempDir::new("log");
         let log = logdir.path.join("agent.log");
         let file = File::create(&log).expect("log file");
@@ -89,12 +103,12 @@ impl Agent {
         }
         let child = command
             .args(args)
-            .arg("--v=2")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("dup"))
             .stderr(file)
             .spawn()
             .expect("spawn agent");
+        crate::cleanup::track_child(child.id());
         AgentProcess {
             child,
             log,
@@ -135,6 +149,25 @@ impl AgentProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The log lines that contain `text`.
+    pub fn log_lines(&self, text: &str) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(text))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits for the `occurrence`-th line containing `text` (counting from 1) and returns it.
+    pub fn wait_for_line(&mut self, text: &str, occurrence: usize, timeout: Duration) -> String {
+        self.wait_for_log(text, occurrence, timeout);
+        self.log_lines(text).swap_remove(occurrence - 1)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
     }
@@ -172,6 +205,7 @@ impl AgentProcess {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                crate::cleanup::untrack_child(self.child.id());
                 return status;
             }
             assert!(Instant::now() < deadline, "agent ignored SIGTERM");
@@ -186,8 +220,59 @@ impl Drop for AgentProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        crate::cleanup::untrack_child(self.child.id());
         if std::thread::panicking() {
             eprintln!("--- agent log ---\n{}", self.log());
         }
+    }
+}
+
+/// A `key=value` or `key="value"` field of one of the agent's log lines.
+pub fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = line[start..].trim_start_matches('"');
+    Some(&rest[..rest.find(['"', ' ']).unwrap_or(rest.len())])
+}
+
+/// A log line's leading RFC 3339 UTC timestamp (`2026-11-23T06:05:00.123456Z`) as
+/// seconds since the epoch.
+pub fn log_time(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?;
+    let (date, time) = stamp.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-').map(str::parse::<i64>);
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let hh: i64 = t.next()?.parse().ok()?;
+    let mm: i64 = t.next()?.parse().ok()?;
+    let ss: f64 = t.next()?.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    Some((days * 86_400 + hh * 3600 + mm * 60) as f64 + ss)
+}
+
+/// Now, as seconds since the epoch (to compare with [`log_time`]).
+pub fn wall_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_give_their_time_and_fields() {
+        let line = "2026-12-02T03:28:47.327839Z  INFO rules applied prefixes=3 elapsed_ms=\"13.062\" processes=1";
+        assert_eq!(log_field(line, "elapsed_ms"), Some("13.062"));
+        assert_eq!(log_field(line, "processes"), Some("1"));
+        assert_eq!(log_field(line, "missing"), None);
+        let t = log_time(line).unwrap();
+        assert!((t - 1_796_182_127.327_839).abs() < 1e-3, "{t}");
+        assert_eq!(log_time("garbage"), None);
     }
 }

@@ -11,18 +11,26 @@
 //! - [`Topology`]: pod -> node -> remote, with a UDP probe of the source address the
 //!   remote sees.
 //! - [`Shims`]: PATH stand-ins that make a tool fail, hang or lie on demand.
+//! - For benchmarks: [`flood::Flood`] (raw-socket UDP, a new connection per packet),
+//!   [`swap::SwapProbe`] (ConfigMap swap -> first packet with the new behaviour),
+//!   [`workload`] (prefix lists and configs), [`clean_up_on_signals`].
 
 mod agent;
+mod cleanup;
+pub mod flood;
 mod monitor;
 mod netns;
 mod root;
 mod shims;
+pub mod swap;
 mod topology;
 mod volume;
+pub mod workload;
 
 use std::time::{Duration, Instant};
 
-pub use agent::{Agent, AgentProcess};
+pub use agent::{Agent, AgentProcess, log_field, log_time, wall_now};
+pub use cleanup::{clean_up_on_signals, track_child, tracked_children, untrack_child};
 pub use monitor::NftMonitor;
 pub use netns::{Netns, TempDir, unique_name};
 pub use root::require_root;

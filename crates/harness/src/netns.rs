@@ -43,6 +43,7 @@ impl Netns {
             .status()
             .expect("run ip");
         assert!(status.success(), "ip netns add {name}");
+        crate::cleanup::track_namespace(&name);
         let ns = Netns { name };
         // Duplicate address detection would hold IPv6 back for a second or two on new links.
         ns.sh(&[
@@ -173,6 +174,7 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.name])
             .status();
+        crate::cleanup::untrack_namespace(&self.name);
     }
 }
 
@@ -214,6 +216,7 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         let path = std::env::temp_dir().join(unique(tag));
         std::fs::create_dir_all(&path).expect("mkdir");
+        crate::cleanup::track_dir(&path);
         TempDir { path }
     }
 }
@@ -221,6 +224,7 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+        crate::cleanup::untrack_dir(&self.path);
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use crate::TempDir;
 
@@ -36,15 +37,15 @@ impl ConfigMapVolume {
     }
 
     /// New timestamped directory, `..data_tmp` symlink renamed over `..data`, old directory removed.
-    pub fn update(&mut self, content: &str) {
-        self.update_with(|dir| {
-            std::fs::write(dir.join(CONFIG_KEY), content).expect("write config")
-        });
+    /// Returns the instant just before the rename.
+    pub fn update(&mut self, content: &str) -> Instant {
+        self.update_with(|dir| std::fs::write(dir.join(CONFIG_KEY), content).expect("write config"))
     }
 
     /// Like `update`, but `fill` decides what the new directory holds (nothing, a
-    /// directory, a symlink loop, an unreadable file, ...).
-    pub fn update_with(&mut self, fill: impl FnOnce(&Path)) {
+    /// directory, a symlink loop, an unreadable file, ...). Returns the instant just
+    /// before the rename, when the new content becomes visible.
+    pub fn update_with(&mut self, fill: impl FnOnce(&Path)) -> Instant {
         self.generation += 1;
         let name = format!(
             "..2026_11_23_04_30_{:02}.{:09}",
@@ -56,10 +57,12 @@ impl ConfigMapVolume {
         fill(&new_dir);
         let tmp = self.dir.path.join("..data_tmp");
         symlink(&name, &tmp).expect("data_tmp symlink");
+        let renamed = Instant::now();
         std::fs::rename(&tmp, self.dir.path.join("..data")).expect("swap ..data");
         if let Some(old) = self.current.replace(name) {
             std::fs::remove_dir_all(self.dir.path.join(old)).expect("remove old ts dir");
         }
+        renamed
     }
 }
 
