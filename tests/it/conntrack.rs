@@ -184,6 +184,17 @@ fn flip_flows(backend_flags: &[&str], addresses: &Addresses) {
         wait_for_source(&receiver, "flow", addresses.node, Duration::from_secs(3)).is_some(),
         "{context}: the flow is not masqueraded before the swap"
     );
+    // The other flow's first packets may still be resolving its neighbour.
+    assert!(
+        eventually(Duration::from_secs(3), || entries_to(
+            &topology.node,
+            addresses.family,
+            addresses.other
+        )
+        .len()
+            == 1),
+        "{context}: the other flow has no conntrack entry"
+    );
     let other_before = entries_to(&topology.node, addresses.family, addresses.other);
     assert_eq!(other_before.len(), 1, "{context}: {other_before:?}");
 
