@@ -17,7 +17,7 @@ use crate::backend::{
     Backend, BackendChoice, ChainName, Leftovers, SrcnatWatch, SyncError, SyncErrorKind,
 };
 use crate::config::source::ConfigPath;
-use crate::config::{Config, ConfigError, ConfigSource, LoadedConfig, ParseOptions};
+use crate::config::{Config, ConfigError, ConfigSource, LoadedConfig, ParseCache, ParseOptions};
 use crate::observe::telemetry::{PrefixCounts, SyncResult, Telemetry, fingerprint};
 use crate::policy::{Policy, PolicySettings};
 
@@ -96,6 +96,7 @@ pub struct Agent {
     /// The survey of other owners' NAT rules acting before the agent's (None: off).
     srcnat: Option<SrcnatWatch>,
     last_full_survey: Option<Instant>,
+    parse_cache: ParseCache,
 }
 
 struct Applied {
@@ -120,6 +121,7 @@ impl Agent {
             telemetry: Arc::new(Telemetry::new()),
             srcnat: None,
             last_full_survey: None,
+            parse_cache: ParseCache::default(),
         }
     }
 
@@ -199,7 +201,11 @@ impl Agent {
 
     /// Reads the config and makes the kernel match it (or the last good config).
     pub fn sync_once(&mut self) -> SyncOutcome {
-        let outcome = match self.settings.load_config() {
+        let outcome = match self
+            .settings
+            .config
+            .load_cached(self.settings.parse_options, &mut self.parse_cache)
+        {
             Ok(loaded) => {
                 self.telemetry.config_loaded(true);
                 self.last_error = None;

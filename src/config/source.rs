@@ -5,7 +5,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use super::{ConfigError, LoadedConfig, ParseOptions, load, load_dir};
+use super::{ConfigError, LoadedConfig, ParseCache, ParseOptions, load, load_cached, load_dir};
 
 /// The prefix of the files `--config-dir` merges (Azure ip-masq-agent-v2's layout).
 pub const DIR_FILE_PREFIX: &str = "ip-masq";
@@ -20,6 +20,18 @@ impl ConfigPath {
     pub fn load(&self, options: ParseOptions) -> Result<LoadedConfig, ConfigError> {
         match self {
             ConfigPath::File(file) => load(file, options),
+            ConfigPath::Dir(dir) => load_dir(dir, options),
+        }
+    }
+
+    /// `load`, skipping the parse when a file's text is what was parsed last time.
+    pub fn load_cached(
+        &self,
+        options: ParseOptions,
+        cache: &mut ParseCache,
+    ) -> Result<LoadedConfig, ConfigError> {
+        match self {
+            ConfigPath::File(file) => load_cached(file, options, cache),
             ConfigPath::Dir(dir) => load_dir(dir, options),
         }
     }

@@ -903,3 +903,27 @@ fn config_dir_joins_force_and_source_lists_and_refuses_a_prefix_kept_in_another_
         "{err}"
     );
 }
+
+#[test]
+fn an_unchanged_file_is_not_parsed_again_and_a_changed_one_is() {
+    let dir = Dir::new("cache");
+    let path = dir.0.join("ip-masq-agent");
+    std::fs::write(&path, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
+    let mut cache = ParseCache::default();
+    let first = load_cached(&path, opts(), &mut cache).unwrap();
+    assert_eq!(load_cached(&path, opts(), &mut cache).unwrap(), first);
+    std::fs::write(&path, "nonMasqueradeCIDRs: [10.0.0.1/8]\n").unwrap();
+    let err = load_cached(&path, opts(), &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not aligned"), "{err}");
+    // Other options are another parse (IPv6 validity depends on them).
+    std::fs::write(&path, "nonMasqueradeCIDRs: ['fd00::/8']\n").unwrap();
+    assert!(load_cached(&path, opts(), &mut cache).is_err());
+    assert!(load_cached(&path, v6(), &mut cache).is_ok());
+    std::fs::remove_file(&path).unwrap();
+    assert!(matches!(
+        load_cached(&path, opts(), &mut cache).unwrap().source,
+        ConfigSource::Missing(_)
+    ));
+}
