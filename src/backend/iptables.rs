@@ -252,41 +252,12 @@ fn agent_jump_target(spec: &str) -> Option<&str> {
     (spec == jump_spec(target) || spec == quoted_jump_spec(target)).then_some(target)
 }
 
-/// Splits an iptables-save line into its words: double quotes group, `\"` and `\\`
-/// inside them are literal characters (as iptables-save escapes a comment).
+/// Splits an iptables-save line into its words (see [`super::words`]).
 pub fn saved_words(line: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut current = String::new();
-    let mut in_word = false;
-    let mut quoted = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if quoted => {
-                if let Some(next) = chars.next() {
-                    current.push(next);
-                }
-            }
-            '"' => {
-                quoted = !quoted;
-                in_word = true;
-            }
-            ' ' if !quoted => {
-                if in_word {
-                    words.push(std::mem::take(&mut current));
-                    in_word = false;
-                }
-            }
-            _ => {
-                current.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        words.push(current);
-    }
-    words
+    super::words(line)
+        .into_iter()
+        .map(|(word, _)| word)
+        .collect()
 }
 
 /// True when a rule of a chain (its iptables-save line) is exactly one the agent writes

@@ -221,49 +221,13 @@ impl Token {
     }
 }
 
-/// Splits a line into words: double quotes group (with `\"` and `\\` inside them, as
-/// iptables-save escapes a comment), and a quoted word is marked so a comment reading
-/// `masquerade` or `-j` is never taken for a keyword.
+/// A line's words (see [`super::words`]), with whether each was quoted, so a comment
+/// reading `masquerade` or `-j` is never taken for a keyword.
 fn tokens(line: &str) -> Vec<Token> {
-    let mut out = Vec::new();
-    let mut current = String::new();
-    let (mut in_word, mut quoted, mut was_quoted) = (false, false, false);
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if quoted => {
-                if let Some(next) = chars.next() {
-                    current.push(next);
-                }
-            }
-            '"' => {
-                quoted = !quoted;
-                in_word = true;
-                was_quoted = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if in_word {
-                    out.push(Token {
-                        text: std::mem::take(&mut current),
-                        quoted: was_quoted,
-                    });
-                    in_word = false;
-                    was_quoted = false;
-                }
-            }
-            _ => {
-                current.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        out.push(Token {
-            text: current,
-            quoted: was_quoted,
-        });
-    }
-    out
+    super::words(line)
+        .into_iter()
+        .map(|(text, quoted)| Token { text, quoted })
+        .collect()
 }
 
 fn join(words: &[Token]) -> String {

@@ -15,6 +15,60 @@ const NFGENMSG: usize = 4;
 /// Closes the socket however the query ends.
 struct Socket(libc::c_int);
 
+impl Socket {
+    /// Opens a netfilter netlink socket whose receives give up after `timeout_secs`,
+    /// and sends `message` to the kernel.
+    fn send(message: &[u8], timeout_secs: libc::time_t) -> Result<Socket, String> {
+        let failed = |what: &str| format!("netlink {what}: {}", std::io::Error::last_os_error());
+        // SAFETY: plain socket calls on a descriptor owned by the returned Socket; every
+        // buffer passed to the kernel is a live local or `message`, of its stated length.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            );
+            if fd < 0 {
+                return Err(failed("socket"));
+            }
+            let socket = Socket(fd);
+            let timeout = libc::timeval {
+                tv_sec: timeout_secs,
+                tv_usec: 0,
+            };
+            libc::setsockopt(
+                socket.0,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            );
+            let mut kernel: libc::sockaddr_nl = zeroed();
+            kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            let sent = libc::sendto(
+                socket.0,
+                message.as_ptr().cast(),
+                message.len(),
+                0,
+                (&kernel as *const libc::sockaddr_nl).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            );
+            if sent != message.len() as isize {
+                return Err(failed("send"));
+            }
+            Ok(socket)
+        }
+    }
+
+    /// One datagram from the kernel into `buffer`; its length.
+    fn receive(&self, buffer: &mut [u8]) -> Result<usize, String> {
+        // SAFETY: `buffer` is live and writable for its whole length.
+        let received = unsafe { libc::recv(self.0, buffer.as_mut_ptr().cast(), buffer.len(), 0) };
+        usize::try_from(received)
+            .map_err(|_| format!("netlink receive: {}", std::io::Error::last_os_error()))
+    }
+}
+
 impl Drop for Socket {
     fn drop(&mut self) {
         // SAFETY: the descriptor is ours and closed once.
@@ -27,48 +81,10 @@ impl Drop for Socket {
 /// The current generation, or None when nf_tables cannot be asked (no module, no
 /// permission, a timeout): callers then read the rules as they would without it.
 pub fn nftables_generation() -> Option<u64> {
-    // SAFETY: plain socket calls on a descriptor this function owns; every buffer passed
-    // to the kernel is a live local of the stated length.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_NETFILTER,
-        );
-        if fd < 0 {
-            return None;
-        }
-        let socket = Socket(fd);
-        let timeout = libc::timeval {
-            tv_sec: 1,
-            tv_usec: 0,
-        };
-        libc::setsockopt(
-            socket.0,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        );
-        let request = request();
-        let mut kernel: libc::sockaddr_nl = zeroed();
-        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        let sent = libc::sendto(
-            socket.0,
-            request.as_ptr().cast(),
-            request.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        );
-        if sent != request.len() as isize {
-            return None;
-        }
-        let mut reply = [0u8; 512];
-        let received = libc::recv(socket.0, reply.as_mut_ptr().cast(), reply.len(), 0);
-        let received = usize::try_from(received).ok()?;
-        parse_reply(reply.get(..received)?)
-    }
+    let socket = Socket::send(&request(), 1).ok()?;
+    let mut reply = [0u8; 512];
+    let received = socket.receive(&mut reply).ok()?;
+    parse_reply(reply.get(..received)?)
 }
 
 /// `NFT_MSG_GETGEN`: a netlink header and an empty `nfgenmsg`.
@@ -299,59 +315,18 @@ pub fn change_set_elements(table: &str, changes: &[SetChange]) -> Result<(), Str
     if waiting.is_empty() {
         return Ok(());
     }
-    // SAFETY: plain socket calls on a descriptor this function owns; every buffer passed
-    // to the kernel is a live local of the stated length.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_NETFILTER,
-        );
-        if fd < 0 {
-            return Err(format!(
-                "netlink socket: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let socket = Socket(fd);
-        let timeout = libc::timeval {
-            tv_sec: 5,
-            tv_usec: 0,
-        };
-        libc::setsockopt(
-            socket.0,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        );
-        let mut kernel: libc::sockaddr_nl = zeroed();
-        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        let sent = libc::sendto(
-            socket.0,
-            batch.as_ptr().cast(),
-            batch.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        );
-        if sent != batch.len() as isize {
-            return Err(format!("netlink send: {}", std::io::Error::last_os_error()));
-        }
-        let mut reply = vec![0u8; 16384];
-        while !waiting.is_empty() {
-            let received = libc::recv(socket.0, reply.as_mut_ptr().cast(), reply.len(), 0);
-            let received = usize::try_from(received)
-                .map_err(|_| format!("netlink receive: {}", std::io::Error::last_os_error()))?;
-            for (seq, error) in acks(&reply[..received]) {
-                if error != 0 {
-                    return Err(format!(
-                        "the kernel refused the element change: {}",
-                        std::io::Error::from_raw_os_error(-error)
-                    ));
-                }
-                waiting.retain(|s| *s != seq);
+    let socket = Socket::send(&batch, 5)?;
+    let mut reply = vec![0u8; 16384];
+    while !waiting.is_empty() {
+        let received = socket.receive(&mut reply)?;
+        for (seq, error) in acks(&reply[..received]) {
+            if error != 0 {
+                return Err(format!(
+                    "the kernel refused the element change: {}",
+                    std::io::Error::from_raw_os_error(-error)
+                ));
             }
+            waiting.retain(|s| *s != seq);
         }
     }
     Ok(())
