@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::agent::Settings;
-use crate::backend::conntrack::ConntrackCleanup;
 use crate::backend::iptables::IptablesMode;
 use crate::backend::{BackendChoice, ChainName};
 use crate::config::source::ConfigPath;
 use crate::config::{DEFAULT_CONFIG_PATH, ParseOptions};
+use crate::conntrack::ConntrackCleanup;
 use crate::observe::logging::LogFormat;
 use crate::policy::{Masquerade, PolicySettings, ToPorts};
 

@@ -7,13 +7,13 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::agent::Settings;
-use crate::backend::precedence::Survey;
-use crate::backend::runner::SystemRunner;
 use crate::backend::{iptables, nftables, windows};
 use crate::cli::{Cli, Command};
 use crate::config;
+use crate::kernel::SystemRunner;
 use crate::observe::logging;
 use crate::policy::{Decision, Family, KeepReason, Policy};
+use crate::survey::precedence::Survey;
 
 /// Runs what the command line asks for.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -244,7 +244,7 @@ pub fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
         ExitCode::FAILURE
     };
     // Informational: the exit code says only whether the agent's own rules match.
-    if let Some(survey) = crate::backend::survey_srcnat(backend.as_ref(), &policy, &runner) {
+    if let Some(survey) = crate::survey::survey_srcnat(backend.as_ref(), &policy, &runner) {
         for line in preceding_lines(&survey) {
             println!("{line}");
         }

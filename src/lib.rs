@@ -13,5 +13,8 @@ pub mod backend;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod conntrack;
+pub mod kernel;
 pub mod observe;
 pub mod policy;
+pub mod survey;

@@ -6,8 +6,8 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::backend::conntrack::{self, ConntrackCleanup};
-use crate::backend::runner::SharedRunner;
+use crate::conntrack::{self, ConntrackCleanup};
+use crate::kernel::SharedRunner;
 use crate::observe::telemetry::Telemetry;
 use crate::policy::Policy;
 

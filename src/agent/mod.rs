@@ -10,16 +10,15 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use crate::backend::conntrack::ConntrackCleanup;
 use crate::backend::iptables::IptablesMode;
-use crate::backend::runner::SharedRunner;
-use crate::backend::{
-    Backend, BackendChoice, ChainName, Leftovers, SrcnatWatch, SyncError, SyncErrorKind,
-};
+use crate::backend::{Backend, BackendChoice, ChainName, Leftovers, SyncError, SyncErrorKind};
 use crate::config::source::ConfigPath;
 use crate::config::{Config, ConfigError, ConfigSource, LoadedConfig, ParseCache, ParseOptions};
+use crate::conntrack::ConntrackCleanup;
+use crate::kernel::SharedRunner;
 use crate::observe::telemetry::{PrefixCounts, SyncResult, Telemetry, fingerprint};
 use crate::policy::{Policy, PolicySettings};
+use crate::survey::SrcnatWatch;
 
 /// What the agent (and the commands) derive from the flags.
 #[derive(Clone, Debug)]
@@ -669,7 +668,7 @@ mod tests {
 
     #[test]
     fn regression_other_backends_rules_are_removed_after_the_first_sync_and_retried() {
-        use crate::backend::runner::fake::{FakeRunner, Fault};
+        use crate::kernel::fake::{FakeRunner, Fault};
         let runner = FakeRunner::new();
         runner.add_nft_table("inet ip-masq-agent", "table inet ip-masq-agent {\n}\n");
         runner.inject("list tables", Fault::Fails("simulated failure"), Some(1));
@@ -692,7 +691,7 @@ mod tests {
 
     #[test]
     fn a_change_of_decisions_reaches_existing_udp_flows_and_nothing_else() {
-        use crate::backend::runner::fake::FakeRunner;
+        use crate::kernel::fake::FakeRunner;
         let runner = FakeRunner::new();
         runner.set_conntrack(
             "ipv4",

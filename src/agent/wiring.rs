@@ -10,11 +10,11 @@ use anyhow::Context;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use super::{Agent, Event, Settings};
-use crate::backend::conntrack::ConntrackCleanup;
 use crate::backend::dry_run::DryRunBackend;
-use crate::backend::runner::{self, SharedRunner, SystemRunner};
 use crate::backend::{self, Backend};
 use crate::config::source;
+use crate::conntrack::ConntrackCleanup;
+use crate::kernel::{self, SharedRunner, SystemRunner};
 use crate::observe::http;
 use crate::observe::telemetry::Telemetry;
 
@@ -24,7 +24,7 @@ const EXIT_GRACE: Duration = Duration::from_millis(800);
 /// Runs the agent until SIGTERM/SIGINT; the rules stay in place unless
 /// `--cleanup-on-exit` asks otherwise (never in a dry run).
 pub fn run(settings: Settings) -> anyhow::Result<()> {
-    runner::set_tool_timeout(settings.tool_timeout);
+    kernel::set_tool_timeout(settings.tool_timeout);
     let runner: SharedRunner = SystemRunner::shared();
     let (chosen, leftovers) = backend::build(
         settings.backend,
@@ -99,7 +99,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     agent.run(&events);
     if let Some(chain) = cleanup_chain {
         // The one step that still runs tools after a stop was asked for.
-        runner::clear_stop();
+        kernel::clear_stop();
         for place in backend::cleanup_everything(&chain, &runner).context("cleaning up on exit")? {
             tracing::info!("removed the agent's rules from {place}");
         }
@@ -122,7 +122,7 @@ fn start_signal_thread(sender: mpsc::Sender<Event>, cleanup_on_exit: bool) -> an
                 };
                 if let Event::Shutdown(why) = event {
                     // A tool that hangs is killed now rather than at its deadline.
-                    runner::request_stop();
+                    kernel::request_stop();
                     if !cleanup_on_exit {
                         exit_soon_whatever_happens(why);
                     }

@@ -71,8 +71,8 @@ impl Backend for DryRunBackend {
 mod tests {
     use super::*;
     use crate::backend::iptables::{IptablesBackend, IptablesMode};
-    use crate::backend::runner::fake::FakeRunner;
     use crate::config::{Config, ParseOptions};
+    use crate::kernel::fake::FakeRunner;
     use crate::policy::PolicySettings;
 
     #[test]

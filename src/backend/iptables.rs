@@ -4,8 +4,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::runner::{Program, SharedRunner};
 use super::{Backend, ChainName, Doing, SrcnatPlace, SyncError, SyncReport};
+use crate::kernel::{Program, SharedRunner};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -252,9 +252,9 @@ fn agent_jump_target(spec: &str) -> Option<&str> {
     (spec == jump_spec(target) || spec == quoted_jump_spec(target)).then_some(target)
 }
 
-/// Splits an iptables-save line into its words (see [`super::words`]).
+/// Splits an iptables-save line into its words (see [`crate::kernel::words`]).
 pub fn saved_words(line: &str) -> Vec<String> {
-    super::words(line)
+    crate::kernel::words::words(line)
         .into_iter()
         .map(|(word, _)| word)
         .collect()

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::runner::{Program, SetChange, SharedRunner, ToolError};
 use super::{Backend, Doing, SrcnatPlace, SyncError, SyncReport};
+use crate::kernel::{Program, SetChange, SharedRunner, ToolError};
 use crate::policy::{
     Decision, Family, FamilyPolicy, KeepReason, Masquerade, Policy, merge_prefixes,
 };

@@ -4,10 +4,10 @@
 
 use super::iptables::{IptablesBackend, IptablesMode};
 use super::nftables::NftablesBackend;
-use super::runner::fake::{Call, FakeRunner, Fault};
-use super::runner::{Runner, SharedRunner};
 use super::*;
 use crate::config::{Config, ParseOptions, parse};
+use crate::kernel::fake::{Call, FakeRunner, Fault};
+use crate::kernel::{Runner, SharedRunner};
 use crate::policy::{Masquerade, PolicySettings};
 use std::path::Path;
 use std::sync::Arc;
@@ -305,7 +305,7 @@ fn auto_picks_nftables_only_when_kube_proxy_runs_in_nftables_mode() {
     runner.add_nft_table("ip kube-proxy", "table ip kube-proxy {\n}\n");
     assert_eq!(resolve_auto(&shared), BackendChoice::Nftables);
     let bare = FakeRunner::new();
-    for tool in super::runner::fake::INSTALLED {
+    for tool in crate::kernel::fake::INSTALLED {
         if tool != "nft" {
             bare.uninstall(tool);
         }

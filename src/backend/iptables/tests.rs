@@ -1,6 +1,6 @@
 use super::*;
-use crate::backend::runner::fake::FakeRunner;
 use crate::config::{ParseOptions, parse};
+use crate::kernel::fake::FakeRunner;
 use crate::policy::{PolicySettings, ToPorts};
 use std::path::Path;
 

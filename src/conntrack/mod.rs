@@ -13,8 +13,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::runner::{Program, SharedRunner};
-use super::{Doing, SyncError};
+use crate::backend::{Doing, SyncError};
+use crate::kernel::{Program, SharedRunner};
 use crate::policy::{Family, Policy, changed_destinations};
 
 /// Up to this many changed blocks are listed one filtered `conntrack -L` each; more, and
@@ -272,7 +272,7 @@ conntrack v1.4.7 (conntrack-tools): 5 flow entries have been shown.
 
     #[test]
     fn reconcile_deletes_udp_entries_and_counts_the_others() {
-        use crate::backend::runner::fake::FakeRunner;
+        use crate::kernel::fake::FakeRunner;
         let runner = FakeRunner::new();
         runner.set_conntrack("ipv4", LISTING);
         let old = policy("nonMasqueradeCIDRs: [10.0.0.0/8]\n");

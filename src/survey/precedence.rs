@@ -221,10 +221,10 @@ impl Token {
     }
 }
 
-/// A line's words (see [`super::words`]), with whether each was quoted, so a comment
+/// A line's words (see [`crate::kernel::words`]), with whether each was quoted, so a comment
 /// reading `masquerade` or `-j` is never taken for a keyword.
 fn tokens(line: &str) -> Vec<Token> {
-    super::words(line)
+    crate::kernel::words::words(line)
         .into_iter()
         .map(|(text, quoted)| Token { text, quoted })
         .collect()

@@ -20,6 +20,7 @@ use crate::policy::Family;
 #[cfg(test)]
 pub mod fake;
 mod netlink;
+pub mod words;
 
 pub use netlink::SetChange;
 
