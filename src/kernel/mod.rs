@@ -19,10 +19,10 @@ use crate::policy::Family;
 
 #[cfg(test)]
 pub mod fake;
-mod netlink;
+pub mod netlink;
 pub mod words;
 
-pub use netlink::SetChange;
+pub use netlink::nftables::SetChange;
 
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
 /// The deadline for one tool run, in milliseconds (`--tool-timeout`).
@@ -141,7 +141,7 @@ impl Runner for SystemRunner {
     }
 
     fn ruleset_generation(&self) -> Option<u64> {
-        netlink::nftables_generation()
+        netlink::nftables::nftables_generation()
     }
 
     fn change_set_elements(&self, table: &str, changes: &[SetChange]) -> Result<(), ToolError> {
@@ -150,9 +150,11 @@ impl Runner for SystemRunner {
                 command: "netlink set element change".into(),
             });
         }
-        netlink::change_set_elements(table, changes).map_err(|message| ToolError::Kernel {
-            what: format!("changing the elements of table inet {table}"),
-            message,
+        netlink::nftables::change_set_elements(table, changes).map_err(|message| {
+            ToolError::Kernel {
+                what: format!("changing the elements of table inet {table}"),
+                message,
+            }
         })
     }
 

@@ -1,87 +1,22 @@
-//! The nf_tables ruleset generation: a counter the kernel bumps on every committed change
+//! nf_tables over netlink. The ruleset generation: a counter the kernel bumps on every committed change
 //! to any nf_tables table of this network namespace (nft, iptables-nft, kube-proxy...).
 //! One netlink round trip, no process: an idle resync that finds it unchanged since the
 //! rules were last verified has nothing to read, whatever the size of the rules.
 
-use std::mem::{size_of, zeroed};
+use std::time::Duration;
+
+use super::{Message, NFGENMSG, NLMSG_HEADER, Socket, messages};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWGEN: u16 = 15;
 const NFT_MSG_GETGEN: u16 = 16;
 const NFTA_GEN_ID: u16 = 1;
-const NLMSG_HEADER: usize = 16;
-const NFGENMSG: usize = 4;
-
-/// Closes the socket however the query ends.
-struct Socket(libc::c_int);
-
-impl Socket {
-    /// Opens a netfilter netlink socket whose receives give up after `timeout_secs`,
-    /// and sends `message` to the kernel.
-    fn send(message: &[u8], timeout_secs: libc::time_t) -> Result<Socket, String> {
-        let failed = |what: &str| format!("netlink {what}: {}", std::io::Error::last_os_error());
-        // SAFETY: plain socket calls on a descriptor owned by the returned Socket; every
-        // buffer passed to the kernel is a live local or `message`, of its stated length.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            );
-            if fd < 0 {
-                return Err(failed("socket"));
-            }
-            let socket = Socket(fd);
-            let timeout = libc::timeval {
-                tv_sec: timeout_secs,
-                tv_usec: 0,
-            };
-            libc::setsockopt(
-                socket.0,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            );
-            let mut kernel: libc::sockaddr_nl = zeroed();
-            kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-            let sent = libc::sendto(
-                socket.0,
-                message.as_ptr().cast(),
-                message.len(),
-                0,
-                (&kernel as *const libc::sockaddr_nl).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            );
-            if sent != message.len() as isize {
-                return Err(failed("send"));
-            }
-            Ok(socket)
-        }
-    }
-
-    /// One datagram from the kernel into `buffer`; its length.
-    fn receive(&self, buffer: &mut [u8]) -> Result<usize, String> {
-        // SAFETY: `buffer` is live and writable for its whole length.
-        let received = unsafe { libc::recv(self.0, buffer.as_mut_ptr().cast(), buffer.len(), 0) };
-        usize::try_from(received)
-            .map_err(|_| format!("netlink receive: {}", std::io::Error::last_os_error()))
-    }
-}
-
-impl Drop for Socket {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor is ours and closed once.
-        unsafe {
-            libc::close(self.0);
-        }
-    }
-}
 
 /// The current generation, or None when nf_tables cannot be asked (no module, no
 /// permission, a timeout): callers then read the rules as they would without it.
 pub fn nftables_generation() -> Option<u64> {
-    let socket = Socket::send(&request(), 1).ok()?;
+    let socket = Socket::open(Duration::from_secs(1)).ok()?;
+    socket.send(&request()).ok()?;
     let mut reply = [0u8; 512];
     let received = socket.receive(&mut reply).ok()?;
     parse_reply(reply.get(..received)?)
@@ -102,27 +37,14 @@ fn request() -> [u8; NLMSG_HEADER + NFGENMSG] {
 
 /// The generation id from an `NFT_MSG_NEWGEN` reply; None for anything else.
 fn parse_reply(reply: &[u8]) -> Option<u64> {
-    let u16_at = |at: usize| -> Option<u16> {
-        Some(u16::from_ne_bytes(reply.get(at..at + 2)?.try_into().ok()?))
-    };
-    let length = u32::from_ne_bytes(reply.get(0..4)?.try_into().ok()?) as usize;
-    if u16_at(4)? != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN || length > reply.len() {
+    let message = messages(reply).next()?;
+    if message.kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
         return None;
     }
-    let mut at = NLMSG_HEADER + NFGENMSG;
-    while at + 4 <= length {
-        let attribute_length = usize::from(u16_at(at)?);
-        let kind = u16_at(at + 2)? & 0x3fff;
-        if attribute_length < 4 {
-            return None;
-        }
-        if kind == NFTA_GEN_ID {
-            let value = reply.get(at + 4..at + 8)?;
-            return Some(u64::from(u32::from_be_bytes(value.try_into().ok()?)));
-        }
-        at += (attribute_length + 3) & !3;
-    }
-    None
+    let id = message.attributes().get(NFTA_GEN_ID)?;
+    Some(u64::from(u32::from_be_bytes(
+        id.get(0..4)?.try_into().ok()?,
+    )))
 }
 
 #[cfg(test)]
@@ -155,9 +77,7 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
-const NLMSG_ERROR: u16 = 2;
 const NFPROTO_INET: u8 = 1;
-const NLA_F_NESTED: u16 = 0x8000;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -177,51 +97,6 @@ pub struct SetChange<'a> {
     pub set: &'a str,
     pub delete: &'a [ipnet::IpNet],
     pub add: &'a [ipnet::IpNet],
-}
-
-/// A netlink message under construction.
-struct Message(Vec<u8>);
-
-impl Message {
-    fn new(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Message {
-        let mut bytes = vec![0u8; NLMSG_HEADER];
-        bytes[4..6].copy_from_slice(&kind.to_ne_bytes());
-        bytes[6..8].copy_from_slice(&flags.to_ne_bytes());
-        bytes[8..12].copy_from_slice(&seq.to_ne_bytes());
-        bytes.extend_from_slice(&[family, 0]);
-        bytes.extend_from_slice(&res_id.to_be_bytes());
-        Message(bytes)
-    }
-
-    fn attribute(&mut self, kind: u16, payload: &[u8]) {
-        let length = (4 + payload.len()) as u16;
-        self.0.extend_from_slice(&length.to_ne_bytes());
-        self.0.extend_from_slice(&kind.to_ne_bytes());
-        self.0.extend_from_slice(payload);
-        self.pad();
-    }
-
-    fn nested(&mut self, kind: u16, fill: impl FnOnce(&mut Message)) {
-        let start = self.0.len();
-        self.0.extend_from_slice(&[0, 0]);
-        self.0
-            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-        fill(self);
-        let length = (self.0.len() - start) as u16;
-        self.0[start..start + 2].copy_from_slice(&length.to_ne_bytes());
-    }
-
-    fn pad(&mut self) {
-        while !self.0.len().is_multiple_of(4) {
-            self.0.push(0);
-        }
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        let length = self.0.len() as u32;
-        self.0[0..4].copy_from_slice(&length.to_ne_bytes());
-        self.0
-    }
 }
 
 /// The two elements of an interval set that stand for `prefix`: its start, and the end
@@ -311,51 +186,15 @@ fn element_batch(table: &str, changes: &[SetChange]) -> (Vec<u8>, Vec<u32>) {
 /// over netlink: nft 1.0.x loads every element of every set before any command (about a
 /// third of a second at 50,000 prefixes), which a change of one prefix should not cost.
 pub fn change_set_elements(table: &str, changes: &[SetChange]) -> Result<(), String> {
-    let (batch, mut waiting) = element_batch(table, changes);
+    let (batch, waiting) = element_batch(table, changes);
     if waiting.is_empty() {
         return Ok(());
     }
-    let socket = Socket::send(&batch, 5)?;
-    let mut reply = vec![0u8; 16384];
-    while !waiting.is_empty() {
-        let received = socket.receive(&mut reply)?;
-        for (seq, error) in acks(&reply[..received]) {
-            if error != 0 {
-                return Err(format!(
-                    "the kernel refused the element change: {}",
-                    std::io::Error::from_raw_os_error(-error)
-                ));
-            }
-            waiting.retain(|s| *s != seq);
-        }
-    }
-    Ok(())
-}
-
-/// The (sequence number, error) of every NLMSG_ERROR message in a datagram (0: an ack).
-fn acks(datagram: &[u8]) -> Vec<(u32, i32)> {
-    let mut found = Vec::new();
-    let mut at = 0;
-    while at + NLMSG_HEADER <= datagram.len() {
-        let field = |offset: usize| -> Option<[u8; 4]> {
-            datagram.get(at + offset..at + offset + 4)?.try_into().ok()
-        };
-        let (Some(length), Some(kind_flags), Some(seq)) = (field(0), field(4), field(8)) else {
-            break;
-        };
-        let length = u32::from_ne_bytes(length) as usize;
-        let kind = u16::from_ne_bytes([kind_flags[0], kind_flags[1]]);
-        if length < NLMSG_HEADER {
-            break;
-        }
-        if kind == NLMSG_ERROR
-            && let Some(error) = field(NLMSG_HEADER)
-        {
-            found.push((u32::from_ne_bytes(seq), i32::from_ne_bytes(error)));
-        }
-        at += (length + 3) & !3;
-    }
-    found
+    let socket = Socket::open(Duration::from_secs(5))?;
+    socket.send(&batch)?;
+    socket
+        .wait_for_acks(&waiting)
+        .map_err(|refused| format!("element change: {refused}"))
 }
 
 #[cfg(test)]
@@ -399,12 +238,13 @@ mod batch_tests {
         for (seq, error) in [(2u32, 0i32), (3, -17)] {
             let mut message = vec![0u8; 36];
             message[0..4].copy_from_slice(&36u32.to_ne_bytes());
-            message[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+            message[4..6].copy_from_slice(&super::super::NLMSG_ERROR.to_ne_bytes());
             message[8..12].copy_from_slice(&seq.to_ne_bytes());
             message[16..20].copy_from_slice(&error.to_ne_bytes());
             datagram.extend(message);
         }
-        assert_eq!(acks(&datagram), [(2, 0), (3, -17)]);
-        assert!(acks(&[0u8; 8]).is_empty());
+        let read: Vec<(u32, Option<i32>)> =
+            messages(&datagram).map(|m| (m.seq, m.error())).collect();
+        assert_eq!(read, [(2, Some(0)), (3, Some(-17))]);
     }
 }
