@@ -230,6 +230,9 @@ pub fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
         &runner,
     )?;
     let diff = backend.diff(&policy)?;
+    for note in backend.read_notes() {
+        println!("note: {note}");
+    }
     let code = if diff.is_empty() {
         println!("in sync: the {} rules match the config", backend.describe());
         ExitCode::SUCCESS

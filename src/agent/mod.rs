@@ -80,8 +80,13 @@ const SETTLE: Duration = Duration::from_millis(15);
 pub struct Agent {
     settings: Settings,
     backend: Box<dyn Backend>,
-    /// The other backend's rules, until they are removed after a successful sync.
+    /// The agent's rules where this backend does not work (the other backend, the other
+    /// iptables flavour), removed after a successful sync while `leftovers_pending`.
     leftovers: Option<(Leftovers, SharedRunner)>,
+    /// Set at start and whenever a survey finds such rules again; cleared once removed.
+    leftovers_pending: bool,
+    /// What the backend said about how it had to read the kernel, as last logged.
+    read_notes: Vec<String>,
     /// Brings existing flows in line after a change of decisions (None: never).
     flows: Option<flows::FlowReconciler>,
     applied: Option<Applied>,
@@ -109,6 +114,8 @@ impl Agent {
             settings,
             backend,
             leftovers: None,
+            leftovers_pending: false,
+            read_notes: Vec::new(),
             flows: None,
             applied: None,
             last_loaded: None,
@@ -128,6 +135,7 @@ impl Agent {
     /// retrying at every sync until that succeeds.
     pub fn with_leftovers(mut self, leftovers: Leftovers, runner: SharedRunner) -> Agent {
         self.leftovers = Some((leftovers, runner));
+        self.leftovers_pending = true;
         self
     }
 
@@ -196,6 +204,29 @@ impl Agent {
         }
         let (expected, unexpected) = change.survey.counts();
         self.telemetry.preceding_nat_rules(expected, unexpected);
+        if change.survey.has_leftovers() && self.leftovers.is_some() && !self.leftovers_pending {
+            tracing::warn!(
+                "the agent's own rules are back where it does not work; removing them after the next successful sync"
+            );
+            self.leftovers_pending = true;
+        }
+    }
+
+    /// Logs (and exports) how the backend had to read the kernel when that changes:
+    /// e.g. a nat table iptables-nft can only list chain by chain.
+    fn report_read_notes(&mut self) {
+        let notes = self.backend.read_notes();
+        if notes == self.read_notes {
+            return;
+        }
+        for note in notes.iter().filter(|n| !self.read_notes.contains(n)) {
+            tracing::warn!("{note}");
+        }
+        for gone in self.read_notes.iter().filter(|n| !notes.contains(n)) {
+            tracing::info!("no longer so: {gone}");
+        }
+        self.telemetry.read_notes(&notes);
+        self.read_notes = notes;
     }
 
     /// Reads the config and makes the kernel match it (or the last good config).
@@ -275,6 +306,7 @@ impl Agent {
         };
         // The backend's sync alone: rules read, compared and written.
         let synced_in = started.elapsed();
+        self.report_read_notes();
         let changed = self.applied.as_ref().map(|a| &a.policy) != Some(&policy);
         let first = self.applied.is_none();
         // Recorded before the log line, so whoever sees "rules applied" sees the metrics.
@@ -364,10 +396,13 @@ impl Agent {
         let Some((leftovers, runner)) = &self.leftovers else {
             return Ok(());
         };
+        if !self.leftovers_pending {
+            return Ok(());
+        }
         for line in leftovers.remove(runner)? {
             tracing::info!("{line}");
         }
-        self.leftovers = None;
+        self.leftovers_pending = false;
         Ok(())
     }
 
@@ -673,7 +708,14 @@ mod tests {
         runner.add_nft_table("inet ip-masq-agent", "table inet ip-masq-agent {\n}\n");
         runner.inject("list tables", Fault::Fails("simulated failure"), Some(1));
         let mut f = fixture("leftovers");
-        f.agent.leftovers = Some((Leftovers::Nftables, runner.clone()));
+        f.agent.leftovers = Some((
+            Leftovers::of_iptables_backend(
+                &ChainName::default(),
+                crate::backend::iptables::Flavour::Nft,
+            ),
+            runner.clone(),
+        ));
+        f.agent.leftovers_pending = true;
         // Our rules are written, then removing the other backend's fails: a failed sync.
         assert_eq!(f.agent.sync_once(), SyncOutcome::BackendFailed);
         assert_eq!(f.synced.borrow().len(), 1);

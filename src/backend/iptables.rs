@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::{Backend, ChainName, Doing, SrcnatPlace, SyncError, SyncReport};
-use crate::kernel::{Program, SharedRunner};
+use crate::kernel::{Program, SharedRunner, ToolError};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -29,6 +29,14 @@ pub enum Flavour {
 }
 
 impl Flavour {
+    /// The flavour that is not this one.
+    pub fn other(self) -> Flavour {
+        match self {
+            Flavour::Nft => Flavour::Legacy,
+            Flavour::Legacy => Flavour::Nft,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Flavour::Nft => "nft",
@@ -79,6 +87,9 @@ pub const FLAVOUR_PROBES: [(Flavour, Family, &[&str]); 4] = [
 pub struct FamilyTools {
     pub save: Program,
     pub restore: Program,
+    /// `iptables-nft` itself, for `-S CHAIN` when iptables-nft-save cannot print the
+    /// table (iptables-nft only; None when it is not installed).
+    pub list: Option<Program>,
 }
 
 fn base_name(family: Family) -> &'static str {
@@ -119,7 +130,255 @@ pub fn resolve_tools(
     Some(FamilyTools {
         save: resolve_tool(family, flavour, "save", runner)?,
         restore: resolve_tool(family, flavour, "restore", runner)?,
+        list: match flavour {
+            Flavour::Nft => resolve_list_tool(family, flavour, runner),
+            Flavour::Legacy => None,
+        },
     })
+}
+
+/// `iptables-nft`, else `xtables-nft-multi iptables` (never a plain `iptables`, which
+/// may be the other flavour).
+fn resolve_list_tool(family: Family, flavour: Flavour, runner: &SharedRunner) -> Option<Program> {
+    let base = base_name(family);
+    let flavoured = format!("{base}-{}", flavour.as_str());
+    if runner.exists(&flavoured) {
+        return Some(Program::new(flavoured));
+    }
+    let multi = format!("xtables-{}-multi", flavour.as_str());
+    runner.exists(&multi).then(|| Program {
+        path: multi,
+        leading_args: vec![base.to_string()],
+    })
+}
+
+/// What iptables-nft-save prints instead of a table holding rules it cannot express
+/// (a native nft rule in `ip nat`, e.g. `snat to` with a map, or a bare `masquerade` in
+/// a chain of its own); it exits 0.
+const INCOMPATIBLE_TABLE: &str = "# Table `nat' is incompatible";
+
+/// Whether iptables-nft-save printed "incompatible" instead of the table.
+pub fn is_incompatible_listing(saved: &str) -> bool {
+    saved
+        .lines()
+        .any(|line| line.starts_with(INCOMPATIBLE_TABLE))
+}
+
+/// One flavour and family's nat table as the agent read it: iptables-save's text, or,
+/// when iptables-nft cannot print the table, the same form rebuilt from listing the
+/// chains the agent needs one by one (`by_chain`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatRead {
+    pub text: String,
+    pub by_chain: bool,
+}
+
+/// Why `saved` (iptables-save output, possibly of several tables) is not a listing the
+/// agent can act on; None when it is. A write computed from a listing that was not
+/// understood could add a jump at every resync, so nothing is ever written on one.
+pub fn saved_nat_problem(saved: &str) -> Option<String> {
+    let mut in_nat = false;
+    let mut committed = false;
+    for (index, line) in saved.lines().enumerate() {
+        let problem = |what: &str| Some(format!("line {}: {what}", index + 1));
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        if let Some(table) = line.strip_prefix('*') {
+            if table.is_empty() || table.contains(char::is_whitespace) {
+                return problem("a table line without a plain name");
+            }
+            in_nat = table == "nat";
+            continue;
+        }
+        if line == "COMMIT" {
+            committed |= in_nat;
+            in_nat = false;
+            continue;
+        }
+        if let Some(declaration) = line.strip_prefix(':') {
+            let parts: Vec<&str> = declaration.split(' ').collect();
+            let counters = parts.get(2).is_some_and(|c| {
+                c.strip_prefix('[')
+                    .and_then(|c| c.strip_suffix(']'))
+                    .and_then(|c| c.split_once(':'))
+                    .is_some_and(|(p, b)| {
+                        p.bytes().all(|b| b.is_ascii_digit())
+                            && b.bytes().all(|b| b.is_ascii_digit())
+                    })
+            });
+            if parts.len() != 3 || parts[0].is_empty() || !counters {
+                return problem("a chain declaration that is not `:NAME POLICY [packets:bytes]`");
+            }
+            continue;
+        }
+        if line.starts_with("-A ") {
+            if !quotes_balanced(line) {
+                return problem("unbalanced quotes");
+            }
+            if line.split(' ').nth(1).is_none_or(str::is_empty) {
+                return problem("a rule without a chain");
+            }
+            continue;
+        }
+        return problem("not a table, chain, rule or COMMIT line");
+    }
+    if !committed {
+        return Some("no complete *nat table (no `*nat` ... `COMMIT`)".to_string());
+    }
+    None
+}
+
+/// Whether every double quote of a saved rule is closed (`\"` and `\\` inside quotes
+/// are literal characters, as iptables-save escapes a comment).
+fn quotes_balanced(line: &str) -> bool {
+    let mut quoted = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => {
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            _ => {}
+        }
+    }
+    !quoted
+}
+
+/// The chains that the POSTROUTING jumps of any release of the agent lead to.
+fn agent_jump_targets(saved_nat: &str) -> Vec<String> {
+    let mut targets: Vec<String> = Vec::new();
+    for spec in saved_nat
+        .lines()
+        .filter_map(|line| line.strip_prefix("-A POSTROUTING "))
+    {
+        if let Some(target) = agent_jump_target(spec)
+            && !targets.iter().any(|t| t == target)
+        {
+            targets.push(target.to_string());
+        }
+    }
+    targets
+}
+
+/// Reads one flavour and family's nat table: `iptables-save` (`-t nat`, or everything
+/// when `whole`: naming a legacy table makes the kernel create it), checked before it
+/// is used. When iptables-nft cannot print the table, POSTROUTING, `chain` and every
+/// chain an agent jump leads to are listed one by one (`-S CHAIN`); a chain that exists
+/// but cannot be listed is left out of the text, and if it is `chain` or POSTROUTING
+/// the read fails: the agent never writes what it could not read.
+pub fn read_nat_table(
+    flavour: Flavour,
+    family: Family,
+    tools: &FamilyTools,
+    chain: &ChainName,
+    whole: bool,
+    runner: &SharedRunner,
+) -> Result<NatRead, SyncError> {
+    let args: &[&str] = if whole { &[] } else { &["-t", "nat"] };
+    let place = format!("the {family} nat table of iptables-{flavour}");
+    let saved = runner
+        .run(&tools.save, args, None, None)
+        .doing(|| format!("reading {place}"))?;
+    if is_incompatible_listing(&saved) {
+        return read_nat_by_chain(family, tools, chain, &place, runner);
+    }
+    if let Some(problem) = saved_nat_problem(&saved) {
+        return Err(SyncError::Unreadable(format!(
+            "{place}: {} printed something that is not an iptables-save listing ({problem}); nothing is written on a listing the agent cannot read",
+            tools.save.display(args)
+        )));
+    }
+    Ok(NatRead {
+        text: if whole { nat_section(&saved) } else { saved },
+        by_chain: false,
+    })
+}
+
+fn read_nat_by_chain(
+    family: Family,
+    tools: &FamilyTools,
+    chain: &ChainName,
+    place: &str,
+    runner: &SharedRunner,
+) -> Result<NatRead, SyncError> {
+    let incompatible = format!(
+        "{place} holds rules iptables cannot list (native nft rules, `nft list table {} nat` shows them)",
+        match family {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    );
+    let Some(list) = &tools.list else {
+        return Err(SyncError::Unreadable(format!(
+            "{incompatible}, and {} is not installed to list its chains one by one; nothing is written until the table can be read",
+            resolve_list_name(family)
+        )));
+    };
+    let show = |name: &str| runner.run(list, &["-t", "nat", "-S", name], None, None);
+    let postrouting = show("POSTROUTING").map_err(|err| {
+        SyncError::Unreadable(format!(
+            "{incompatible}, and so does its POSTROUTING chain ({err}); the agent cannot see its jump there, so it writes nothing until those rules are gone"
+        ))
+    })?;
+    let mut declarations = vec![":POSTROUTING ACCEPT [0:0]".to_string()];
+    let mut rules: Vec<String> = postrouting
+        .lines()
+        .filter(|line| line.starts_with("-A POSTROUTING "))
+        .map(str::to_string)
+        .collect();
+    let mut wanted = vec![chain.to_string()];
+    for target in agent_jump_targets(&postrouting) {
+        if !wanted.contains(&target) {
+            wanted.push(target);
+        }
+    }
+    for name in wanted {
+        match show(&name) {
+            Ok(listing) => {
+                declarations.push(format!(":{name} - [0:0]"));
+                let own = format!("-A {name} ");
+                rules.extend(
+                    listing
+                        .lines()
+                        .filter(|line| line.starts_with(&own))
+                        .map(str::to_string),
+                );
+            }
+            // iptables-nft says "incompatible" of a missing chain too: ask the kernel.
+            Err(err) => match runner.nft_chain_exists(family, "nat", &name) {
+                Ok(false) => {}
+                Ok(true) if name == chain.as_str() => {
+                    return Err(SyncError::Unreadable(format!(
+                        "{incompatible}, among them rules in the agent's chain {name} ({err}); refusing to flush a chain the agent cannot read"
+                    )));
+                }
+                // A stale chain of an older name: only the jump into it will go.
+                Ok(true) => {}
+                Err(error) => {
+                    return Err(SyncError::Tool {
+                        doing: format!("{incompatible}; looking up chain {name}"),
+                        error,
+                    });
+                }
+            },
+        }
+    }
+    let mut text = String::from("*nat\n");
+    for line in declarations.iter().chain(&rules) {
+        text.push_str(line);
+        text.push('\n');
+    }
+    text.push_str("COMMIT\n");
+    Ok(NatRead {
+        text,
+        by_chain: true,
+    })
+}
+
+fn resolve_list_name(family: Family) -> String {
+    format!("{}-nft (or xtables-nft-multi)", base_name(family))
 }
 
 /// Reads the host's tables and applies the iptables-wrapper rule. Like the wrapper, a
@@ -450,8 +709,17 @@ pub fn remove_agent_rules(
     chain: &ChainName,
     runner: &SharedRunner,
 ) -> Result<Vec<String>, SyncError> {
+    remove_agent_rules_in(&[Flavour::Nft, Flavour::Legacy], chain, runner)
+}
+
+/// `remove_agent_rules` for some flavours only.
+pub fn remove_agent_rules_in(
+    flavours: &[Flavour],
+    chain: &ChainName,
+    runner: &SharedRunner,
+) -> Result<Vec<String>, SyncError> {
     let mut removed = Vec::new();
-    for flavour in [Flavour::Nft, Flavour::Legacy] {
+    for &flavour in flavours {
         for family in [Family::V4, Family::V6] {
             let Some(tools) = resolve_tools(family, flavour, runner) else {
                 continue;
@@ -460,18 +728,17 @@ pub fn remove_agent_rules(
                 continue;
             }
             // Naming a legacy table makes the kernel create it, so legacy is read whole.
-            let args: &[&str] = match flavour {
-                Flavour::Nft => &["-t", "nat"],
-                Flavour::Legacy => &[],
+            let whole = flavour == Flavour::Legacy;
+            let saved = match read_nat_table(flavour, family, &tools, chain, whole, runner) {
+                Ok(read) => read.text,
+                // Not installed after all (a dangling link): nothing of ours there.
+                Err(SyncError::Tool {
+                    error: ToolError::Missing { .. },
+                    ..
+                }) => continue,
+                Err(err) => return Err(err),
             };
-            let saved = match runner.run(&tools.save, args, None, None) {
-                Ok(saved) => saved,
-                Err(err) => {
-                    tracing::debug!("skipping {}-{flavour}: {err:#}", base_name(family));
-                    continue;
-                }
-            };
-            let lines = plan_removal(&nat_section(&saved), chain);
+            let lines = plan_removal(&saved, chain);
             if lines.is_empty() {
                 continue;
             }
@@ -686,6 +953,8 @@ pub struct IptablesBackend {
     /// The nat tables the last sync or diff read, by family: the survey of rules acting
     /// before the agent's reuses them (`Backend::last_read_nat`).
     last_read: Vec<(Family, String)>,
+    /// Families whose table iptables-nft could not print whole at the last read.
+    read_by_chain: Vec<Family>,
 }
 
 impl IptablesBackend {
@@ -724,6 +993,7 @@ impl IptablesBackend {
             runner,
             verified: None,
             last_read: Vec::new(),
+            read_by_chain: Vec::new(),
         })
     }
 
@@ -786,11 +1056,24 @@ impl IptablesBackend {
         }
     }
 
-    fn read_nat(&self, family: Family) -> Result<String, SyncError> {
+    fn read_nat(&self, family: Family) -> Result<NatRead, SyncError> {
         let tools = self.tools(family)?;
-        self.runner
-            .run(&tools.save, &["-t", "nat"], None, None)
-            .doing(|| format!("reading the {family} nat table"))
+        read_nat_table(
+            self.flavour,
+            family,
+            tools,
+            &self.chain,
+            false,
+            &self.runner,
+        )
+    }
+
+    /// Remembers how `family`'s table was read, for `read_notes`.
+    fn note_read(&mut self, family: Family, read: &NatRead) {
+        self.read_by_chain.retain(|f| *f != family);
+        if read.by_chain {
+            self.read_by_chain.push(family);
+        }
     }
 }
 
@@ -808,9 +1091,29 @@ impl Backend for IptablesBackend {
     }
 
     fn last_read_nat(&self) -> Vec<(Family, &str)> {
+        // A table read chain by chain lacks the chains others jump to: the survey reads
+        // it through nft instead.
         self.last_read
             .iter()
+            .filter(|(family, _)| !self.read_by_chain.contains(family))
             .map(|(family, text)| (*family, text.as_str()))
+            .collect()
+    }
+
+    fn agent_chain(&self) -> Option<&ChainName> {
+        Some(&self.chain)
+    }
+
+    fn read_notes(&self) -> Vec<String> {
+        self.read_by_chain
+            .iter()
+            .map(|family| {
+                format!(
+                    "the {family} nat table of iptables-{} holds rules iptables cannot list (native nft rules); the agent read it chain by chain (`{} -t nat -S CHAIN`)",
+                    self.flavour,
+                    base_name(*family)
+                )
+            })
             .collect()
     }
 
@@ -820,7 +1123,9 @@ impl Backend for IptablesBackend {
         let mut diff = Vec::new();
         self.last_read.clear();
         for family in &policy.families {
-            let saved = self.read_nat(family.family)?;
+            let read = self.read_nat(family.family)?;
+            self.note_read(family.family, &read);
+            let saved = read.text;
             let mut expected = vec![
                 format!(":{} - [0:0]", self.chain),
                 normalize_rule(&jump_rule(&self.chain)),
@@ -862,9 +1167,9 @@ impl Backend for IptablesBackend {
         // At the first sync the IPv4 save is read first: it also tells the version.
         let mut first_read = None;
         if self.random_fully_supported.is_none() {
-            let saved = self.read_nat(Family::V4)?;
-            self.learn_random_fully_support_from(Some(&saved))?;
-            first_read = Some(saved);
+            let read = self.read_nat(Family::V4)?;
+            self.learn_random_fully_support_from(Some(&read.text))?;
+            first_read = Some(read);
         }
         let masquerade = self.effective_masquerade(policy);
         let wanted: Vec<Vec<String>> = policy
@@ -893,10 +1198,12 @@ impl Backend for IptablesBackend {
         let mut wrote = false;
         self.last_read.clear();
         for (family, rules) in policy.families.iter().zip(wanted) {
-            let saved = match (family.family, first_read.take()) {
-                (Family::V4, Some(saved)) => saved,
+            let read = match (family.family, first_read.take()) {
+                (Family::V4, Some(read)) => read,
                 _ => self.read_nat(family.family)?,
             };
+            self.note_read(family.family, &read);
+            let saved = read.text;
             let foreign = foreign_rules(&saved, &self.chain);
             if let Some(example) = foreign.first() {
                 return Err(SyncError::ForeignChain {

@@ -161,6 +161,10 @@ pub enum SyncError {
     /// The backend cannot work here (tools missing, a family not enabled).
     #[error("{0}")]
     Unusable(String),
+    /// The kernel's rules could not be read in a form the agent understands; nothing
+    /// was written on them.
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 /// The kinds of [`SyncError`], for metrics labels and health reports.
@@ -172,6 +176,7 @@ pub enum SyncErrorKind {
     ToolTimedOut,
     Interrupted,
     Unusable,
+    Unreadable,
 }
 
 impl SyncErrorKind {
@@ -183,6 +188,7 @@ impl SyncErrorKind {
             SyncErrorKind::ToolTimedOut => "tool_timed_out",
             SyncErrorKind::Interrupted => "interrupted",
             SyncErrorKind::Unusable => "unusable",
+            SyncErrorKind::Unreadable => "unreadable",
         }
     }
 }
@@ -192,6 +198,7 @@ impl SyncError {
         match self {
             SyncError::ForeignChain { .. } => SyncErrorKind::ForeignChain,
             SyncError::Unusable(_) => SyncErrorKind::Unusable,
+            SyncError::Unreadable(_) => SyncErrorKind::Unreadable,
             SyncError::Tool { error, .. } => match error {
                 ToolError::Missing { .. } => SyncErrorKind::ToolMissing,
                 ToolError::Failed { .. } | ToolError::Wait { .. } | ToolError::Kernel { .. } => {
@@ -241,6 +248,18 @@ pub trait Backend {
     /// The nat tables the last `sync` or `diff` read, by family (the iptables backend's
     /// own `iptables-save -t nat`), so the survey reuses them instead of reading again.
     fn last_read_nat(&self) -> Vec<(Family, &str)> {
+        Vec::new()
+    }
+
+    /// The agent's nat chain, for the iptables backend.
+    fn agent_chain(&self) -> Option<&ChainName> {
+        None
+    }
+
+    /// What the operator should know about how the last `sync` or `diff` had to read
+    /// the kernel (e.g. a nat table iptables-nft could only list chain by chain); empty
+    /// when nothing is out of the ordinary.
+    fn read_notes(&self) -> Vec<String> {
         Vec::new()
     }
 }
@@ -328,31 +347,62 @@ fn remove_nft_table(runner: &SharedRunner) -> Result<Option<String>, SyncError> 
     Ok(removed.then(|| format!("nft table inet {}", nftables::TABLE)))
 }
 
-/// The other backend's rules, which a running backend removes once its own are in force.
+/// The agent's rules where a running backend no longer works, which it removes once its
+/// own are in force: the other backend's, and with the iptables backend the other
+/// iptables flavour's (both flavours hook srcnat at priority 100, so a chain left there
+/// keeps deciding traffic by the config it was written for).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Leftovers {
-    /// The iptables backend's chain and jumps (every flavour and family).
-    Iptables(ChainName),
-    /// The nftables backend's table.
-    Nftables,
+pub struct Leftovers {
+    chain: ChainName,
+    /// The iptables flavours whose agent jumps and chains go.
+    iptables: Vec<iptables::Flavour>,
+    /// Whether the nftables backend's table goes.
+    nft_table: bool,
+    /// Which backend works now, for the log lines.
+    working: SrcnatPlace,
 }
 
 impl Leftovers {
+    /// Of the nftables backend: the iptables backend's rules, in both flavours.
+    pub fn of_nftables_backend(chain: &ChainName) -> Leftovers {
+        Leftovers {
+            chain: chain.clone(),
+            iptables: vec![iptables::Flavour::Nft, iptables::Flavour::Legacy],
+            nft_table: false,
+            working: SrcnatPlace::Nftables,
+        }
+    }
+
+    /// Of the iptables backend in `flavour`: the nftables backend's table, and the
+    /// agent's rules in the other flavour.
+    pub fn of_iptables_backend(chain: &ChainName, flavour: iptables::Flavour) -> Leftovers {
+        Leftovers {
+            chain: chain.clone(),
+            iptables: vec![flavour.other()],
+            nft_table: true,
+            working: SrcnatPlace::Iptables(flavour),
+        }
+    }
+
     /// Removes them; returns a log line per place they were removed from. Run after a
     /// successful sync (so traffic is never left unmasqueraded) and retried until it
-    /// succeeds: an old iptables chain at srcnat runs before the nft table and keeps
-    /// the old decisions.
+    /// succeeds.
     pub fn remove(&self, runner: &SharedRunner) -> Result<Vec<String>, SyncError> {
-        Ok(match self {
-            Leftovers::Iptables(chain) => iptables::remove_agent_rules(chain, runner)?
-                .into_iter()
-                .map(|place| format!("removed the iptables backend's rules from {place}"))
-                .collect(),
-            Leftovers::Nftables => remove_nft_table(runner)?
-                .map(|_| "removed the nftables backend's table".to_string())
-                .into_iter()
-                .collect(),
-        })
+        let mut lines = Vec::new();
+        for place in iptables::remove_agent_rules_in(&self.iptables, &self.chain, runner)? {
+            lines.push(match self.working {
+                SrcnatPlace::Nftables => {
+                    format!("removed the iptables backend's rules from {place}")
+                }
+                SrcnatPlace::Iptables(flavour) => format!(
+                    "removed the agent's rules left in {place} (the agent works in iptables-{flavour})"
+                ),
+            });
+        }
+        if self.nft_table && remove_nft_table(runner)?.is_some() {
+            lines.push("removed the nftables backend's table".to_string());
+        }
+        Ok(lines)
     }
 }
 
@@ -391,21 +441,18 @@ pub fn build(
     Ok(match choice {
         BackendChoice::Nftables => (
             Box::new(nftables::NftablesBackend::new(runner.clone())?),
-            Leftovers::Iptables(chain.clone()),
+            Leftovers::of_nftables_backend(chain),
         ),
         BackendChoice::Windows => {
             return Err(SyncError::Unusable(
                 "--backend=windows only renders; the agent is Linux-only (use windows-cni on Windows nodes)".into(),
             ));
         }
-        BackendChoice::Iptables | BackendChoice::Auto => (
-            Box::new(iptables::IptablesBackend::new(
-                chain.clone(),
-                mode,
-                enable_ipv6,
-                runner.clone(),
-            )?),
-            Leftovers::Nftables,
-        ),
+        BackendChoice::Iptables | BackendChoice::Auto => {
+            let backend =
+                iptables::IptablesBackend::new(chain.clone(), mode, enable_ipv6, runner.clone())?;
+            let leftovers = Leftovers::of_iptables_backend(chain, backend.flavour());
+            (Box::new(backend), leftovers)
+        }
     })
 }

@@ -100,6 +100,11 @@ pub trait Runner: Send + Sync {
     /// nf_tables transaction.
     fn change_set_elements(&self, table: &str, changes: &[SetChange]) -> Result<(), ToolError>;
 
+    /// Whether the nf_tables table `table` of `family` (ip or ip6) holds a chain named
+    /// `chain` (one netlink lookup).
+    fn nft_chain_exists(&self, family: Family, table: &str, chain: &str)
+    -> Result<bool, ToolError>;
+
     /// The tables iptables-legacy holds for `family` (`/proc/net/ip_tables_names`,
     /// `ip6_tables_names`); an empty list when the legacy module is not loaded.
     fn legacy_tables(&self, family: Family) -> Vec<String>;
@@ -153,6 +158,24 @@ impl Runner for SystemRunner {
         netlink::nftables::change_set_elements(table, changes).map_err(|message| {
             ToolError::Kernel {
                 what: format!("changing the elements of table inet {table}"),
+                message,
+            }
+        })
+    }
+
+    fn nft_chain_exists(
+        &self,
+        family: Family,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, ToolError> {
+        let nfproto = match family {
+            Family::V4 => libc::NFPROTO_IPV4,
+            Family::V6 => libc::NFPROTO_IPV6,
+        };
+        netlink::lookup::chain_exists(nfproto as u8, table, chain).map_err(|message| {
+            ToolError::Kernel {
+                what: format!("looking up chain {chain} of nft table {table} ({family})"),
                 message,
             }
         })

@@ -78,6 +78,8 @@ struct Health {
     resync_interval: Duration,
     /// Set when the HTTP endpoint could only be bound after failed attempts.
     late_bind: Option<LateBind>,
+    /// How the last sync had to read the kernel, when out of the ordinary.
+    read_notes: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -104,6 +106,7 @@ pub struct Telemetry {
     http_endpoint_bound: Gauge,
     http_bind_failures: Counter,
     http_accept_errors: Counter,
+    read_by_chain: Gauge,
     health: Mutex<Health>,
 }
 
@@ -142,6 +145,12 @@ impl Telemetry {
         let http_endpoint_bound = Gauge::default();
         let http_bind_failures = Counter::default();
         let http_accept_errors = Counter::default();
+        let read_by_chain = Gauge::default();
+        registry.register(
+            "nat_tables_read_by_chain",
+            "nat tables iptables-nft could not print whole (they hold native nft rules), read chain by chain at the last sync",
+            read_by_chain.clone(),
+        );
         registry.register(
             "syncs",
             "Syncs of the kernel's rules, by result",
@@ -149,7 +158,7 @@ impl Telemetry {
         );
         registry.register(
             "sync_errors",
-            "Failed syncs by kind: foreign_chain, tool_missing, tool_failed, tool_timed_out, interrupted, unusable",
+            "Failed syncs by kind: foreign_chain, tool_missing, tool_failed, tool_timed_out, interrupted, unusable, unreadable (a listing the agent could not read; nothing was written on it)",
             sync_errors.clone(),
         );
         registry.register(
@@ -230,6 +239,7 @@ impl Telemetry {
             http_endpoint_bound,
             http_bind_failures,
             http_accept_errors,
+            read_by_chain,
             health: Mutex::new(Health {
                 started: Instant::now(),
                 sync_deadline: Duration::ZERO,
@@ -238,6 +248,7 @@ impl Telemetry {
                 last_error: None,
                 resync_interval: Duration::from_secs(60),
                 late_bind: None,
+                read_notes: Vec::new(),
             }),
         }
     }
@@ -324,6 +335,13 @@ impl Telemetry {
         }
     }
 
+    /// How the last sync had to read the kernel (shown in /healthz; counted).
+    pub fn read_notes(&self, notes: &[String]) {
+        self.read_by_chain
+            .set(i64::try_from(notes.len()).unwrap_or(i64::MAX));
+        self.health().read_notes = notes.to_vec();
+    }
+
     pub fn http_bind_failed(&self) {
         self.http_bind_failures.inc();
     }
@@ -389,13 +407,16 @@ impl Telemetry {
     /// body either way.
     pub fn liveness(&self) -> Result<String, String> {
         let health = self.health();
-        let note = match &health.late_bind {
+        let mut note = match &health.late_bind {
             Some(late) => format!(
                 "note: this endpoint was bound {:.1?} after start-up, after {} failed attempt(s); syncing did not wait for it\n",
                 late.after_start, late.failed_attempts
             ),
             None => String::new(),
         };
+        for read in &health.read_notes {
+            note.push_str(&format!("note: {read}\n"));
+        }
         Self::sync_liveness(&health)
             .map(|body| body + &note)
             .map_err(|body| body + &note)

@@ -5,11 +5,15 @@
 
 pub mod precedence;
 
-use crate::backend::{Backend, NFTABLES_PRIORITY, SRCNAT, SrcnatPlace, iptables, nftables};
+use crate::backend::{
+    Backend, ChainName, NFTABLES_PRIORITY, SRCNAT, SrcnatPlace, iptables, nftables,
+};
 use crate::kernel::{Program, SharedRunner};
 use crate::policy::{Family, Policy};
 
-pub(crate) fn srcnat_ours(place: SrcnatPlace) -> precedence::Ours {
+/// Where the agent's rules sit (`place`; `chain`: its nat chain for the iptables
+/// backend) and how to recognise them.
+pub(crate) fn srcnat_ours(place: SrcnatPlace, chain: Option<&ChainName>) -> precedence::Ours {
     let (xtables, priority) = match place {
         SrcnatPlace::Iptables(flavour) => (Some(flavour.as_str()), SRCNAT),
         SrcnatPlace::Nftables => (None, NFTABLES_PRIORITY),
@@ -18,8 +22,8 @@ pub(crate) fn srcnat_ours(place: SrcnatPlace) -> precedence::Ours {
         xtables,
         priority,
         nft_table: ("inet", nftables::TABLE),
+        chain: chain.map(ToString::to_string),
         is_agent_jump: iptables::is_agent_jump_spec,
-        is_agent_chain_rule: iptables::is_agent_chain_rule,
     }
 }
 
@@ -84,6 +88,19 @@ fn read_srcnat(
                 continue;
             };
             match runner.run(&tools.save, &["-t", "nat"], None, None) {
+                // iptables-nft cannot print a table holding native nft rules: the nft
+                // ruleset shows it instead (and is read as such when this is not listed).
+                Ok(text) if iptables::is_incompatible_listing(&text) => {
+                    if listings.ruleset.is_some() {
+                        listings.read.push(format!(
+                            "{label} through nft (iptables-nft cannot print it: it holds native nft rules)"
+                        ));
+                    } else {
+                        listings.notes.push(format!(
+                            "{label} not surveyed: iptables-nft cannot print it (native nft rules) and nft could not be read"
+                        ));
+                    }
+                }
                 Ok(text) => {
                     saved.text = text;
                     listings.read.push(label);
@@ -180,7 +197,11 @@ impl SrcnatWatch {
         };
         self.fresh = Some(hash);
         self.classified_for = Some(policy.clone());
-        let survey = precedence::classify(&listings, &srcnat_ours(place), policy);
+        let survey = precedence::classify(
+            &listings,
+            &srcnat_ours(place, backend.agent_chain()),
+            policy,
+        );
         let previous = self.last.replace(survey.clone());
         let before: &[precedence::Preceding] = previous.as_ref().map_or(&[], |s| &s.rules);
         let absent = |rule: &precedence::Preceding, among: &[precedence::Preceding]| {

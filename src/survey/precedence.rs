@@ -10,12 +10,15 @@
 //! priority in another table is reported as "same priority: order not defined" rather
 //! than guessed.
 //!
-//! A rule counts when it can MASQUERADE or SNAT a packet: its target is MASQUERADE/SNAT
-//! (`masquerade`/`snat` in nft), or it jumps to a chain that (transitively) holds such a
-//! rule. kube-proxy's mark-guarded masquerade (a `! --mark M/M -j RETURN` before the
+//! A rule counts when it can rewrite a packet's source: its target is MASQUERADE, SNAT or
+//! NETMAP (`masquerade`, `snat`, `snat prefix`, `snat ... map` in nft), or it jumps to a
+//! chain that (transitively) holds such a rule. An nft rule that only matches one family
+//! (`meta nfproto ipv6`, `ip6 saddr ...`, `snat ip to`) is judged for that family alone. kube-proxy's mark-guarded masquerade (a `! --mark M/M -j RETURN` before the
 //! MASQUERADE in `KUBE-POSTROUTING`, or `meta mark & M == 0 return` in table ip/ip6
-//! kube-proxy) is listed as expected. The agent's own jump, chain rules and nft table are
-//! never listed. Verdict maps by name (`vmap @map`) are not followed (`nft -t` omits
+//! kube-proxy) is listed as expected. The agent's own jump and chain, where the agent
+//! works now, and its nft table are never listed; its jump and chain left in the other
+//! iptables flavour (or, with the nftables backend, in iptables) are: they still decide
+//! traffic, with whatever config they were written for (`Preceding::leftover`). Verdict maps by name (`vmap @map`) are not followed (`nft -t` omits
 //! their elements).
 //!
 //! Pure: it classifies `iptables-save -t nat` and `nft -t list ruleset` text that the
@@ -73,7 +76,7 @@ pub struct Listings {
 }
 
 /// Where the agent's own rules sit and how to recognise them.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Ours {
     /// The iptables flavour (`nft`/`legacy`) whose nat POSTROUTING holds the agent's
     /// jump; None for the nftables backend.
@@ -82,10 +85,11 @@ pub struct Ours {
     pub priority: i32,
     /// The agent's nft table, `(family, name)`: never surveyed.
     pub nft_table: (&'static str, &'static str),
+    /// The agent's nat chain where it works now (the iptables backend): a rule that
+    /// jumps into it runs the agent's own rules, which decide as the agent does.
+    pub chain: Option<String>,
     /// True for a nat POSTROUTING rule spec (after `-A POSTROUTING `) some release wrote.
     pub is_agent_jump: fn(&str) -> bool,
-    /// True for an `-A CHAIN ...` line the agent writes into its chain.
-    pub is_agent_chain_rule: fn(&str) -> bool,
 }
 
 impl Ours {
@@ -127,6 +131,8 @@ pub struct Preceding {
     pub expected: bool,
     /// Which of the agent's decisions it can override (or why it is expected).
     pub effect: String,
+    /// The agent's own jump, left in a flavour (or backend) it no longer works in.
+    pub leftover: bool,
 }
 
 impl Preceding {
@@ -158,6 +164,12 @@ pub struct Survey {
 }
 
 impl Survey {
+    /// Whether the agent's own rules were found where it no longer works (the other
+    /// iptables flavour; iptables for the nftables backend).
+    pub fn has_leftovers(&self) -> bool {
+        self.rules.iter().any(|rule| rule.leftover)
+    }
+
     /// (expected, unexpected), the omitted ones counted as unexpected.
     pub fn counts(&self) -> (usize, usize) {
         let expected = self.rules.iter().filter(|r| r.expected).count();
@@ -249,8 +261,29 @@ fn parse_net(text: &str) -> Option<IpNet> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Action {
     Masquerade,
-    /// SNAT to this address (or range), as written.
-    Snat(String),
+    /// Any other rewrite of the source, as the operator should read it:
+    /// `SNAT (to 192.0.2.1)`, `NETMAP (to 192.0.2.0/24)`, `SNAT (prefix to ...)`.
+    Rewrite(String),
+}
+
+impl Action {
+    fn verb(&self) -> String {
+        match self {
+            Action::Masquerade => "masquerade".to_string(),
+            Action::Rewrite(what) => what.clone(),
+        }
+    }
+}
+
+/// At most this many characters of a rewrite's target (a map can be long).
+const MAX_TARGET_SHOWN: usize = 60;
+
+fn shortened(text: &str) -> String {
+    if text.chars().count() <= MAX_TARGET_SHOWN {
+        return text.to_string();
+    }
+    let cut: String = text.chars().take(MAX_TARGET_SHOWN).collect();
+    format!("{cut}…")
 }
 
 /// What the path from a base chain to one NAT rule adds up to.
@@ -264,6 +297,25 @@ struct Path {
     destinations: Vec<IpNet>,
     /// The mark a packet must carry to get here (`M/M`), if any.
     guard: Option<String>,
+    /// The only families packets can have here (an nft rule's `meta nfproto ipv6`,
+    /// `ip saddr`, ...); None: any.
+    families: Option<Vec<Family>>,
+}
+
+impl Path {
+    /// Narrows the families by what one rule matches; false when none is left.
+    fn restrict(&mut self, only: Option<Vec<Family>>) -> bool {
+        let Some(only) = only else {
+            return true;
+        };
+        let narrowed: Vec<Family> = match &self.families {
+            Some(now) => now.iter().copied().filter(|f| only.contains(f)).collect(),
+            None => only,
+        };
+        let any = !narrowed.is_empty();
+        self.families = Some(narrowed);
+        any
+    }
 }
 
 /// One NAT rule reached from a base chain's rule.
@@ -327,13 +379,18 @@ impl XtRule {
     fn action(&self) -> Option<Action> {
         match self.target.as_deref()? {
             "MASQUERADE" => Some(Action::Masquerade),
-            "SNAT" => {
+            target @ ("SNAT" | "NETMAP") => {
+                let flag = if target == "SNAT" {
+                    "--to-source"
+                } else {
+                    "--to"
+                };
                 let to = self
                     .target_args
                     .windows(2)
-                    .find(|pair| pair[0].is("--to-source"))
+                    .find(|pair| pair[0].is(flag))
                     .map_or_else(|| "?".to_string(), |pair| pair[1].text.clone());
-                Some(Action::Snat(to))
+                Some(Action::Rewrite(format!("{target} (to {})", shortened(&to))))
             }
             _ => None,
         }
@@ -421,7 +478,7 @@ fn xt_reached(
     table: &XtTable,
     rule: &XtRule,
     mut path: Path,
-    ours: &Ours,
+    agent_chain: Option<&str>,
     steps: &mut usize,
     out: &mut Vec<Reached>,
 ) {
@@ -432,7 +489,7 @@ fn xt_reached(
         .cloned()
         .unwrap_or_else(|| "POSTROUTING".to_string());
     *steps += 1;
-    if *steps > MAX_STEPS || (ours.is_agent_chain_rule)(&rule.line) {
+    if *steps > MAX_STEPS {
         return;
     }
     let matches = join(&rule.matches);
@@ -456,6 +513,10 @@ fn xt_reached(
     let Some(target) = rule.target.as_deref() else {
         return;
     };
+    // Into the agent's own chain, where it works: the agent's rules decide there.
+    if agent_chain == Some(target) {
+        return;
+    }
     let Some(rules) = table.rules(target) else {
         return;
     };
@@ -473,7 +534,7 @@ fn xt_reached(
         }
         let mut next = path.clone();
         next.guard = guard.clone();
-        xt_reached(table, inner, next, ours, steps, out);
+        xt_reached(table, inner, next, agent_chain, steps, out);
     }
 }
 
@@ -498,12 +559,16 @@ fn classify_saved(
         .iter()
         .filter(|r| !is_agent_jump_line(&r.line, ours))
         .count();
+    let agent_chain = ours.chain.as_deref().filter(|_| holds_agent);
     let mut guard = None;
     for (index, rule) in postrouting.iter().enumerate() {
         if holds_agent && agent_jump.is_some_and(|at| index >= at) {
             break;
         }
         if is_agent_jump_line(&rule.line, ours) {
+            if !holds_agent {
+                found.push(leftover(saved, index, &rule.line, ours, &place));
+            }
             continue;
         }
         if guard.is_none() {
@@ -517,7 +582,7 @@ fn classify_saved(
             guard: guard.clone(),
             ..Path::default()
         };
-        xt_reached(&table, rule, path, ours, steps, &mut reached);
+        xt_reached(&table, rule, path, agent_chain, steps, &mut reached);
         let (position, order) = match (holds_agent, agent_jump, ours.xtables) {
             (true, Some(at), _) => (
                 format!(
@@ -566,8 +631,47 @@ fn classify_saved(
                 via: reach.via.map(|via| format!("{}: {via}", reach.chain)),
                 expected,
                 effect,
+                leftover: false,
             });
         }
+    }
+}
+
+/// The agent's own jump where it no longer works: another iptables flavour, or iptables
+/// for the nftables backend. It still decides traffic with the config it was written for.
+fn leftover(saved: &SavedNat, index: usize, line: &str, ours: &Ours, place: &str) -> Preceding {
+    let (position, order, effect) = match ours.xtables {
+        Some(flavour) => (
+            format!(
+                "rule {}; iptables-{} and iptables-{flavour} (the agent's) both hook srcnat at priority 100: same priority: order not defined",
+                index + 1,
+                saved.flavour
+            ),
+            Order::SamePriority,
+            format!(
+                "the agent's own jump and chain, left in iptables-{} from a run in that flavour: they still masquerade by the config they were written for, at the same priority as the agent's rules in iptables-{flavour}; the agent removes them after its next successful sync",
+                saved.flavour
+            ),
+        ),
+        None => (
+            format!(
+                "rule {}, priority srcnat (100), before the agent's {}",
+                index + 1,
+                ours.describe()
+            ),
+            Order::Before,
+            "the iptables backend's jump and chain, left from before the switch to nftables: they run first and masquerade by the config they were written for; the agent removes them after its next successful sync".to_string(),
+        ),
+    };
+    Preceding {
+        place: place.to_string(),
+        position,
+        order,
+        rule: line.to_string(),
+        via: None,
+        expected: false,
+        effect,
+        leftover: true,
     }
 }
 
@@ -801,7 +905,9 @@ impl NftRule {
         i > 0 && (self.words[i - 1].is("jump") || self.words[i - 1].is("goto"))
     }
 
-    /// Where the NAT statement starts, and what it does.
+    /// Where the NAT statement starts, and what it does: `masquerade ...`, or `snat [ip |
+    /// ip6] [prefix] to EXPR [flags]` where EXPR may be an address, a range, a prefix or
+    /// a map (`ip saddr map { ... }`).
     fn action(&self) -> Option<(usize, Action)> {
         let w = &self.words;
         (0..w.len()).find_map(|i| {
@@ -811,16 +917,72 @@ impl NftRule {
             if w[i].is("masquerade") {
                 return Some((i, Action::Masquerade));
             }
-            let next = w.get(i + 1);
-            if w[i].is("snat") && next.is_some_and(|n| n.is("to") || n.is("ip") || n.is("ip6")) {
-                let to = (i + 1..w.len())
-                    .find(|&j| w[j].is("to"))
-                    .and_then(|j| w.get(j + 1))
-                    .map_or_else(|| "?".to_string(), |t| t.text.clone());
-                return Some((i, Action::Snat(to)));
+            if !w[i].is("snat") {
+                return None;
             }
-            None
+            let mut j = i + 1;
+            if w.get(j).is_some_and(|n| n.is("ip") || n.is("ip6")) {
+                j += 1;
+            }
+            let prefix = w.get(j).is_some_and(|n| n.is("prefix"));
+            if prefix {
+                j += 1;
+            }
+            if !w.get(j).is_some_and(|n| n.is("to")) {
+                return None;
+            }
+            const FLAGS: [&str; 3] = ["persistent", "random", "fully-random"];
+            let target: Vec<Token> = w[j + 1..]
+                .iter()
+                .take_while(|t| !FLAGS.iter().any(|f| t.is(f)))
+                .cloned()
+                .collect();
+            let to = if target.is_empty() {
+                "?".to_string()
+            } else {
+                shortened(&join(&target))
+            };
+            let what = if prefix {
+                format!("SNAT (prefix to {to})")
+            } else {
+                format!("SNAT (to {to})")
+            };
+            Some((i, Action::Rewrite(what)))
         })
+    }
+
+    /// The families this rule can match (None: any): `meta nfproto ipv4`, a match on an
+    /// `ip` or `ip6` header field, or a NAT statement of one family (`snat ip to`).
+    fn families(&self) -> Option<Vec<Family>> {
+        let w = &self.words;
+        let mut only: Option<Family> = None;
+        let mut conflict = false;
+        let mut note = |family: Family| match only {
+            Some(now) if now != family => conflict = true,
+            _ => only = Some(family),
+        };
+        for i in 0..w.len() {
+            if w[i].is("nfproto") && !w.get(i + 1).is_some_and(|n| n.is("!=")) {
+                let value = w.get(i + 1).filter(|n| !n.is("==")).or(w.get(i + 2));
+                match value.map(|v| v.text.as_str()) {
+                    Some("ipv4") => note(Family::V4),
+                    Some("ipv6") => note(Family::V6),
+                    _ => {}
+                }
+            }
+            let header_field = w.get(i + 1).is_some_and(|n| {
+                !n.quoted && n.text.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            });
+            if w[i].is("ip") && header_field {
+                note(Family::V4);
+            } else if w[i].is("ip6") && header_field {
+                note(Family::V6);
+            }
+        }
+        if conflict {
+            return Some(Vec::new());
+        }
+        only.map(|family| vec![family])
     }
 
     fn jumps(&self) -> Vec<(usize, String)> {
@@ -896,6 +1058,17 @@ impl NftRule {
     }
 }
 
+/// The agent's POSTROUTING jump as nft lists iptables-nft's rule (the comment match is
+/// not shown): `fib daddr type != local [counter ...] jump CHAIN`.
+fn is_agent_nft_jump(text: &str, ours: &Ours) -> bool {
+    let Some(chain) = ours.chain.as_deref() else {
+        return false;
+    };
+    let rule = NftRule::parse(text);
+    let words: Vec<&str> = rule.words.iter().map(|t| t.text.as_str()).collect();
+    words == ["fib", "daddr", "type", "!=", "local", "jump", chain]
+}
+
 fn nft_reached(
     chains: &[NftChain],
     at: usize,
@@ -917,6 +1090,9 @@ fn nft_reached(
         .map(|(i, _)| *i)
         .or_else(|| jumps.first().map(|(i, _)| *i))
         .unwrap_or(rule.words.len());
+    if !path.restrict(rule.families()) {
+        return;
+    }
     let matches = rule.matches(end);
     if !matches.is_empty() {
         path.matches
@@ -988,13 +1164,24 @@ fn classify_ruleset(
             "inet" => vec![Family::V4, Family::V6],
             _ => continue,
         };
-        // iptables-nft's own base chain: read through iptables-nft-save already.
-        if chain.table == "nat"
+        // iptables-nft's own base chain: read through iptables-nft-save already, unless
+        // iptables-nft could not print the table (a native rule in it).
+        let iptables_nft_postrouting = chain.table == "nat"
             && chain.name == "POSTROUTING"
-            && families.iter().all(|f| iptables_nft_covered.contains(f))
-        {
+            && matches!(chain.family.as_str(), "ip" | "ip6");
+        if iptables_nft_postrouting && families.iter().all(|f| iptables_nft_covered.contains(f)) {
             continue;
         }
+        // ... and where the agent works (iptables-nft), rules after its jump run later.
+        let agent_here = iptables_nft_postrouting && ours.xtables == Some("nft");
+        let agent_jump = if agent_here {
+            chain
+                .rules
+                .iter()
+                .position(|text| is_agent_nft_jump(text, ours))
+        } else {
+            None
+        };
         let managed: Vec<FamilyPolicy> = families
             .iter()
             .filter_map(|f| policy.family(*f).cloned())
@@ -1011,6 +1198,7 @@ fn classify_ruleset(
             format!("{} ({priority})", hook.priority_text)
         };
         let (position, order) = match priority.cmp(&ours.priority) {
+            _ if agent_here => (String::new(), Order::Before),
             std::cmp::Ordering::Less => (
                 format!(
                     "at priority {named}, before the agent's {}",
@@ -1035,7 +1223,25 @@ fn classify_ruleset(
         let kube_proxy_table = matches!(chain.family.as_str(), "ip" | "ip6")
             && (chain.table == "kube-proxy" || chain.table == "nat");
         let mut guard = None;
-        for text in &chain.rules {
+        for (index, text) in chain.rules.iter().enumerate() {
+            if agent_jump.is_some_and(|at| index >= at) {
+                break;
+            }
+            let position = if agent_here {
+                match agent_jump {
+                    Some(at) => format!(
+                        "rule {}, before the agent's jump (rule {}; read through nft: iptables-nft cannot print this table)",
+                        index + 1,
+                        at + 1
+                    ),
+                    None => format!(
+                        "rule {}, before the agent's jump (absent when read; read through nft: iptables-nft cannot print this table)",
+                        index + 1
+                    ),
+                }
+            } else {
+                position.clone()
+            };
             let rule = NftRule::parse(text);
             if guard.is_none() {
                 guard = rule.unmarked_return();
@@ -1052,7 +1258,23 @@ fn classify_ruleset(
             for reach in reached {
                 let kube_proxy = kube_proxy_table
                     && (chain.table == "kube-proxy" || reach.chain == "KUBE-POSTROUTING");
-                let (expected, effect) = effect(&reach, kube_proxy, &managed);
+                // Only the families the path can carry (`meta nfproto ipv6 masquerade`
+                // in an inet chain overrides nothing of IPv4).
+                let reachable: Vec<FamilyPolicy> = managed
+                    .iter()
+                    .filter(|f| {
+                        reach
+                            .path
+                            .families
+                            .as_ref()
+                            .is_none_or(|only| only.contains(&f.family))
+                    })
+                    .cloned()
+                    .collect();
+                if reachable.is_empty() {
+                    continue;
+                }
+                let (expected, effect) = effect(&reach, kube_proxy, &reachable);
                 found.push(Preceding {
                     place: place.clone(),
                     position: position.clone(),
@@ -1061,6 +1283,7 @@ fn classify_ruleset(
                     via: reach.via.map(|via| format!("{}: {via}", reach.chain)),
                     expected,
                     effect,
+                    leftover: false,
                 });
             }
         }
@@ -1121,10 +1344,7 @@ fn effect(reach: &Reached, kube_proxy: bool, families: &[FamilyPolicy]) -> (bool
             }
         }
     }
-    let verb = match &reach.action {
-        Action::Masquerade => "masquerade".to_string(),
-        Action::Snat(to) => format!("SNAT (to {to})"),
-    };
+    let verb = reach.action.verb();
     let matching = if path.matches.is_empty() {
         "every packet".to_string()
     } else {

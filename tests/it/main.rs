@@ -16,6 +16,7 @@ mod image;
 mod iptables_layout;
 mod lifecycle;
 mod manifests;
+mod neighbours;
 mod nftables;
 mod operable;
 mod packets;

@@ -2,11 +2,12 @@
 //! receive bounded by a deadline), messages and attributes as the kernel lays them out,
 //! streamed dumps (one fixed buffer, whatever the size of what is dumped) and
 //! transactions that wait for every ack. The subsystems build on it: nf_tables
-//! ([`nftables`]).
+//! ([`nftables`], [`lookup`]).
 
 use std::mem::{size_of, zeroed};
 use std::time::{Duration, Instant};
 
+pub mod lookup;
 pub mod nftables;
 
 pub const NLMSG_HEADER: usize = 16;

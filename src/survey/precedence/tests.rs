@@ -132,7 +132,10 @@ fn survey_iptables_nft(nat_text: String, ruleset: Option<&str>, policy: &Policy)
     };
     classify(
         &listings,
-        &srcnat_ours(SrcnatPlace::Iptables(Flavour::Nft)),
+        &srcnat_ours(
+            SrcnatPlace::Iptables(Flavour::Nft),
+            Some(&ChainName::default()),
+        ),
         policy,
     )
 }
@@ -343,7 +346,7 @@ fn native_tables_precede_by_priority() {
     };
     let survey = classify(
         &listings,
-        &srcnat_ours(SrcnatPlace::Nftables),
+        &srcnat_ours(SrcnatPlace::Nftables, None),
         &default_policy(),
     );
     let orders: Vec<(&str, Order)> = survey
@@ -380,7 +383,10 @@ fn the_other_iptables_flavour_is_at_the_same_priority() {
     };
     let survey = classify(
         &listings,
-        &srcnat_ours(SrcnatPlace::Iptables(Flavour::Nft)),
+        &srcnat_ours(
+            SrcnatPlace::Iptables(Flavour::Nft),
+            Some(&ChainName::default()),
+        ),
         &default_policy(),
     );
     assert_eq!(survey.rules.len(), 1);
@@ -474,7 +480,7 @@ fn hostile_look_alikes_are_judged_by_what_they_do() {
             ruleset: Some(ruleset),
             ..Listings::default()
         },
-        &srcnat_ours(SrcnatPlace::Nftables),
+        &srcnat_ours(SrcnatPlace::Nftables, None),
         &default_policy(),
     );
     let places: Vec<&str> = survey.rules.iter().map(|r| r.place.as_str()).collect();
@@ -516,7 +522,7 @@ fn iptables_nfts_own_chain_in_the_ruleset_is_not_read_twice() {
             ruleset: Some(ruleset.to_string()),
             ..Listings::default()
         },
-        &srcnat_ours(SrcnatPlace::Nftables),
+        &srcnat_ours(SrcnatPlace::Nftables, None),
         &default_policy(),
     );
     assert_eq!(survey.rules.len(), 2);
@@ -563,7 +569,7 @@ table ip kube-proxy {
             ruleset: Some(ruleset.to_string()),
             ..Listings::default()
         },
-        &srcnat_ours(SrcnatPlace::Nftables),
+        &srcnat_ours(SrcnatPlace::Nftables, None),
         &default_policy(),
     );
     let expected: Vec<bool> = survey.rules.iter().map(|r| r.expected).collect();
@@ -635,7 +641,10 @@ fn ipv6_counts_only_when_the_agent_manages_it() {
         ruleset: Some(ruleset.to_string()),
         ..Listings::default()
     };
-    let ours = srcnat_ours(SrcnatPlace::Iptables(Flavour::Nft));
+    let ours = srcnat_ours(
+        SrcnatPlace::Iptables(Flavour::Nft),
+        Some(&ChainName::default()),
+    );
     assert!(
         classify(&listings, &ours, &default_policy())
             .rules
@@ -895,5 +904,200 @@ fn timestamps_and_counters_are_no_change() {
     assert_ne!(
         fingerprint(&[(Family::V4, a)]),
         fingerprint(&[(Family::V4, &c)])
+    );
+}
+
+/// Issue 15 #1: the agent's jump and chain left in iptables-legacy kept masquerading by
+/// an old config while `status` said nothing acted before the agent.
+#[test]
+fn regression_the_agents_rules_in_the_other_flavour_are_shown_as_leftovers() {
+    let listings = Listings {
+        saved: vec![
+            saved("nft", Family::V4, nat(&[JUMP, AGENT_CHAIN])),
+            saved("legacy", Family::V4, nat(&[JUMP, AGENT_CHAIN])),
+        ],
+        ..Listings::default()
+    };
+    let ours = srcnat_ours(
+        SrcnatPlace::Iptables(Flavour::Nft),
+        Some(&ChainName::default()),
+    );
+    let survey = classify(&listings, &ours, &default_policy());
+    assert!(survey.has_leftovers(), "{survey:#?}");
+    assert_eq!(survey.rules.len(), 1, "{survey:#?}");
+    let rule = &survey.rules[0];
+    assert_eq!(rule.place, "iptables-legacy nat POSTROUTING");
+    assert_eq!(
+        (rule.rule.as_str(), rule.order),
+        (JUMP, Order::SamePriority)
+    );
+    assert!(
+        rule.effect.contains("left in iptables-legacy"),
+        "{}",
+        rule.effect
+    );
+    // With the nftables backend, the iptables backend's rules run first.
+    let survey = classify(
+        &Listings {
+            saved: vec![saved("nft", Family::V4, nat(&[JUMP, AGENT_CHAIN]))],
+            ..Listings::default()
+        },
+        &srcnat_ours(SrcnatPlace::Nftables, None),
+        &default_policy(),
+    );
+    assert!(survey.has_leftovers());
+    assert_eq!(survey.rules[0].order, Order::Before);
+    // Where the agent works, its jump is not listed.
+    let survey = survey_iptables_nft(nat(&[JUMP, AGENT_CHAIN]), None, &default_policy());
+    assert!(!survey.has_leftovers() && survey.rules.is_empty());
+}
+
+/// Issue 15 #9: a NETMAP before the agent's jump was missed.
+#[test]
+fn regression_a_netmap_before_the_jump_is_reported() {
+    let netmap = "-A POSTROUTING -s 10.244.0.0/16 -d 10.0.0.0/8 -j NETMAP --to 192.0.2.0/24";
+    let survey = survey_iptables_nft(nat(&[netmap, JUMP, AGENT_CHAIN]), None, &default_policy());
+    assert_eq!(rules_of(&survey), [(netmap, None, false)]);
+    assert!(
+        survey.rules[0]
+            .effect
+            .starts_with("can NETMAP (to 192.0.2.0/24) traffic that nonMasqueradeCIDRs/link-local would keep (10.0.0.0/8"),
+        "{}",
+        survey.rules[0].effect
+    );
+}
+
+/// Issue 15 #9: a rule carrying the agent's MASQUERADE comment was skipped in any chain;
+/// only the agent's own chain (where it works) runs the agent's rules.
+#[test]
+fn regression_a_rule_with_the_agents_comment_in_another_chain_is_reported() {
+    let lookalike = ":LOOKALIKE - [0:0]
+-A POSTROUTING -j LOOKALIKE
+-A LOOKALIKE -m comment --comment \"ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)\" -j MASQUERADE
+";
+    let survey = survey_iptables_nft(
+        nat(&[lookalike, JUMP, AGENT_CHAIN]),
+        None,
+        &default_policy(),
+    );
+    assert_eq!(survey.rules.len(), 1, "{survey:#?}");
+    assert_eq!(survey.rules[0].rule, "-A POSTROUTING -j LOOKALIKE");
+    assert!(
+        survey.rules[0]
+            .via
+            .as_deref()
+            .is_some_and(|via| via.starts_with("LOOKALIKE: ")),
+        "{survey:#?}"
+    );
+}
+
+/// Issue 15 #9: `meta nfproto ipv6 masquerade` in an inet chain was said to override the
+/// IPv4 ranges; `snat ip prefix to ip saddr map {…}` was shown as "SNAT (to ip)".
+#[test]
+fn regression_nft_rules_are_judged_for_their_family_and_named_as_written() {
+    let ruleset = "table inet early {
+	chain post {
+		type nat hook postrouting priority security; policy accept;
+		meta nfproto ipv6 masquerade
+		ip6 saddr fd00::/8 masquerade
+		snat ip prefix to ip saddr map { 10.244.0.0/16 : 192.0.2.0/24 }
+	}
+}
+";
+    let survey_for = |policy: &Policy| {
+        classify(
+            &Listings {
+                ruleset: Some(ruleset.to_string()),
+                ..Listings::default()
+            },
+            &srcnat_ours(SrcnatPlace::Nftables, None),
+            policy,
+        )
+    };
+    // IPv4 only: neither IPv6 rule is listed; the prefix SNAT is, named as written.
+    let survey = survey_for(&default_policy());
+    assert_eq!(survey.rules.len(), 1, "{survey:#?}");
+    assert!(
+        survey.rules[0]
+            .effect
+            .starts_with("can SNAT (prefix to ip saddr map { 10.244.0.0/16 : 192.0.2.0/24 }) traffic that nonMasqueradeCIDRs/link-local would keep (10.0.0.0/8"),
+        "{}",
+        survey.rules[0].effect
+    );
+    // Dual-stack: the IPv6 rules are listed, naming only IPv6 ranges.
+    let survey = survey_for(&policy("", true));
+    assert_eq!(survey.rules.len(), 3, "{survey:#?}");
+    for rule in &survey.rules[..2] {
+        assert!(
+            rule.effect.contains("fe80::/10") && !rule.effect.contains("10.0.0.0/8"),
+            "{}",
+            rule.effect
+        );
+    }
+}
+
+/// Issue 15 #2: with a native rule in `ip nat`, iptables-nft-save prints only
+/// "incompatible" and the survey skipped the table; now it reads it through nft, and
+/// where the agent works there, only the rules before its jump are listed.
+#[test]
+fn regression_an_incompatible_iptables_nft_table_is_surveyed_through_nft() {
+    let ruleset = "table ip nat {
+	chain POSTROUTING {
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname != \"docker0\" ip saddr 172.17.0.0/16 counter packets 0 bytes 0 masquerade
+		 fib daddr type != local counter packets 0 bytes 0 jump IP-MASQ-AGENT
+		ip saddr 10.0.0.0/8 masquerade
+	}
+
+	chain IP-MASQ-AGENT {
+		 counter packets 0 bytes 0 masquerade
+	}
+
+	chain FOREIGN {
+		counter packets 0 bytes 0 masquerade
+	}
+}
+";
+    let listings = Listings {
+        ruleset: Some(ruleset.to_string()),
+        ..Listings::default()
+    };
+    let ours = srcnat_ours(
+        SrcnatPlace::Iptables(Flavour::Nft),
+        Some(&ChainName::default()),
+    );
+    let survey = classify(&listings, &ours, &default_policy());
+    assert_eq!(survey.rules.len(), 1, "{survey:#?}");
+    assert_eq!(survey.rules[0].order, Order::Before);
+    assert!(
+        survey.rules[0]
+            .position
+            .starts_with("rule 1, before the agent's jump (rule 2; read through nft"),
+        "{}",
+        survey.rules[0].position
+    );
+}
+
+/// The backend reads an incompatible table chain by chain; the survey (through the
+/// fake) reads it through nft and says so.
+#[test]
+fn an_incompatible_table_is_surveyed_through_nft_by_the_watch() {
+    let runner = FakeRunner::new();
+    runner.add_native_rule("iptables-nft", "FOREIGN");
+    let shared: SharedRunner = runner.clone();
+    let mut backend = IptablesBackend::new(
+        ChainName::default(),
+        IptablesMode::Nft,
+        false,
+        shared.clone(),
+    )
+    .unwrap();
+    backend.sync(&default_policy()).unwrap();
+    let mut watch = SrcnatWatch::new(shared);
+    let change = watch.update(&backend, &default_policy(), true).unwrap();
+    assert!(
+        change.survey.read.iter().any(|r| r.contains("through nft")),
+        "{:?}",
+        change.survey.read
     );
 }

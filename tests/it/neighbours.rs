@@ -1,0 +1,194 @@
+//! What a real node holds beside the agent, in the nat tables the agent shares: rules it
+//! left in the other iptables flavour, and native nft rules in iptables-nft's `ip nat`
+//! table, which iptables-nft-save cannot print. Proved with packets, the kernel's
+//! listings, `status`, `/healthz` and the metrics.
+
+use std::time::Duration;
+
+use ima_harness::*;
+
+use crate::AGENT;
+
+const ENDPOINT: &str = "127.0.0.1:9910";
+const JUMP_SPEC: &str = "-m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain\" -m addrtype ! --dst-type LOCAL -j IP-MASQ-AGENT";
+
+/// The agent's jumps in iptables-nft's POSTROUTING as `-S` lists it (iptables-nft-save
+/// cannot print an incompatible table).
+fn nft_flavour_jumps(ns: &Netns) -> usize {
+    ns.sh(&["iptables-nft", "-t", "nat", "-S", "POSTROUTING"])
+        .lines()
+        .filter(|line| line.ends_with(JUMP_SPEC))
+        .count()
+}
+
+fn status(ns: &Netns, volume: &ConfigMapVolume, flags: &[&str]) -> (bool, String) {
+    let path = volume.path();
+    let mut args = vec!["status", "--config", path.to_str().expect("utf-8 path")];
+    args.extend_from_slice(flags);
+    let out = AGENT.run(ns, &args);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Commits to nf_tables that are not the agent's, so idle resyncs read the kernel again.
+fn commit_elsewhere(ns: &Netns, times: usize) {
+    for _ in 0..times {
+        ns.sh(&["nft", "add table inet ima-bump; delete table inet ima-bump"]);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+}
+
+root_test!(
+    /// Issue 15 #1: the agent ran in legacy mode with one config, then in nft mode with
+    /// another; the legacy chain and jump stayed and kept masquerading by the old config,
+    /// and `status` said nothing acted before the agent.
+    fn regression_old_flavour_rules_are_removed_after_a_sync_and_shown_until_then() {
+        let topology = Topology::new();
+        let mut volume =
+            ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 1s\n");
+        let mut legacy = AGENT.start_synced(&topology.node, &volume, &["--iptables-mode=legacy"]);
+        legacy.terminate();
+        assert!(
+            topology
+                .node
+                .save("iptables-legacy-save")
+                .contains(JUMP_SPEC)
+        );
+        volume.update("nonMasqueradeCIDRs: [10.0.0.0/8, 203.0.113.0/24]\nresyncInterval: 1s\n");
+
+        // Before the nft-mode agent runs, status names the leftovers.
+        let (_, report) = status(&topology.node, &volume, &["--iptables-mode=nft"]);
+        assert!(
+            report.contains("left in iptables-legacy")
+                && report.contains("iptables-legacy nat POSTROUTING"),
+            "{report}"
+        );
+
+        let agent = AGENT.start_synced(&topology.node, &volume, &["--iptables-mode=nft"]);
+        assert!(
+            // iptables-legacy-restore may wait for the host's xtables lock (5 s at most).
+            eventually(Duration::from_secs(15), || !topology
+                .node
+                .save("iptables-legacy-save")
+                .contains("IP-MASQ-AGENT")),
+            "the legacy chain stayed:\n{}\n{}",
+            topology.node.save("iptables-legacy-save"),
+            agent.log()
+        );
+        assert!(
+            agent
+                .log()
+                .contains("removed the agent's rules left in iptables-legacy"),
+            "{}",
+            agent.log()
+        );
+        // 203.0.113.0/24 is kept now: the old chain no longer masquerades it.
+        assert!(!topology.is_masqueraded("203.0.113.10"));
+        assert!(topology.is_masqueraded("100.64.0.10"));
+        let (in_sync, report) = status(&topology.node, &volume, &["--iptables-mode=nft"]);
+        assert!(in_sync && !report.contains("left in"), "{report}");
+    }
+);
+
+root_test!(
+    /// Issue 15 #2: a native rule in `ip nat` makes iptables-nft-save print only
+    /// "incompatible"; the agent appended a jump at every resync, `status` said
+    /// everything was missing and `cleanup` found nothing to remove.
+    fn regression_an_incompatible_nat_table_never_piles_up_jumps() {
+        let topology = Topology::new();
+        let node = &topology.node;
+        node.sh(&[
+            "nft",
+            "add table ip nat; add chain ip nat FOREIGN; add rule ip nat FOREIGN counter masquerade",
+        ]);
+        let volume =
+            ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 200ms\n");
+        let agent = AGENT.start_synced(node, &volume, &["--iptables-mode=nft"]);
+        commit_elsewhere(node, 12);
+        assert_eq!(nft_flavour_jumps(node), 1, "{}", agent.log());
+        assert!(
+            !agent.log().contains("differed from the config"),
+            "idle resyncs rewrote:\n{}",
+            agent.log()
+        );
+        assert!(agent.log().contains("chain by chain"), "{}", agent.log());
+        let (in_sync, report) = status(node, &volume, &["--iptables-mode=nft"]);
+        assert!(in_sync && report.contains("chain by chain"), "{report}");
+        let (code, body) = node.http_get(ENDPOINT, "/healthz");
+        assert!(
+            code == 200 && body.contains("chain by chain"),
+            "{code} {body}"
+        );
+        let (_, metrics) = node.http_get(ENDPOINT, "/metrics");
+        assert!(
+            metrics.contains("ip_masq_agent_nat_tables_read_by_chain 1"),
+            "{metrics}"
+        );
+        assert!(topology.is_masqueraded("203.0.113.10"));
+        assert!(!topology.is_masqueraded("10.99.0.10"));
+        drop(agent);
+
+        let out = AGENT.run(node, ["cleanup"]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.contains("iptables-nft"),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(nft_flavour_jumps(node), 0);
+        assert!(
+            node.sh(&["nft", "list", "chain", "ip", "nat", "FOREIGN"])
+                .contains("masquerade"),
+            "the native chain must stay"
+        );
+    }
+);
+
+root_test!(
+    /// When iptables-nft cannot list POSTROUTING itself, the agent cannot see its jump:
+    /// it writes nothing, says why, and /healthz turns 503 once the bound passes.
+    fn regression_nothing_is_written_on_a_postrouting_iptables_cannot_list() {
+        let node = Netns::new("node");
+        node.sh(&[
+            "nft",
+            "add table ip nat; add chain ip nat POSTROUTING { type nat hook postrouting priority 100; }; add rule ip nat POSTROUTING ip daddr 192.0.2.0/24 snat to 198.51.100.1",
+        ]);
+        let volume =
+            ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 200ms\n");
+        let path = volume.path();
+        let mut agent = AGENT.start(
+            &node,
+            &[
+                "--config",
+                path.to_str().expect("utf-8 path"),
+                "--iptables-mode=nft",
+                "--tool-timeout=1s",
+            ],
+        );
+        agent.wait_for_log("unreadable", 1, Duration::from_secs(10));
+        assert!(
+            eventually(Duration::from_secs(8), || {
+                let (code, body) = node.http_get(ENDPOINT, "/healthz");
+                code == 503 && body.contains("unreadable")
+            }),
+            "{:?}",
+            node.http_get(ENDPOINT, "/healthz")
+        );
+        let listing = node.sh(&["nft", "list", "table", "ip", "nat"]);
+        assert!(
+            !listing.contains("IP-MASQ-AGENT"),
+            "written on a table it could not read:\n{listing}"
+        );
+        let (_, metrics) = node.http_get(ENDPOINT, "/metrics");
+        assert!(
+            metrics.contains("ip_masq_agent_sync_errors_total{kind=\"unreadable\"}"),
+            "{metrics}"
+        );
+    }
+);
