@@ -719,6 +719,7 @@ pub fn remove_agent_rules_in(
     runner: &SharedRunner,
 ) -> Result<Vec<String>, SyncError> {
     let mut removed = Vec::new();
+    let _lock = super::lock_agents(runner)?;
     for &flavour in flavours {
         for family in [Family::V4, Family::V6] {
             let Some(tools) = resolve_tools(family, flavour, runner) else {
@@ -1164,9 +1165,14 @@ impl Backend for IptablesBackend {
 
     fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError> {
         let started_with = self.runner.spawned();
+        // From the first read to the last write no other agent may do either (a second
+        // agent during a rolling update would otherwise add or delete a jump on a stale
+        // read). An idle resync that reads nothing takes no lock.
+        let mut lock = None;
         // At the first sync the IPv4 save is read first: it also tells the version.
         let mut first_read = None;
         if self.random_fully_supported.is_none() {
+            lock = Some(super::lock_agents(&self.runner)?);
             let read = self.read_nat(Family::V4)?;
             self.learn_random_fully_support_from(Some(&read.text))?;
             first_read = Some(read);
@@ -1194,6 +1200,10 @@ impl Backend for IptablesBackend {
             });
         }
         self.verified = None;
+        let _lock = match lock {
+            Some(lock) => lock,
+            None => super::lock_agents(&self.runner)?,
+        };
         let mut rules_total = 0;
         let mut wrote = false;
         self.last_read.clear();

@@ -165,6 +165,14 @@ pub enum SyncError {
     /// was written on them.
     #[error("{0}")]
     Unreadable(String),
+    /// Another agent in this network namespace held the agent lock too long.
+    #[error(
+        "another ip-masq-agent in this network namespace held the lock on {path} for {waited:.1?}; not touching the rules meanwhile"
+    )]
+    LockBusy {
+        path: std::path::PathBuf,
+        waited: std::time::Duration,
+    },
 }
 
 /// The kinds of [`SyncError`], for metrics labels and health reports.
@@ -177,6 +185,7 @@ pub enum SyncErrorKind {
     Interrupted,
     Unusable,
     Unreadable,
+    LockBusy,
 }
 
 impl SyncErrorKind {
@@ -189,6 +198,7 @@ impl SyncErrorKind {
             SyncErrorKind::Interrupted => "interrupted",
             SyncErrorKind::Unusable => "unusable",
             SyncErrorKind::Unreadable => "unreadable",
+            SyncErrorKind::LockBusy => "lock_busy",
         }
     }
 }
@@ -199,6 +209,7 @@ impl SyncError {
             SyncError::ForeignChain { .. } => SyncErrorKind::ForeignChain,
             SyncError::Unusable(_) => SyncErrorKind::Unusable,
             SyncError::Unreadable(_) => SyncErrorKind::Unreadable,
+            SyncError::LockBusy { .. } => SyncErrorKind::LockBusy,
             SyncError::Tool { error, .. } => match error {
                 ToolError::Missing { .. } => SyncErrorKind::ToolMissing,
                 ToolError::Failed { .. } | ToolError::Wait { .. } | ToolError::Kernel { .. } => {
@@ -207,6 +218,27 @@ impl SyncError {
                 ToolError::TimedOut { .. } => SyncErrorKind::ToolTimedOut,
                 ToolError::Interrupted { .. } => SyncErrorKind::Interrupted,
             },
+        }
+    }
+}
+
+/// Takes the agent lock (see [`crate::kernel::lock`]) for one read-and-write of the
+/// rules, waiting up to one tool deadline. Without a lock file to be had it goes on
+/// unlocked, warning once: a second agent is rare, a node without NAT is not an option.
+pub fn lock_agents(runner: &SharedRunner) -> Result<crate::kernel::lock::AgentLock, SyncError> {
+    use crate::kernel::lock::{AgentLock, LockError};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    match runner.lock_agents(crate::kernel::tool_timeout()) {
+        Ok(lock) => Ok(lock),
+        Err(LockError::Busy { path, waited }) => Err(SyncError::LockBusy { path, waited }),
+        Err(LockError::Unavailable(why)) => {
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "cannot take the lock that keeps two agents of this node from writing at once ({why}); going on without it"
+                );
+            }
+            Ok(AgentLock::none())
         }
     }
 }

@@ -238,6 +238,8 @@ struct State {
     /// list: while any exists, `-save` prints only "incompatible", and `-S` of such a
     /// chain (or of a missing one) fails as iptables-nft 1.8.9 does.
     incompatible: BTreeMap<String, BTreeSet<String>>,
+    /// How often the agent lock was taken.
+    locks_taken: u64,
 }
 
 /// The fake tools. Every flavour's tools and nft are installed unless removed.
@@ -310,6 +312,11 @@ impl FakeRunner {
             .entry(key.to_string())
             .or_default()
             .insert(chain.to_string());
+    }
+
+    /// How often a backend took the agent lock.
+    pub fn locks_taken(&self) -> u64 {
+        self.state().locks_taken
     }
 
     /// What `conntrack -L -f FAMILY` lists; `conntrack -D` removes matching lines.
@@ -690,6 +697,14 @@ impl Runner for FakeRunner {
 
     /// A legacy table exists once something was restored into it or its mangle table
     /// was given text.
+    fn lock_agents(
+        &self,
+        _within: Duration,
+    ) -> Result<super::lock::AgentLock, super::lock::LockError> {
+        self.state().locks_taken += 1;
+        Ok(super::lock::AgentLock::none())
+    }
+
     fn nft_chain_exists(
         &self,
         family: crate::policy::Family,

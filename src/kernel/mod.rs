@@ -19,6 +19,7 @@ use crate::policy::Family;
 
 #[cfg(test)]
 pub mod fake;
+pub mod lock;
 pub mod netlink;
 pub mod words;
 
@@ -100,6 +101,10 @@ pub trait Runner: Send + Sync {
     /// nf_tables transaction.
     fn change_set_elements(&self, table: &str, changes: &[SetChange]) -> Result<(), ToolError>;
 
+    /// Keeps other agents of this network namespace from reading or writing the rules
+    /// until the returned lock is dropped (see [`lock`]); waits at most `within`.
+    fn lock_agents(&self, within: Duration) -> Result<lock::AgentLock, lock::LockError>;
+
     /// Whether the nf_tables table `table` of `family` (ip or ip6) holds a chain named
     /// `chain` (one netlink lookup).
     fn nft_chain_exists(&self, family: Family, table: &str, chain: &str)
@@ -161,6 +166,10 @@ impl Runner for SystemRunner {
                 message,
             }
         })
+    }
+
+    fn lock_agents(&self, within: Duration) -> Result<lock::AgentLock, lock::LockError> {
+        lock::acquire(within)
     }
 
     fn nft_chain_exists(
