@@ -93,7 +93,7 @@ fn two_agents_keep_one_jump(mode: &str, save: &str) {
                 volume.update(CONFIGS[config]);
                 swapped = Instant::now();
             }
-            if next(&mut rng) % 3 == 0 {
+            if next(&mut rng).is_multiple_of(3) {
                 // Someone else commits: iptables-nft's idle resyncs read again.
                 node.sh(&["nft", "add table inet ima-bump; delete table inet ima-bump"]);
             }
