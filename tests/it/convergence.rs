@@ -1,6 +1,11 @@
-//! Kernel convergence property: for generated configs and flags, on iptables-nft,
-//! iptables-legacy and nftables, the first sync leaves the kernel in a state `status`
-//! accepts, and the next resyncs write nothing and log no rewrite.
+//! Kernel convergence property: for generated flags and a generated config A, then a
+//! generated config B committed at run time (kubelet's ..data swap), on iptables-nft,
+//! iptables-legacy and nftables, each step leaves the kernel in a state `status` accepts
+//! (kernel == render), and the next resyncs write nothing and log no rewrite, while
+//! another process commits to nf_tables between them. Configs cover every key:
+//! nonMasqueradeCIDRs (IPv4 and IPv6), forceMasqueradeCIDRs, masqueradeSourceCIDRs,
+//! masqLinkLocal(IPv6), cidrLimit, resyncInterval; flags --enable-ipv6, --to-ports,
+//! --random-fully, --masq-chain.
 //!
 //! Seeded and reproducible: `IMA_SEED=N` reruns the same cases (the seed is printed at
 //! the start and in every failure), `IMA_CASE=I` runs only case I of that seed, and
@@ -17,7 +22,7 @@ use ima_harness::*;
 
 use crate::AGENT;
 
-const DEFAULT_CASES: usize = 40;
+const DEFAULT_CASES: usize = 24;
 /// Idle resyncs watched after the first sync.
 const RESYNCS: usize = 3;
 const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(15);
@@ -35,6 +40,8 @@ const REJECTED: [&str; 2] = ["config rejected", "config still rejected"];
 
 /// The marker table that brackets the watched resyncs in `nft monitor`'s output.
 const MARKER: &str = "inet ima-convergence-marker";
+/// A neighbour's table, committed to between the agent's resyncs.
+const NEIGHBOUR: &str = "ima-convergence-neighbour";
 
 #[derive(Clone, Copy)]
 enum Setup {
@@ -269,14 +276,183 @@ fn random_ports(rng: &mut Rng) -> String {
     }
 }
 
-/// One generated case: agent flags (beyond the setup's) and the config text.
+/// One generated case: agent flags (beyond the setup's), the config the agent starts
+/// with and the one committed while it runs.
 struct Case {
     flags: Vec<String>,
     config: String,
+    then: String,
     ipv6: bool,
     chain: String,
     /// A one-line summary of what the case exercises, for the progress lines.
     features: String,
+}
+
+/// A generated list of destination prefixes: the prefixes and their YAML.
+fn destination_list(
+    rng: &mut Rng,
+    ipv6: bool,
+    count: usize,
+    lengths: Lengths,
+    prefixes: &mut Vec<Prefix>,
+) -> Vec<String> {
+    let start = prefixes.len();
+    for _ in 0..count {
+        let bits = if ipv6 && rng.chance(45) { 128 } else { 32 };
+        let same_family: Vec<Prefix> = prefixes
+            .iter()
+            .copied()
+            .filter(|p| p.bits == bits)
+            .collect();
+        let prefix = match rng.below(10) {
+            0 if !same_family.is_empty() => *rng.pick(&same_family), // duplicate
+            1 | 2 if !same_family.is_empty() => {
+                let other = *rng.pick(&same_family);
+                overlapping(rng, other, lengths)
+            }
+            _ => random_prefix(rng, bits, lengths),
+        };
+        prefixes.push(prefix);
+    }
+    prefixes[start..]
+        .iter()
+        .map(|p| {
+            // IPv6 is always quoted; IPv4 sometimes.
+            if p.bits == 128 || rng.chance(30) {
+                format!("\"{}\"", p.text())
+            } else {
+                p.text()
+            }
+        })
+        .collect()
+}
+
+fn write_list(config: &mut String, rng: &mut Rng, key: &str, texts: &[String]) {
+    if texts.is_empty() || rng.chance(40) {
+        let _ = writeln!(config, "{key}: [{}]", texts.join(", "));
+    } else {
+        let _ = writeln!(config, "{key}:");
+        for text in texts {
+            let _ = writeln!(config, "  - {text}");
+        }
+    }
+}
+
+/// The default nonMasqueradeCIDRs: a force prefix may not repeat one of them.
+const DEFAULT_LIST: [(u128, u32); 3] = [(0x0A00_0000, 8), (0xAC10_0000, 12), (0xC0A8_0000, 16)];
+
+/// One config of the whole key space (valid: a rejected config is another test's).
+fn generate_config(rng: &mut Rng, ipv6: bool, features: &mut Vec<String>) -> String {
+    let mut config = String::new();
+    let mut prefixes: Vec<Prefix> = Vec::new();
+    let lengths = Lengths {
+        zero_percent: if rng.chance(30) { 2 + rng.below(10) } else { 0 },
+        host_percent: if rng.chance(50) {
+            10 + rng.below(30)
+        } else {
+            0
+        },
+    };
+    let list = match rng.below(100) {
+        0..=7 => None, // the key is absent: the defaults
+        8..=12 => Some(0),
+        13..=22 => Some(100 + rng.below(201) as usize),
+        _ => Some(1 + rng.below(20) as usize),
+    };
+    if let Some(count) = list {
+        let texts = destination_list(rng, ipv6, count, lengths, &mut prefixes);
+        write_list(&mut config, rng, "nonMasqueradeCIDRs", &texts);
+    }
+    let kept = prefixes.clone();
+    // forceMasqueradeCIDRs: mostly inside kept ranges (that is what they are for),
+    // never a prefix of the other list (an error), nor of the default list.
+    let mut forced: Vec<Prefix> = Vec::new();
+    if rng.chance(45) {
+        let count = 1 + rng.below(12) as usize;
+        for _ in 0..count {
+            let bits = if ipv6 && rng.chance(40) { 128 } else { 32 };
+            let same: Vec<Prefix> = kept.iter().copied().filter(|p| p.bits == bits).collect();
+            let candidate = if !same.is_empty() && rng.chance(70) {
+                let inside = *rng.pick(&same);
+                overlapping(rng, inside, lengths)
+            } else {
+                random_prefix(rng, bits, lengths)
+            };
+            let clashes = kept
+                .iter()
+                .any(|k| k.bits == candidate.bits && k.network == candidate.network && k.len == candidate.len)
+                || (list.is_none()
+                    && candidate.bits == 32
+                    && DEFAULT_LIST.contains(&(candidate.network, candidate.len)));
+            if !clashes {
+                forced.push(candidate);
+            }
+        }
+        let texts: Vec<String> = forced.iter().map(|p| format!("\"{}\"", p.text())).collect();
+        write_list(&mut config, rng, "forceMasqueradeCIDRs", &texts);
+        features.push(format!("{} forced", forced.len()));
+    }
+    if let Some(count) = list.filter(|c| *c + forced.len() > 64) {
+        let _ = writeln!(
+            config,
+            "cidrLimit: {}",
+            count + forced.len() + rng.below(20) as usize
+        );
+    } else if list.is_none() && forced.len() + 3 > 64 {
+        let _ = writeln!(config, "cidrLimit: 100");
+    }
+    // masqueradeSourceCIDRs: absent, empty, one family or both.
+    if rng.chance(40) {
+        let mut sources: Vec<Prefix> = Vec::new();
+        let shape = rng.below(10);
+        let count = if shape == 0 { 0 } else { 1 + rng.below(5) as usize };
+        for _ in 0..count {
+            let bits = match (ipv6, shape) {
+                (true, 1..=3) => 128,
+                (true, 4..=6) => 32,
+                (true, _) if rng.chance(50) => 128,
+                _ => 32,
+            };
+            let source_lengths = Lengths {
+                zero_percent: 3,
+                host_percent: 10,
+            };
+            sources.push(random_prefix(rng, bits, source_lengths));
+        }
+        let texts: Vec<String> = sources.iter().map(|p| format!("\"{}\"", p.text())).collect();
+        write_list(&mut config, rng, "masqueradeSourceCIDRs", &texts);
+        features.push(format!("{} source(s)", sources.len()));
+    }
+    for key in ["masqLinkLocal", "masqLinkLocalIPv6"] {
+        match rng.below(3) {
+            0 => {}
+            1 => {
+                let _ = writeln!(config, "{key}: true");
+                features.push(key.to_string());
+            }
+            _ => {
+                let _ = writeln!(config, "{key}: false");
+            }
+        }
+    }
+    let interval = rng.pick(&["100ms", "120ms", "0.1s", "150ms"]);
+    let _ = writeln!(config, "resyncInterval: {interval}");
+
+    let count = |bits: u32| prefixes.iter().filter(|p| p.bits == bits).count();
+    let zero = prefixes.iter().filter(|p| p.len == 0).count();
+    let hosts = prefixes.iter().filter(|p| p.is_host()).count();
+    let mut summary = match list {
+        None => "default CIDRs".to_string(),
+        Some(_) => format!("{} v4 + {} v6 CIDRs", count(32), count(128)),
+    };
+    if zero > 0 {
+        let _ = write!(summary, ", {zero} of /0");
+    }
+    if hosts > 0 {
+        let _ = write!(summary, ", {hosts} of /32 or /128");
+    }
+    features.insert(0, summary);
+    config
 }
 
 impl Case {
@@ -316,99 +492,15 @@ impl Case {
             flags.push(format!("--masq-chain={chain}"));
         }
 
-        let mut config = String::new();
-        let mut prefixes: Vec<Prefix> = Vec::new();
-        let lengths = Lengths {
-            zero_percent: if rng.chance(30) { 2 + rng.below(10) } else { 0 },
-            host_percent: if rng.chance(50) {
-                10 + rng.below(30)
-            } else {
-                0
-            },
-        };
-        let list = match rng.below(100) {
-            0..=7 => None, // the key is absent: the defaults
-            8..=12 => Some(0),
-            13..=22 => Some(100 + rng.below(201) as usize),
-            _ => Some(1 + rng.below(20) as usize),
-        };
-        if let Some(count) = list {
-            for _ in 0..count {
-                let bits = if ipv6 && rng.chance(45) { 128 } else { 32 };
-                let same_family: Vec<Prefix> = prefixes
-                    .iter()
-                    .copied()
-                    .filter(|p| p.bits == bits)
-                    .collect();
-                let prefix = match rng.below(10) {
-                    0 if !same_family.is_empty() => *rng.pick(&same_family), // duplicate
-                    1 | 2 if !same_family.is_empty() => {
-                        let other = *rng.pick(&same_family);
-                        overlapping(&mut rng, other, lengths)
-                    }
-                    _ => random_prefix(&mut rng, bits, lengths),
-                };
-                prefixes.push(prefix);
-            }
-            let texts: Vec<String> = prefixes
-                .iter()
-                .map(|p| {
-                    // IPv6 is always quoted; IPv4 sometimes.
-                    if p.bits == 128 || rng.chance(30) {
-                        format!("\"{}\"", p.text())
-                    } else {
-                        p.text()
-                    }
-                })
-                .collect();
-            if texts.is_empty() || rng.chance(40) {
-                let _ = writeln!(config, "nonMasqueradeCIDRs: [{}]", texts.join(", "));
-            } else {
-                config.push_str("nonMasqueradeCIDRs:\n");
-                for text in &texts {
-                    let _ = writeln!(config, "  - {text}");
-                }
-            }
-            if count > 64 || rng.chance(25) {
-                let _ = writeln!(
-                    config,
-                    "cidrLimit: {}",
-                    count.max(64) + rng.below(20) as usize
-                );
-            }
-        }
-        for key in ["masqLinkLocal", "masqLinkLocalIPv6"] {
-            match rng.below(3) {
-                0 => {}
-                1 => {
-                    let _ = writeln!(config, "{key}: true");
-                    features.push(key.to_string());
-                }
-                _ => {
-                    let _ = writeln!(config, "{key}: false");
-                }
-            }
-        }
-        let interval = rng.pick(&["100ms", "120ms", "0.1s", "150ms"]);
-        let _ = writeln!(config, "resyncInterval: {interval}");
-
-        let count = |bits: u32| prefixes.iter().filter(|p| p.bits == bits).count();
-        let zero = prefixes.iter().filter(|p| p.len == 0).count();
-        let hosts = prefixes.iter().filter(|p| p.is_host()).count();
-        let mut summary = match list {
-            None => "default CIDRs".to_string(),
-            Some(_) => format!("{} v4 + {} v6 CIDRs", count(32), count(128)),
-        };
-        if zero > 0 {
-            let _ = write!(summary, ", {zero} of /0");
-        }
-        if hosts > 0 {
-            let _ = write!(summary, ", {hosts} of /32 or /128");
-        }
-        features.insert(0, summary);
+        let mut first = Vec::new();
+        let config = generate_config(&mut rng, ipv6, &mut first);
+        let mut second = Vec::new();
+        let then = generate_config(&mut rng, ipv6, &mut second);
+        features.insert(0, format!("[{}] then [{}]", first.join("; "), second.join("; ")));
         Case {
             flags,
             config,
+            then,
             ipv6,
             chain,
             features: features.join("; "),
@@ -551,14 +643,13 @@ impl Monitor {
         let text = self.text();
         let start = text.rfind(&added).map_or(0, |i| i + added.len());
         let end = text.rfind(&deleted).unwrap_or(text.len()).max(start);
-        let mut between: Vec<&str> = text[start..end].lines().filter(|l| !l.is_empty()).collect();
-        // The start marker's own transaction ends with its generation line.
-        if between
-            .first()
-            .is_some_and(|l| l.starts_with("# new generation") && l.ends_with("(nft)"))
-        {
-            between.remove(0);
-        }
+        // Generation lines say only that someone committed; the neighbour's own
+        // commits are not the agent's writes. What is left is what the agent wrote.
+        let between: Vec<&str> = text[start..end]
+            .lines()
+            .filter(|l| !l.is_empty())
+            .filter(|l| !l.starts_with("# new generation") && !l.contains(NEIGHBOUR))
+            .collect();
         Ok(between.join("\n"))
     }
 
@@ -686,7 +777,6 @@ fn to_strs(args: &[String]) -> Vec<&str> {
 
 /// Runs one case; the list of what went wrong (empty when it converged).
 fn check_case(ns: &Netns, volume: &mut ConfigMapVolume, setup: Setup, case: &Case) -> Vec<String> {
-    let mut problems = Vec::new();
     volume.update(&case.config);
     let config_path = volume.path().to_str().expect("utf-8 path").to_string();
     let mut flags = vec!["--config".to_string(), config_path];
@@ -708,7 +798,37 @@ fn check_case(ns: &Netns, volume: &mut ConfigMapVolume, setup: Setup, case: &Cas
             indent(&clip(&log, 40))
         )];
     }
+    let mut problems = check_step(ns, &mut agent, setup, case, &flags, "config A", 0);
+    if !problems.is_empty() {
+        return problems;
+    }
 
+    // Config B, committed as kubelet does while the agent runs.
+    let before = agent.log().len();
+    let seen = syncs(&agent.log());
+    volume.update(&case.then);
+    if let Err(why) = wait_log(&mut agent, RESYNC_TIMEOUT, "a sync of config B", |log| {
+        syncs(log) > seen
+    }) {
+        return vec![why];
+    }
+    problems.extend(check_step(ns, &mut agent, setup, case, &flags, "config B", before));
+    problems
+}
+
+/// After a step: the kernel is what the config asks for (`status`), and the next resyncs
+/// write nothing (`nft monitor`, or iptables-legacy's counters) while a neighbour commits
+/// to nf_tables between them, and log no rewrite, failure or rejection from `log_from` on.
+fn check_step(
+    ns: &Netns,
+    agent: &mut AgentProcess,
+    setup: Setup,
+    case: &Case,
+    flags: &[String],
+    step: &str,
+    log_from: usize,
+) -> Vec<String> {
+    let mut problems = Vec::new();
     // 1. The kernel is what the config asks for.
     let mut status_args = vec!["status".to_string()];
     status_args.extend(flags.iter().cloned());
@@ -719,14 +839,14 @@ fn check_case(ns: &Netns, volume: &mut ConfigMapVolume, setup: Setup, case: &Cas
         .expect("run status");
     if !status.status.success() {
         problems.push(format!(
-            "`status` after the first sync exited {:?}:\n{}{}",
+            "{step}: `status` exited {:?}:\n{}{}",
             status.status.code(),
             indent(&clip(&String::from_utf8_lossy(&status.stdout), 30)),
             indent(&String::from_utf8_lossy(&status.stderr))
         ));
     }
 
-    // 2. The next resyncs write nothing.
+    // 2. The next resyncs write nothing, though others commit between them.
     let before = if setup.uses_nft() {
         None
     } else {
@@ -750,20 +870,23 @@ fn check_case(ns: &Netns, volume: &mut ConfigMapVolume, setup: Setup, case: &Cas
         None
     };
     let seen = syncs(&agent.log());
-    if let Err(why) = wait_log(
-        &mut agent,
-        RESYNC_TIMEOUT,
-        &format!("{RESYNCS} resyncs"),
-        |log| syncs(log) >= seen + RESYNCS,
-    ) {
-        problems.push(why);
-        return problems;
+    for resync in 1..=RESYNCS {
+        ns.output(&[
+            "nft",
+            &format!("add table inet {NEIGHBOUR}; delete table inet {NEIGHBOUR}"),
+        ]);
+        if let Err(why) = wait_log(agent, RESYNC_TIMEOUT, &format!("resync {resync}"), |log| {
+            syncs(log) >= seen + resync
+        }) {
+            problems.push(format!("{step}: {why}"));
+            return problems;
+        }
     }
     if let Some(monitor) = monitor {
         match monitor.finish(ns) {
             Ok(events) if events.is_empty() => {}
             Ok(events) => problems.push(format!(
-                "`nft monitor` saw the resyncs write:\n{}",
+                "{step}: `nft monitor` saw the resyncs write:\n{}",
                 indent(&clip(&events, 30))
             )),
             Err(why) => problems.push(why),
@@ -773,22 +896,24 @@ fn check_case(ns: &Netns, volume: &mut ConfigMapVolume, setup: Setup, case: &Cas
         match legacy_snapshot(ns, case.ipv6) {
             Ok(after) if after == before => {}
             Ok(after) => problems.push(format!(
-                "iptables-legacy-save changed during the resyncs:\n{}",
+                "{step}: iptables-legacy-save changed during the resyncs:\n{}",
                 indent(&clip(&line_changes(&before, &after), 30))
             )),
             Err(why) => problems.push(why),
         }
     }
 
-    // 3. ...and log no rewrite and no second apply.
+    // 3. ...and log no rewrite, failure or rejection, and at most the one apply.
     let log = agent.log();
-    let rewrites = count_lines(&log, REWRITTEN);
-    let applies = count_lines(&log, APPLIED);
-    let failures = count_lines(&log, SYNC_FAILED);
-    if rewrites > 0 || applies != 1 || failures > 0 {
+    let log = log.get(log_from..).unwrap_or_default();
+    let rewrites = count_lines(log, REWRITTEN);
+    let applies = count_lines(log, APPLIED);
+    let failures = count_lines(log, SYNC_FAILED);
+    let rejections: usize = REJECTED.iter().map(|text| count_lines(log, text)).sum();
+    if rewrites > 0 || applies > 1 || failures > 0 || rejections > 0 {
         problems.push(format!(
-            "the agent logged {rewrites} rewrite(s), {applies} apply(s) and {failures} failure(s) (want 0, 1, 0):\n{}",
-            indent(&notable_lines(&log))
+            "{step}: the agent logged {rewrites} rewrite(s), {applies} apply(s), {failures} failure(s) and {rejections} rejection(s) (want 0, at most 1, 0, 0):\n{}",
+            indent(&notable_lines(log))
         ));
     }
     problems
@@ -856,11 +981,12 @@ fn run(setup: Setup) {
         if !problems.is_empty() {
             failed_cases.push(index);
             let mut message = format!(
-                "case {index} of seed {seed} on {name} failed ({})\n  reproduce: IMA_SEED={seed} IMA_CASE={index} cargo test --test it convergence::{name}\n  flags: {} {}\n  config:\n{}",
+                "case {index} of seed {seed} on {name} failed ({})\n  reproduce: IMA_SEED={seed} IMA_CASE={index} cargo test --test it convergence::{name}\n  flags: {} {}\n  config A:\n{}  config B:\n{}",
                 case.features,
                 setup.flags().join(" "),
                 case.flags.join(" "),
                 indent(&clip(&case.config, 40)),
+                indent(&clip(&case.then, 40)),
             );
             for problem in problems {
                 let _ = write!(message, "  - {}", problem.replace('\n', "\n    "));
