@@ -2,6 +2,7 @@
 //! defaults, key matching, value semantics and error texts.
 
 mod document;
+pub mod egress;
 pub mod duration;
 pub mod source;
 
