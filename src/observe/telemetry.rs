@@ -104,6 +104,7 @@ pub struct Telemetry {
     http_endpoint_bound: Gauge,
     http_bind_failures: Counter,
     http_accept_errors: Counter,
+    http_connections_closed: Counter,
     health: Mutex<Health>,
 }
 
@@ -142,6 +143,7 @@ impl Telemetry {
         let http_endpoint_bound = Gauge::default();
         let http_bind_failures = Counter::default();
         let http_accept_errors = Counter::default();
+        let http_connections_closed = Counter::default();
         registry.register(
             "syncs",
             "Syncs of the kernel's rules, by result",
@@ -212,6 +214,11 @@ impl Telemetry {
             "accept() errors on this endpoint (EMFILE, ENFILE, ENOBUFS, ...), each followed by a backoff",
             http_accept_errors.clone(),
         );
+        registry.register(
+            "http_connections_closed",
+            "Connections this endpoint closed to make room for new ones (more open than its cap, or out of file descriptors): the ones that went longest without a request",
+            http_connections_closed.clone(),
+        );
         Telemetry {
             registry,
             syncs,
@@ -230,6 +237,7 @@ impl Telemetry {
             http_endpoint_bound,
             http_bind_failures,
             http_accept_errors,
+            http_connections_closed,
             health: Mutex::new(Health {
                 started: Instant::now(),
                 sync_deadline: Duration::ZERO,
@@ -343,6 +351,11 @@ impl Telemetry {
 
     pub fn http_accept_failed(&self) {
         self.http_accept_errors.inc();
+    }
+
+    /// The endpoint closed `count` idle connections to make room for new ones.
+    pub fn http_connections_closed(&self, count: usize) {
+        self.http_connections_closed.inc_by(count as u64);
     }
 
     /// Records the applied config's hash and prefix counts.
