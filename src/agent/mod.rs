@@ -47,7 +47,7 @@ impl Settings {
 /// Something that should interrupt the wait between syncs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// Exit now, leaving the rules in place.
+    /// Exit now (leaving the rules in place unless `--cleanup-on-exit`).
     Shutdown(&'static str),
     /// Re-read the config and sync, once a burst of such events has settled.
     Reload(&'static str),
@@ -424,6 +424,15 @@ impl Agent {
         self.last_outcome.as_ref()
     }
 
+    /// Says what happens to the rules on the way out.
+    fn log_exit(&self, why: &str) {
+        if self.settings.cleanup_on_exit && !self.settings.dry_run {
+            tracing::info!("{why}: exiting; removing the agent's rules first (--cleanup-on-exit)");
+        } else {
+            tracing::info!("{why}: exiting and leaving the rules in place");
+        }
+    }
+
     /// Swallows the burst of events that follows the first, until it settles or a commit
     /// ends it (kubelet's `..data_tmp` is followed at once by the `..data` rename); true
     /// if one asks to exit.
@@ -432,7 +441,7 @@ impl Agent {
         while let Some(left) = until.checked_duration_since(Instant::now()) {
             match events.recv_timeout(left) {
                 Ok(Event::Shutdown(why)) => {
-                    tracing::info!("{why}: exiting and leaving the rules in place");
+                    self.log_exit(why);
                     return true;
                 }
                 Ok(Event::Commit(_)) => return self.drain(events),
@@ -447,7 +456,7 @@ impl Agent {
     fn drain(&self, events: &Receiver<Event>) -> bool {
         while let Ok(event) = events.try_recv() {
             if let Event::Shutdown(why) = event {
-                tracing::info!("{why}: exiting and leaving the rules in place");
+                self.log_exit(why);
                 return true;
             }
         }
@@ -461,7 +470,7 @@ impl Agent {
             self.sync_once();
             match events.recv_timeout(self.next_wait()) {
                 Ok(Event::Shutdown(why)) => {
-                    tracing::info!("{why}: exiting and leaving the rules in place");
+                    self.log_exit(why);
                     return;
                 }
                 Ok(Event::Reload(why)) => {

@@ -98,15 +98,37 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     agent = agent.with_srcnat_survey(runner.clone());
     agent.run(&events);
     if let Some(chain) = cleanup_chain {
-        // The one step that still runs tools after a stop was asked for.
+        // The one step that still runs tools after a stop was asked for. Later signals
+        // no longer stop tools (see start_signal_thread), so a clean-up that has started
+        // finishes, each tool within its deadline.
         kernel::clear_stop();
-        for place in backend::cleanup_everything(&chain, &runner).context("cleaning up on exit")? {
+        let removed = match backend::cleanup_everything(&chain, &runner) {
+            Ok(removed) => removed,
+            Err(err) => {
+                tracing::error!(
+                    "clean-up on exit failed, some of the agent's rules may be left (`ip-masq-agent cleanup` removes them): {err}"
+                );
+                return Err(err).context("cleaning up on exit");
+            }
+        };
+        for place in &removed {
             tracing::info!("removed the agent's rules from {place}");
         }
+        tracing::info!(
+            "clean-up on exit finished ({}); exiting",
+            if removed.is_empty() {
+                "nothing to remove"
+            } else {
+                "every rule of the agent removed"
+            }
+        );
     }
     Ok(())
 }
 
+/// SIGHUP reloads; the first SIGTERM or SIGINT stops the agent (killing a tool that
+/// hangs), and any later one is only logged: it must not cut short the clean-up of
+/// `--cleanup-on-exit`, and without it the exit is already under way.
 fn start_signal_thread(sender: mpsc::Sender<Event>, cleanup_on_exit: bool) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
@@ -114,6 +136,7 @@ fn start_signal_thread(sender: mpsc::Sender<Event>, cleanup_on_exit: bool) -> an
         .name("signals".into())
         .stack_size(64 * 1024)
         .spawn(move || {
+            let mut stopping = false;
             for signal in signals.forever() {
                 let event = match signal {
                     SIGHUP => Event::Reload("SIGHUP"),
@@ -121,6 +144,17 @@ fn start_signal_thread(sender: mpsc::Sender<Event>, cleanup_on_exit: bool) -> an
                     _ => Event::Shutdown("SIGTERM"),
                 };
                 if let Event::Shutdown(why) = event {
+                    if stopping {
+                        if cleanup_on_exit {
+                            tracing::warn!(
+                                "{why} again: the clean-up is under way and finishes first (each tool within --tool-timeout); SIGKILL stops it at once, leaving what is not yet removed"
+                            );
+                        } else {
+                            tracing::info!("{why} again: already exiting");
+                        }
+                        continue;
+                    }
+                    stopping = true;
                     // A tool that hangs is killed now rather than at its deadline.
                     kernel::request_stop();
                     if !cleanup_on_exit {
