@@ -214,7 +214,13 @@ impl Agent {
             }
             Err(err) => {
                 self.telemetry.config_loaded(false);
-                self.report_config_error(&err.to_string());
+                let problem = err.to_string();
+                self.report_config_error(&problem);
+                if self.applied.is_none() {
+                    // Nothing to sync yet: waiting for a good config is not a failure.
+                    self.telemetry
+                        .waiting_for_config(self.next_wait(), &problem);
+                }
                 // Last-known-good: keep the previous rules, and repair drift from them.
                 // Kept until a new good config replaces it, even when this re-apply fails.
                 if let Some(applied) = &self.applied {
@@ -598,6 +604,49 @@ mod tests {
         assert_eq!(f.agent.sync_once(), SyncOutcome::ConfigRejected);
         assert!(f.synced.borrow().is_empty());
         assert_eq!(f.agent.next_wait(), Duration::from_secs(60));
+    }
+
+    /// Issue 16, suspected and confirmed: with a rejected config at the first start no
+    /// sync ever succeeded, so /healthz turned 503 after 3 x resyncInterval + tool
+    /// timeout and kubelet would restart the pod forever, though a restart cannot fix
+    /// the file and the README says a rejected config is not a failed sync.
+    #[test]
+    fn regression_a_rejected_first_config_turns_healthz_503() {
+        let mut f = fixture("rejected-health");
+        let created = Instant::now();
+        let telemetry = Arc::new(Telemetry::new());
+        telemetry.set_sync_deadline(Duration::from_secs(1));
+        f.agent.telemetry = telemetry.clone();
+        // 3 x the default 60 s resyncInterval + the 1 s deadline.
+        let bound = Duration::from_secs(181);
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.1/8]\n").unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+        let read = Instant::now();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::ConfigRejected);
+        // Just past the bound counted from start-up, but within it counted from the
+        // loop's last read of the rejected file: the loop is alive.
+        let probed = created + bound + Duration::from_millis(20);
+        assert!(probed < read + bound);
+        let body = telemetry
+            .liveness_at(probed)
+            .expect("a loop that keeps reading a rejected first config is alive");
+        assert!(body.contains("config rejected"), "{body}");
+        assert!(
+            telemetry.readiness().is_err(),
+            "nothing is applied: not ready"
+        );
+        assert!(f.synced.borrow().is_empty());
+        // A loop that stopped reading is not.
+        assert!(
+            telemetry
+                .liveness_at(read + bound + Duration::from_secs(2))
+                .is_err()
+        );
+        // Once a sync has been attempted and fails, the bound counts from start-up again.
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
+        *f.fail.borrow_mut() = true;
+        assert_eq!(f.agent.sync_once(), SyncOutcome::BackendFailed);
+        assert!(telemetry.liveness_at(probed).is_err());
     }
 
     #[test]

@@ -78,6 +78,9 @@ struct Health {
     resync_interval: Duration,
     /// Set when the HTTP endpoint could only be bound after failed attempts.
     late_bind: Option<LateBind>,
+    /// Before any sync was attempted: when the loop last read a config it rejected, and
+    /// why. The loop is alive while it keeps reading; a restart would not fix the file.
+    waiting_for_config: Option<(Instant, String)>,
 }
 
 #[derive(Debug)]
@@ -246,6 +249,7 @@ impl Telemetry {
                 last_error: None,
                 resync_interval: Duration::from_secs(60),
                 late_bind: None,
+                waiting_for_config: None,
             }),
         }
     }
@@ -305,6 +309,7 @@ impl Telemetry {
         let mut health = self.health();
         health.resync_interval = resync_interval;
         health.last_attempt_ok = Some(result == SyncResult::Success);
+        health.waiting_for_config = None;
         if result == SyncResult::Success {
             health.last_success = Some(Instant::now());
             health.last_error = None;
@@ -316,6 +321,17 @@ impl Telemetry {
         } else {
             health.last_error = error;
         }
+    }
+
+    /// The loop read a config and rejected it before any sync was attempted (nothing to
+    /// apply): liveness counts from this read, not from start-up.
+    pub fn waiting_for_config(&self, resync_interval: Duration, problem: &str) {
+        let mut health = self.health();
+        if health.last_attempt_ok.is_some() {
+            return;
+        }
+        health.resync_interval = resync_interval;
+        health.waiting_for_config = Some((Instant::now(), problem.to_string()));
     }
 
     pub fn drift_repaired(&self) {
@@ -401,6 +417,11 @@ impl Telemetry {
     /// turns this unhealthy on time. A line about a late bind of the endpoint ends the
     /// body either way.
     pub fn liveness(&self) -> Result<String, String> {
+        self.liveness_at(Instant::now())
+    }
+
+    /// [`Telemetry::liveness`] as it would be at `now` (tests look ahead without waiting).
+    pub fn liveness_at(&self, now: Instant) -> Result<String, String> {
         let health = self.health();
         let note = match &health.late_bind {
             Some(late) => format!(
@@ -409,18 +430,32 @@ impl Telemetry {
             ),
             None => String::new(),
         };
-        Self::sync_liveness(&health)
+        Self::sync_liveness(&health, now)
             .map(|body| body + &note)
             .map_err(|body| body + &note)
     }
 
-    fn sync_liveness(health: &Health) -> Result<String, String> {
+    fn sync_liveness(health: &Health, now: Instant) -> Result<String, String> {
         let since = health.last_success.unwrap_or(health.started);
         let grace = health
             .resync_interval
             .saturating_mul(3)
             .saturating_add(health.sync_deadline);
-        let age = since.elapsed();
+        if health.last_attempt_ok.is_none()
+            && let Some((read, problem)) = &health.waiting_for_config
+        {
+            let age = now.saturating_duration_since(*read);
+            return if age <= grace {
+                Ok(format!(
+                    "ok: config rejected {age:.1?} ago and nothing applied yet (a restart would not fix the file): {problem}\n"
+                ))
+            } else {
+                Err(format!(
+                    "unhealthy: the config was last read {age:.1?} ago (more than 3 x resyncInterval + tool timeout = {grace:?}) and nothing applied yet; it was rejected: {problem}\n"
+                ))
+            };
+        }
+        let age = now.saturating_duration_since(since);
         if age <= grace && health.last_attempt_ok == Some(true) {
             return Ok(format!("ok: the last sync succeeded {age:.1?} ago\n"));
         }
