@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use super::watch::Change;
 use super::{Agent, Event, Settings};
 use crate::backend::dry_run::DryRunBackend;
 use crate::backend::{self, Backend};
@@ -47,24 +48,33 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     }
     start_signal_thread(sender.clone(), cleanup_on_exit)?;
 
-    // Kept alive for the whole run; without a directory the resync timer is the backstop.
+    // Owned by the loop, which re-arms it before each read when it was lost; without
+    // it (no inotify instance) the resync timer is the backstop.
     let config = settings.config.clone();
     let watched = config.watched_dir();
-    let _watcher = match super::watch::watch_dir(
+    let watch = match super::watch::ConfigWatch::start(
         &watched,
         move |name| config.is_of_interest(name),
-        move |names| {
+        move |change| {
             // Kubelet's `..data` rename commits an update: act on it at once. Anything
             // else (an edited plain file) may come in a burst and is settled first.
-            let event = if names.iter().any(|name| source::is_commit(name)) {
-                Event::Commit("ConfigMap update committed (..data swapped)")
-            } else {
-                Event::Reload("config directory changed")
+            let event = match change {
+                Change::Entries(names) if names.iter().any(|name| source::is_commit(name)) => {
+                    Event::Commit("ConfigMap update committed (..data swapped)")
+                }
+                Change::Directory(name) if source::is_commit(&name) => {
+                    Event::Commit("ConfigMap update committed (..data swapped)")
+                }
+                Change::Entries(_) => Event::Reload("config directory changed"),
+                Change::Directory(_) => {
+                    Event::Reload("config directory removed, renamed or made again")
+                }
+                Change::Overflow => Event::Reload("config watch overflowed"),
             };
             let _ = sender.send(event);
         },
     ) {
-        Ok(watcher) => Some(watcher),
+        Ok(watch) => Some(watch),
         Err(err) => {
             tracing::warn!(
                 "cannot watch {} ({err}); config changes are picked up every resyncInterval",
@@ -81,7 +91,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         http::serve(address, telemetry.clone());
     }
     let cleanup_chain = cleanup_on_exit.then(|| settings.chain.clone());
-    let mut agent = Agent::new(settings.clone(), backend).with_telemetry(telemetry);
+    let mut agent = Agent::new(settings.clone(), backend)
+        .with_telemetry(telemetry)
+        .with_watch(watch);
     if !settings.dry_run {
         agent = agent.with_leftovers(leftovers, runner.clone());
         match settings.conntrack_cleanup {
