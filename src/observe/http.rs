@@ -360,15 +360,15 @@ impl Capacity {
     }
 
     /// Raises the cap back to [`MAX_CONNECTIONS`] and refills the reserve if the check is
-    /// due and `usage` (open descriptors, soft limit) leaves room; true if it did.
-    fn recover(&mut self, usage: Option<(usize, u64)>) -> bool {
+    /// due and `usage()` (open descriptors, soft limit) leaves room; true if it did.
+    fn recover(&mut self, usage: impl FnOnce() -> Option<(usize, u64)>) -> bool {
         let Some(at) = self.lowered_at else {
             return false;
         };
         if at.elapsed() < FD_RECOVERY_CHECK {
             return false;
         }
-        let room = usage.is_some_and(|(open, limit)| fds_are_back(open, limit));
+        let room = usage().is_some_and(|(open, limit)| fds_are_back(open, limit));
         if room {
             fill_reserve(&mut self.fd_reserve);
         }
@@ -488,7 +488,7 @@ async fn accept_connections(listener: tokio::net::TcpListener, telemetry: Arc<Te
                 .ok(),
             None => Some(listener.accept().await),
         };
-        if capacity.recover(capacity.next_check().and_then(|_| fd_usage())) {
+        if capacity.recover(fd_usage) {
             tracing::info!(
                 "file descriptors are available again: serving up to {MAX_CONNECTIONS} connections again"
             );
@@ -653,16 +653,16 @@ mod tests {
         );
         assert!(capacity.next_check().is_some());
         // Not due yet.
-        assert!(!capacity.recover(Some((10, 1 << 20))));
+        assert!(!capacity.recover(|| Some((10, 1 << 20))));
         capacity.lowered_at = Some(Instant::now() - FD_RECOVERY_CHECK);
         // Due, but the limit still leaves no room: checked again later.
-        assert!(!capacity.recover(Some((100, 120))));
+        assert!(!capacity.recover(|| Some((100, 120))));
         assert_eq!(capacity.cap, MIN_CONNECTIONS_AFTER_FD_EXHAUSTION);
         assert!(capacity.next_check().is_some());
         capacity.lowered_at = Some(Instant::now() - FD_RECOVERY_CHECK);
-        assert!(!capacity.recover(None), "unknown usage is no room");
+        assert!(!capacity.recover(|| None), "unknown usage is no room");
         capacity.lowered_at = Some(Instant::now() - FD_RECOVERY_CHECK);
-        assert!(capacity.recover(Some((100, 1 << 20))));
+        assert!(capacity.recover(|| Some((100, 1 << 20))));
         assert_eq!(capacity.cap, MAX_CONNECTIONS);
         assert_eq!(capacity.fd_reserve.len(), FDS_RESERVED_FOR_SYNCING);
         assert_eq!(capacity.next_check(), None);
