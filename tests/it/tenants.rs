@@ -555,3 +555,30 @@ root_test!(
         );
     }
 );
+
+root_test!(
+    /// The idle resync skips reading an unchanged file, but never a changed one: an edit
+    /// in place behind kubelet's symlinks, of the same size, which the directory watch
+    /// cannot see, is read at the next resync because the file's identity moved.
+    fn an_edit_the_watch_cannot_see_is_read_at_the_next_resync() {
+        let node = Netns::new("node");
+        let volume = ConfigMapVolume::new(
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16]\nresyncInterval: 500ms\n",
+        );
+        let mut agent = AGENT.start_synced(&node, &volume, &["--iptables-mode=nft"]);
+        // Two seconds after the write the file's stamps prove it; then resyncs skip it.
+        agent.wait_for_log("config_read=false", 3, Duration::from_secs(10));
+        let behind_links = volume.dir.path.join("..data").join(CONFIG_KEY);
+        std::fs::write(
+            &behind_links,
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 10.2.0.0/16]\nresyncInterval: 500ms\n",
+        )
+        .unwrap();
+        agent.wait_for_log("config changed; rules applied", 1, Duration::from_secs(10));
+        let rules = our_lines(&node);
+        assert!(
+            rules.contains("10.2.0.0/16") && !rules.contains("10.1.0.0/16"),
+            "{rules}"
+        );
+    }
+);
