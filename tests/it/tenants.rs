@@ -347,6 +347,61 @@ root_test!(
 );
 
 root_test!(
+    /// Issue 16 #3 as a volume remount: a new filesystem mounted over the config's
+    /// directory makes no inotify event at all (the agent runs in a mount namespace of its
+    /// own, so nothing is mounted on the host). The resync finds the directory at the path
+    /// is another one, re-arms the watch and logs it; later changes are seen at once.
+    fn regression_config_watch_is_lost_when_its_directory_is_remounted() {
+        let node = Netns::new("node");
+        let dir = TempDir::new("cfg");
+        let config = dir.path.join("ip-masq-agent");
+        std::fs::write(
+            &config,
+            "nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 3s\n",
+        )
+        .unwrap();
+        let mut agent = AGENT.start_with(
+            &node,
+            &["--config", config.to_str().unwrap(), "--iptables-mode=nft"],
+            &["unshare", "--mount", "--propagation", "private"],
+            &[],
+        );
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+        let pid = agent.pid().to_string();
+        let inside = |script: &str| {
+            let status = std::process::Command::new("nsenter")
+                .args(["-t", &pid, "-m", "--", "sh", "-c", script])
+                .status()
+                .expect("nsenter");
+            assert!(status.success(), "{script}");
+        };
+        let dir_path = dir.path.to_str().unwrap();
+        inside(&format!(
+            "mount -t tmpfs ima-remount {dir_path} && printf 'nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16]\\nresyncInterval: 3s\\n' > {dir_path}/ip-masq-agent"
+        ));
+        agent.wait_for_log(
+            "watching the config directory again",
+            1,
+            Duration::from_secs(10),
+        );
+        agent.wait_for_log("config changed; rules applied", 1, Duration::from_secs(10));
+        assert!(our_lines(&node).contains("10.1.0.0/16"), "{}", agent.log());
+        // The watch is on the new filesystem: the next change is an event, not a resync.
+        let seen = count(&agent.log(), "config directory changed: reloading");
+        inside(&format!(
+            "printf 'nonMasqueradeCIDRs: [10.0.0.0/8, 10.2.0.0/16]\\nresyncInterval: 3s\\n' > {dir_path}/ip-masq-agent"
+        ));
+        agent.wait_for_log("config changed; rules applied", 2, Duration::from_secs(10));
+        assert!(our_lines(&node).contains("10.2.0.0/16"), "{}", agent.log());
+        assert!(
+            count(&agent.log(), "config directory changed: reloading") > seen,
+            "the watch did not see the change:\n{}",
+            agent.log()
+        );
+    }
+);
+
+root_test!(
     /// Issue 16 #3, the other shape: `--config` inside kubelet's `..data` watches a
     /// directory that every ConfigMap update removes.
     fn regression_config_watch_inside_data_is_lost_after_one_update() {
