@@ -410,15 +410,13 @@ fn healthz_answers(node: &Netns) -> bool {
 
 /// `count` connections to `METRICS` that never send a byte, held until dropped.
 fn idle_connections(node: &Netns, count: usize) -> Vec<std::net::TcpStream> {
-    node.run_inside(move || {
-        let address: std::net::SocketAddr = METRICS.parse().expect("address");
-        (0..count)
-            .map(|_| {
-                std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
-                    .expect("connect (the kernel completes it even before accept)")
-            })
-            .collect()
-    })
+    let held = node.idle_tcp_connections(METRICS.parse().expect("address"), count);
+    assert_eq!(
+        held.len(),
+        count,
+        "the kernel completes a connect even before accept"
+    );
+    held
 }
 
 fn lines_containing(log: &str, text: &str) -> usize {

@@ -233,12 +233,7 @@ root_test!(
 
 /// `count` connections to `METRICS` from this process that never send a byte.
 fn idle_connections(node: &Netns, count: usize) -> Vec<TcpStream> {
-    node.run_inside(move || {
-        let address: SocketAddr = METRICS.parse().expect("address");
-        (0..count)
-            .filter_map(|_| TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok())
-            .collect()
-    })
+    node.idle_tcp_connections(METRICS.parse().expect("address"), count)
 }
 
 /// Whether the agent closed `stream` (EOF or reset), without waiting.
