@@ -65,8 +65,8 @@ pub enum SyncOutcome {
     /// The config was rejected; the last good rules (if any) were re-applied.
     ConfigRejected,
     /// The config file was missing or empty while another config is applied, other than
-    /// by a ConfigMap commit: the applied rules were re-synced,
-    /// and the defaults follow only if the file stays so for [`DEFAULTS_GRACE`].
+    /// by a ConfigMap commit: the applied rules were re-synced, and the defaults follow
+    /// only if the file stays so for [`DEFAULTS_GRACE`].
     Deferred,
     /// The backend failed to write the rules.
     BackendFailed,

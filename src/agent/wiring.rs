@@ -159,7 +159,7 @@ fn start_signal_thread(sender: mpsc::Sender<Event>, cleanup_on_exit: bool) -> an
                     if stopping {
                         if cleanup_on_exit {
                             tracing::warn!(
-                                "{why} again: the clean-up is under way and finishes first (each tool within --tool-timeout); SIGKILL stops it at once, leaving what is not yet removed"
+                                "{why} again: the agent is stopping and its clean-up is under way (or next); it finishes first, each tool within --tool-timeout; SIGKILL stops it at once, leaving what is not yet removed"
                             );
                         } else {
                             tracing::info!("{why} again: already exiting");
