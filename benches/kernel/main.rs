@@ -83,7 +83,7 @@ const SCENARIOS: &[Scenario] = &[
     ),
     (
         "large-cpu",
-        "nftables CPU per idle resync at 64 and 50,000 prefixes, resyncInterval 1s (--seconds=30)",
+        "CPU per idle resync at 64 and 50,000 prefixes, resyncInterval 1s, nftables and iptables-nft (--seconds=30 --setups=)",
         idle::large_cpu,
     ),
     (

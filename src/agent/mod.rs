@@ -8,17 +8,18 @@ pub mod wiring;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::iptables::IptablesMode;
 use crate::backend::{Backend, BackendChoice, ChainName, Leftovers, SyncError, SyncErrorKind};
-use crate::config::source::ConfigPath;
+use crate::config::source::{ConfigPath, Identity};
 use crate::config::{Config, ConfigError, ConfigSource, LoadedConfig, ParseCache, ParseOptions};
 use crate::conntrack::ConntrackCleanup;
 use crate::kernel::SharedRunner;
 use crate::observe::telemetry::{PrefixCounts, SyncResult, Telemetry, fingerprint};
 use crate::policy::{Policy, PolicySettings};
 use crate::survey::SrcnatWatch;
+use watch::{ConfigWatch, WatchProof};
 
 /// What the agent (and the commands) derive from the flags.
 #[derive(Clone, Debug)]
@@ -47,7 +48,7 @@ impl Settings {
 /// Something that should interrupt the wait between syncs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// Exit now, leaving the rules in place.
+    /// Exit now (leaving the rules in place unless `--cleanup-on-exit`).
     Shutdown(&'static str),
     /// Re-read the config and sync, once a burst of such events has settled.
     Reload(&'static str),
@@ -59,10 +60,14 @@ pub enum Event {
 /// How the most recent sync ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SyncOutcome {
-    /// The kernel matches the config just read.
+    /// The kernel matches the config just read (or, at an idle resync, provably unchanged).
     Applied { changed: bool },
     /// The config was rejected; the last good rules (if any) were re-applied.
     ConfigRejected,
+    /// The config file was missing or empty while another config is applied, other than
+    /// by a ConfigMap commit: the applied rules were re-synced, and the defaults follow
+    /// only if the file stays so for [`DEFAULTS_GRACE`].
+    Deferred,
     /// The backend failed to write the rules.
     BackendFailed,
 }
@@ -76,6 +81,35 @@ const REPEAT_ERROR_EVERY: Duration = Duration::from_secs(600);
 const FULL_SURVEY_EVERY: Duration = Duration::from_secs(600);
 /// A plain file written in place can be several events (truncate, write); gather them.
 const SETTLE: Duration = Duration::from_millis(15);
+/// How long a config file that is missing or empty must stay so before the defaults it
+/// means are applied over another config, unless kubelet's `..data` commit brought it
+/// (then it is the ConfigMap's content, applied at once).
+pub const DEFAULTS_GRACE: Duration = Duration::from_secs(1);
+
+/// What started a sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    /// The resync timer: the config is read only if it may have changed.
+    Resync,
+    /// The watch saw a change (settled), or SIGHUP, or the start: read it.
+    Change,
+    /// Kubelet's `..data` rename: read it and act on it at once.
+    Commit,
+}
+
+/// How what a write brings differs from what is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    First,
+    Changed,
+    Same,
+}
+
+/// What proved the config at the read the applied rules came from.
+struct ReadProof {
+    watch: WatchProof,
+    identity: Identity,
+}
 
 pub struct Agent {
     settings: Settings,
@@ -101,6 +135,17 @@ pub struct Agent {
     srcnat: Option<SrcnatWatch>,
     last_full_survey: Option<Instant>,
     parse_cache: ParseCache,
+    /// The watch on the config's directory (None: none could be made), re-armed before
+    /// each read when it was lost.
+    watch: Option<ConfigWatch>,
+    /// Set at a read whose config is applied, when the watch and the files' identities
+    /// can later prove the config unchanged without reading it.
+    read_proof: Option<ReadProof>,
+    /// Since when reads have found the file missing or empty while another config is
+    /// applied.
+    defaults_since: Option<Instant>,
+    /// Whether the current sync read the config (for its log line).
+    config_read: bool,
 }
 
 struct Applied {
@@ -128,7 +173,19 @@ impl Agent {
             srcnat: None,
             last_full_survey: None,
             parse_cache: ParseCache::default(),
+            watch: None,
+            read_proof: None,
+            defaults_since: None,
+            config_read: true,
         }
+    }
+
+    /// Follows the config's directory with `watch` (kept for the whole run): changes are
+    /// acted on at once, and while it has seen nothing an idle resync does not read the
+    /// config again when the files' identities prove it unchanged.
+    pub fn with_watch(mut self, watch: Option<ConfigWatch>) -> Agent {
+        self.watch = watch;
+        self
     }
 
     /// Removes `leftovers` (the other backend's rules) after the first successful sync,
@@ -229,8 +286,52 @@ impl Agent {
         self.read_notes = notes;
     }
 
-    /// Reads the config and makes the kernel match it (or the last good config).
+    /// Reads the config and makes the kernel match it (or the last good config), as
+    /// after a change seen by the watch or SIGHUP.
     pub fn sync_once(&mut self) -> SyncOutcome {
+        self.sync(Trigger::Change)
+    }
+
+    fn sync(&mut self, trigger: Trigger) -> SyncOutcome {
+        if let Some(watch) = self.watch.as_mut() {
+            watch.ensure_armed();
+        }
+        let outcome = if trigger == Trigger::Resync && self.source_unchanged() {
+            self.config_read = false;
+            self.resync_applied()
+        } else {
+            self.config_read = true;
+            self.read_and_apply(trigger)
+        };
+        self.last_outcome = Some(outcome.clone());
+        outcome
+    }
+
+    /// Whether the config provably is what the applied rules were made from, without
+    /// reading it: the watch has been armed and seen nothing since that read (no change
+    /// of interest, no overflow, no loss), and the files' identities (every symlink on
+    /// the way and the file: device, inode, size, times in ns) are as they were then.
+    fn source_unchanged(&self) -> bool {
+        let (Some(proof), Some(watch)) = (&self.read_proof, &self.watch) else {
+            return false;
+        };
+        if self.applied.is_none() || self.defaults_since.is_some() || self.last_error.is_some() {
+            return false;
+        }
+        let now = watch.proof();
+        now.armed
+            && now == proof.watch
+            && self.settings.config.identity().as_ref() == Some(&proof.identity)
+    }
+
+    fn read_and_apply(&mut self, trigger: Trigger) -> SyncOutcome {
+        // Taken before the read: whatever changes after it shows in the next ones.
+        let watch = self.watch.as_ref().map(ConfigWatch::proof);
+        let read_started = SystemTime::now();
+        let identity = watch
+            .filter(|w| w.armed)
+            .and_then(|_| self.settings.config.identity());
+        self.read_proof = None;
         let outcome = match self
             .settings
             .config
@@ -239,24 +340,93 @@ impl Agent {
             Ok(loaded) => {
                 self.telemetry.config_loaded(true);
                 self.last_error = None;
+                if trigger != Trigger::Commit && self.defers_defaults(&loaded) {
+                    return self.keep_applied_for_now();
+                }
+                self.defaults_since = None;
                 self.note_loaded(&loaded);
                 let policy = Policy::new(&loaded.config, &self.settings.policy_settings);
                 self.apply(loaded.config, policy)
             }
             Err(err) => {
                 self.telemetry.config_loaded(false);
-                self.report_config_error(&err.to_string());
+                self.defaults_since = None;
+                let problem = err.to_string();
+                self.report_config_error(&problem);
+                if self.applied.is_none() {
+                    // Nothing to sync yet: waiting for a good config is not a failure.
+                    self.telemetry
+                        .waiting_for_config(self.next_wait(), &problem);
+                }
                 // Last-known-good: keep the previous rules, and repair drift from them.
                 // Kept until a new good config replaces it, even when this re-apply fails.
-                if let Some(applied) = &self.applied {
-                    let (config, policy) = (applied.config.clone(), applied.policy.clone());
-                    let _ = self.apply(config, policy);
+                if let Some(applied) = self.applied.take() {
+                    let _ = self.write(applied, Change::Same);
                 }
                 SyncOutcome::ConfigRejected
             }
         };
-        self.last_outcome = Some(outcome.clone());
+        if matches!(outcome, SyncOutcome::Applied { .. })
+            && let (Some(watch), Some(identity)) = (watch, identity)
+            && identity.settled_before(read_started)
+        {
+            self.read_proof = Some(ReadProof { watch, identity });
+        }
         outcome
+    }
+
+    /// Whether a read of nothing (a missing or empty file) waits for [`DEFAULTS_GRACE`]
+    /// before the defaults it means are acted on, because another config is applied: a
+    /// writer that truncates, then writes, must not flip the node to the defaults in
+    /// between. Logs when the wait starts and ends.
+    fn defers_defaults(&mut self, loaded: &LoadedConfig) -> bool {
+        let Some(applied) = &self.applied else {
+            return false;
+        };
+        if applied.config == loaded.config
+            || !self.settings.config.is_blank(loaded, &self.parse_cache)
+        {
+            self.defaults_since = None;
+            return false;
+        }
+        let path = self.settings.config.path().display();
+        match self.defaults_since {
+            None => {
+                tracing::info!(
+                    "{path} is missing or empty; keeping the current rules unless it stays so for {DEFAULTS_GRACE:?} (a writer may be replacing it)"
+                );
+                self.defaults_since = Some(Instant::now());
+                true
+            }
+            Some(since) if since.elapsed() < DEFAULTS_GRACE => true,
+            Some(_) => {
+                tracing::info!(
+                    "{path} has stayed missing or empty for {DEFAULTS_GRACE:?}; applying the default values"
+                );
+                false
+            }
+        }
+    }
+
+    /// Re-syncs the applied rules (repairing drift) while a missing or empty file waits
+    /// out its grace period.
+    fn keep_applied_for_now(&mut self) -> SyncOutcome {
+        let Some(applied) = self.applied.take() else {
+            return SyncOutcome::Deferred;
+        };
+        match self.write(applied, Change::Same) {
+            SyncOutcome::Applied { .. } => SyncOutcome::Deferred,
+            other => other,
+        }
+    }
+
+    /// Re-syncs the applied rules without reading the config (it provably has not
+    /// changed): no parse, no policy built, nothing cloned.
+    fn resync_applied(&mut self) -> SyncOutcome {
+        match self.applied.take() {
+            Some(applied) => self.write(applied, Change::Same),
+            None => self.read_and_apply(Trigger::Resync),
+        }
     }
 
     fn note_loaded(&mut self, loaded: &LoadedConfig) {
@@ -297,18 +467,35 @@ impl Agent {
     }
 
     fn apply(&mut self, config: Config, policy: Policy) -> SyncOutcome {
+        let change = match &self.applied {
+            None => Change::First,
+            Some(applied) if applied.policy == policy => Change::Same,
+            Some(_) => Change::Changed,
+        };
+        self.write(Applied { config, policy }, change)
+    }
+
+    /// Makes the kernel hold `next`; `change` says how it differs from what is applied
+    /// (with [`Change::Same`] the caller may have taken it out of `self.applied`: it is
+    /// put back whatever happens).
+    fn write(&mut self, next: Applied, change: Change) -> SyncOutcome {
         let started = Instant::now();
-        let report = match self.backend.sync(&policy) {
+        let report = match self.backend.sync(&next.policy) {
             Ok(report) => report,
             Err(err) => {
-                return self.sync_failed(&err, format!("{err}"), started, &config);
+                let outcome = self.sync_failed(&err, format!("{err}"), started, &next.config);
+                if change == Change::Same {
+                    self.applied = Some(next);
+                }
+                return outcome;
             }
         };
         // The backend's sync alone: rules read, compared and written.
         let synced_in = started.elapsed();
         self.report_read_notes();
-        let changed = self.applied.as_ref().map(|a| &a.policy) != Some(&policy);
-        let first = self.applied.is_none();
+        let changed = change != Change::Same;
+        let first = change == Change::First;
+        let Applied { config, policy } = next;
         // Recorded before the log line, so whoever sees "rules applied" sees the metrics.
         if changed {
             let prefixes: Vec<PrefixCounts> = policy
@@ -349,6 +536,7 @@ impl Agent {
                 rules = report.rules,
                 elapsed_ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
                 processes = report.processes,
+                config_read = self.config_read,
                 "rules resynced"
             );
         }
@@ -388,7 +576,13 @@ impl Agent {
         if full {
             self.last_full_survey = Some(Instant::now());
         }
-        self.survey_srcnat(full);
+        // A sync that ran no process read no nat table (the backends read them only
+        // through iptables-save or nft), so an unchanged policy has nothing new to
+        // survey: skipping it spares hashing what the last read kept (megabytes at
+        // 50,000 prefixes) at every idle resync.
+        if full || changed || report.processes > 0 {
+            self.survey_srcnat(full);
+        }
         SyncOutcome::Applied { changed }
     }
 
@@ -443,11 +637,17 @@ impl Agent {
             .map(|l| l.config.resync_interval)
             .or_else(|| self.applied.as_ref().map(|a| a.config.resync_interval))
             .unwrap_or_else(|| Config::defaults(self.settings.parse_options).resync_interval);
-        if self.consecutive_backend_failures == 0 {
-            return interval;
+        let wait = if self.consecutive_backend_failures == 0 {
+            interval
+        } else {
+            let exponent = self.consecutive_backend_failures.saturating_sub(1).min(16);
+            FIRST_RETRY.saturating_mul(1 << exponent).min(interval)
+        };
+        // A missing or empty file is looked at again when its grace period ends.
+        match self.defaults_since {
+            Some(since) => wait.min(DEFAULTS_GRACE.saturating_sub(since.elapsed()).max(SETTLE)),
+            None => wait,
         }
-        let exponent = self.consecutive_backend_failures.saturating_sub(1).min(16);
-        FIRST_RETRY.saturating_mul(1 << exponent).min(interval)
     }
 
     /// Syncs that found the kernel out of step with an unchanged config.
@@ -459,30 +659,39 @@ impl Agent {
         self.last_outcome.as_ref()
     }
 
+    /// Says what happens to the rules on the way out.
+    fn log_exit(&self, why: &str) {
+        if self.settings.cleanup_on_exit && !self.settings.dry_run {
+            tracing::info!("{why}: exiting; removing the agent's rules first (--cleanup-on-exit)");
+        } else {
+            tracing::info!("{why}: exiting and leaving the rules in place");
+        }
+    }
+
     /// Swallows the burst of events that follows the first, until it settles or a commit
-    /// ends it (kubelet's `..data_tmp` is followed at once by the `..data` rename); true
-    /// if one asks to exit.
-    fn settle(&self, events: &Receiver<Event>) -> bool {
+    /// ends it (kubelet's `..data_tmp` is followed at once by the `..data` rename); what
+    /// the next sync follows, or None if an event asks to exit.
+    fn settle(&self, events: &Receiver<Event>) -> Option<Trigger> {
         let until = Instant::now() + SETTLE;
         while let Some(left) = until.checked_duration_since(Instant::now()) {
             match events.recv_timeout(left) {
                 Ok(Event::Shutdown(why)) => {
-                    tracing::info!("{why}: exiting and leaving the rules in place");
-                    return true;
+                    self.log_exit(why);
+                    return None;
                 }
-                Ok(Event::Commit(_)) => return self.drain(events),
+                Ok(Event::Commit(_)) => return (!self.drain(events)).then_some(Trigger::Commit),
                 Ok(Event::Reload(_)) => {}
                 Err(_) => break,
             }
         }
-        false
+        Some(Trigger::Change)
     }
 
     /// Takes the events already queued (without waiting); true if one asks to exit.
     fn drain(&self, events: &Receiver<Event>) -> bool {
         while let Ok(event) = events.try_recv() {
             if let Event::Shutdown(why) = event {
-                tracing::info!("{why}: exiting and leaving the rules in place");
+                self.log_exit(why);
                 return true;
             }
         }
@@ -492,17 +701,19 @@ impl Agent {
     /// Syncs now and then after every wait, until a shutdown event arrives.
     pub fn run(&mut self, events: &Receiver<Event>) {
         tracing::info!(backend = %self.backend.describe(), config = %self.settings.config.path().display(), "starting");
+        let mut trigger = Trigger::Change;
         loop {
-            self.sync_once();
-            match events.recv_timeout(self.next_wait()) {
+            self.sync(trigger);
+            trigger = match events.recv_timeout(self.next_wait()) {
                 Ok(Event::Shutdown(why)) => {
-                    tracing::info!("{why}: exiting and leaving the rules in place");
+                    self.log_exit(why);
                     return;
                 }
                 Ok(Event::Reload(why)) => {
                     tracing::debug!("{why}: reloading");
-                    if self.settle(events) {
-                        return;
+                    match self.settle(events) {
+                        Some(trigger) => trigger,
+                        None => return,
                     }
                 }
                 Ok(Event::Commit(why)) => {
@@ -510,10 +721,11 @@ impl Agent {
                     if self.drain(events) {
                         return;
                     }
+                    Trigger::Commit
                 }
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => Trigger::Resync,
                 Err(RecvTimeoutError::Disconnected) => return,
-            }
+            };
         }
     }
 }
@@ -624,6 +836,169 @@ mod tests {
         assert_eq!(f.agent.sync_once(), SyncOutcome::ConfigRejected);
         assert!(f.synced.borrow().is_empty());
         assert_eq!(f.agent.next_wait(), Duration::from_secs(60));
+    }
+
+    /// Issue 16, suspected and confirmed: with a rejected config at the first start no
+    /// sync ever succeeded, so /healthz turned 503 after 3 x resyncInterval + tool
+    /// timeout and kubelet would restart the pod forever, though a restart cannot fix
+    /// the file and the README says a rejected config is not a failed sync.
+    #[test]
+    fn regression_a_rejected_first_config_turns_healthz_503() {
+        let mut f = fixture("rejected-health");
+        let created = Instant::now();
+        let telemetry = Arc::new(Telemetry::new());
+        telemetry.set_sync_deadline(Duration::from_secs(1));
+        f.agent.telemetry = telemetry.clone();
+        // 3 x the default 60 s resyncInterval + the 1 s deadline.
+        let bound = Duration::from_secs(181);
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.1/8]\n").unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+        let read = Instant::now();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::ConfigRejected);
+        // Just past the bound counted from start-up, but within it counted from the
+        // loop's last read of the rejected file: the loop is alive.
+        let probed = created + bound + Duration::from_millis(20);
+        assert!(probed < read + bound);
+        let body = telemetry
+            .liveness_at(probed)
+            .expect("a loop that keeps reading a rejected first config is alive");
+        assert!(body.contains("config rejected"), "{body}");
+        assert!(
+            telemetry.readiness().is_err(),
+            "nothing is applied: not ready"
+        );
+        assert!(f.synced.borrow().is_empty());
+        // A loop that stopped reading is not.
+        assert!(
+            telemetry
+                .liveness_at(read + bound + Duration::from_secs(2))
+                .is_err()
+        );
+        // Once a sync has been attempted and fails, the bound counts from start-up again.
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
+        *f.fail.borrow_mut() = true;
+        assert_eq!(f.agent.sync_once(), SyncOutcome::BackendFailed);
+        assert!(telemetry.liveness_at(probed).is_err());
+    }
+
+    /// Issue 15 #8: truncating the file and writing it 50 ms later applied the defaults
+    /// node-wide in between.
+    #[test]
+    fn regression_a_truncated_file_applies_the_defaults_at_once() {
+        let mut f = fixture("truncated");
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
+        std::fs::write(&f.file, "").unwrap();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Deferred);
+        assert!(f.agent.next_wait() <= DEFAULTS_GRACE);
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16]\n").unwrap();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
+        assert_eq!(f.agent.next_wait(), Duration::from_secs(60));
+        // Whitespace, or no file at all, is the same nothing.
+        std::fs::write(&f.file, "\n  \n").unwrap();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Deferred);
+        std::fs::remove_file(&f.file).unwrap();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Deferred);
+        let synced = f.synced.borrow().clone();
+        assert!(
+            synced
+                .iter()
+                .all(|p| prefixes(p).first().map(String::as_str) == Some("10.0.0.0/8")),
+            "the defaults were written: {:?}",
+            synced.iter().map(prefixes).collect::<Vec<_>>()
+        );
+        assert_eq!(synced.len(), 5, "the applied rules are still re-synced");
+    }
+
+    #[test]
+    fn a_file_that_stays_missing_brings_the_defaults_after_the_grace_period() {
+        let mut f = fixture("stays-missing");
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
+        f.agent.sync_once();
+        std::fs::remove_file(&f.file).unwrap();
+        assert_eq!(f.agent.sync(Trigger::Resync), SyncOutcome::Deferred);
+        // As if the grace period had passed.
+        f.agent.defaults_since = Some(Instant::now() - DEFAULTS_GRACE);
+        assert_eq!(
+            f.agent.sync(Trigger::Resync),
+            SyncOutcome::Applied { changed: true }
+        );
+        let synced = f.synced.borrow();
+        assert_eq!(
+            prefixes(synced.last().unwrap()),
+            vec!["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+        );
+        assert_eq!(f.agent.defaults_since, None);
+    }
+
+    #[test]
+    fn a_configmap_commit_that_empties_the_file_is_applied_at_once() {
+        let mut f = fixture("commit-empty");
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
+        f.agent.sync_once();
+        std::fs::remove_file(&f.file).unwrap();
+        assert_eq!(
+            f.agent.sync(Trigger::Commit),
+            SyncOutcome::Applied { changed: true }
+        );
+        // A file written on purpose with the default values is not nothing.
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
+        f.agent.sync_once();
+        std::fs::write(
+            &f.file,
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16]\n",
+        )
+        .unwrap();
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
+    }
+
+    /// A watch on the fixture's directory that reports nothing (no name is of interest):
+    /// only the files' identities can tell a change.
+    fn blind_watch(f: &Fixture) -> ConfigWatch {
+        ConfigWatch::start(f.file.parent().unwrap(), |_| false, |_| {}).unwrap()
+    }
+
+    #[test]
+    fn an_idle_resync_reads_the_config_only_if_it_may_have_changed() {
+        let mut f = fixture("idle-read");
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
+        // The file's times must lie behind the read to prove anything.
+        std::thread::sleep(crate::config::source::SAME_TICK_MARGIN + Duration::from_millis(100));
+        f.agent.watch = Some(blind_watch(&f));
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
+        assert!(f.agent.read_proof.is_some());
+        for _ in 0..3 {
+            assert_eq!(
+                f.agent.sync(Trigger::Resync),
+                SyncOutcome::Applied { changed: false }
+            );
+            assert!(!f.agent.config_read, "an idle resync read the config");
+        }
+        assert_eq!(f.synced.borrow().len(), 4, "the kernel is still resynced");
+        // SIGHUP or a change the watch saw reads it whatever the proof says.
+        f.agent.sync(Trigger::Change);
+        assert!(f.agent.config_read);
+        // An edit the (blind) watch misses: the identity tells.
+        std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16]\n").unwrap();
+        assert_eq!(
+            f.agent.sync(Trigger::Resync),
+            SyncOutcome::Applied { changed: true }
+        );
+        assert!(f.agent.config_read);
+        // Written just now: proves nothing yet, so the next resync reads again.
+        assert!(f.agent.read_proof.is_none());
+        f.agent.sync(Trigger::Resync);
+        assert!(f.agent.config_read);
+        // A lost watch proves nothing either.
+        f.agent.read_proof = Some(ReadProof {
+            watch: WatchProof {
+                armed: false,
+                changes: 0,
+            },
+            identity: f.agent.settings.config.identity().unwrap(),
+        });
+        f.agent.sync(Trigger::Resync);
+        assert!(f.agent.config_read);
     }
 
     #[test]

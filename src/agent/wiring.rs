@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use super::watch::Change;
 use super::{Agent, Event, Settings};
 use crate::backend::dry_run::DryRunBackend;
 use crate::backend::{self, Backend};
@@ -47,24 +48,33 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     }
     start_signal_thread(sender.clone(), cleanup_on_exit)?;
 
-    // Kept alive for the whole run; without a directory the resync timer is the backstop.
+    // Owned by the loop, which re-arms it before each read when it was lost; without
+    // it (no inotify instance) the resync timer is the backstop.
     let config = settings.config.clone();
     let watched = config.watched_dir();
-    let _watcher = match super::watch::watch_dir(
+    let watch = match super::watch::ConfigWatch::start(
         &watched,
         move |name| config.is_of_interest(name),
-        move |names| {
+        move |change| {
             // Kubelet's `..data` rename commits an update: act on it at once. Anything
             // else (an edited plain file) may come in a burst and is settled first.
-            let event = if names.iter().any(|name| source::is_commit(name)) {
-                Event::Commit("ConfigMap update committed (..data swapped)")
-            } else {
-                Event::Reload("config directory changed")
+            let event = match change {
+                Change::Entries(names) if names.iter().any(|name| source::is_commit(name)) => {
+                    Event::Commit("ConfigMap update committed (..data swapped)")
+                }
+                Change::Directory(name) if source::is_commit(&name) => {
+                    Event::Commit("ConfigMap update committed (..data swapped)")
+                }
+                Change::Entries(_) => Event::Reload("config directory changed"),
+                Change::Directory(_) => {
+                    Event::Reload("config directory removed, renamed or made again")
+                }
+                Change::Overflow => Event::Reload("config watch overflowed"),
             };
             let _ = sender.send(event);
         },
     ) {
-        Ok(watcher) => Some(watcher),
+        Ok(watch) => Some(watch),
         Err(err) => {
             tracing::warn!(
                 "cannot watch {} ({err}); config changes are picked up every resyncInterval",
@@ -81,7 +91,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         http::serve(address, telemetry.clone());
     }
     let cleanup_chain = cleanup_on_exit.then(|| settings.chain.clone());
-    let mut agent = Agent::new(settings.clone(), backend).with_telemetry(telemetry);
+    let mut agent = Agent::new(settings.clone(), backend)
+        .with_telemetry(telemetry)
+        .with_watch(watch);
     if !settings.dry_run {
         agent = agent.with_leftovers(leftovers, runner.clone());
         match settings.conntrack_cleanup {
@@ -98,15 +110,37 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     agent = agent.with_srcnat_survey(runner.clone());
     agent.run(&events);
     if let Some(chain) = cleanup_chain {
-        // The one step that still runs tools after a stop was asked for.
+        // The one step that still runs tools after a stop was asked for. Later signals
+        // no longer stop tools (see start_signal_thread), so a clean-up that has started
+        // finishes, each tool within its deadline.
         kernel::clear_stop();
-        for place in backend::cleanup_everything(&chain, &runner).context("cleaning up on exit")? {
+        let removed = match backend::cleanup_everything(&chain, &runner) {
+            Ok(removed) => removed,
+            Err(err) => {
+                tracing::error!(
+                    "clean-up on exit failed, some of the agent's rules may be left (`ip-masq-agent cleanup` removes them): {err}"
+                );
+                return Err(err).context("cleaning up on exit");
+            }
+        };
+        for place in &removed {
             tracing::info!("removed the agent's rules from {place}");
         }
+        tracing::info!(
+            "clean-up on exit finished ({}); exiting",
+            if removed.is_empty() {
+                "nothing to remove"
+            } else {
+                "every rule of the agent removed"
+            }
+        );
     }
     Ok(())
 }
 
+/// SIGHUP reloads; the first SIGTERM or SIGINT stops the agent (killing a tool that
+/// hangs), and any later one is only logged: it must not cut short the clean-up of
+/// `--cleanup-on-exit`, and without it the exit is already under way.
 fn start_signal_thread(sender: mpsc::Sender<Event>, cleanup_on_exit: bool) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
@@ -114,6 +148,7 @@ fn start_signal_thread(sender: mpsc::Sender<Event>, cleanup_on_exit: bool) -> an
         .name("signals".into())
         .stack_size(64 * 1024)
         .spawn(move || {
+            let mut stopping = false;
             for signal in signals.forever() {
                 let event = match signal {
                     SIGHUP => Event::Reload("SIGHUP"),
@@ -121,6 +156,17 @@ fn start_signal_thread(sender: mpsc::Sender<Event>, cleanup_on_exit: bool) -> an
                     _ => Event::Shutdown("SIGTERM"),
                 };
                 if let Event::Shutdown(why) = event {
+                    if stopping {
+                        if cleanup_on_exit {
+                            tracing::warn!(
+                                "{why} again: the agent is stopping and its clean-up is under way (or next); it finishes first, each tool within --tool-timeout; SIGKILL stops it at once, leaving what is not yet removed"
+                            );
+                        } else {
+                            tracing::info!("{why} again: already exiting");
+                        }
+                        continue;
+                    }
+                    stopping = true;
                     // A tool that hangs is killed now rather than at its deadline.
                     kernel::request_stop();
                     if !cleanup_on_exit {

@@ -187,7 +187,14 @@ mod tests {
 
     #[test]
     fn interface_names_follow_linux_and_iptables() {
-        for good in ["eth0", "bond+", "+", "vlan.100", "wg-partner", "a23456789012345"] {
+        for good in [
+            "eth0",
+            "bond+",
+            "+",
+            "vlan.100",
+            "wg-partner",
+            "a23456789012345",
+        ] {
             assert!(parse_interface(good).is_ok(), "{good}");
         }
         for (bad, why) in [
@@ -207,7 +214,10 @@ mod tests {
         }
         let bond = parse_interface("bond+").unwrap();
         assert!(bond.matches("bond0") && bond.matches("bond") && !bond.matches("bon"));
-        assert_eq!((bond.as_iptables(), bond.as_nft()), ("bond+", "bond*".to_string()));
+        assert_eq!(
+            (bond.as_iptables(), bond.as_nft()),
+            ("bond+", "bond*".to_string())
+        );
         let eth = parse_interface("eth0").unwrap();
         assert!(eth.matches("eth0") && !eth.matches("eth01"));
         assert!(parse_interface("+").unwrap().matches("anything"));
@@ -220,7 +230,9 @@ mod tests {
         assert!(range.contains("192.0.2.15".parse().unwrap()));
         assert!(!range.contains("192.0.2.21".parse().unwrap()));
         assert_eq!(
-            parse_address_range("2001:db8::1", true).unwrap().to_string(),
+            parse_address_range("2001:db8::1", true)
+                .unwrap()
+                .to_string(),
             "2001:db8::1"
         );
         for (text, ipv6, why) in [

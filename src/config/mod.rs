@@ -2,8 +2,8 @@
 //! defaults, key matching, value semantics and error texts.
 
 mod document;
-pub mod egress;
 pub mod duration;
+pub mod egress;
 pub mod source;
 
 use std::fmt;

@@ -8,35 +8,48 @@
 use std::convert::Infallible;
 use std::fs::File;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
 
 use super::telemetry::Telemetry;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Connections served at once; further ones wait in the kernel's backlog.
+/// Connections kept open at once. Every connection is accepted; past the cap, each new
+/// one closes the open connection that has gone longest without a request (counting from
+/// its accept until the first), so a process holding idle connections cannot keep
+/// kubelet's probes out: they are never left waiting in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 64;
 /// After running out of file descriptors the cap drops to the connections open then,
 /// but never below this: kubelet's probes and a scrape must still fit side by side.
 const MIN_CONNECTIONS_AFTER_FD_EXHAUSTION: usize = 4;
+/// Connections the kernel may queue before accept() (capped by net.core.somaxconn).
+const LISTEN_BACKLOG: libc::c_int = 1024;
 /// Descriptors held (on /dev/null) and released when accept() hits the process limit, so
 /// the sync still finds some for its iptables/nft pipes even though the connections
 /// took the rest.
 const FDS_RESERVED_FOR_SYNCING: usize = 16;
+/// After running out of descriptors, how often the endpoint checks whether they are
+/// back (the process limit leaves room for the reserve, the full cap and a margin); then
+/// it takes its reserve back and serves up to [`MAX_CONNECTIONS`] again.
+const FD_RECOVERY_CHECK: Duration = Duration::from_secs(15);
 /// A client that sends no complete request head in this time is dropped (slowloris);
-/// hyper also applies it to idle keep-alive connections.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bounds every connection, whatever the client does, so held slots always come back.
+/// hyper also applies it to idle keep-alive connections. Probes and scrapes send their
+/// request at once, so it is short.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds every connection, whatever the client does.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// Time a connection past its lifetime gets to finish the response in flight.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// While connections keep being closed to make room, one warning per this interval.
+const CLOSING_LOG_INTERVAL: Duration = Duration::from_secs(600);
 
 const BIND_RETRY_FIRST: Duration = Duration::from_secs(1);
 const BIND_RETRY_MAX: Duration = Duration::from_secs(30);
@@ -89,6 +102,13 @@ fn respond(telemetry: &Telemetry, path: &str) -> Response<Full<Bytes>> {
 
 fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(address)?;
+    // std listens with a backlog of 128; a longer one keeps a probe's SYN from being
+    // dropped (and sent again only a second later) while a burst of connections is
+    // accepted. Linux takes a second listen() as a new backlog; on failure 128 stays.
+    // SAFETY: listen() on a descriptor the listener owns.
+    unsafe {
+        libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG);
+    }
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
@@ -183,32 +203,206 @@ async fn listen(
     }
 }
 
-/// The semaphore behind the connection cap, with the cap it currently stands for.
-struct ConnectionLimit {
-    permits: Arc<Semaphore>,
-    cap: usize,
+/// The open connections, each with the time it was last used (its last request, or its
+/// accept until the first) and the handle that closes it.
+#[derive(Default)]
+struct OpenConnections {
+    entries: Vec<OpenConnection>,
+    next_id: u64,
 }
 
-impl ConnectionLimit {
-    fn new(cap: usize) -> ConnectionLimit {
-        ConnectionLimit {
-            permits: Arc::new(Semaphore::new(cap)),
-            cap,
+struct OpenConnection {
+    id: u64,
+    last_used: Instant,
+    close: AbortHandle,
+}
+
+type SharedConnections = Arc<Mutex<OpenConnections>>;
+
+fn lock(open: &SharedConnections) -> std::sync::MutexGuard<'_, OpenConnections> {
+    // A poisoned lock only means a panic elsewhere; the list is still usable.
+    open.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl OpenConnections {
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn insert(&mut self, id: u64, close: AbortHandle) {
+        self.entries.push(OpenConnection {
+            id,
+            last_used: Instant::now(),
+            close,
+        });
+    }
+
+    fn used(&mut self, id: u64) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) {
+            entry.last_used = Instant::now();
         }
     }
 
-    fn in_flight(&self) -> usize {
-        self.cap.saturating_sub(self.permits.available_permits())
+    fn remove(&mut self, id: u64) {
+        self.entries.retain(|e| e.id != id);
     }
 
-    /// Accepts no more connections than are open now (with a floor), so descriptors the
-    /// connections give back stay free for the sync. Returns the new cap.
-    fn shrink_to_in_flight(&mut self) -> usize {
-        let target = self.in_flight().max(MIN_CONNECTIONS_AFTER_FD_EXHAUSTION);
-        if target < self.cap {
-            self.cap -= self.permits.forget_permits(self.cap - target);
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Closes the connections used least recently, never `keep` (the one just accepted),
+    /// until at most `cap` are open; returns how many it closed.
+    fn close_beyond(&mut self, cap: usize, keep: Option<u64>) -> usize {
+        let mut closed = 0;
+        while self.entries.len() > cap {
+            let oldest = self
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| Some(e.id) != keep)
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(index, _)| index);
+            let Some(oldest) = oldest else { break };
+            self.entries.swap_remove(oldest).close.abort();
+            closed += 1;
         }
-        self.cap
+        closed
+    }
+}
+
+/// A connection's place in [`OpenConnections`], given up when its task ends or is
+/// aborted.
+struct Registered {
+    id: u64,
+    open: SharedConnections,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.open).remove(self.id);
+    }
+}
+
+/// Whether the process limit on descriptors leaves room for the reserve, a full cap of
+/// connections and as much again as a margin, beside the `open_fds` open now.
+fn fds_are_back(open_fds: usize, soft_limit: u64) -> bool {
+    let needed = open_fds + FDS_RESERVED_FOR_SYNCING + 2 * MAX_CONNECTIONS;
+    needed as u64 <= soft_limit
+}
+
+/// The descriptors this process has open, and its soft limit (None if unknown).
+fn fd_usage() -> Option<(usize, u64)> {
+    let open = std::fs::read_dir("/proc/self/fd").ok()?.count();
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let status = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (status == 0).then_some((open, limit.rlim_cur))
+}
+
+/// Opens /dev/null until `reserve` holds [`FDS_RESERVED_FOR_SYNCING`] descriptors (fewer
+/// if the limit is already that tight: they are a cushion, not a requirement).
+fn fill_reserve(reserve: &mut Vec<File>) {
+    while reserve.len() < FDS_RESERVED_FOR_SYNCING {
+        match File::open("/dev/null") {
+            Ok(file) => reserve.push(file),
+            Err(_) => break,
+        }
+    }
+}
+
+/// The connection cap, lowered while the process is out of file descriptors and raised
+/// again once they are back.
+struct Capacity {
+    cap: usize,
+    fd_reserve: Vec<File>,
+    /// When the cap was lowered; None while it is [`MAX_CONNECTIONS`].
+    lowered_at: Option<Instant>,
+}
+
+impl Capacity {
+    fn new() -> Capacity {
+        let mut fd_reserve = Vec::new();
+        fill_reserve(&mut fd_reserve);
+        Capacity {
+            cap: MAX_CONNECTIONS,
+            fd_reserve,
+            lowered_at: None,
+        }
+    }
+
+    /// accept() ran out of descriptors with `in_use` connections open: release the
+    /// reserve (for the sync's pipes) and serve no more connections than are open now
+    /// (one fewer if the reserve was already gone), at least the floor. Returns the
+    /// descriptors released and the new cap.
+    fn out_of_descriptors(&mut self, in_use: usize) -> (usize, usize) {
+        let released = self.fd_reserve.len();
+        self.fd_reserve.clear();
+        let target = if released > 0 {
+            in_use
+        } else {
+            in_use.saturating_sub(1)
+        };
+        self.cap = target
+            .min(self.cap)
+            .max(MIN_CONNECTIONS_AFTER_FD_EXHAUSTION);
+        self.lowered_at = Some(Instant::now());
+        (released, self.cap)
+    }
+
+    /// When the cap is lowered, the next moment to check whether descriptors are back.
+    fn next_check(&self) -> Option<Instant> {
+        self.lowered_at.map(|at| at + FD_RECOVERY_CHECK)
+    }
+
+    /// Raises the cap back to [`MAX_CONNECTIONS`] and refills the reserve if the check is
+    /// due and `usage()` (open descriptors, soft limit) leaves room; true if it did.
+    fn recover(&mut self, usage: impl FnOnce() -> Option<(usize, u64)>) -> bool {
+        let Some(at) = self.lowered_at else {
+            return false;
+        };
+        if at.elapsed() < FD_RECOVERY_CHECK {
+            return false;
+        }
+        let room = usage().is_some_and(|(open, limit)| fds_are_back(open, limit));
+        if room {
+            fill_reserve(&mut self.fd_reserve);
+        }
+        if room && self.fd_reserve.len() == FDS_RESERVED_FOR_SYNCING {
+            self.cap = MAX_CONNECTIONS;
+            self.lowered_at = None;
+            return true;
+        }
+        self.lowered_at = Some(Instant::now());
+        false
+    }
+}
+
+/// Rate-limited logging of connections closed to make room for new ones.
+struct Closings {
+    last_logged: Option<Instant>,
+    since_logged: u64,
+}
+
+impl Closings {
+    fn closed(&mut self, count: usize, cap: usize) {
+        self.since_logged += count as u64;
+        if self
+            .last_logged
+            .is_some_and(|at| at.elapsed() < CLOSING_LOG_INTERVAL)
+        {
+            return;
+        }
+        tracing::warn!(
+            "more than {cap} HTTP connections open: closed {} that went longest without a request to make room (a local process holding idle connections?); logged at most every {CLOSING_LOG_INTERVAL:?}",
+            self.since_logged
+        );
+        self.last_logged = Some(Instant::now());
+        self.since_logged = 0;
     }
 }
 
@@ -278,36 +472,66 @@ fn is_out_of_file_descriptors(err: &std::io::Error) -> bool {
 }
 
 async fn accept_connections(listener: tokio::net::TcpListener, telemetry: Arc<Telemetry>) {
-    let mut limit = ConnectionLimit::new(MAX_CONNECTIONS);
-    // Fewer if the limit is already that tight; they are a cushion, not a requirement.
-    let mut fd_reserve: Vec<File> = (0..FDS_RESERVED_FOR_SYNCING)
-        .map_while(|_| File::open("/dev/null").ok())
-        .collect();
+    let open = SharedConnections::default();
+    let mut capacity = Capacity::new();
     let mut errors = AcceptErrors::new();
+    let mut closings = Closings {
+        last_logged: None,
+        since_logged: 0,
+    };
     loop {
-        // Taken before accept(), so connections beyond the cap wait in the backlog
-        // instead of holding descriptors here.
-        let Ok(permit) = limit.permits.clone().acquire_owned().await else {
-            tracing::error!("the HTTP connection limit was closed; no longer serving");
-            return;
+        // While the cap is lowered, wake up to check on the descriptors even if nobody
+        // connects.
+        let accepted = match capacity.next_check() {
+            Some(at) => tokio::time::timeout_at(at.into(), listener.accept())
+                .await
+                .ok(),
+            None => Some(listener.accept().await),
         };
-        match listener.accept().await {
-            Ok((stream, _)) => {
+        if capacity.recover(fd_usage) {
+            tracing::info!(
+                "file descriptors are available again: serving up to {MAX_CONNECTIONS} connections again"
+            );
+        }
+        match accepted {
+            None => {}
+            Some(Ok((stream, _))) => {
                 errors.succeeded();
-                tokio::task::spawn(serve_connection(stream, permit, telemetry.clone()));
+                let id = lock(&open).next_id();
+                let registered = Registered {
+                    id,
+                    open: open.clone(),
+                };
+                let task =
+                    tokio::task::spawn(serve_connection(stream, registered, telemetry.clone()));
+                let closed = {
+                    let mut open = lock(&open);
+                    if !task.is_finished() {
+                        open.insert(id, task.abort_handle());
+                    }
+                    open.close_beyond(capacity.cap, Some(id))
+                };
+                if closed > 0 {
+                    telemetry.http_connections_closed(closed);
+                    closings.closed(closed, capacity.cap);
+                }
+                // Lets the new connection read its request before the next accept, so a
+                // flood of connections cannot close it before it is used.
+                tokio::task::yield_now().await;
             }
-            Err(err) => {
-                drop(permit);
+            Some(Err(err)) => {
                 telemetry.http_accept_failed();
                 if is_out_of_file_descriptors(&err) {
-                    let released = fd_reserve.len();
-                    fd_reserve.clear();
-                    let cap_before = limit.cap;
-                    let cap = limit.shrink_to_in_flight();
+                    let in_use = lock(&open).len();
+                    let cap_before = capacity.cap;
+                    let (released, cap) = capacity.out_of_descriptors(in_use);
+                    let closed = lock(&open).close_beyond(cap, None);
+                    if closed > 0 {
+                        telemetry.http_connections_closed(closed);
+                    }
                     if released > 0 || cap < cap_before {
                         tracing::warn!(
-                            "out of file descriptors with {} HTTP connection(s) open: released {released} descriptor(s) kept for syncing; serving at most {cap} connection(s) at once from now on",
-                            limit.in_flight()
+                            "out of file descriptors with {in_use} HTTP connection(s) open: released {released} descriptor(s) kept for syncing; serving at most {cap} connection(s) at once (closing the longest idle) until descriptors are back (checked every {FD_RECOVERY_CHECK:?})"
                         );
                     }
                 }
@@ -320,10 +544,12 @@ async fn accept_connections(listener: tokio::net::TcpListener, telemetry: Arc<Te
 
 async fn serve_connection(
     stream: tokio::net::TcpStream,
-    _permit: OwnedSemaphorePermit,
+    registered: Registered,
     telemetry: Arc<Telemetry>,
 ) {
+    let (open, id) = (registered.open.clone(), registered.id);
     let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        lock(&open).used(id);
         let response = respond(&telemetry, request.uri().path());
         async move { Ok::<_, Infallible>(response) }
     });
@@ -342,6 +568,7 @@ async fn serve_connection(
             }
         }
     }
+    drop(registered);
 }
 
 #[cfg(test)]
@@ -362,23 +589,91 @@ mod tests {
         assert_eq!(errors.failed(&err), ACCEPT_BACKOFF_FIRST);
     }
 
+    /// Pending tasks to stand in for connections, on a runtime the test keeps.
+    fn handles(runtime: &tokio::runtime::Runtime, count: usize) -> Vec<AbortHandle> {
+        runtime.block_on(async {
+            (0..count)
+                .map(|_| tokio::task::spawn(std::future::pending::<()>()).abort_handle())
+                .collect()
+        })
+    }
+
     #[test]
-    fn connection_cap_shrinks_to_what_is_open_with_a_floor() {
-        let mut limit = ConnectionLimit::new(MAX_CONNECTIONS);
-        let held: Vec<_> = (0..10)
-            .map(|_| limit.permits.clone().try_acquire_owned().expect("permit"))
-            .collect();
-        assert_eq!(limit.shrink_to_in_flight(), 10);
-        assert_eq!(limit.permits.available_permits(), 0);
-        drop(held);
-        assert_eq!(limit.permits.available_permits(), 10);
+    fn past_the_cap_the_least_recently_used_connections_close_never_the_new_one() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut open = OpenConnections::default();
+        let handles = handles(&runtime, 5);
+        let mut ids = Vec::new();
+        for handle in &handles {
+            let id = open.next_id();
+            open.insert(id, handle.clone());
+            ids.push(id);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // The first one made a request after the others were accepted.
+        open.used(ids[0]);
+        // The newest is kept even though it is the only one that may go.
+        assert_eq!(open.close_beyond(0, Some(ids[4])), 4);
+        assert_eq!(open.len(), 1);
+        assert_eq!(open.entries[0].id, ids[4]);
+        runtime.block_on(tokio::task::yield_now());
+        assert!(handles[..4].iter().all(AbortHandle::is_finished));
+        assert!(!handles[4].is_finished());
+
+        let mut open = OpenConnections::default();
+        let handles = self::handles(&runtime, 4);
+        for handle in &handles {
+            let id = open.next_id();
+            open.insert(id, handle.clone());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        open.used(1);
+        assert_eq!(open.close_beyond(2, None), 2);
+        let left: Vec<u64> = open.entries.iter().map(|e| e.id).collect();
+        assert!(left.contains(&1) && left.contains(&4), "{left:?}");
+        assert_eq!(open.close_beyond(2, None), 0);
+    }
+
+    #[test]
+    fn the_cap_drops_when_descriptors_run_out_and_comes_back_with_them() {
+        let mut capacity = Capacity::new();
+        assert_eq!(capacity.fd_reserve.len(), FDS_RESERVED_FOR_SYNCING);
+        assert_eq!(capacity.next_check(), None);
         assert_eq!(
-            limit.shrink_to_in_flight(),
-            MIN_CONNECTIONS_AFTER_FD_EXHAUSTION
+            capacity.out_of_descriptors(10),
+            (FDS_RESERVED_FOR_SYNCING, 10)
         );
+        // Out again with the reserve gone: one fewer, never below the floor.
+        assert_eq!(capacity.out_of_descriptors(10), (0, 9));
         assert_eq!(
-            limit.permits.available_permits(),
-            MIN_CONNECTIONS_AFTER_FD_EXHAUSTION
+            capacity.out_of_descriptors(1),
+            (0, MIN_CONNECTIONS_AFTER_FD_EXHAUSTION)
         );
+        assert!(capacity.next_check().is_some());
+        // Not due yet.
+        assert!(!capacity.recover(|| Some((10, 1 << 20))));
+        capacity.lowered_at = Some(Instant::now() - FD_RECOVERY_CHECK);
+        // Due, but the limit still leaves no room: checked again later.
+        assert!(!capacity.recover(|| Some((100, 120))));
+        assert_eq!(capacity.cap, MIN_CONNECTIONS_AFTER_FD_EXHAUSTION);
+        assert!(capacity.next_check().is_some());
+        capacity.lowered_at = Some(Instant::now() - FD_RECOVERY_CHECK);
+        assert!(!capacity.recover(|| None), "unknown usage is no room");
+        capacity.lowered_at = Some(Instant::now() - FD_RECOVERY_CHECK);
+        assert!(capacity.recover(|| Some((100, 1 << 20))));
+        assert_eq!(capacity.cap, MAX_CONNECTIONS);
+        assert_eq!(capacity.fd_reserve.len(), FDS_RESERVED_FOR_SYNCING);
+        assert_eq!(capacity.next_check(), None);
+    }
+
+    #[test]
+    fn room_for_descriptors_counts_the_reserve_the_cap_and_a_margin() {
+        let needed = 50 + FDS_RESERVED_FOR_SYNCING + 2 * MAX_CONNECTIONS;
+        assert!(fds_are_back(50, needed as u64));
+        assert!(!fds_are_back(50, needed as u64 - 1));
+        let (open, limit) = fd_usage().expect("/proc/self/fd and getrlimit");
+        assert!(open > 2 && limit >= open as u64);
     }
 }

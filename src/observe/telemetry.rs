@@ -80,6 +80,9 @@ struct Health {
     late_bind: Option<LateBind>,
     /// How the last sync had to read the kernel, when out of the ordinary.
     read_notes: Vec<String>,
+    /// Before any sync was attempted: when the loop last read a config it rejected, and
+    /// why. The loop is alive while it keeps reading; a restart would not fix the file.
+    waiting_for_config: Option<(Instant, String)>,
 }
 
 #[derive(Debug)]
@@ -107,6 +110,7 @@ pub struct Telemetry {
     http_bind_failures: Counter,
     http_accept_errors: Counter,
     read_by_chain: Gauge,
+    http_connections_closed: Counter,
     health: Mutex<Health>,
 }
 
@@ -151,6 +155,7 @@ impl Telemetry {
             "nat tables iptables-nft could not print whole (they hold native nft rules), read chain by chain at the last sync",
             read_by_chain.clone(),
         );
+        let http_connections_closed = Counter::default();
         registry.register(
             "syncs",
             "Syncs of the kernel's rules, by result",
@@ -221,6 +226,11 @@ impl Telemetry {
             "accept() errors on this endpoint (EMFILE, ENFILE, ENOBUFS, ...), each followed by a backoff",
             http_accept_errors.clone(),
         );
+        registry.register(
+            "http_connections_closed",
+            "Connections this endpoint closed to make room for new ones (more open than its cap, or out of file descriptors): the ones that went longest without a request",
+            http_connections_closed.clone(),
+        );
         Telemetry {
             registry,
             syncs,
@@ -240,6 +250,7 @@ impl Telemetry {
             http_bind_failures,
             http_accept_errors,
             read_by_chain,
+            http_connections_closed,
             health: Mutex::new(Health {
                 started: Instant::now(),
                 sync_deadline: Duration::ZERO,
@@ -249,6 +260,7 @@ impl Telemetry {
                 resync_interval: Duration::from_secs(60),
                 late_bind: None,
                 read_notes: Vec::new(),
+                waiting_for_config: None,
             }),
         }
     }
@@ -308,6 +320,7 @@ impl Telemetry {
         let mut health = self.health();
         health.resync_interval = resync_interval;
         health.last_attempt_ok = Some(result == SyncResult::Success);
+        health.waiting_for_config = None;
         if result == SyncResult::Success {
             health.last_success = Some(Instant::now());
             health.last_error = None;
@@ -319,6 +332,17 @@ impl Telemetry {
         } else {
             health.last_error = error;
         }
+    }
+
+    /// The loop read a config and rejected it before any sync was attempted (nothing to
+    /// apply): liveness counts from this read, not from start-up.
+    pub fn waiting_for_config(&self, resync_interval: Duration, problem: &str) {
+        let mut health = self.health();
+        if health.last_attempt_ok.is_some() {
+            return;
+        }
+        health.resync_interval = resync_interval;
+        health.waiting_for_config = Some((Instant::now(), problem.to_string()));
     }
 
     pub fn drift_repaired(&self) {
@@ -361,6 +385,11 @@ impl Telemetry {
 
     pub fn http_accept_failed(&self) {
         self.http_accept_errors.inc();
+    }
+
+    /// The endpoint closed `count` idle connections to make room for new ones.
+    pub fn http_connections_closed(&self, count: usize) {
+        self.http_connections_closed.inc_by(count as u64);
     }
 
     /// Records the applied config's hash and prefix counts.
@@ -406,6 +435,11 @@ impl Telemetry {
     /// turns this unhealthy on time. A line about a late bind of the endpoint ends the
     /// body either way.
     pub fn liveness(&self) -> Result<String, String> {
+        self.liveness_at(Instant::now())
+    }
+
+    /// [`Telemetry::liveness`] as it would be at `now` (tests look ahead without waiting).
+    pub fn liveness_at(&self, now: Instant) -> Result<String, String> {
         let health = self.health();
         let mut note = match &health.late_bind {
             Some(late) => format!(
@@ -417,18 +451,32 @@ impl Telemetry {
         for read in &health.read_notes {
             note.push_str(&format!("note: {read}\n"));
         }
-        Self::sync_liveness(&health)
+        Self::sync_liveness(&health, now)
             .map(|body| body + &note)
             .map_err(|body| body + &note)
     }
 
-    fn sync_liveness(health: &Health) -> Result<String, String> {
+    fn sync_liveness(health: &Health, now: Instant) -> Result<String, String> {
         let since = health.last_success.unwrap_or(health.started);
         let grace = health
             .resync_interval
             .saturating_mul(3)
             .saturating_add(health.sync_deadline);
-        let age = since.elapsed();
+        if health.last_attempt_ok.is_none()
+            && let Some((read, problem)) = &health.waiting_for_config
+        {
+            let age = now.saturating_duration_since(*read);
+            return if age <= grace {
+                Ok(format!(
+                    "ok: config rejected {age:.1?} ago and nothing applied yet (a restart would not fix the file): {problem}\n"
+                ))
+            } else {
+                Err(format!(
+                    "unhealthy: the config was last read {age:.1?} ago (more than 3 x resyncInterval + tool timeout = {grace:?}) and nothing applied yet; it was rejected: {problem}\n"
+                ))
+            };
+        }
+        let age = now.saturating_duration_since(since);
         if age <= grace && health.last_attempt_ok == Some(true) {
             return Ok(format!("ok: the last sync succeeded {age:.1?} ago\n"));
         }

@@ -378,12 +378,11 @@ fn generate_config(rng: &mut Rng, ipv6: bool, features: &mut Vec<String>) -> Str
             } else {
                 random_prefix(rng, bits, lengths)
             };
-            let clashes = kept
-                .iter()
-                .any(|k| k.bits == candidate.bits && k.network == candidate.network && k.len == candidate.len)
-                || (list.is_none()
-                    && candidate.bits == 32
-                    && DEFAULT_LIST.contains(&(candidate.network, candidate.len)));
+            let clashes = kept.iter().any(|k| {
+                k.bits == candidate.bits && k.network == candidate.network && k.len == candidate.len
+            }) || (list.is_none()
+                && candidate.bits == 32
+                && DEFAULT_LIST.contains(&(candidate.network, candidate.len)));
             if !clashes {
                 forced.push(candidate);
             }
@@ -405,7 +404,11 @@ fn generate_config(rng: &mut Rng, ipv6: bool, features: &mut Vec<String>) -> Str
     if rng.chance(40) {
         let mut sources: Vec<Prefix> = Vec::new();
         let shape = rng.below(10);
-        let count = if shape == 0 { 0 } else { 1 + rng.below(5) as usize };
+        let count = if shape == 0 {
+            0
+        } else {
+            1 + rng.below(5) as usize
+        };
         for _ in 0..count {
             let bits = match (ipv6, shape) {
                 (true, 1..=3) => 128,
@@ -419,7 +422,10 @@ fn generate_config(rng: &mut Rng, ipv6: bool, features: &mut Vec<String>) -> Str
             };
             sources.push(random_prefix(rng, bits, source_lengths));
         }
-        let texts: Vec<String> = sources.iter().map(|p| format!("\"{}\"", p.text())).collect();
+        let texts: Vec<String> = sources
+            .iter()
+            .map(|p| format!("\"{}\"", p.text()))
+            .collect();
         write_list(&mut config, rng, "masqueradeSourceCIDRs", &texts);
         features.push(format!("{} source(s)", sources.len()));
     }
@@ -496,7 +502,10 @@ impl Case {
         let config = generate_config(&mut rng, ipv6, &mut first);
         let mut second = Vec::new();
         let then = generate_config(&mut rng, ipv6, &mut second);
-        features.insert(0, format!("[{}] then [{}]", first.join("; "), second.join("; ")));
+        features.insert(
+            0,
+            format!("[{}] then [{}]", first.join("; "), second.join("; ")),
+        );
         Case {
             flags,
             config,
@@ -812,7 +821,9 @@ fn check_case(ns: &Netns, volume: &mut ConfigMapVolume, setup: Setup, case: &Cas
     }) {
         return vec![why];
     }
-    problems.extend(check_step(ns, &mut agent, setup, case, &flags, "config B", before));
+    problems.extend(check_step(
+        ns, &mut agent, setup, case, &flags, "config B", before,
+    ));
     problems
 }
 

@@ -443,14 +443,33 @@ root_test!(
         let nft_before = node.save("iptables-nft-save");
         let legacy_before = node.sh(&["iptables-legacy-save", "-t", "nat"]);
         let volume = ConfigMapVolume::new("");
-        // The agent's rules everywhere: nft flavour (both families), legacy under an old
-        // chain name, and the nftables table.
-        for args in [
-            vec!["--iptables-mode=nft", "--enable-ipv6"],
-            vec!["--iptables-mode=legacy", "--masq-chain=OLD-MASQ"],
-        ] {
-            let mut agent = AGENT.start_synced(&node, &volume, &args);
-            agent.terminate();
+        // The agent's rules everywhere: legacy under an old chain name, the nft flavour
+        // (both families) and the nftables table. A running agent removes its rules
+        // from the flavour it does not work in, so only the first is written by one;
+        // the others are what `render` prints, loaded by hand.
+        let mut agent = AGENT.start_synced(
+            &node,
+            &volume,
+            &["--iptables-mode=legacy", "--masq-chain=OLD-MASQ"],
+        );
+        agent.terminate();
+        let rendered = node.sh(&[
+            AGENT.path_str(),
+            "render",
+            "--enable-ipv6",
+            "--config=/nonexistent",
+        ]);
+        let at = rendered.find("# ip6tables-restore").expect("an IPv6 part");
+        let (v4, v6) = rendered.split_at(at);
+        for (restore, input) in [("iptables-nft-restore", v4), ("ip6tables-nft-restore", v6)] {
+            let mut child = node
+                .command(restore)
+                .arg("--noflush")
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+            assert!(child.wait().unwrap().success(), "{restore}");
         }
         let rendered = node.sh(&[
             AGENT.path_str(),

@@ -21,6 +21,7 @@ mod nftables;
 mod operable;
 mod packets;
 mod precedence;
+mod tenants;
 mod two_agents_iptables;
 
 /// The agent binary cargo built for these tests.

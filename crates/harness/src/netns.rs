@@ -122,6 +122,17 @@ impl Netns {
         self.run_inside(move || TcpListener::bind(bind).expect("bind tcp"))
     }
 
+    /// Up to `count` TCP connections to `address` opened from inside this namespace that
+    /// never send a byte (a client holding a server's connections); a connect that fails
+    /// within 2 s is left out.
+    pub fn idle_tcp_connections(&self, address: SocketAddr, count: usize) -> Vec<TcpStream> {
+        self.run_inside(move || {
+            (0..count)
+                .filter_map(|_| TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok())
+                .collect()
+        })
+    }
+
     /// A plain HTTP/1.1 GET from inside this namespace; returns status (0 when the
     /// answer has none) and body. Panics when there is no answer.
     pub fn http_get(&self, address: &str, path: &str) -> (u16, String) {
