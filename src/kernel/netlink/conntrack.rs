@@ -317,7 +317,8 @@ fn write_tuple(message: &mut Message, protocol: u8, tuple: &Tuple) {
 }
 
 /// `IPCTNL_MSG_CT_DELETE` of exactly `key`: the original tuple (never omitted: a delete
-/// without a tuple would flush the table), the zone and the id; acked.
+/// without a tuple would flush the table), the zone (none: the default zone) and the id;
+/// acked.
 fn delete_request(key: &FlowKey, seq: u32) -> Vec<u8> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
     let family = match key.original.source {
@@ -334,7 +335,11 @@ fn delete_request(key: &FlowKey, seq: u32) -> Vec<u8> {
     message.nested(CTA_TUPLE_ORIG, |tuple| {
         write_tuple(tuple, key.protocol, &key.original)
     });
-    message.attribute(CTA_ZONE, &key.zone.to_be_bytes());
+    // No CTA_ZONE is the default zone, exactly; naming zone 0 would be refused by a
+    // kernel built without zones.
+    if key.zone != 0 {
+        message.attribute(CTA_ZONE, &key.zone.to_be_bytes());
+    }
     message.attribute(CTA_ID, &key.id.to_be_bytes());
     message.finish()
 }
@@ -476,11 +481,15 @@ mod tests {
         let attributes = message.attributes();
         let (original, protocol, zone) = tuple(attributes.get(CTA_TUPLE_ORIG).unwrap()).unwrap();
         assert_eq!((original, protocol, zone), (key.original, IPPROTO_UDP, 0));
-        assert_eq!(attributes.get(CTA_ZONE), Some(&[0u8, 0][..]));
+        assert_eq!(attributes.get(CTA_ZONE), None, "the default zone");
         assert_eq!(
             attributes.get(CTA_ID),
             Some(&0xdead_beefu32.to_be_bytes()[..])
         );
+        let zoned = FlowKey { zone: 5, ..key };
+        let bytes = delete_request(&zoned, 10);
+        let message = messages(&bytes).next().unwrap();
+        assert_eq!(message.attributes().get(CTA_ZONE), Some(&[0u8, 5][..]));
         // Small enough that a datagram of them stays far below the socket's limits.
         assert!(delete_request_len(&key) * DELETES_PER_DATAGRAM < 16 * 1024);
     }
