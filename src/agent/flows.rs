@@ -1,12 +1,14 @@
 //! Bringing flows that already exist in line with a change of decisions, on a thread of
 //! its own: reading conntrack on a busy node (a quarter of a million entries) takes time
-//! the sync loop must not wait for. Changes that pile up while it works are merged into
-//! one (the oldest decisions against the newest), and a failure is logged, retried after
-//! [`REFRESH_EVERY`], and never passed to the syncs.
+//! the sync loop must not wait for. Changes that pile up while it works are handled by
+//! one pass that knows every decision in between (a flow may carry any of them), and a
+//! failure is logged, tried again after [`REFRESH_EVERY`] (at most [`MAX_ATTEMPTS`]
+//! times, then at the next change), and never passed to the syncs.
 //!
-//! The stale gauge (flows left carrying the old decision: TCP, SCTP, ...) is recounted
+//! The stale gauge (flows left carrying an earlier decision: TCP, SCTP, ...) is recounted
 //! every [`REFRESH_EVERY`] while it is above zero, by one more streamed pass that deletes
-//! nothing, so it falls as those flows end instead of waiting for the next change.
+//! nothing, so it falls as those flows end instead of waiting for the next change; a
+//! change meanwhile keeps counting them against its new decisions.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -136,13 +138,31 @@ impl FlowReconciler {
     }
 }
 
+/// How many times in a row a pass may fail before the worker waits for the next change.
+pub const MAX_ATTEMPTS: u32 = 3;
+
 /// What the worker still has to do besides new changes.
 enum Later {
     Nothing,
-    /// A pass that failed, tried again after the refresh interval.
-    Retry(Job),
-    /// The last change left flows carrying its old decision: recount them.
-    Recount(Job),
+    /// A pass that failed `attempts` times, tried again after the refresh interval.
+    Retry(Job, u32),
+    /// The last change left flows carrying an earlier decision: recount them (a failed
+    /// recount `attempts` times so far).
+    Recount(Job, u32),
+    /// A pass failed [`MAX_ATTEMPTS`] times: nothing more until the next change, which
+    /// takes its decisions along.
+    Abandoned(Job),
+}
+
+impl Later {
+    /// The job a new change must extend: flows may still carry the decisions of a failed
+    /// pass, or of a change whose stale flows are still counted.
+    fn unfinished(self) -> Option<Job> {
+        match self {
+            Later::Nothing => None,
+            Later::Retry(job, _) | Later::Recount(job, _) | Later::Abandoned(job) => Some(job),
+        }
+    }
 }
 
 fn work(
@@ -154,26 +174,25 @@ fn work(
 ) {
     let mut later = Later::Nothing;
     loop {
-        let (job, pass) = {
+        let (job, pass, attempts) = {
             let mut queue = shared.queue();
             let deadline = Instant::now() + refresh_every;
             loop {
                 if let Some(job) = queue.pending.take() {
                     queue.busy = true;
-                    // A failed pass's flows may still carry its decisions too.
-                    let job = match std::mem::replace(&mut later, Later::Nothing) {
-                        Later::Retry(failed) => {
-                            let mut merged = failed;
+                    let job = match std::mem::replace(&mut later, Later::Nothing).unfinished() {
+                        Some(unfinished) => {
+                            let mut merged = unfinished;
                             for old in &job.olds {
                                 merged = merged.then(old);
                             }
                             merged.then(&job.new)
                         }
-                        _ => job,
+                        None => job,
                     };
-                    break (job, Pass::Reconcile);
+                    break (job, Pass::Reconcile, 0);
                 }
-                if matches!(later, Later::Nothing) {
+                if matches!(later, Later::Nothing | Later::Abandoned(_)) {
                     queue = shared
                         .changed
                         .wait(queue)
@@ -184,9 +203,9 @@ fn work(
                 if left.is_zero() {
                     queue.busy = true;
                     match std::mem::replace(&mut later, Later::Nothing) {
-                        Later::Retry(job) => break (job, Pass::Reconcile),
-                        Later::Recount(job) => break (job, Pass::CountOnly),
-                        Later::Nothing => {}
+                        Later::Retry(job, attempts) => break (job, Pass::Reconcile, attempts),
+                        Later::Recount(job, attempts) => break (job, Pass::CountOnly, attempts),
+                        Later::Nothing | Later::Abandoned(_) => {}
                     }
                 }
                 queue = shared
@@ -207,14 +226,24 @@ fn work(
                 telemetry.conntrack_reconciled(deleted, &done.stale);
                 report(&done, pass, started.elapsed());
                 if done.stale_total() > 0 {
-                    later = Later::Recount(job);
+                    later = Later::Recount(job, 0);
                 }
+            }
+            Err(err) if attempts + 1 >= MAX_ATTEMPTS => {
+                tracing::warn!(
+                    "conntrack: cannot update flows that carry the old decision ({} attempts; trying again at the next change): {err}",
+                    attempts + 1
+                );
+                later = Later::Abandoned(job);
             }
             Err(err) => {
                 tracing::warn!(
-                    "conntrack: cannot update flows that carry the old decision (tried again in {refresh_every:?}): {err}"
+                    "conntrack: cannot update flows that carry the old decision (trying again in {refresh_every:?}): {err}"
                 );
-                later = Later::Retry(job);
+                later = match pass {
+                    Pass::Reconcile => Later::Retry(job, attempts + 1),
+                    Pass::CountOnly => Later::Recount(job, attempts + 1),
+                };
             }
         }
         shared.queue().busy = false;
@@ -353,6 +382,32 @@ tcp      6 431999 ESTABLISHED src=10.244.1.2 dst=203.0.113.10 sport=40002 dport=
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(runner.conntrack_stats().deleted, 1);
+    }
+
+    #[test]
+    fn a_pass_that_keeps_failing_waits_for_the_next_change() {
+        let runner = node();
+        runner.inject("netlink conntrack dump", Fault::TimesOut, None);
+        let flows = FlowReconciler::start_refreshing_every(
+            ConntrackCleanup::Udp,
+            runner.clone(),
+            Arc::new(Telemetry::new()),
+            Duration::from_millis(20),
+        )
+        .unwrap();
+        let (a, b) = (
+            policy("nonMasqueradeCIDRs: [10.0.0.0/8]\n"),
+            policy("nonMasqueradeCIDRs: [10.0.0.0/8, 203.0.113.0/24]\n"),
+        );
+        flows.submit(&a, &b);
+        std::thread::sleep(Duration::from_millis(400));
+        flows.wait_idle();
+        assert_eq!(runner.calls().len(), MAX_ATTEMPTS as usize);
+        // The next change tries again, knowing the failed pass's decisions.
+        runner.clear_faults();
+        flows.submit(&b, &a);
+        flows.wait_idle();
+        assert_eq!(runner.calls().len(), MAX_ATTEMPTS as usize + 1);
     }
 
     #[test]
