@@ -7,8 +7,8 @@
 //!
 //! The stale gauge (flows left carrying an earlier decision: TCP, SCTP, ...) is recounted
 //! every [`REFRESH_EVERY`] while it is above zero, by one more streamed pass that deletes
-//! nothing, so it falls as those flows end instead of waiting for the next change; a
-//! change meanwhile keeps counting them against its new decisions.
+//! nothing, so it falls as those flows end instead of waiting for the next change, which
+//! replaces it with its own count.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -155,12 +155,14 @@ enum Later {
 }
 
 impl Later {
-    /// The job a new change must extend: flows may still carry the decisions of a failed
-    /// pass, or of a change whose stale flows are still counted.
+    /// The job a new change must extend: flows may still carry the decisions of a pass
+    /// that failed. A recount is dropped: the new change's pass counts its own stale
+    /// flows, and flows that only an earlier change left stale are not the new one's to
+    /// re-decide.
     fn unfinished(self) -> Option<Job> {
         match self {
-            Later::Nothing => None,
-            Later::Retry(job, _) | Later::Recount(job, _) | Later::Abandoned(job) => Some(job),
+            Later::Nothing | Later::Recount(..) => None,
+            Later::Retry(job, _) | Later::Abandoned(job) => Some(job),
         }
     }
 }

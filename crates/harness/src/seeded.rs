@@ -34,10 +34,11 @@ impl Rng {
     }
 }
 
-/// `IMA_SEED` (decimal or 0x-hex) when set, else one from the clock; the caller prints it.
+/// `IMA_SEED` (decimal or 0x-hex) when set and not empty, else one from the clock; the
+/// caller prints it.
 pub fn seed() -> u64 {
     match std::env::var("IMA_SEED") {
-        Ok(text) => {
+        Ok(text) if !text.trim().is_empty() => {
             let text = text.trim();
             match text.strip_prefix("0x") {
                 Some(hex) => u64::from_str_radix(hex, 16),
@@ -45,7 +46,7 @@ pub fn seed() -> u64 {
             }
             .unwrap_or_else(|_| panic!("IMA_SEED={text:?} is not a number"))
         }
-        Err(_) => {
+        _ => {
             let nanos = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
