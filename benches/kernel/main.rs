@@ -11,6 +11,7 @@
 //! ```
 
 mod common;
+mod conntrack;
 mod datapath;
 mod idle;
 mod reload;
@@ -85,6 +86,11 @@ const SCENARIOS: &[Scenario] = &[
         "large-cpu",
         "CPU per idle resync at 64 and 50,000 prefixes, resyncInterval 1s, nftables and iptables-nft (--seconds=30 --setups=)",
         idle::large_cpu,
+    ),
+    (
+        "conntrack",
+        "re-deciding 1,000 stale flows beside 100,000 entries and a whole table of 100,000: time and VmHWM (--runs=3 --entries= --stale= --base=PATH --base-runs=1 --cap=300)",
+        conntrack::conntrack,
     ),
     (
         "upstream-start",

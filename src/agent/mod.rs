@@ -1110,6 +1110,8 @@ mod tests {
     fn a_change_of_decisions_reaches_existing_udp_flows_and_nothing_else() {
         use crate::kernel::fake::FakeRunner;
         let runner = FakeRunner::new();
+        // The node's address, which the flows are masqueraded to.
+        runner.set_local_prefixes(crate::policy::Family::V4, &["127.0.0.0/8", "192.0.2.1/32"]);
         runner.set_conntrack(
             "ipv4",
             "udp      17 29 src=10.244.1.2 dst=203.0.113.10 sport=40000 dport=9999 src=203.0.113.10 dst=192.0.2.1 sport=9999 dport=40000 mark=0 use=1\n\
@@ -1135,12 +1137,15 @@ mod tests {
         assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
         settled(&f);
         let commands: Vec<String> = runner.calls().into_iter().map(|c| c.command).collect();
+        // One dump of the IPv4 table, one delete; no process.
         assert_eq!(
             commands,
-            [
-                "conntrack -L -f ipv4 -d 203.0.113.0 --mask-dst 255.255.255.0",
-                "conntrack -D -f ipv4 -p udp -s 10.244.1.2 -d 203.0.113.10 --sport 40000 --dport 9999"
-            ]
+            ["netlink conntrack dump ipv4", "netlink conntrack delete 1",]
+        );
+        assert_eq!(
+            runner.conntrack_entries().len(),
+            1,
+            "the flow outside the changed range keeps its entry"
         );
         // An unchanged config never touches conntrack.
         f.agent.sync_once();

@@ -96,14 +96,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         .with_watch(watch);
     if !settings.dry_run {
         agent = agent.with_leftovers(leftovers, runner.clone());
-        match settings.conntrack_cleanup {
-            ConntrackCleanup::Udp if runner.exists("conntrack") => {
-                agent = agent.with_conntrack(runner.clone());
-            }
-            ConntrackCleanup::Udp => tracing::warn!(
-                "conntrack (conntrack-tools) is not on PATH: after a config change, UDP flows that already exist keep their old decision until they end"
-            ),
-            ConntrackCleanup::None => {}
+        // Over netlink (ctnetlink): no conntrack-tools needed.
+        if settings.conntrack_cleanup == ConntrackCleanup::Udp {
+            agent = agent.with_conntrack(runner.clone());
         }
     }
     // Read-only, so a dry run surveys too.

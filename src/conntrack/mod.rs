@@ -1,25 +1,51 @@
 //! Config changes reach flows that already exist. NAT is decided on a flow's first
 //! packet, so after a change a UDP flow that keeps sending (DNS to a fixed server, a
 //! metrics push, QUIC) would keep its old decision for as long as it lives. After a sync
-//! that changed the policy, the entries of UDP flows whose decision changed and whose NAT
-//! state disagrees with the new decision are deleted, so their next packet is decided by
-//! the new rules. TCP and SCTP flows are left alone (deleting them would break
-//! established connections) but counted.
+//! that changed the policy, the entries of the agent's UDP flows whose decision changed
+//! and whose NAT state disagrees with the new decision are deleted, so their next packet
+//! is decided by the new rules. TCP and SCTP flows are left alone (deleting them would
+//! break established connections) but counted.
 //!
-//! Through conntrack-tools (`conntrack -L` / `conntrack -D`), spawned like every tool via
-//! the runner: no netlink code in the agent, and the tool ships in the image.
+//! Which flows are the agent's ([`judge`]): those whose packets the agent's jump
+//! (`POSTROUTING ... ! --dst-type LOCAL`) handed to its chain and that nobody else
+//! translated:
+//! - the default conntrack zone only (other zones are others' datapaths: a VRF, OVS, a
+//!   CNI's own tracking);
+//! - not destination-NATed (the `DST_NAT` status bit, or a reply that does not come from
+//!   the original destination): a Service or NodePort flow is kube-proxy's, and deleting
+//!   it could send its next packet to another backend;
+//! - not locally destined: the original destination is not one of the node's local
+//!   addresses (the `local` routes of the kernel's `local` table: its addresses and
+//!   loopback), which the jump never passes to the chain;
+//! - its source either kept, or rewritten to a node address (what MASQUERADE does). A
+//!   rewrite to any other address is someone else's SNAT (an egress gateway, a NAT
+//!   pool, NETMAP), never ours to undo. Someone else's MASQUERADE to a node address
+//!   (Docker's, a CNI's) cannot be told from the agent's by the entry, and is judged
+//!   like it: at worst such an entry is deleted and its next packet gets the same
+//!   translation again.
+//!
+//! Host-originated flows to remote addresses pass the jump too (upstream's rules
+//! masquerade them as well), so they are re-decided like pods' flows.
+//!
+//! The table is read through ctnetlink ([`crate::kernel::Runner::conntrack_dump`]): one
+//! streamed dump per family, entries decided one at a time as they arrive and never
+//! collected; the entries to delete are held at most [`DELETE_CHUNK`] at a time and
+//! deleted in batches while the dump goes on. Memory is bounded by that chunk, one
+//! receive buffer and the node's local routes, whatever the size of the table.
 
 use std::net::IpAddr;
+use std::ops::ControlFlow;
 
 use ipnet::IpNet;
 
 use crate::backend::{Doing, SyncError};
-use crate::kernel::{Program, SharedRunner};
+use crate::kernel::netlink::conntrack::{IPPROTO_UDP, IPS_DST_NAT};
+use crate::kernel::{ConntrackDumpFilter, ConntrackEntry, ConntrackKey, SharedRunner, ToolError};
 use crate::policy::{Family, Policy, changed_destinations};
 
-/// Up to this many changed blocks are listed one filtered `conntrack -L` each; more, and
-/// one listing of the whole table is cheaper.
-const MAX_FILTERED_LISTINGS: usize = 16;
+/// The most entries to delete held at once: deleted (in datagrams of 128) as soon as
+/// this many are found, while the dump goes on.
+pub const DELETE_CHUNK: usize = 512;
 
 /// `--conntrack-cleanup`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -31,273 +57,305 @@ pub enum ConntrackCleanup {
     None,
 }
 
-/// One conntrack entry, as `conntrack -L` prints it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Flow {
-    pub protocol: String,
-    pub source: IpAddr,
-    pub destination: IpAddr,
-    pub source_port: Option<u16>,
-    pub destination_port: Option<u16>,
-    /// The reply direction's destination and port: where replies go after NAT.
-    pub reply_destination: IpAddr,
-    pub reply_destination_port: Option<u16>,
+/// What one pass over the table does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Deletes the UDP entries that carry the old decision and counts the others.
+    Reconcile,
+    /// Only counts the flows that still carry the old decision (the stale gauge's
+    /// refresh): deletes nothing.
+    CountOnly,
 }
 
-impl Flow {
-    /// Whether the flow's source was rewritten (masqueraded or otherwise SNATed).
-    pub fn is_source_natted(&self) -> bool {
-        self.reply_destination != self.source || self.reply_destination_port != self.source_port
+/// Sorted, disjoint address ranges of one family, for a binary search per entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddressRanges(Vec<(u128, u128)>);
+
+fn number(address: IpAddr) -> u128 {
+    match address {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
     }
 }
 
-/// Parses one line of `conntrack -L` (plain or `-o extended`); None for lines that are not
-/// entries (the summary, protocols without addresses).
-pub fn parse_flow(line: &str) -> Option<Flow> {
-    let mut words = line.split_whitespace();
-    let mut protocol = words.next()?;
-    if protocol == "ipv4" || protocol == "ipv6" {
-        words.next()?;
-        protocol = words.next()?;
+impl AddressRanges {
+    /// The ranges of `prefixes` of `family` (others are ignored), merged.
+    pub fn new(prefixes: &[IpNet], family: Family) -> AddressRanges {
+        let mut ranges: Vec<(u128, u128)> = prefixes
+            .iter()
+            .filter(|p| Family::of(p) == family)
+            .map(|p| (number(p.network()), number(p.broadcast())))
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        merged.shrink_to_fit();
+        AddressRanges(merged)
     }
-    let mut addresses: Vec<IpAddr> = Vec::new();
-    let mut ports: Vec<Option<u16>> = Vec::new();
-    let (mut sports, mut dports): (Vec<u16>, Vec<u16>) = (Vec::new(), Vec::new());
-    for word in words {
-        let Some((key, value)) = word.split_once('=') else {
-            continue;
-        };
-        match key {
-            "src" | "dst" => addresses.push(value.parse().ok()?),
-            "sport" => sports.push(value.parse().ok()?),
-            "dport" => dports.push(value.parse().ok()?),
-            _ => {}
+
+    pub fn contains(&self, address: IpAddr) -> bool {
+        let n = number(address);
+        let after = self.0.partition_point(|(start, _)| *start <= n);
+        after > 0 && self.0[after - 1].1 >= n
+    }
+}
+
+/// What a pass knows about one family besides the policies.
+pub struct Scope {
+    /// The node's local addresses (the `local` routes).
+    pub local: AddressRanges,
+    /// Where the decisions changed; None: anywhere (the source scope changed).
+    pub changed: Option<AddressRanges>,
+}
+
+/// Why an entry is not the agent's to re-decide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotOurs {
+    OtherZone,
+    DestinationNat,
+    LocalDestination,
+    OthersSourceNat,
+}
+
+/// What the agent makes of one entry after a change from the decisions `olds` (one, or
+/// several when changes piled up while a pass ran: a flow may carry any of them) to `new`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    NotOurs(NotOurs),
+    /// The agent's; its decision did not change.
+    Unchanged,
+    /// The agent's; its decision changed and its NAT state already follows the new one.
+    Agrees,
+    /// The agent's; its decision changed and it still carries the old one.
+    CarriesOldDecision,
+}
+
+/// Decides one entry (see the module's documentation for which flows are the agent's).
+/// Its decision changed when some policy of `olds` decides it otherwise than `new`; it
+/// carries the old decision when its NAT state disagrees with `new`'s.
+pub fn judge(entry: &ConntrackEntry, olds: &[Policy], new: &Policy, scope: &Scope) -> Verdict {
+    let (original, reply) = (&entry.original, &entry.reply);
+    if entry.zone != 0 {
+        return Verdict::NotOurs(NotOurs::OtherZone);
+    }
+    if entry.status & IPS_DST_NAT != 0
+        || reply.source != original.destination
+        || reply.source_port != original.destination_port
+    {
+        return Verdict::NotOurs(NotOurs::DestinationNat);
+    }
+    if scope.local.contains(original.destination) {
+        return Verdict::NotOurs(NotOurs::LocalDestination);
+    }
+    let rewritten =
+        reply.destination != original.source || reply.destination_port != original.source_port;
+    if rewritten && !scope.local.contains(reply.destination) {
+        return Verdict::NotOurs(NotOurs::OthersSourceNat);
+    }
+    if let Some(changed) = &scope.changed
+        && !changed.contains(original.destination)
+    {
+        return Verdict::Unchanged;
+    }
+    let masquerades = |policy: &Policy| {
+        policy
+            .explain(Some(original.source), original.destination)
+            .decision
+            .masquerades()
+    };
+    let after = masquerades(new);
+    if olds.iter().all(|old| masquerades(old) == after) {
+        Verdict::Unchanged
+    } else if rewritten == after {
+        Verdict::Agrees
+    } else {
+        Verdict::CarriesOldDecision
+    }
+}
+
+/// Entries left alone as not the agent's, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NotOursCounts {
+    pub other_zone: u64,
+    pub destination_nat: u64,
+    pub local_destination: u64,
+    pub others_source_nat: u64,
+}
+
+impl NotOursCounts {
+    fn count(&mut self, why: NotOurs) {
+        match why {
+            NotOurs::OtherZone => self.other_zone += 1,
+            NotOurs::DestinationNat => self.destination_nat += 1,
+            NotOurs::LocalDestination => self.local_destination += 1,
+            NotOurs::OthersSourceNat => self.others_source_nat += 1,
         }
     }
-    if addresses.len() < 4 {
-        return None;
+
+    pub fn total(&self) -> u64 {
+        self.other_zone + self.destination_nat + self.local_destination + self.others_source_nat
     }
-    for i in 0..2 {
-        ports.push(sports.get(i).copied());
-        ports.push(dports.get(i).copied());
-    }
-    Some(Flow {
-        protocol: protocol.to_string(),
-        source: addresses[0],
-        destination: addresses[1],
-        source_port: ports[0],
-        destination_port: ports[1],
-        reply_destination: addresses[3],
-        reply_destination_port: ports[3],
-    })
 }
 
-/// What a reconciliation did.
+/// What a pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reconciled {
     /// UDP entries deleted.
     pub deleted_udp: usize,
+    /// UDP entries that were gone by the time their delete arrived.
+    pub gone_udp: usize,
     /// Flows (by protocol) that still carry the old decision and were left alone.
     pub stale: Vec<(String, usize)>,
+    /// Entries the kernel sent (after its own filtering).
+    pub examined: u64,
+    pub not_ours: NotOursCounts,
+    /// Dump requests sent (one per family the change touched; two when a kernel
+    /// refused the filters).
+    pub dumps: u32,
+    /// Delete datagrams sent (one netlink round trip each).
+    pub delete_datagrams: u64,
+    /// Whether the kernel was asked to filter zones and DNAT out.
+    pub kernel_filtered: bool,
 }
 
-/// The flows whose decision changed from `old` to `new` and whose NAT state now disagrees
-/// with `new`. Flows whose decision did not change are never returned, whatever their
-/// NAT state (someone else's NAT is not ours to undo).
-pub fn disagreeing<'a>(flows: &'a [Flow], old: &Policy, new: &Policy) -> Vec<&'a Flow> {
-    flows
-        .iter()
-        .filter(|flow| {
-            let decide = |policy: &Policy| {
-                policy
-                    .explain(Some(flow.source), flow.destination)
-                    .decision
-                    .masquerades()
-            };
-            let (before, after) = (decide(old), decide(new));
-            before != after && flow.is_source_natted() != after
-        })
-        .collect()
-}
+impl Reconciled {
+    fn count_stale(&mut self, protocol: u8) {
+        let name = protocol_name(protocol);
+        match self.stale.iter_mut().find(|(p, _)| p == name) {
+            Some((_, count)) => *count += 1,
+            None => self.stale.push((name.to_string(), 1)),
+        }
+    }
 
-/// The `conntrack -L` runs that cover `changed` (None: everything) in `family`, as args.
-fn listings(family: &str, changed: Option<Vec<IpNet>>) -> Vec<Vec<String>> {
-    let whole = vec!["-L".to_string(), "-f".to_string(), family.to_string()];
-    match changed {
-        Some(blocks) if blocks.len() <= MAX_FILTERED_LISTINGS => blocks
-            .iter()
-            .map(|block| {
-                let mut args = whole.clone();
-                args.extend([
-                    "-d".to_string(),
-                    block.network().to_string(),
-                    "--mask-dst".to_string(),
-                    block.netmask().to_string(),
-                ]);
-                args
-            })
-            .collect(),
-        _ => vec![whole],
+    /// Flows left carrying the old decision, all protocols.
+    pub fn stale_total(&self) -> usize {
+        self.stale.iter().map(|(_, n)| n).sum()
     }
 }
 
-/// Lists the conntrack entries of the destinations whose decision changed from `old` to
-/// `new` (a table of 250,000 flows is not listed for a change that affects none of
-/// them), deletes the UDP entries that disagree with `new`, and counts the others.
+/// The protocol's name as the gauge's label shows it.
+pub fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        33 => "dccp",
+        47 => "gre",
+        58 => "icmpv6",
+        132 => "sctp",
+        136 => "udplite",
+        _ => "other",
+    }
+}
+
+/// Deletes the held entries and forgets them.
+fn flush(
+    runner: &SharedRunner,
+    pending: &mut Vec<ConntrackKey>,
+    result: &mut Reconciled,
+) -> Result<(), SyncError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let report = runner
+        .conntrack_delete(pending)
+        .doing(|| format!("deleting {} conntrack entries", pending.len()))?;
+    pending.clear();
+    result.deleted_udp += usize::try_from(report.deleted).unwrap_or(usize::MAX);
+    result.gone_udp += usize::try_from(report.gone).unwrap_or(usize::MAX);
+    result.delete_datagrams += report.datagrams;
+    if report.refused > 0 {
+        return Err(SyncError::Tool {
+            doing: "deleting conntrack entries".into(),
+            error: ToolError::Kernel {
+                what: format!("{} delete(s) refused", report.refused),
+                message: report.first_refusal.unwrap_or_default(),
+            },
+        });
+    }
+    Ok(())
+}
+
+/// One pass over the conntrack table after a change from `olds` to `new`: for each
+/// family whose decisions changed somewhere, reads the node's local addresses, streams
+/// the table, and (in a [`Pass::Reconcile`]) deletes the agent's UDP entries that carry
+/// the old decision, counting the other protocols' as stale. A family whose decisions
+/// did not change is not read at all.
 pub fn reconcile(
-    old: &Policy,
+    olds: &[Policy],
     new: &Policy,
     mode: ConntrackCleanup,
+    pass: Pass,
     runner: &SharedRunner,
 ) -> Result<Reconciled, SyncError> {
     let mut result = Reconciled::default();
     if mode == ConntrackCleanup::None {
         return Ok(result);
     }
-    let conntrack = Program::new("conntrack");
-    for family in &new.families {
-        let name = match family.family {
-            Family::V4 => "ipv4",
-            Family::V6 => "ipv6",
+    for family in new.families.iter().map(|f| f.family) {
+        let mut blocks: Option<Vec<IpNet>> = Some(Vec::new());
+        for old in olds {
+            blocks = match (blocks, changed_destinations(old, new, family)) {
+                (Some(mut all), Some(more)) => {
+                    all.extend(more);
+                    Some(all)
+                }
+                _ => None,
+            };
+        }
+        let changed = match blocks {
+            Some(blocks) if blocks.is_empty() => continue,
+            Some(blocks) => Some(AddressRanges::new(&blocks, family)),
+            None => None,
         };
-        let mut flows: Vec<Flow> = Vec::new();
-        for args in listings(name, changed_destinations(old, new, family.family)) {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let listing = runner
-                .run(&conntrack, &args, None, None)
-                .doing(|| format!("listing the {} conntrack table", family.family))?;
-            flows.extend(listing.lines().filter_map(parse_flow));
-        }
-        for flow in disagreeing(&flows, old, new) {
-            if flow.protocol != "udp" {
-                match result.stale.iter_mut().find(|(p, _)| *p == flow.protocol) {
-                    Some((_, count)) => *count += 1,
-                    None => result.stale.push((flow.protocol.clone(), 1)),
+        let local = runner
+            .local_prefixes(family)
+            .doing(|| format!("reading the node's {family} local addresses"))?;
+        let scope = Scope {
+            local: AddressRanges::new(&local, family),
+            changed,
+        };
+        let filter = ConntrackDumpFilter {
+            zone: Some(0),
+            without_status: IPS_DST_NAT,
+        };
+        let mut pending: Vec<ConntrackKey> = Vec::with_capacity(DELETE_CHUNK);
+        let mut failure = None;
+        let dumped = runner.conntrack_dump(family, &filter, &mut |entry| {
+            match judge(entry, olds, new, &scope) {
+                Verdict::NotOurs(why) => result.not_ours.count(why),
+                Verdict::Unchanged | Verdict::Agrees => {}
+                Verdict::CarriesOldDecision
+                    if entry.protocol == IPPROTO_UDP && pass == Pass::Reconcile =>
+                {
+                    pending.push(entry.key());
+                    if pending.len() >= DELETE_CHUNK
+                        && let Err(err) = flush(runner, &mut pending, &mut result)
+                    {
+                        failure = Some(err);
+                        return ControlFlow::Break(());
+                    }
                 }
-                continue;
+                Verdict::CarriesOldDecision => result.count_stale(entry.protocol),
             }
-            let (source, destination) = (flow.source.to_string(), flow.destination.to_string());
-            let mut args = vec![
-                "-D",
-                "-f",
-                name,
-                "-p",
-                "udp",
-                "-s",
-                &source,
-                "-d",
-                &destination,
-            ];
-            let (sport, dport) = (
-                flow.source_port.map(|p| p.to_string()),
-                flow.destination_port.map(|p| p.to_string()),
-            );
-            if let (Some(sport), Some(dport)) = (&sport, &dport) {
-                args.extend(["--sport", sport.as_str(), "--dport", dport.as_str()]);
-            }
-            match runner.run(&conntrack, &args, None, None) {
-                Ok(_) => result.deleted_udp += 1,
-                // Gone already (it expired, or its next packet raced us): nothing to do.
-                Err(err) if err.to_string().contains("0 flow entries") => {}
-                Err(error) => {
-                    return Err(SyncError::Tool {
-                        doing: format!("deleting the conntrack entry {source} -> {destination}"),
-                        error,
-                    });
-                }
-            }
+            ControlFlow::Continue(())
+        });
+        let report = dumped.doing(|| format!("reading the {family} conntrack table"))?;
+        result.examined += report.entries;
+        result.dumps += report.requests;
+        result.kernel_filtered |= report.kernel_filtered;
+        if let Some(err) = failure {
+            return Err(err);
         }
+        flush(runner, &mut pending, &mut result)?;
     }
     Ok(result)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{ParseOptions, parse};
-    use crate::policy::PolicySettings;
-    use std::path::Path;
-
-    fn policy(yaml: &str) -> Policy {
-        let config = parse(yaml, Path::new("t"), ParseOptions::default())
-            .unwrap()
-            .config;
-        Policy::new(&config, &PolicySettings::default())
-    }
-
-    const LISTING: &str = "\
-udp      17 29 src=10.244.1.2 dst=203.0.113.10 sport=40000 dport=9999 src=203.0.113.10 dst=192.0.2.1 sport=9999 dport=40000 [ASSURED] mark=0 use=1
-udp      17 29 src=10.244.1.2 dst=198.51.100.7 sport=40001 dport=53 src=198.51.100.7 dst=192.0.2.1 sport=53 dport=40001 mark=0 use=1
-tcp      6 431999 ESTABLISHED src=10.244.1.2 dst=203.0.113.10 sport=40002 dport=80 src=203.0.113.10 dst=192.0.2.1 sport=80 dport=40002 [ASSURED] mark=0 use=1
-ipv4     2 udp      17 29 src=10.244.1.3 dst=203.0.113.11 sport=40003 dport=9999 src=203.0.113.11 dst=10.244.1.3 sport=9999 dport=40003 mark=0 use=1
-icmp     1 29 src=10.244.1.2 dst=203.0.113.10 type=8 code=0 id=7 src=203.0.113.10 dst=192.0.2.1 type=0 code=0 id=7 mark=0 use=1
-conntrack v1.4.7 (conntrack-tools): 5 flow entries have been shown.
-";
-
-    #[test]
-    fn entries_parse_in_both_output_formats() {
-        let flows: Vec<Flow> = LISTING.lines().filter_map(parse_flow).collect();
-        assert_eq!(flows.len(), 5);
-        assert_eq!(flows[0].protocol, "udp");
-        assert!(flows[0].is_source_natted());
-        assert_eq!(flows[2].protocol, "tcp");
-        assert_eq!(flows[3].source.to_string(), "10.244.1.3");
-        assert!(!flows[3].is_source_natted());
-        assert_eq!(flows[4].source_port, None);
-    }
-
-    #[test]
-    fn only_flows_whose_decision_changed_and_disagree_are_picked() {
-        let flows: Vec<Flow> = LISTING.lines().filter_map(parse_flow).collect();
-        // 203.0.113.0/24 becomes a non-masquerade range: its masqueraded flows disagree;
-        // the 198.51.100.7 flow's decision did not change, so it is never touched; the
-        // un-natted 203.0.113.11 flow already agrees.
-        let old = policy("nonMasqueradeCIDRs: [10.0.0.0/8]\n");
-        let new = policy("nonMasqueradeCIDRs: [10.0.0.0/8, 203.0.113.0/24]\n");
-        let picked: Vec<(&str, Option<u16>)> = disagreeing(&flows, &old, &new)
-            .iter()
-            .map(|f| (f.protocol.as_str(), f.source_port))
-            .collect();
-        assert_eq!(
-            picked,
-            [("udp", Some(40000)), ("tcp", Some(40002)), ("icmp", None)]
-        );
-        // The reverse flip picks the un-natted flow to 203.0.113.11.
-        let back: Vec<Option<u16>> = disagreeing(&flows, &new, &old)
-            .iter()
-            .map(|f| f.source_port)
-            .collect();
-        assert_eq!(back, [Some(40003)]);
-    }
-
-    #[test]
-    fn reconcile_deletes_udp_entries_and_counts_the_others() {
-        use crate::kernel::fake::FakeRunner;
-        let runner = FakeRunner::new();
-        runner.set_conntrack("ipv4", LISTING);
-        let old = policy("nonMasqueradeCIDRs: [10.0.0.0/8]\n");
-        let new = policy("nonMasqueradeCIDRs: [10.0.0.0/8, 203.0.113.0/24]\n");
-        let shared: SharedRunner = runner.clone();
-        let done = reconcile(&old, &new, ConntrackCleanup::Udp, &shared).unwrap();
-        assert_eq!(done.deleted_udp, 1);
-        assert_eq!(
-            done.stale,
-            vec![("tcp".to_string(), 1), ("icmp".to_string(), 1)]
-        );
-        let commands: Vec<String> = runner.calls().into_iter().map(|c| c.command).collect();
-        // Only the changed range is listed.
-        assert_eq!(
-            commands[0],
-            "conntrack -L -f ipv4 -d 203.0.113.0 --mask-dst 255.255.255.0"
-        );
-        let deletes: Vec<&String> = commands.iter().filter(|c| c.contains(" -D ")).collect();
-        assert_eq!(
-            deletes,
-            [
-                "conntrack -D -f ipv4 -p udp -s 10.244.1.2 -d 203.0.113.10 --sport 40000 --dport 9999"
-            ]
-        );
-        let none = reconcile(&old, &new, ConntrackCleanup::None, &shared).unwrap();
-        assert_eq!(none, Reconciled::default());
-    }
-}
+mod tests;

@@ -13,7 +13,10 @@ use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::{Program, Runner, ToolError};
+use super::{
+    ConntrackDeleteReport, ConntrackDumpFilter, ConntrackDumpReport, ConntrackEntry, ConntrackKey,
+    Program, Runner, ToolError,
+};
 
 /// One tool run, as the backend asked for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,8 +233,18 @@ struct State {
     faults: Vec<Injected>,
     /// What `iptables-restore --version` prints (None: a current release).
     iptables_version: Option<String>,
-    /// `conntrack -L -f FAMILY` output, by family (`ipv4`, `ipv6`).
-    conntrack: BTreeMap<String, String>,
+    /// The conntrack table, both families, in dump order; a deleted entry leaves a hole,
+    /// so a dump under way goes on where it was, as the kernel's does.
+    conntrack: Vec<Option<ConntrackEntry>>,
+    /// Entries made up one at a time as a dump reaches them instead of stored: how
+    /// many, and the maker (for tests of a table far larger than anything held).
+    conntrack_generated: Option<(u64, MakeEntry)>,
+    /// Whether dumps leave out what the filter names, as kernel 6.x does (true), or
+    /// send everything, as an older kernel does.
+    conntrack_kernel_filters: bool,
+    conntrack_stats: ConntrackStats,
+    /// The `local` routes, by family; None: loopback only.
+    local_prefixes: Vec<(crate::policy::Family, Vec<ipnet::IpNet>)>,
     /// The nf_tables generation: bumped by every write to an nft-based table.
     generation: u64,
     /// Chains of an iptables-nft table (by key) holding native nft rules iptables cannot
@@ -240,6 +253,80 @@ struct State {
     incompatible: BTreeMap<String, BTreeSet<String>>,
     /// How often the agent lock was taken.
     locks_taken: u64,
+}
+
+/// Makes entry `i` of a generated conntrack table.
+type MakeEntry = fn(u64) -> ConntrackEntry;
+
+/// What the fake conntrack table saw: how it was read and written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackStats {
+    pub dumps: u64,
+    /// Entries fed to dumps so far.
+    pub fed: u64,
+    pub delete_calls: u64,
+    pub deleted: u64,
+    /// The most keys one delete call carried.
+    pub largest_delete: usize,
+    /// Entries the dump under way had fed when the first delete arrived; None when no
+    /// delete came during a dump.
+    pub fed_at_first_delete: Option<u64>,
+    dumping: bool,
+}
+
+/// A `conntrack -L` line (plain or `-o extended`, `zone=`, `id=` and `[DNAT]`-style
+/// flags honoured) as the entry the kernel would dump; None for other lines.
+pub fn parse_conntrack_line(line: &str, index: u32) -> Option<ConntrackEntry> {
+    use super::netlink::conntrack::{IPS_DST_NAT, IPS_SRC_NAT, Tuple};
+    let mut words = line.split_whitespace();
+    // `udp 17 ...`, or `ipv4 2 udp 17 ...`: the protocol's number follows its name.
+    if matches!(words.next()?, "ipv4" | "ipv6") {
+        words.next()?;
+        words.next()?;
+    }
+    let protocol: u8 = words.next()?.parse().ok()?;
+    let (mut addresses, mut ports) = (Vec::new(), Vec::new());
+    let (mut zone, mut id) = (0u16, index + 1);
+    for word in words {
+        match word.split_once('=') {
+            Some(("src" | "dst", value)) => addresses.push(value.parse().ok()?),
+            Some(("sport" | "dport", value)) => ports.push(value.parse::<u16>().ok()?),
+            Some(("zone", value)) => zone = value.parse().ok()?,
+            Some(("id", value)) => id = value.parse().ok()?,
+            _ => {}
+        }
+    }
+    if addresses.len() < 4 {
+        return None;
+    }
+    let port = |i: usize| ports.get(i).copied().unwrap_or(0);
+    let original = Tuple {
+        source: addresses[0],
+        destination: addresses[1],
+        source_port: port(0),
+        destination_port: port(1),
+    };
+    let reply = Tuple {
+        source: addresses[2],
+        destination: addresses[3],
+        source_port: port(2),
+        destination_port: port(3),
+    };
+    let mut status = 0;
+    if reply.destination != original.source || reply.destination_port != original.source_port {
+        status |= IPS_SRC_NAT;
+    }
+    if reply.source != original.destination || reply.source_port != original.destination_port {
+        status |= IPS_DST_NAT;
+    }
+    Some(ConntrackEntry {
+        protocol,
+        original,
+        reply,
+        zone,
+        status,
+        id,
+    })
 }
 
 /// The fake tools. Every flavour's tools and nft are installed unless removed.
@@ -270,6 +357,7 @@ impl FakeRunner {
     pub fn new() -> Arc<FakeRunner> {
         let state = State {
             installed: INSTALLED.iter().map(|s| s.to_string()).collect(),
+            conntrack_kernel_filters: true,
             ..State::default()
         };
         Arc::new(FakeRunner {
@@ -319,11 +407,58 @@ impl FakeRunner {
         self.state().locks_taken
     }
 
-    /// What `conntrack -L -f FAMILY` lists; `conntrack -D` removes matching lines.
-    pub fn set_conntrack(&self, family: &str, listing: &str) {
+    /// Adds the entries of a `conntrack -L` listing to the conntrack table (`family`,
+    /// `ipv4` or `ipv6`, is only a reminder: the addresses say it).
+    pub fn set_conntrack(&self, _family: &str, listing: &str) {
+        let mut state = self.state();
+        for line in listing.lines() {
+            let index = u32::try_from(state.conntrack.len()).unwrap_or(u32::MAX);
+            if let Some(entry) = parse_conntrack_line(line, index) {
+                state.conntrack.push(Some(entry));
+            }
+        }
+    }
+
+    /// Adds entries to the conntrack table.
+    pub fn add_conntrack(&self, entries: &[ConntrackEntry]) {
         self.state()
             .conntrack
-            .insert(family.to_string(), listing.to_string());
+            .extend(entries.iter().copied().map(Some));
+    }
+
+    /// Ends every flow: the conntrack table is empty again.
+    pub fn clear_conntrack(&self) {
+        self.state().conntrack.clear();
+    }
+
+    /// The entries of the conntrack table now.
+    pub fn conntrack_entries(&self) -> Vec<ConntrackEntry> {
+        self.state().conntrack.iter().flatten().copied().collect()
+    }
+
+    /// Makes dumps feed `count` entries made by `make(i)` one at a time, none stored.
+    pub fn generate_conntrack(&self, count: u64, make: MakeEntry) {
+        self.state().conntrack_generated = Some((count, make));
+    }
+
+    /// Dumps ignore their filter, as a kernel before 5.x does.
+    pub fn without_kernel_conntrack_filters(&self) {
+        self.state().conntrack_kernel_filters = false;
+    }
+
+    pub fn conntrack_stats(&self) -> ConntrackStats {
+        self.state().conntrack_stats
+    }
+
+    /// The `local` routes of `family` (the default: loopback only).
+    pub fn set_local_prefixes(&self, family: crate::policy::Family, prefixes: &[&str]) {
+        let parsed = prefixes
+            .iter()
+            .map(|p| p.parse().expect("a prefix"))
+            .collect();
+        let mut state = self.state();
+        state.local_prefixes.retain(|(f, _)| *f != family);
+        state.local_prefixes.push((family, parsed));
     }
 
     /// A change someone else made to nf_tables (the generation moves on).
@@ -477,48 +612,6 @@ impl FakeRunner {
         }
     }
 
-    fn conntrack(state: &mut State, args: &[&str]) -> Result<String, String> {
-        match args {
-            // A filtered listing answers like the whole one: the agent filters again.
-            ["-L", "-f", family, ..] => {
-                Ok(state.conntrack.get(*family).cloned().unwrap_or_default())
-            }
-            ["-D", "-f", family, rest @ ..] => {
-                // The filter as the words it would show in a listing: `src=A dst=B ...`.
-                let wanted: Vec<String> = rest
-                    .chunks(2)
-                    .filter_map(|pair| match pair {
-                        ["-s", v] => Some(format!("src={v}")),
-                        ["-d", v] => Some(format!("dst={v}")),
-                        ["--sport", v] => Some(format!("sport={v}")),
-                        ["--dport", v] => Some(format!("dport={v}")),
-                        ["-p", v] => Some((*v).to_string()),
-                        _ => None,
-                    })
-                    .collect();
-                let listing = state.conntrack.entry(family.to_string()).or_default();
-                let before = listing.lines().count();
-                let kept: Vec<&str> = listing
-                    .lines()
-                    .filter(|line| {
-                        let words: Vec<&str> = line.split_whitespace().collect();
-                        !wanted.iter().all(|w| words.contains(&w.as_str()))
-                    })
-                    .collect();
-                let deleted = before - kept.len();
-                *listing = kept.iter().map(|l| format!("{l}\n")).collect();
-                if deleted == 0 {
-                    return Err(
-                        "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted."
-                            .into(),
-                    );
-                }
-                Ok(String::new())
-            }
-            _ => Err(format!("the fake does not know conntrack {args:?}")),
-        }
-    }
-
     fn nft(state: &mut State, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
         match args {
             ["list", "tables"] => Ok(state
@@ -589,7 +682,6 @@ impl Runner for FakeRunner {
         words.extend_from_slice(args);
         let result = match program.path.rsplit_once('-') {
             _ if program.path == "nft" => Self::nft(&mut state, &words, stdin.as_deref()),
-            _ if program.path == "conntrack" => Self::conntrack(&mut state, &words),
             Some((key, tool @ ("save" | "restore"))) => {
                 Self::iptables(&mut state, key, tool, &words, stdin.as_deref())
             }
@@ -742,5 +834,157 @@ impl Runner for FakeRunner {
             tables.push("nat".to_string());
         }
         tables
+    }
+
+    /// Feeds the table one entry at a time, the lock released between entries (so
+    /// `visit` can delete, as on the kernel); generated entries are made as they are fed.
+    fn conntrack_dump(
+        &self,
+        family: crate::policy::Family,
+        filter: &ConntrackDumpFilter,
+        visit: &mut dyn FnMut(&ConntrackEntry) -> std::ops::ControlFlow<()>,
+    ) -> Result<ConntrackDumpReport, ToolError> {
+        let command = format!("netlink conntrack dump {}", family.label());
+        {
+            let mut state = self.state();
+            state.calls.push(Call {
+                command: command.clone(),
+                stdin: None,
+            });
+            if let Some(error) = Self::injected(&mut state, &command) {
+                return Err(error);
+            }
+            state.conntrack_stats.dumps += 1;
+            state.conntrack_stats.dumping = true;
+        }
+        let mut report = ConntrackDumpReport {
+            requests: 1,
+            kernel_filtered: true,
+            ..ConntrackDumpReport::default()
+        };
+        let mut index = 0u64;
+        loop {
+            let next = {
+                let mut state = self.state();
+                let stored = state.conntrack.len() as u64;
+                let generated = state.conntrack_generated.map_or(0, |(count, _)| count);
+                if index >= stored + generated {
+                    state.conntrack_stats.dumping = false;
+                    break;
+                }
+                let entry = match usize::try_from(index).ok().filter(|i| (*i as u64) < stored) {
+                    Some(at) => state.conntrack[at],
+                    None => state
+                        .conntrack_generated
+                        .map(|(_, make)| make(index - stored)),
+                };
+                let kernel_filters = state.conntrack_kernel_filters;
+                entry.filter(|e| {
+                    crate::policy::Family::of_addr(e.original.source) == family
+                        && !(kernel_filters
+                            && (filter.zone.is_some_and(|zone| zone != e.zone)
+                                || e.status & filter.without_status != 0))
+                })
+            };
+            index += 1;
+            let Some(entry) = next else { continue };
+            report.entries += 1;
+            self.state().conntrack_stats.fed += 1;
+            if visit(&entry).is_break() {
+                self.state().conntrack_stats.dumping = false;
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Deletes the entries of exactly the keys' tuple, zone and id; a key that names
+    /// none is counted as gone (ENOENT on the kernel).
+    fn conntrack_delete(&self, keys: &[ConntrackKey]) -> Result<ConntrackDeleteReport, ToolError> {
+        let mut state = self.state();
+        let command = format!("netlink conntrack delete {}", keys.len());
+        if let Some(error) = Self::injected(&mut state, &command) {
+            return Err(error);
+        }
+        let generating = state.conntrack_generated.is_some();
+        if !generating {
+            // Recorded only for stored tables: a generated one stands for a table too
+            // large to keep a record of.
+            let listed = keys
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{} {}:{} -> {}:{} zone {} id {}",
+                        crate::conntrack::protocol_name(k.protocol),
+                        k.original.source,
+                        k.original.source_port,
+                        k.original.destination,
+                        k.original.destination_port,
+                        k.zone,
+                        k.id
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            state.calls.push(Call {
+                command: command.clone(),
+                stdin: Some(listed),
+            });
+        }
+        let stats = &mut state.conntrack_stats;
+        stats.delete_calls += 1;
+        stats.largest_delete = stats.largest_delete.max(keys.len());
+        if stats.dumping && stats.fed_at_first_delete.is_none() {
+            stats.fed_at_first_delete = Some(stats.fed);
+        }
+        let mut report = ConntrackDeleteReport {
+            datagrams: keys
+                .len()
+                .div_ceil(super::netlink::conntrack::DELETES_PER_DATAGRAM)
+                as u64,
+            ..ConntrackDeleteReport::default()
+        };
+        for key in keys {
+            let found = state.conntrack.iter_mut().find(|slot| {
+                slot.is_some_and(|e| {
+                    e.protocol == key.protocol
+                        && e.original == key.original
+                        && e.zone == key.zone
+                        && e.id == key.id
+                })
+            });
+            match found {
+                Some(slot) => {
+                    *slot = None;
+                    report.deleted += 1;
+                }
+                // Generated entries are all there until deleted (none is stored).
+                None if generating => report.deleted += 1,
+                None => report.gone += 1,
+            }
+        }
+        state.conntrack_stats.deleted += report.deleted;
+        Ok(report)
+    }
+
+    fn local_prefixes(
+        &self,
+        family: crate::policy::Family,
+    ) -> Result<Vec<ipnet::IpNet>, ToolError> {
+        let mut state = self.state();
+        let command = format!("netlink local routes {}", family.label());
+        if let Some(error) = Self::injected(&mut state, &command) {
+            return Err(error);
+        }
+        let loopback = match family {
+            crate::policy::Family::V4 => "127.0.0.0/8",
+            crate::policy::Family::V6 => "::1/128",
+        };
+        Ok(state
+            .local_prefixes
+            .iter()
+            .find(|(f, _)| *f == family)
+            .map(|(_, prefixes)| prefixes.clone())
+            .unwrap_or_else(|| vec![loopback.parse().expect("loopback")]))
     }
 }

@@ -23,6 +23,10 @@ pub mod lock;
 pub mod netlink;
 pub mod words;
 
+pub use netlink::conntrack::{
+    DeleteReport as ConntrackDeleteReport, DumpFilter as ConntrackDumpFilter,
+    DumpReport as ConntrackDumpReport, Entry as ConntrackEntry, FlowKey as ConntrackKey,
+};
 pub use netlink::nftables::SetChange;
 
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
@@ -113,6 +117,25 @@ pub trait Runner: Send + Sync {
     /// The tables iptables-legacy holds for `family` (`/proc/net/ip_tables_names`,
     /// `ip6_tables_names`); an empty list when the legacy module is not loaded.
     fn legacy_tables(&self, family: Family) -> Vec<String>;
+
+    /// Streams the conntrack entries of `family` to `visit` one at a time (ctnetlink, no
+    /// process; nothing of the table is held), asking the kernel to leave out what
+    /// `filter` names where it can. `visit` may delete meanwhile, or break the dump off.
+    /// Each wait for the kernel is bounded by the tool deadline.
+    fn conntrack_dump(
+        &self,
+        family: Family,
+        filter: &ConntrackDumpFilter,
+        visit: &mut dyn FnMut(&ConntrackEntry) -> std::ops::ControlFlow<()>,
+    ) -> Result<ConntrackDumpReport, ToolError>;
+
+    /// Deletes exactly the conntrack entries `keys` name (tuple, zone and id), many per
+    /// netlink datagram. An entry already gone is counted, not an error.
+    fn conntrack_delete(&self, keys: &[ConntrackKey]) -> Result<ConntrackDeleteReport, ToolError>;
+
+    /// The prefixes the node treats as its own for `family`: the `local` routes of the
+    /// `local` routing table (its addresses, loopback), what the agent's jump excludes.
+    fn local_prefixes(&self, family: Family) -> Result<Vec<ipnet::IpNet>, ToolError>;
 }
 
 pub type SharedRunner = Arc<dyn Runner>;
@@ -199,6 +222,41 @@ impl Runner for SystemRunner {
         std::fs::read_to_string(names)
             .map(|text| text.lines().map(str::to_string).collect())
             .unwrap_or_default()
+    }
+
+    fn conntrack_dump(
+        &self,
+        family: Family,
+        filter: &ConntrackDumpFilter,
+        visit: &mut dyn FnMut(&ConntrackEntry) -> std::ops::ControlFlow<()>,
+    ) -> Result<ConntrackDumpReport, ToolError> {
+        netlink::conntrack::dump(family, filter, tool_timeout(), &stopping, visit).map_err(
+            |message| ToolError::Kernel {
+                what: format!("dumping the {family} conntrack table"),
+                message,
+            },
+        )
+    }
+
+    fn conntrack_delete(&self, keys: &[ConntrackKey]) -> Result<ConntrackDeleteReport, ToolError> {
+        if stopping() {
+            return Err(ToolError::Interrupted {
+                command: "netlink conntrack delete".into(),
+            });
+        }
+        netlink::conntrack::delete(keys, tool_timeout()).map_err(|message| ToolError::Kernel {
+            what: format!("deleting {} conntrack entries", keys.len()),
+            message,
+        })
+    }
+
+    fn local_prefixes(&self, family: Family) -> Result<Vec<ipnet::IpNet>, ToolError> {
+        netlink::route::local_prefixes(family, tool_timeout()).map_err(|message| {
+            ToolError::Kernel {
+                what: format!("reading the {family} local routes"),
+                message,
+            }
+        })
     }
 }
 

@@ -9,6 +9,8 @@ use ima_harness::Agent;
 
 mod architecture;
 mod conntrack;
+mod conntrack_ownership;
+mod conntrack_property;
 mod convergence;
 mod exceptions;
 mod faults;

@@ -14,13 +14,17 @@
 //! - For benchmarks: [`flood::Flood`] (raw-socket UDP, a new connection per packet),
 //!   [`swap::SwapProbe`] (ConfigMap swap -> first packet with the new behaviour),
 //!   [`workload`] (prefix lists and configs), [`clean_up_on_signals`].
+//! - [`conntrack`]: conntrack entries made by hand in a namespace and listed back;
+//!   [`seeded`]: the seed and generator of property tests.
 
 mod agent;
 mod cleanup;
+pub mod conntrack;
 pub mod flood;
 mod monitor;
 mod netns;
 mod root;
+pub mod seeded;
 mod shims;
 pub mod swap;
 mod topology;

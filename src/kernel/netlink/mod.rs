@@ -2,13 +2,17 @@
 //! receive bounded by a deadline), messages and attributes as the kernel lays them out,
 //! streamed dumps (one fixed buffer, whatever the size of what is dumped) and
 //! transactions that wait for every ack. The subsystems build on it: nf_tables
-//! ([`nftables`], [`lookup`]).
+//! ([`nftables`], [`lookup`]), conntrack ([`conntrack`]) and the local routing table
+//! ([`route`]).
 
+use std::cell::Cell;
 use std::mem::{size_of, zeroed};
 use std::time::{Duration, Instant};
 
+pub mod conntrack;
 pub mod lookup;
 pub mod nftables;
+pub mod route;
 
 pub const NLMSG_HEADER: usize = 16;
 /// The `nfgenmsg` every netfilter message carries after the netlink header.
@@ -25,20 +29,26 @@ const RECEIVE_BUFFER: usize = 64 * 1024;
 /// A netfilter netlink socket, closed however its user ends.
 pub struct Socket {
     fd: libc::c_int,
-    /// Receives give up at this instant.
-    deadline: Instant,
+    /// Receives give up at this instant ([`Socket::renew`] moves it).
+    deadline: Cell<Instant>,
 }
 
 impl Socket {
     /// Opens a netfilter netlink socket whose receives all end by `within` from now.
     pub fn open(within: Duration) -> Result<Socket, String> {
+        Socket::open_protocol(libc::NETLINK_NETFILTER, within)
+    }
+
+    /// Opens a netlink socket of `protocol` (`NETLINK_ROUTE`, ...) whose receives all end
+    /// by `within` from now.
+    pub fn open_protocol(protocol: libc::c_int, within: Duration) -> Result<Socket, String> {
         // SAFETY: socket(2) with constant arguments; the descriptor is owned by the
         // returned Socket and closed on drop.
         let fd = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
+                protocol,
             )
         };
         if fd < 0 {
@@ -49,8 +59,36 @@ impl Socket {
         }
         Ok(Socket {
             fd,
-            deadline: Instant::now() + within,
+            deadline: Cell::new(Instant::now() + within),
         })
+    }
+
+    /// Gives the receives from now on `within` more: a long dump that keeps making
+    /// progress bounds each wait for the kernel, not the whole dump.
+    pub fn renew(&self, within: Duration) {
+        self.deadline.set(Instant::now() + within);
+    }
+
+    /// Asks for a receive buffer of `bytes` (beyond `rmem_max` where the process may,
+    /// as the agent with CAP_NET_ADMIN can): a batch whose every message is acked needs
+    /// room for all its acks at once. Best effort: the default stays otherwise.
+    pub fn grow_receive_buffer(&self, bytes: usize) {
+        let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: setsockopt reads a live c_int of the stated size.
+            let done = unsafe {
+                libc::setsockopt(
+                    self.fd,
+                    libc::SOL_SOCKET,
+                    option,
+                    (&size as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if done == 0 {
+                return;
+            }
+        }
     }
 
     /// Sends `bytes` (one message or a batch of them) to the kernel.
@@ -77,7 +115,10 @@ impl Socket {
 
     /// One datagram from the kernel into `buffer`, waiting at most until the deadline.
     pub fn receive(&self, buffer: &mut [u8]) -> Result<usize, String> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
+        let left = self
+            .deadline
+            .get()
+            .saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err("netlink receive: no answer from the kernel in time".into());
         }
@@ -150,6 +191,39 @@ impl Socket {
                 match message.error() {
                     Some(0) => waiting.retain(|seq| *seq != message.seq),
                     Some(code) => return Err(kernel_error(code)),
+                    None => return Err("netlink: a truncated error message".into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the kernel's answer to each of `acked` like [`Socket::wait_for_acks`],
+    /// but hands every refusal (sequence number, negative errno) to `refused` instead of
+    /// stopping at the first: in a batch of independent requests one refused (an entry
+    /// already gone, say) says nothing about the others. `refused` may end the wait with
+    /// an error of its own.
+    pub fn collect_acks(
+        &self,
+        acked: &[u32],
+        mut refused: impl FnMut(u32, i32) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut waiting: Vec<u32> = acked.to_vec();
+        waiting.sort_unstable();
+        let mut buffer = vec![0u8; RECEIVE_BUFFER];
+        while !waiting.is_empty() {
+            let length = self.receive(&mut buffer)?;
+            for message in messages(buffer.get(..length).unwrap_or_default()) {
+                if message.kind != NLMSG_ERROR {
+                    continue;
+                }
+                let Ok(at) = waiting.binary_search(&message.seq) else {
+                    continue;
+                };
+                waiting.remove(at);
+                match message.error() {
+                    Some(0) => {}
+                    Some(code) => refused(message.seq, code)?,
                     None => return Err("netlink: a truncated error message".into()),
                 }
             }
@@ -267,6 +341,16 @@ impl Message {
         bytes.extend_from_slice(&[family, 0]);
         bytes.extend_from_slice(&res_id.to_be_bytes());
         Message(bytes)
+    }
+
+    /// A message whose family header is `header` instead of an `nfgenmsg` (rtnetlink's
+    /// `rtmsg`, say).
+    pub fn with_header(kind: u16, flags: u16, seq: u32, header: &[u8]) -> Message {
+        let mut message = Message::new(kind, flags, seq, 0, 0);
+        message.0.truncate(NLMSG_HEADER);
+        message.0.extend_from_slice(header);
+        message.pad();
+        message
     }
 
     pub fn attribute(&mut self, kind: u16, payload: &[u8]) {

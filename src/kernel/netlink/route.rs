@@ -1,0 +1,124 @@
+//! The node's local addresses, read from the kernel's `local` routing table over
+//! rtnetlink: every route of type `local` there (each address of each interface, all of
+//! 127.0.0.0/8, `::1`, and any AnyIP prefix someone added) is exactly what the agent's
+//! jump excludes (`-m addrtype ! --dst-type LOCAL`, nft `fib daddr type local return`).
+//! One streamed dump per family; only the local routes are kept.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::{Attributes, Message, Socket};
+use crate::policy::Family;
+
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+/// `struct rtmsg`: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+const RTMSG: usize = 12;
+const RTA_DST: u16 = 1;
+const RTA_TABLE: u16 = 15;
+const RT_TABLE_LOCAL: u32 = 255;
+const RTN_LOCAL: u8 = 2;
+
+/// The prefixes of the `local` routes of `family` in this network namespace.
+pub fn local_prefixes(family: Family, within: Duration) -> Result<Vec<IpNet>, String> {
+    let address_family = match family {
+        Family::V4 => libc::AF_INET as u8,
+        Family::V6 => libc::AF_INET6 as u8,
+    };
+    let socket = Socket::open_protocol(libc::NETLINK_ROUTE, within)?;
+    let mut header = [0u8; RTMSG];
+    header[0] = address_family;
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    socket.send(&Message::with_header(RTM_GETROUTE, flags, 1, &header).finish())?;
+    let mut prefixes = Vec::new();
+    socket.stream_dump(|message| {
+        socket.renew(within);
+        if message.kind == RTM_NEWROUTE
+            && let Some(prefix) = local_route(message.payload, family)
+        {
+            prefixes.push(prefix);
+        }
+        Ok(())
+    })?;
+    Ok(prefixes)
+}
+
+/// The prefix of a `local` route of the `local` table; None for any other route.
+fn local_route(payload: &[u8], family: Family) -> Option<IpNet> {
+    let header = payload.get(..RTMSG)?;
+    let (dst_len, table, kind) = (header[1], header[4], header[7]);
+    if kind != RTN_LOCAL {
+        return None;
+    }
+    let attributes = Attributes(payload.get(RTMSG..).unwrap_or_default());
+    let table = attributes
+        .get(RTA_TABLE)
+        .and_then(|t| Some(u32::from_ne_bytes(t.get(..4)?.try_into().ok()?)))
+        .unwrap_or(u32::from(table));
+    if table != RT_TABLE_LOCAL {
+        return None;
+    }
+    let address = match (family, attributes.get(RTA_DST)) {
+        (Family::V4, Some(bytes)) => {
+            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes.get(..4)?).ok()?))
+        }
+        (Family::V6, Some(bytes)) => {
+            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes.get(..16)?).ok()?))
+        }
+        // No destination: a local default route (AnyIP for every address).
+        (Family::V4, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (Family::V6, None) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    IpNet::new(address, dst_len).ok().map(|net| net.trunc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(table: u8, kind: u8, dst: &[u8], len: u8, table_attribute: Option<u32>) -> Vec<u8> {
+        let mut header = [0u8; RTMSG];
+        header[0] = if dst.len() == 4 { 2 } else { 10 };
+        header[1] = len;
+        header[4] = table;
+        header[7] = kind;
+        let mut message = Message::with_header(RTM_NEWROUTE, 0, 1, &header);
+        if let Some(table) = table_attribute {
+            message.attribute(RTA_TABLE, &table.to_ne_bytes());
+        }
+        message.attribute(RTA_DST, dst);
+        message.finish()
+    }
+
+    fn payload(datagram: &[u8]) -> Vec<u8> {
+        super::super::messages(datagram)
+            .next()
+            .unwrap()
+            .payload
+            .to_vec()
+    }
+
+    #[test]
+    fn only_local_routes_of_the_local_table_are_kept() {
+        let loopback = route(255, RTN_LOCAL, &[127, 0, 0, 0], 8, Some(255));
+        assert_eq!(
+            local_route(&payload(&loopback), Family::V4),
+            Some("127.0.0.0/8".parse().unwrap())
+        );
+        // A broadcast route of the local table, a unicast route of main.
+        let broadcast = route(255, 3, &[192, 0, 2, 255], 32, None);
+        assert_eq!(local_route(&payload(&broadcast), Family::V4), None);
+        let main = route(254, 1, &[10, 0, 0, 0], 8, Some(254));
+        assert_eq!(local_route(&payload(&main), Family::V4), None);
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        let one = route(255, RTN_LOCAL, &v6, 128, None);
+        assert_eq!(
+            local_route(&payload(&one), Family::V6),
+            Some("::1/128".parse().unwrap())
+        );
+        assert_eq!(local_route(&[1, 2, 3], Family::V4), None);
+    }
+}
