@@ -50,7 +50,7 @@ impl Value {
             Value::Bool(b) => b.to_string(),
             Value::Int(i) => i.to_string(),
             Value::Float(f) => f.to_string(),
-            Value::Str(s) => format!("{s:?}"),
+            Value::Str(s) => super::quote::quoted(s),
             Value::List(items) => format!("a list of {} item(s)", items.len()),
             Value::Map(entries) => format!("a mapping of {} key(s)", entries.len()),
         }
@@ -264,8 +264,9 @@ fn saphyr_error(err: &serde_saphyr::Error) -> SyntaxError {
     });
     let message = limit_message(err).unwrap_or_else(|| {
         let message = err.without_snippet().to_string();
-        // The message may repeat the location; keep the first line for a one-line log.
-        message.lines().next().unwrap_or_default().to_string()
+        // The message may repeat the location; keep the first line for a one-line log,
+        // and escape what it may echo of the input.
+        super::quote::escaped(message.lines().next().unwrap_or_default())
     });
     SyntaxError { position, message }
 }

@@ -927,3 +927,217 @@ fn an_unchanged_file_is_not_parsed_again_and_a_changed_one_is() {
         ConfigSource::Missing(_)
     ));
 }
+
+// Issue 16 #6: values and file names must not inject lines into text logs.
+
+/// No character in `message` can end a log line, move the cursor or start an escape
+/// sequence.
+fn assert_one_safe_line(message: &str) {
+    assert!(
+        message.chars().all(quote::is_printable),
+        "unprintable character in {message:?}"
+    );
+}
+
+#[test]
+fn regression_config_values_cannot_forge_log_lines() {
+    let forged = "2026-12-02T04:00:00.000000Z  INFO config changed; rules applied prefixes=3";
+    // A CIDR: upstream prints it quoted and then raw; the raw copy must not carry the line.
+    let e = parse_err(
+        &format!("nonMasqueradeCIDRs: [\"10.0.0.0/8\\n{forged}\"]\n"),
+        opts(),
+    );
+    assert_one_safe_line(&e);
+    assert!(
+        e.contains(&format!("CIDR \"10.0.0.0/8\\n{forged}\" could not be parsed, invalid CIDR address: \"10.0.0.0/8\\n{forged}\"")),
+        "{e}"
+    );
+    // resyncInterval: Go's time.quote escapes control bytes as \xNN.
+    let e = parse_err(&format!("resyncInterval: \"1\\n{forged}\"\n"), opts());
+    assert_one_safe_line(&e);
+    assert!(
+        e.contains("resyncInterval: time: unknown unit \"\\x0a\" in duration \"1\\x0a2026-"),
+        "{e}"
+    );
+    // ESC sequences and Unicode line separators, in keys, values and type errors.
+    let loaded = parse_ok("\"nonMasq\\e[2J\\u2028x\": 1\n", opts());
+    let warning = loaded.warnings.join("");
+    assert_one_safe_line(&warning);
+    assert!(
+        warning.contains(r#"unknown key "nonMasq\x1b[2J\u2028x""#),
+        "{warning}"
+    );
+    let e = parse_err("cidrLimit: \"\\e]0;pwned\\a\"\n", opts());
+    assert_one_safe_line(&e);
+    assert!(e.contains(r#"got string "\x1b]0;pwned\a""#), "{e}");
+    let e = parse_err("resyncInterval: \"-1s\\r\"\n", opts());
+    assert_one_safe_line(&e);
+    // Ordinary values read exactly as upstream's messages.
+    let e = parse_err("nonMasqueradeCIDRs: [' 10.0.0.0/8']\n", opts());
+    assert!(
+        e.ends_with(r#"CIDR " 10.0.0.0/8" could not be parsed, invalid CIDR address:  10.0.0.0/8"#),
+        "{e}"
+    );
+}
+
+#[test]
+fn regression_a_huge_value_makes_a_short_message() {
+    let huge = "1".repeat(2 * 1024 * 1024);
+    for text in [
+        format!("nonMasqueradeCIDRs: ['{huge}']\n"),
+        format!("resyncInterval: '{huge}s'\n"),
+        format!("{huge}: 1\nnonMasqueradeCIDRs: ['1{huge}']\n"),
+        format!("cidrLimit: '{huge}'\n"),
+    ] {
+        let message = match parse(&text, Path::new("f"), opts()) {
+            Ok(loaded) => loaded.warnings.join("\n"),
+            Err(e) => e.to_string(),
+        };
+        assert!(message.len() < 2048, "{} bytes", message.len());
+        assert!(message.contains("bytes in all)"), "{message}");
+    }
+}
+
+#[test]
+fn regression_config_dir_file_names_cannot_forge_log_lines() {
+    let dir = Dir::new("names");
+    let name = "ip-masq-x\n2026-12-02T04:00:00Z  INFO config changed; rules applied";
+    dir.write(name, "nonMasqueradeCIDRs: [10.0.0.1/8]\n");
+    let e = load_dir(&dir.0, opts()).unwrap_err().to_string();
+    assert_one_safe_line(&e);
+    assert!(e.contains("ip-masq-x\\n2026-12-02"), "{e}");
+    // Warnings that name two files quote both.
+    std::fs::remove_file(dir.0.join(name)).unwrap();
+    dir.write(
+        name,
+        "nonMasqueradeCIDRs: [10.0.0.0/8]\nmasqLinkLocal: true\n",
+    )
+    .write(
+        "ip-masq-\u{1b}[31m",
+        "nonMasqueradeCIDRs: [10.1.0.0/16]\nmasqLinkLocal: false\n",
+    );
+    let loaded = load_dir(&dir.0, opts()).unwrap();
+    assert_eq!(loaded.warnings.len(), 2, "{:?}", loaded.warnings);
+    for warning in &loaded.warnings {
+        assert_one_safe_line(warning);
+    }
+}
+
+#[test]
+fn regression_non_utf8_config_dir_file_name_is_read() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = Dir::new("nonutf8");
+    let name = std::ffi::OsStr::from_bytes(b"ip-masq-\xff");
+    std::fs::write(dir.0.join(name), "nonMasqueradeCIDRs: [10.1.0.0/16]\n").unwrap();
+    let loaded = load_dir(&dir.0, opts()).unwrap();
+    assert_eq!(loaded.config.non_masquerade_cidrs, nets(&["10.1.0.0/16"]));
+    // And named, quoted, when it is wrong.
+    std::fs::write(dir.0.join(name), "nonMasqueradeCIDRs: [10.1.0.1/16]\n").unwrap();
+    let e = load_dir(&dir.0, opts()).unwrap_err().to_string();
+    assert!(e.contains(r#"ip-masq-\xff""#), "{e}");
+}
+
+// Issue 16 #7, #8: the file at a path can change between the check and the open.
+
+#[test]
+fn regression_config_dir_file_vanishing_between_stat_and_open_is_as_if_absent() {
+    let dir = Dir::new("vanish");
+    dir.write("ip-masq-a", "nonMasqueradeCIDRs: [10.1.0.0/16]\n");
+    let path = dir.0.join("ip-masq-a");
+    let read = read_config_text_checked(&path, &|| std::fs::remove_file(&path).unwrap());
+    assert_eq!(read, Ok(None));
+}
+
+#[test]
+fn regression_fifo_swapped_in_between_stat_and_open_does_not_block() {
+    let dir = Dir::new("fifo-swap");
+    dir.write("ip-masq-agent", "nonMasqueradeCIDRs: [10.1.0.0/16]\n");
+    let path = dir.0.join("ip-masq-agent");
+    let fifo = dir.0.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let (done, result) = std::sync::mpsc::channel();
+    let (swap_path, swap_fifo) = (path.clone(), fifo.clone());
+    // In a thread: before the fix the open blocks for as long as no writer comes.
+    std::thread::spawn(move || {
+        let read = read_config_text_checked(&swap_path, &|| {
+            std::fs::rename(&swap_fifo, &swap_path).unwrap();
+        });
+        let _ = done.send(read);
+    });
+    let read = result.recv_timeout(Duration::from_secs(5));
+    if read.is_err() {
+        // Unblock the reader so the test process can end.
+        let _ = std::fs::OpenOptions::new().write(true).open(&path);
+    }
+    let e = read
+        .expect("the read returns at once")
+        .expect_err("a FIFO is refused");
+    assert!(e.to_string().contains("is not a regular file"), "{e}");
+}
+
+// Issue 15 #7: a one-family source scope turns the other family's masquerading off.
+
+#[test]
+fn regression_one_family_source_scope_warns_per_family() {
+    let warnings = |text: &str, options: ParseOptions| parse_ok(text, options).warnings;
+    let v4_only = "masqueradeSourceCIDRs: [10.244.0.0/16]\n";
+    let w = warnings(v4_only, v6());
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("/etc/config/ip-masq-agent:1:24: masqueradeSourceCIDRs lists no IPv6 prefix, so no IPv6 source is masqueraded (--enable-ipv6 is set)"),
+        "{w:?}"
+    );
+    assert!(warnings(v4_only, opts()).is_empty(), "IPv6 not managed");
+    let w = warnings("masqueradeSourceCIDRs: ['fd00:10:244::/56']\n", v6());
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("lists no IPv4 prefix, so no IPv4 source is masqueraded"),
+        "{w:?}"
+    );
+    let both = "masqueradeSourceCIDRs: [10.244.0.0/16, 'fd00:10:244::/56']\n";
+    assert!(warnings(both, v6()).is_empty());
+    // Across --config-dir files: the merged scope counts.
+    let dir = Dir::new("scope");
+    dir.write("ip-masq-a", v4_only);
+    let w = load_dir(&dir.0, v6()).unwrap().warnings;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("lists no IPv6 prefix"), "{w:?}");
+    dir.write("ip-masq-b", "masqueradeSourceCIDRs: ['fd00:10:244::/56']\n");
+    assert!(load_dir(&dir.0, v6()).unwrap().warnings.is_empty());
+}
+
+// Issue 15 #11: a forced prefix equal to one of the DEFAULT list is the same conflict.
+
+#[test]
+fn regression_forced_prefix_in_the_default_list_is_an_error() {
+    let e = parse_err("forceMasqueradeCIDRs: [10.3.0.0/16, 10.0.0.0/8]\n", opts());
+    assert_eq!(
+        e,
+        "/etc/config/ip-masq-agent:1:37: forceMasqueradeCIDRs[1]: CIDR \"10.0.0.0/8\" is also in the DEFAULT nonMasqueradeCIDRs list (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16), which applies because nonMasqueradeCIDRs is not set; a prefix can be in only one of the two lists (the longest matching prefix decides, and these are equally long); set nonMasqueradeCIDRs explicitly without it"
+    );
+    let reserved = ParseOptions {
+        nomasq_all_reserved_ranges: true,
+        ..opts()
+    };
+    let e = parse_err("forceMasqueradeCIDRs: [100.64.0.0/10]\n", reserved);
+    assert!(e.contains("DEFAULT nonMasqueradeCIDRs list (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10"), "{e}");
+    // Inside a default prefix is the point of the key; an explicit list is checked as before.
+    parse_ok("forceMasqueradeCIDRs: [10.3.0.0/16]\n", opts());
+    parse_ok("forceMasqueradeCIDRs: [100.64.0.0/10]\n", opts());
+    parse_ok(
+        "nonMasqueradeCIDRs: [192.168.0.0/16]\nforceMasqueradeCIDRs: [10.0.0.0/8]\n",
+        opts(),
+    );
+    // --config-dir: no file sets the list.
+    let dir = Dir::new("force-default");
+    dir.write("ip-masq-a", "forceMasqueradeCIDRs: [192.168.0.0/16]\n");
+    let e = load_dir(&dir.0, opts()).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "ip-masq-a: forceMasqueradeCIDRs[0]: CIDR \"192.168.0.0/16\" is also in the DEFAULT"
+        ),
+        "{e}"
+    );
+    dir.write("ip-masq-b", "nonMasqueradeCIDRs: [10.0.0.0/8]\n");
+    load_dir(&dir.0, opts()).unwrap();
+}
