@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-pub use document::Position;
 use document::{Located, Value, parse_document};
+pub use document::{MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_VALUES, Position};
 use duration::parse_go_duration;
 
 /// Where the ConfigMap is mounted in upstream's manifests.

@@ -12,6 +12,7 @@ mod conntrack;
 mod convergence;
 mod exceptions;
 mod faults;
+mod hostile_files;
 mod image;
 mod iptables_layout;
 mod lifecycle;
