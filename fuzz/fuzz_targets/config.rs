@@ -1,11 +1,13 @@
 //! Config parsing and validation never panic, whatever the bytes; whatever validates
-//! also renders for both backends, and every rejection can be displayed.
+//! also renders for both backends, and every rejection can be displayed. The fast path
+//! for the common shape reads every document exactly as the general path does (the same
+//! tree where it reads it, and the same config, warnings or error either way).
 #![no_main]
 
 use std::path::Path;
 
 use ip_masq_agent::backend::{BackendChoice, ChainName, render};
-use ip_masq_agent::config::{ParseOptions, duration::parse_go_duration, parse};
+use ip_masq_agent::config::{ParseOptions, agreement, duration::parse_go_duration, parse};
 use ip_masq_agent::policy::{Masquerade, Policy, PolicySettings};
 use libfuzzer_sys::fuzz_target;
 
@@ -14,6 +16,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = parse_go_duration(text);
+    if let Err(difference) = agreement::check(text) {
+        panic!("{difference}");
+    }
     for (enable_ipv6, nomasq_all_reserved_ranges) in [(false, false), (true, true)] {
         let options = ParseOptions {
             enable_ipv6,

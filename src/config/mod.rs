@@ -3,6 +3,7 @@
 
 mod document;
 pub mod duration;
+mod fast_path;
 pub mod quote;
 pub mod source;
 
@@ -14,7 +15,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use document::{Located, Value, parse_document};
+use document::{Located, SyntaxError, Value, parse_document, parse_document_general};
+
+/// How a document's text becomes a tree: [`parse_document`], or the general path alone.
+type DocumentReader = for<'a> fn(&'a str) -> Result<Option<Located<'a>>, SyntaxError>;
 pub use document::{MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_VALUES, Position};
 use duration::parse_go_duration;
 
@@ -323,7 +327,16 @@ pub fn load_cached(
 
 /// Parses config text as if read from `file` (used for messages only).
 pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigError> {
-    let (settings, warnings) = parse_settings(text, file, options, true)?;
+    parse_with(text, file, options, parse_document)
+}
+
+fn parse_with(
+    text: &str,
+    file: &Path,
+    options: ParseOptions,
+    read: DocumentReader,
+) -> Result<LoadedConfig, ConfigError> {
+    let (settings, warnings) = parse_settings_with(text, file, options, true, read)?;
     let config = settings.over_defaults(options);
     let destinations = config.non_masquerade_cidrs.len() + config.force_masquerade_cidrs.len();
     if settings.non_masquerade_cidrs.is_none() && destinations > config.cidr_limit {
@@ -352,13 +365,23 @@ pub fn parse_settings(
     options: ParseOptions,
     alone: bool,
 ) -> Result<(FileSettings, Vec<String>), ConfigError> {
+    parse_settings_with(text, file, options, alone, parse_document)
+}
+
+fn parse_settings_with(
+    text: &str,
+    file: &Path,
+    options: ParseOptions,
+    alone: bool,
+    read: DocumentReader,
+) -> Result<(FileSettings, Vec<String>), ConfigError> {
     let error = |position: Option<Position>, key: Option<&str>, problem: String| ConfigError {
         file: file.to_path_buf(),
         position,
         key: key.map(str::to_owned),
         problem,
     };
-    let document = parse_document(text).map_err(|e| {
+    let document = read(text).map_err(|e| {
         error(
             e.position,
             None,
@@ -386,7 +409,7 @@ pub fn parse_settings(
     let mut list_nodes: Vec<(&'static str, Vec<Located>, Option<Position>)> = Vec::new();
     for (key_node, mut value) in entries {
         let key_text = match &key_node.value {
-            Value::Str(s) => s.clone(),
+            Value::Str(s) => s.to_string(),
             other => other.describe(),
         };
         let Some(key) = match_key(&key_text) else {
@@ -493,10 +516,7 @@ pub fn parse_settings(
     let limit = settings
         .cidr_limit
         .unwrap_or(Config::defaults(options).cidr_limit);
-    // The first place of each kept prefix, and every forced one, to name both places of
-    // a conflict (hashed: a 50,000-entry list must not cost 50,000 x 50,000 comparisons).
-    let mut kept_at: std::collections::HashMap<IpNet, (usize, Option<Position>)> =
-        std::collections::HashMap::new();
+    // Every forced prefix with its place, to name both places of a conflict.
     let mut forced: Vec<(usize, IpNet, Option<Position>)> = Vec::new();
     let mut source_position = None;
     let mut destinations = 0;
@@ -523,12 +543,8 @@ pub fn parse_settings(
             };
             let cidr = validate_cidr(text, options.enable_ipv6)
                 .map_err(|problem| error(item.position, Some(&item_key(index)), problem))?;
-            match *key {
-                NON_MASQ_KEY => {
-                    kept_at.entry(cidr).or_insert((index, item.position));
-                }
-                FORCE_KEY => forced.push((index, cidr, item.position)),
-                _ => {}
+            if *key == FORCE_KEY {
+                forced.push((index, cidr, item.position));
             }
             cidrs.push(cidr);
         }
@@ -548,6 +564,19 @@ pub fn parse_settings(
         }
     }
     // The same prefix asked to be kept and masqueraded: longest-prefix match cannot choose.
+    // The first place of each kept prefix, hashed (a 50,000-entry list must not cost
+    // 50,000 x 50,000 comparisons), and only when something is forced.
+    let mut kept_at: std::collections::HashMap<IpNet, (usize, Option<Position>)> =
+        std::collections::HashMap::new();
+    if let (false, Some(kept), Some((_, items, _))) = (
+        forced.is_empty(),
+        &settings.non_masquerade_cidrs,
+        list_nodes.iter().find(|(key, _, _)| *key == NON_MASQ_KEY),
+    ) {
+        for (index, (cidr, item)) in kept.iter().zip(items).enumerate() {
+            kept_at.entry(*cidr).or_insert((index, item.position));
+        }
+    }
     for (index, cidr, position) in &forced {
         if let Some((other_index, other_position)) = kept_at.get(cidr) {
             let there = other_position
@@ -902,7 +931,11 @@ pub fn validate_cidr(text: &str, enable_ipv6: bool) -> Result<IpNet, String> {
             quote::raw_or_quoted(text)
         )
     };
-    let (addr_text, len_text) = text.split_once('/').ok_or_else(unparsable)?;
+    let slash = text
+        .bytes()
+        .position(|b| b == b'/')
+        .ok_or_else(unparsable)?;
+    let (addr_text, len_text) = (&text[..slash], &text[slash + 1..]);
     let addr: IpAddr = addr_text.parse().map_err(|_| unparsable())?;
     // Go's dtoi: decimal digits only, leading zeros allowed.
     if len_text.is_empty() || len_text.len() > 3 || !len_text.bytes().all(|b| b.is_ascii_digit()) {
@@ -933,6 +966,57 @@ pub fn validate_cidr(text: &str, enable_ipv6: bool) -> Result<IpNet, String> {
         }
     }
     Ok(net)
+}
+
+/// The fast path against the general one, for the agreement property and the fuzz
+/// target: both must read every document the same way.
+#[doc(hidden)]
+pub mod agreement {
+    use super::*;
+
+    /// `parse` with the general path alone.
+    pub fn parse_general_only(
+        text: &str,
+        file: &Path,
+        options: ParseOptions,
+    ) -> Result<LoadedConfig, ConfigError> {
+        parse_with(text, file, options, parse_document_general)
+    }
+
+    /// Whether the fast path took `text` (it may leave any document to the general path).
+    pub fn fast_path_reads(text: &str) -> bool {
+        fast_path::parse(text, document::looks_like_json(text)).is_some()
+    }
+
+    /// Checks that both paths read `text` the same: the same tree (values and positions)
+    /// where the fast path reads it, and the same config, warnings or error for each
+    /// set of flags. `Err` describes the first difference.
+    pub fn check(text: &str) -> Result<(), String> {
+        let fast = parse_document(text);
+        let general = parse_document_general(text);
+        if fast_path_reads(text) && fast != general {
+            return Err(format!(
+                "the trees differ for {text:?}:\nfast:    {fast:?}\ngeneral: {general:?}"
+            ));
+        }
+        for options in [
+            ParseOptions::default(),
+            ParseOptions {
+                enable_ipv6: true,
+                nomasq_all_reserved_ranges: true,
+            },
+        ] {
+            let file = Path::new("/etc/config/ip-masq-agent");
+            let fast = parse(text, file, options);
+            let general = parse_general_only(text, file, options);
+            if fast != general {
+                return Err(format!(
+                    "the results differ for {text:?} with {options:?}:\nfast:    {fast:?}\ngeneral: {general:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
