@@ -30,10 +30,8 @@ pub const STDOUT_CLOSED_STATUS: u8 = 128 + 13;
 /// runtime ignores SIGPIPE, so the write fails with EPIPE, which `println!` turns into a
 /// panic).
 pub fn write_out(text: &[u8]) -> anyhow::Result<()> {
-    let written = std::io::stdout()
-        .lock()
-        .write_all(text)
-        .and_then(|()| std::io::stdout().flush());
+    let mut out = std::io::stdout().lock();
+    let written = out.write_all(text).and_then(|()| out.flush());
     match written {
         Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
         Err(err) => Err(anyhow::Error::new(err).context("writing to standard output")),

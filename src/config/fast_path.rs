@@ -8,10 +8,11 @@
 //! hostile documents) or gives up (`None`) and the general path reads the document. It
 //! gives up at the first thing outside the shape it knows: anchors, aliases, tags, block
 //! scalars, multi-line plain scalars, escapes, tabs, carriage returns, non-ASCII text,
-//! document markers, nested collections, unknown plain keys, and every plain scalar whose
-//! YAML 1.1 type it does not decide with certainty (only CIDR-like strings, Go durations,
-//! decimal integers, `true`/`false` and, in JSON, `null` are decided here). Near the value
-//! bound it gives up too, so every refusal for size comes from the general path.
+//! document markers, nested collections, plain keys shorter than 6 characters that are not
+//! the agent's (`yes`, `off`, `null` are not strings in YAML 1.1), and every plain scalar
+//! whose YAML 1.1 type it does not decide with certainty (only CIDR-like strings, Go
+//! durations, decimal integers, `true`/`false` and `null`/`~` are decided here). Near the
+//! value bound it gives up too, so every refusal for size comes from the general path.
 
 use std::borrow::Cow;
 

@@ -373,3 +373,41 @@ root_test!(
         assert!(err.contains("creating the temporary file"), "{err}");
     }
 );
+
+root_test!(
+    /// Issue 15 #7: the agent warns at start-up, and again on a change, when the source
+    /// scope names no prefix of a family it manages, naming the family.
+    fn regression_one_family_source_scope_is_warned_at_start_and_on_change() {
+        let node = Netns::new("scope");
+        let mut volume = ConfigMapVolume::new("masqueradeSourceCIDRs: [10.244.0.0/16]\n");
+        let path = volume.path();
+        let mut agent = AGENT.start(&node, &["--config", arg(&path), "--enable-ipv6"]);
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+        let warning = agent.wait_for_line(
+            "masqueradeSourceCIDRs lists no IPv6 prefix, so no IPv6 source is masqueraded",
+            1,
+            Duration::from_secs(5),
+        );
+        assert!(warning.contains("WARN"), "{warning}");
+        volume.update("masqueradeSourceCIDRs: ['fd00:10:244::/56']\n");
+        agent.wait_for_log(
+            "masqueradeSourceCIDRs lists no IPv4 prefix, so no IPv4 source is masqueraded",
+            1,
+            Duration::from_secs(10),
+        );
+        volume.update("masqueradeSourceCIDRs: [10.244.0.0/16, 'fd00:10:244::/56']\n");
+        agent.wait_for_log("rules applied", 3, Duration::from_secs(10));
+        assert_eq!(
+            agent.log_lines("lists no IPv6 prefix").len(),
+            1,
+            "{}",
+            agent.log()
+        );
+        assert_eq!(
+            agent.log_lines("lists no IPv4 prefix").len(),
+            1,
+            "{}",
+            agent.log()
+        );
+    }
+);
