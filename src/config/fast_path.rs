@@ -12,7 +12,9 @@
 //! the agent's (`yes`, `off`, `null` are not strings in YAML 1.1), and every plain scalar
 //! whose YAML 1.1 type it does not decide with certainty (only CIDR-like strings, Go
 //! durations, decimal integers, `true`/`false` and `null`/`~` are decided here). Near the
-//! value bound it gives up too, so every refusal for size comes from the general path.
+//! value bound it gives up too, before building anything (it counts the newlines and
+//! commas first, and reads at most 64 keys), so every refusal for size comes from the
+//! general path, and a hostile document costs no more memory than it did before.
 
 use std::borrow::Cow;
 
@@ -23,6 +25,18 @@ use super::document::{Located, MAX_DOCUMENT_SCALAR_BYTES, MAX_DOCUMENT_VALUES, P
 /// which refuses them with its own message and position.
 const VALUE_MARGIN: usize = 64;
 
+/// The most top-level keys the fast path reads: a config has seven keys, and a document of
+/// thousands of keys is not the common shape (it is left to the general path before the
+/// fast path has built anything big).
+const MAX_KEYS: usize = 64;
+
+/// The most newlines and commas a document the fast path reads may hold: with at most
+/// [`MAX_KEYS`] keys, it then stays below the value bound by [`VALUE_MARGIN`].
+pub(super) const MOST_SEPARATORS: usize = MAX_DOCUMENT_VALUES - VALUE_MARGIN - 4 * MAX_KEYS;
+
+/// Items a list grows to as usual before room is made for all it can hold.
+const FIRST_CAPACITY: usize = 1024;
+
 /// Reads `text` if it has the common shape; `None` hands it to the general path. The
 /// caller has checked that the document is not empty and, for JSON, strictly valid.
 pub fn parse(text: &str, json: bool) -> Option<Located<'_>> {
@@ -31,13 +45,22 @@ pub fn parse(text: &str, json: bool) -> Option<Located<'_>> {
     }
     // Printable ASCII and newlines only: no tab, carriage return, control character, or
     // any character a YAML 1.1 reader might take for a line break (NEL, LS, PS). Checked
-    // a block at a time without an early exit, so that it vectorises.
+    // a block at a time without an early exit, so that it vectorises. In the same pass,
+    // the separators: every list item but the first of its list follows a newline or a
+    // comma, so a document with more of them than the value bound allows (a hostile one)
+    // goes to the general path before anything is built for it.
+    let mut separators = 0;
     let printable = text.as_bytes().chunks(64).all(|chunk| {
-        chunk.iter().fold(true, |ok, &b| {
-            ok & ((b == b'\n') | ((b' '..=b'~').contains(&b)))
-        })
+        let (ok, count) = chunk.iter().fold((true, 0), |(ok, count), &b| {
+            (
+                ok & ((b == b'\n') | ((b' '..=b'~').contains(&b))),
+                count + usize::from((b == b'\n') | (b == b',')),
+            )
+        });
+        separators += count;
+        ok
     });
-    if !printable {
+    if !printable || separators > MOST_SEPARATORS {
         return None;
     }
     let mut reader = Reader {
@@ -101,15 +124,19 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// Room for the items of a list that starts at `at`: at most one per `separator`
-    /// left in the text (the list is shrunk to its size at its end), and never more than
-    /// the value bound. A list of 50,000 items then costs no copy while it grows.
-    fn capacity_hint(&self, separator: u8) -> usize {
-        let left = self.text[self.at..]
-            .iter()
-            .filter(|&&b| b == separator)
-            .count();
-        (left + 1).min(MAX_DOCUMENT_VALUES)
+    /// Pushes a list item. Once a list has outgrown [`FIRST_CAPACITY`] items, room is made
+    /// at once for as many more as `separator`s are left in the text (each further item
+    /// follows one), so a list of 50,000 items costs no copy while it grows, and a short
+    /// list (or one the fast path gives up on early) no large allocation.
+    fn push_item(&self, items: &mut Vec<Located<'a>>, item: Located<'a>, separator: u8) {
+        if items.len() == items.capacity() && items.len() >= FIRST_CAPACITY {
+            let left = self.text[self.at..]
+                .iter()
+                .filter(|&&b| b == separator)
+                .count();
+            items.reserve_exact(left.clamp(1, MAX_DOCUMENT_VALUES));
+        }
+        items.push(item);
     }
 
     fn skip_spaces(&mut self) {
@@ -184,6 +211,9 @@ impl<'a> Reader<'a> {
             if map_at.is_none() {
                 map_at = Some(self.position(self.at));
                 self.count()?;
+            }
+            if entries.len() == MAX_KEYS {
+                return None;
             }
             let key = self.plain_key()?;
             let value = self.block_value()?;
@@ -270,7 +300,6 @@ impl<'a> Reader<'a> {
             self.skip_line();
         }
         let (indent, _) = self.line_shape();
-        let mut items = Vec::with_capacity(self.capacity_hint(b'\n'));
         if indent == 0 && self.peek() != Some(b'-') {
             self.count()?;
             return Some(Located {
@@ -279,6 +308,7 @@ impl<'a> Reader<'a> {
             });
         }
         self.count()?;
+        let mut items = Vec::new();
         let mut list_position = None;
         loop {
             // At the start of an item line at `indent`.
@@ -304,7 +334,8 @@ impl<'a> Reader<'a> {
                     self.position(dash)
                 });
             }
-            items.push(self.scalar(Context::Block)?);
+            let item = self.scalar(Context::Block)?;
+            self.push_item(&mut items, item, b'\n');
             self.end_of_line()?;
             // The next item, or the end of the list.
             loop {
@@ -346,7 +377,7 @@ impl<'a> Reader<'a> {
         let position = self.position(open);
         self.count()?;
         self.at += 1;
-        let mut items = Vec::with_capacity(self.capacity_hint(b','));
+        let mut items = Vec::new();
         self.skip_flow_space();
         if self.peek() == Some(b']') {
             self.at += 1;
@@ -356,7 +387,8 @@ impl<'a> Reader<'a> {
             });
         }
         loop {
-            items.push(self.scalar(Context::Flow)?);
+            let item = self.scalar(Context::Flow)?;
+            self.push_item(&mut items, item, b',');
             self.skip_flow_space();
             match self.peek() {
                 Some(b',') => {
@@ -475,6 +507,9 @@ impl<'a> Reader<'a> {
                 }
                 self.at += 1;
                 self.skip_flow_space();
+                if entries.len() == MAX_KEYS {
+                    return None;
+                }
                 let value = match self.peek()? {
                     b'[' => self.json_list()?,
                     b'"' => self.json_string()?,
@@ -508,7 +543,7 @@ impl<'a> Reader<'a> {
         let position = self.position(self.at);
         self.count()?;
         self.at += 1;
-        let mut items = Vec::with_capacity(self.capacity_hint(b','));
+        let mut items = Vec::new();
         self.skip_flow_space();
         if self.peek() == Some(b']') {
             self.at += 1;
@@ -518,7 +553,8 @@ impl<'a> Reader<'a> {
                 if self.peek() != Some(b'"') {
                     return None;
                 }
-                items.push(self.json_string()?);
+                let item = self.json_string()?;
+                self.push_item(&mut items, item, b',');
                 self.skip_flow_space();
                 match self.peek() {
                     Some(b',') => self.at += 1,

@@ -1451,10 +1451,13 @@ mod fast_path_agreement {
             }
             text
         };
-        // The map, the key and the list are values too.
-        let most = MAX_DOCUMENT_VALUES - 64 - 3;
-        assert!(agreement::fast_path_reads(&block(most)));
-        assert!(!agreement::fast_path_reads(&block(most + 1)));
+        // Each item but the first follows a newline or a comma: the fast path counts them
+        // before it builds anything, and stays below the bound (the map, the key and the
+        // list are values too).
+        let most = super::fast_path::MOST_SEPARATORS;
+        assert!(most < MAX_DOCUMENT_VALUES - 64 - 3);
+        assert!(agreement::fast_path_reads(&block(most - 1)));
+        assert!(!agreement::fast_path_reads(&block(most)));
         let flow = |n: usize| {
             format!(
                 "nonMasqueradeCIDRs: [{}]\n",
@@ -1463,6 +1466,10 @@ mod fast_path_agreement {
         };
         assert!(agreement::fast_path_reads(&flow(most)));
         assert!(!agreement::fast_path_reads(&flow(most + 1)));
+        // Many keys are not the common shape either.
+        let keys: String = (0..100).map(|i| format!("unknownKey{i}: 1\n")).collect();
+        assert!(!agreement::fast_path_reads(&keys));
+        agreement::check(&keys).unwrap();
         // A large list read both ways.
         agreement::check(&block(20_000)).unwrap();
         agreement::check(&flow(20_000)).unwrap();
