@@ -281,20 +281,9 @@ pub fn looks_like_json(text: &str) -> bool {
     text.trim_start().starts_with('{')
 }
 
-/// Parses the text into a located tree; `Ok(None)` for an empty document. The common
-/// shape (a mapping of lists of CIDR strings) is read by the fast path, everything else
-/// (and anything the fast path is not sure of) by serde-saphyr.
-pub fn parse_document(text: &str) -> Result<Option<Located<'_>>, SyntaxError> {
-    let Some(json) = prepare(text)? else {
-        return Ok(None);
-    };
-    if let Some(document) = super::fast_path::parse(text, json) {
-        return Ok(Some(document));
-    }
-    parse_yaml(text)
-}
-
-/// [`parse_document`] without the fast path: the reference it must agree with.
+/// Parses the text into a located tree with serde-saphyr; `Ok(None)` for an empty
+/// document. The general path, and the reference the fast path for the common shape
+/// (`config::fast_path`, chosen in `config::read_document`) must agree with.
 pub fn parse_document_general(text: &str) -> Result<Option<Located<'_>>, SyntaxError> {
     match prepare(text)? {
         None => Ok(None),
@@ -304,7 +293,7 @@ pub fn parse_document_general(text: &str) -> Result<Option<Located<'_>>, SyntaxE
 
 /// The checks before any parsing: strict JSON for text that is JSON by Kubernetes' rule,
 /// and whether there is any content. `Ok(None)`: an empty document; `Ok(Some(json))`.
-fn prepare(text: &str) -> Result<Option<bool>, SyntaxError> {
+pub fn prepare(text: &str) -> Result<Option<bool>, SyntaxError> {
     let json = looks_like_json(text);
     if json {
         // Kubernetes passes JSON straight to Go's strict decoder: check it strictly first.
@@ -325,7 +314,7 @@ fn prepare(text: &str) -> Result<Option<bool>, SyntaxError> {
 }
 
 /// The general path: serde-saphyr with the agent's bounds.
-fn parse_yaml(text: &str) -> Result<Option<Located<'static>>, SyntaxError> {
+pub fn parse_yaml(text: &str) -> Result<Option<Located<'static>>, SyntaxError> {
     // Go's yaml.Unmarshal reads the first document of the stream and never looks further,
     // so a second document (or a trailing `---`) is not an error. serde-saphyr reports one
     // only after the first document has been read, so keep that document when it does.
@@ -356,7 +345,7 @@ mod tests {
     use super::*;
 
     fn map_of(text: &str) -> Vec<(Located<'_>, Located<'_>)> {
-        match parse_document(text).unwrap().unwrap().value {
+        match parse_document_general(text).unwrap().unwrap().value {
             Value::Map(m) => m,
             other => panic!("not a map: {other:?}"),
         }
@@ -383,18 +372,18 @@ mod tests {
 
     #[test]
     fn json_is_checked_strictly() {
-        let err = parse_document("{\"a\": yes}").unwrap_err();
+        let err = parse_document_general("{\"a\": yes}").unwrap_err();
         assert_eq!(err.position, Some(Position { line: 1, column: 7 }));
-        assert!(parse_document("{\"a\": 1} trailing").is_err());
+        assert!(parse_document_general("{\"a\": 1} trailing").is_err());
         let m = map_of("{\"a\": true,\n \"b\": [\"x\"]}");
         assert_eq!(m[1].1.position.map(|p| p.line), Some(2));
     }
 
     #[test]
     fn empty_and_comment_only_documents_are_empty() {
-        assert_eq!(parse_document("").unwrap(), None);
-        assert_eq!(parse_document("\n# nothing\n  \n").unwrap(), None);
-        assert_eq!(parse_document("null\n").unwrap(), None);
+        assert_eq!(parse_document_general("").unwrap(), None);
+        assert_eq!(parse_document_general("\n# nothing\n  \n").unwrap(), None);
+        assert_eq!(parse_document_general("null\n").unwrap(), None);
     }
 
     #[test]

@@ -15,10 +15,23 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use document::{Located, SyntaxError, Value, parse_document, parse_document_general};
+use document::{Located, SyntaxError, Value, parse_document_general};
 
-/// How a document's text becomes a tree: [`parse_document`], or the general path alone.
+/// How a document's text becomes a tree: [`read_document`], or the general path alone.
 type DocumentReader = for<'a> fn(&'a str) -> Result<Option<Located<'a>>, SyntaxError>;
+
+/// The document's tree; `Ok(None)` for an empty document. The common shape (a mapping of
+/// lists of CIDR strings) is read by the fast path, everything else (and anything the
+/// fast path is not sure of) by serde-saphyr.
+fn read_document(text: &str) -> Result<Option<Located<'_>>, SyntaxError> {
+    let Some(json) = document::prepare(text)? else {
+        return Ok(None);
+    };
+    if let Some(tree) = fast_path::parse(text, json) {
+        return Ok(Some(tree));
+    }
+    document::parse_yaml(text)
+}
 pub use document::{MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_VALUES, Position};
 use duration::parse_go_duration;
 
@@ -327,7 +340,7 @@ pub fn load_cached(
 
 /// Parses config text as if read from `file` (used for messages only).
 pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigError> {
-    parse_with(text, file, options, parse_document)
+    parse_with(text, file, options, read_document)
 }
 
 fn parse_with(
@@ -365,7 +378,7 @@ pub fn parse_settings(
     options: ParseOptions,
     alone: bool,
 ) -> Result<(FileSettings, Vec<String>), ConfigError> {
-    parse_settings_with(text, file, options, alone, parse_document)
+    parse_settings_with(text, file, options, alone, read_document)
 }
 
 fn parse_settings_with(
@@ -992,7 +1005,7 @@ pub mod agreement {
     /// where the fast path reads it, and the same config, warnings or error for each
     /// set of flags. `Err` describes the first difference.
     pub fn check(text: &str) -> Result<(), String> {
-        let fast = parse_document(text);
+        let fast = read_document(text);
         let general = parse_document_general(text);
         if fast_path_reads(text) && fast != general {
             return Err(format!(
