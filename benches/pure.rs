@@ -51,6 +51,33 @@ fn parse_json(bencher: Bencher, n: usize) {
     bencher.bench(|| config::parse(black_box(&text), Path::new("b"), ParseOptions::default()));
 }
 
+/// `parse_yaml` through serde-saphyr alone, without the fast path for the common shape:
+/// what every config cost before it, and what a config outside the shape costs still.
+#[divan::bench(args = SIZES)]
+fn parse_yaml_general_path(bencher: Bencher, n: usize) {
+    let text = config_text(n, false);
+    bencher.bench(|| {
+        config::agreement::parse_general_only(
+            black_box(&text),
+            Path::new("b"),
+            ParseOptions::default(),
+        )
+    });
+}
+
+/// `parse_json` without the fast path.
+#[divan::bench(args = SIZES)]
+fn parse_json_general_path(bencher: Bencher, n: usize) {
+    let text = json_config(&spread_v4(n, 0), &[]);
+    bencher.bench(|| {
+        config::agreement::parse_general_only(
+            black_box(&text),
+            Path::new("b"),
+            ParseOptions::default(),
+        )
+    });
+}
+
 /// Half the prefixes overlap or touch the other half: /24s and the /23s around them.
 #[divan::bench(args = SIZES)]
 fn merge_prefixes(bencher: Bencher, n: usize) {

@@ -1,6 +1,7 @@
 //! What `main` runs: the agent, or one of the one-shot commands (`check`, `render`,
 //! `explain`, `status`, `cleanup`, `windows-cni`, `version`).
 
+use std::fmt::Arguments;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
@@ -9,21 +10,66 @@ use std::process::ExitCode;
 use crate::agent::Settings;
 use crate::backend::{iptables, nftables, windows};
 use crate::cli::{Cli, Command};
-use crate::config;
+use crate::config::{self, quote, source::ConfigPath};
 use crate::kernel::SystemRunner;
 use crate::observe::logging;
 use crate::policy::{Decision, Family, KeepReason, Policy};
 use crate::survey::precedence::Survey;
 
+/// Standard output was closed by the reader (`status | head -2`): the command stops
+/// writing and ends quietly, as a tool that SIGPIPE ends would.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output is closed")]
+pub struct StdoutClosed;
+
+/// The exit status after [`StdoutClosed`]: 128 + SIGPIPE, what a shell shows for a tool
+/// that SIGPIPE ended (`cat`, `grep`).
+pub const STDOUT_CLOSED_STATUS: u8 = 128 + 13;
+
+/// Writes `text` to standard output; a closed pipe becomes [`StdoutClosed`] (the Rust
+/// runtime ignores SIGPIPE, so the write fails with EPIPE, which `println!` turns into a
+/// panic).
+pub fn write_out(text: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let written = out.write_all(text).and_then(|()| out.flush());
+    match written {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(err) => Err(anyhow::Error::new(err).context("writing to standard output")),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// One line to standard output (see [`write_out`]).
+fn out_line(line: Arguments) -> anyhow::Result<()> {
+    write_out(format!("{line}\n").as_bytes())
+}
+
+/// One line to standard error; a closed standard error is not worth failing for.
+pub fn err_line(line: Arguments) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => {
+        out_line(format_args!($($arg)*))?
+    };
+}
+
+macro_rules! complain {
+    ($($arg:tt)*) => {
+        err_line(format_args!($($arg)*))
+    };
+}
+
 /// Runs what the command line asks for.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.version.as_deref() {
         Some("raw") => {
-            println!("{}", version_raw());
+            say!("{}", version_raw());
             return Ok(ExitCode::SUCCESS);
         }
         Some("true" | "1" | "t" | "T" | "TRUE" | "True") => {
-            println!("{}", version_line());
+            say!("{}", version_line());
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}
@@ -32,18 +78,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let done = ExitCode::SUCCESS;
     match &cli.command {
         Some(Command::Version) => {
-            println!("{}", version_line());
+            say!("{}", version_line());
             Ok(done)
         }
-        Some(Command::Check { file }) => Ok(check(
-            &settings,
-            file.as_deref().unwrap_or(settings.config.path()),
-        )),
+        Some(Command::Check { file }) => check(&settings, file.as_deref()),
         Some(Command::Render) => render(&settings).map(|()| done),
         Some(Command::Cleanup) => cleanup(&settings).map(|()| done),
-        Some(Command::Explain { from, addresses }) => {
-            explain(&settings, *from, addresses).map(|()| done)
-        }
+        Some(Command::Explain { from, addresses }) => explain(&settings, *from, addresses),
         Some(Command::Status) => status(&settings),
         Some(Command::WindowsCni { cni_conf }) => windows_cni(&settings, cni_conf).map(|()| done),
         None => {
@@ -75,45 +116,61 @@ pub fn version_raw() -> String {
     )
 }
 
-/// Validates a config file, or a `--config-dir` style directory: warnings and the
-/// verdict on stdout, the error on stderr.
-pub fn check(settings: &Settings, file: &Path) -> ExitCode {
-    let loaded = if file.is_dir() {
-        config::load_dir(file, settings.parse_options)
-    } else {
-        config::load(file, settings.parse_options)
-    };
-    match loaded {
+/// What the agent started with the same flags would read: `path` stands for
+/// `--config-dir`'s directory when that flag is given, for `--config` otherwise.
+pub fn checked_source(settings: &Settings, path: Option<&Path>) -> ConfigPath {
+    match (&settings.config, path) {
+        (ConfigPath::Dir(_), Some(path)) => ConfigPath::Dir(path.to_path_buf()),
+        (ConfigPath::File(_), Some(path)) => ConfigPath::File(path.to_path_buf()),
+        (own, None) => own.clone(),
+    }
+}
+
+/// Validates the config the agent with the same flags would read (a file, or with
+/// `--config-dir` a directory), and says what the agent would do: warnings and the
+/// verdict on stdout, the error on stderr and exit status 1 where the agent would
+/// reject it.
+pub fn check(settings: &Settings, path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let source = checked_source(settings, path);
+    let shown = quote::path(source.path());
+    match source.load(settings.parse_options) {
         Ok(loaded) => {
             for warning in &loaded.warnings {
-                println!("warning: {warning}");
+                say!("warning: {warning}");
             }
             match loaded.source {
-                config::ConfigSource::Missing(_) => {
-                    println!(
-                        "{}: no such file; the agent would use the defaults",
-                        file.display()
+                config::ConfigSource::Missing(_) if matches!(source, ConfigPath::Dir(_)) => {
+                    say!(
+                        "{shown}: no {}* file in the directory; the agent would use the defaults",
+                        config::source::DIR_FILE_PREFIX
                     )
                 }
-                config::ConfigSource::Dir(_, ref files) => println!(
-                    "{}: OK, {} file(s) merged ({} nonMasqueradeCIDRs, resyncInterval {:?})",
-                    file.display(),
+                config::ConfigSource::Missing(_) => {
+                    say!("{shown}: no such file; the agent would use the defaults")
+                }
+                config::ConfigSource::Dir(_, ref files) => say!(
+                    "{shown}: OK, {} file(s) merged ({} nonMasqueradeCIDRs, resyncInterval {:?})",
                     files.len(),
                     loaded.config.non_masquerade_cidrs.len(),
                     loaded.config.resync_interval
                 ),
-                config::ConfigSource::File(_) => println!(
-                    "{}: OK ({} nonMasqueradeCIDRs, resyncInterval {:?})",
-                    file.display(),
+                config::ConfigSource::File(_) => say!(
+                    "{shown}: OK ({} nonMasqueradeCIDRs, resyncInterval {:?})",
                     loaded.config.non_masquerade_cidrs.len(),
                     loaded.config.resync_interval
                 ),
             }
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
         Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
+            complain!("error: {err}");
+            if matches!(source, ConfigPath::File(_)) && source.path().is_dir() {
+                complain!(
+                    "note: the agent reads --config as one file; to check a directory of {}* files as --config-dir reads it, run: ip-masq-agent check --config-dir {shown}",
+                    config::source::DIR_FILE_PREFIX
+                );
+            }
+            Ok(ExitCode::FAILURE)
         }
     }
 }
@@ -123,42 +180,45 @@ pub fn check(settings: &Settings, file: &Path) -> ExitCode {
 pub fn render(settings: &Settings) -> anyhow::Result<()> {
     let loaded = settings.load_config()?;
     for warning in &loaded.warnings {
-        eprintln!("warning: {warning}");
+        complain!("warning: {warning}");
     }
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
     let text = crate::backend::render(settings.backend, &policy, &settings.chain);
-    std::io::stdout().lock().write_all(text.as_bytes())?;
-    Ok(())
+    write_out(text.as_bytes())
 }
 
 /// Removes everything the agent installs and says what it removed.
 pub fn cleanup(settings: &Settings) -> anyhow::Result<()> {
     let removed = crate::backend::cleanup_everything(&settings.chain, &SystemRunner::shared())?;
     if removed.is_empty() {
-        println!("nothing to remove");
+        say!("nothing to remove");
     }
     for place in removed {
-        println!("removed the agent's rules from {place}");
+        say!("removed the agent's rules from {place}");
     }
     Ok(())
 }
 
 /// One line per address: the verdict, the prefix and list that decide it and the one it
-/// beat, the source scope, and the rule behind it in both backends' terms.
+/// beat, the source scope, and the rule behind it in both backends' terms; `Err` with
+/// the reason for an argument that is not an address.
 pub fn explain_lines(
     policy: &Policy,
     chain: &crate::backend::ChainName,
     source: Option<IpAddr>,
     addresses: &[String],
-) -> Vec<String> {
+) -> Vec<Result<String, String>> {
     addresses
         .iter()
         .map(|text| {
             let Ok(ip) = text.parse::<IpAddr>() else {
-                return format!("{text}: not an IP address");
+                return Err(format!("{} is not an IP address", quote::quoted(text)));
             };
             let family = Family::of_addr(ip);
             let family_policy = policy.family(family);
+            // A packet has one family: a source of the other one cannot send to `ip`, so
+            // the scope is not applied, and the line says so.
+            let other_family_source = source.filter(|s| Family::of_addr(*s) != family);
             let source = source.filter(|s| Family::of_addr(*s) == family);
             let why = policy.explain(source, ip);
             let rules = format!(
@@ -170,9 +230,10 @@ pub fn explain_lines(
                 .runner_up
                 .map(|r| format!(" (the most specific match: it beats {} from {})", r.prefix, r.list))
                 .unwrap_or_default();
-            let scope = match (why.source_in_scope, source) {
-                (Some(true), Some(s)) => format!("; source {s} is in masqueradeSourceCIDRs"),
-                (Some(false), Some(s)) => format!("; source {s} is outside masqueradeSourceCIDRs"),
+            let scope = match (why.source_in_scope, source, other_family_source) {
+                (Some(true), Some(s), _) => format!("; source {s} is in masqueradeSourceCIDRs"),
+                (Some(false), Some(s), _) => format!("; source {s} is outside masqueradeSourceCIDRs"),
+                (_, _, Some(other)) => other_family_note(other, ip),
                 _ => String::new(),
             };
             let verdict = match why.decision {
@@ -192,29 +253,57 @@ pub fn explain_lines(
                     format!("not masqueraded (keeps its source): the source is outside masqueradeSourceCIDRs{would}")
                 }
                 Decision::Unmanaged => {
-                    return format!(
-                        "{ip}: not handled by the agent: IPv6 rules are only written with --enable-ipv6"
-                    );
+                    return Ok(format!(
+                        "{ip}: not handled by the agent: IPv6 rules are only written with --enable-ipv6{scope}"
+                    ));
                 }
             };
-            format!("{ip}: {verdict}{scope}; {rules}")
+            Ok(format!("{ip}: {verdict}{scope}; {rules}"))
         })
         .collect()
 }
 
+/// `--from` names an address of the other family than the destination's.
+fn other_family_note(source: IpAddr, destination: IpAddr) -> String {
+    let (source_family, destination_family) = match destination {
+        IpAddr::V4(_) => ("IPv6", "IPv4"),
+        IpAddr::V6(_) => ("IPv4", "IPv6"),
+    };
+    let mapped = match source {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(|v4| {
+                format!(" (an IPv4-mapped IPv6 address; for the IPv4 source write --from {v4})")
+            })
+            .unwrap_or_default(),
+        IpAddr::V4(_) => String::new(),
+    };
+    format!(
+        "; the source {source} is {source_family}{mapped} and cannot send to the {destination_family} {destination}, so masqueradeSourceCIDRs is not checked: this is the answer for any {destination_family} source in scope"
+    )
+}
+
 /// `explain [--from SRC] IP...`: the verdict for each address under the current config.
 /// A local destination of the node is never masqueraded; this answers for remote ones.
+/// An argument that is not an address is said on stderr and makes the exit status 1.
 pub fn explain(
     settings: &Settings,
     source: Option<IpAddr>,
     addresses: &[String],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ExitCode> {
     let loaded = settings.load_config()?;
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
+    let mut code = ExitCode::SUCCESS;
     for line in explain_lines(&policy, &settings.chain, source, addresses) {
-        println!("{line}");
+        match line {
+            Ok(line) => say!("{line}"),
+            Err(problem) => {
+                complain!("error: {problem}");
+                code = ExitCode::FAILURE;
+            }
+        }
     }
-    Ok(())
+    Ok(code)
 }
 
 /// `status`: reads the kernel's rules and compares them with the config.
@@ -234,22 +323,22 @@ pub fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
         println!("note: {note}");
     }
     let code = if diff.is_empty() {
-        println!("in sync: the {} rules match the config", backend.describe());
+        say!("in sync: the {} rules match the config", backend.describe());
         ExitCode::SUCCESS
     } else {
-        println!(
+        say!(
             "out of sync: the {} rules differ from the config",
             backend.describe()
         );
         for line in diff {
-            println!("  {line}");
+            say!("  {line}");
         }
         ExitCode::FAILURE
     };
     // Informational: the exit code says only whether the agent's own rules match.
     if let Some(survey) = crate::survey::survey_srcnat(backend.as_ref(), &policy, &runner) {
         for line in preceding_lines(&survey) {
-            println!("{line}");
+            say!("{line}");
         }
     }
     Ok(code)
@@ -293,18 +382,21 @@ pub fn windows_cni(settings: &Settings, cni_conf: &Path) -> anyhow::Result<()> {
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
     let list = windows::exception_list(&policy);
     if policy.families.iter().any(|f| f.sources.is_some()) {
-        eprintln!(
+        complain!(
             "warning: masqueradeSourceCIDRs cannot be expressed in the OutBoundNAT exception list; it is ignored on Windows nodes"
         );
     }
     if windows::rewrite_file(cni_conf, &list)? {
-        println!(
+        say!(
             "{}: exception list set to {}",
-            cni_conf.display(),
+            quote::path(cni_conf),
             list.join(", ")
         );
     } else {
-        println!("{}: exception list already up to date", cni_conf.display());
+        say!(
+            "{}: exception list already up to date",
+            quote::path(cni_conf)
+        );
     }
     Ok(())
 }

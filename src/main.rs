@@ -8,8 +8,12 @@ use ip_masq_agent::commands;
 fn main() -> ExitCode {
     match run(cli::parse()) {
         Ok(code) => code,
+        // The reader of our output went away (`status | head -2`): end quietly.
+        Err(err) if err.chain().any(|e| e.is::<commands::StdoutClosed>()) => {
+            ExitCode::from(commands::STDOUT_CLOSED_STATUS)
+        }
         Err(err) => {
-            eprintln!("ip-masq-agent: {err:#}");
+            commands::err_line(format_args!("ip-masq-agent: {err:#}"));
             ExitCode::FAILURE
         }
     }

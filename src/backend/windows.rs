@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
+use crate::config::{MAX_CONFIG_BYTES, MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_VALUES, quote};
 use crate::policy::{Family, Policy};
 
 /// The exception list for a policy: the IPv4 prefixes that keep the pod's address.
@@ -41,13 +42,6 @@ pub fn render(policy: &Policy) -> String {
     text
 }
 
-/// A JSON value's location: the path of keys/indices to it and its byte range.
-#[derive(Debug)]
-struct Located {
-    path: Vec<PathStep>,
-    span: Range<usize>,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum PathStep {
     Key(String),
@@ -66,15 +60,36 @@ struct DuplicateKey {
     again_at: usize,
 }
 
-/// Records the span of every value in a JSON document, and every duplicate key.
+/// Walks a JSON document (already checked to be valid) keeping only the path to the
+/// current value: it records the byte spans of the values at the `wanted` paths and the
+/// first duplicate key in an object the rewrite reads, and refuses a document beyond the
+/// config file's bounds. Nothing is kept per value, so its memory is the depth of the
+/// document, whatever its size (a copy of the path per value cost 1.8 GB for 1.2 MB of
+/// nested arrays).
 struct Scanner<'a> {
     text: &'a [u8],
     at: usize,
-    found: Vec<Located>,
-    duplicates: Vec<DuplicateKey>,
+    path: Vec<PathStep>,
+    values: usize,
+    wanted: &'a [Vec<PathStep>],
+    /// Index into `wanted`, and the span found there.
+    found: Vec<(usize, Range<usize>)>,
+    duplicate: Option<DuplicateKey>,
 }
 
 impl<'a> Scanner<'a> {
+    fn new(text: &'a str, wanted: &'a [Vec<PathStep>]) -> Scanner<'a> {
+        Scanner {
+            text: text.as_bytes(),
+            at: 0,
+            path: Vec::new(),
+            values: 0,
+            wanted,
+            found: Vec::new(),
+            duplicate: None,
+        }
+    }
+
     fn skip_space(&mut self) {
         while self.at < self.text.len() && self.text[self.at].is_ascii_whitespace() {
             self.at += 1;
@@ -108,7 +123,18 @@ impl<'a> Scanner<'a> {
         bail!("unterminated string at byte {start}")
     }
 
-    fn value(&mut self, path: &mut Vec<PathStep>) -> anyhow::Result<()> {
+    fn value(&mut self) -> anyhow::Result<()> {
+        self.values += 1;
+        if self.values > MAX_DOCUMENT_VALUES {
+            bail!(
+                "the CNI config holds more than {MAX_DOCUMENT_VALUES} values; refusing it to bound memory"
+            );
+        }
+        if self.path.len() > MAX_DOCUMENT_DEPTH {
+            bail!(
+                "the CNI config nests lists and objects more than {MAX_DOCUMENT_DEPTH} deep; refusing it to bound memory"
+            );
+        }
         self.skip_space();
         let start = self.at;
         match self.text.get(self.at) {
@@ -125,21 +151,25 @@ impl<'a> Scanner<'a> {
                         let key_at = self.at;
                         let key = self.string()?;
                         match seen.get(&key.to_ascii_lowercase()) {
-                            Some((first_key, first_at)) => self.duplicates.push(DuplicateKey {
-                                object: path.clone(),
-                                key: key.clone(),
-                                first_key: first_key.clone(),
-                                first_at: *first_at,
-                                again_at: key_at,
-                            }),
+                            Some((first_key, first_at)) => {
+                                if self.duplicate.is_none() && is_read_by_the_rewrite(&self.path) {
+                                    self.duplicate = Some(DuplicateKey {
+                                        object: self.path.clone(),
+                                        key: key.clone(),
+                                        first_key: first_key.clone(),
+                                        first_at: *first_at,
+                                        again_at: key_at,
+                                    });
+                                }
+                            }
                             None => {
                                 seen.insert(key.to_ascii_lowercase(), (key.clone(), key_at));
                             }
                         }
                         self.expect(b':')?;
-                        path.push(PathStep::Key(key));
-                        self.value(path)?;
-                        path.pop();
+                        self.path.push(PathStep::Key(key));
+                        self.value()?;
+                        self.path.pop();
                         self.skip_space();
                         match self.text.get(self.at) {
                             Some(b',') => self.at += 1,
@@ -160,9 +190,9 @@ impl<'a> Scanner<'a> {
                 } else {
                     let mut index = 0;
                     loop {
-                        path.push(PathStep::Index(index));
-                        self.value(path)?;
-                        path.pop();
+                        self.path.push(PathStep::Index(index));
+                        self.value()?;
+                        self.path.pop();
                         index += 1;
                         self.skip_space();
                         match self.text.get(self.at) {
@@ -189,57 +219,77 @@ impl<'a> Scanner<'a> {
             }
             None => bail!("unexpected end of input"),
         }
-        self.found.push(Located {
-            path: path.clone(),
-            span: start..self.at,
-        });
+        if let Some(index) = self.wanted.iter().position(|w| *w == self.path) {
+            self.found.push((index, start..self.at));
+        }
         Ok(())
     }
 }
 
+/// A key of a JSON object as the CNI plugin (Go's encoding/json) finds it: the exact
+/// spelling first, otherwise one that differs only in ASCII case. Returns the key as
+/// written and its value.
+fn get_key<'v>(
+    object: &'v serde_json::Value,
+    name: &str,
+) -> Option<(&'v str, &'v serde_json::Value)> {
+    let map = object.as_object()?;
+    map.get_key_value(name)
+        .or_else(|| map.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)))
+        .map(|(key, value)| (key.as_str(), value))
+}
+
 /// Where the exception lists are: `[..., policies, i, value, ExceptionList]` (v1) or
 /// `[..., policies, i, value, Settings, Exceptions]` (apiVersion 2), for OutBoundNAT
-/// policies in a conf or in each plugin of a conflist.
+/// policies in a conf or in each plugin of a conflist. Keys are found as the plugin finds
+/// them (ignoring case), and each path step is the key as written in the file.
 fn exception_list_paths(document: &serde_json::Value) -> Vec<(Vec<PathStep>, bool)> {
     let mut paths = Vec::new();
     let mut visit = |base: Vec<PathStep>, conf: &serde_json::Value| {
-        let Some(policies) = conf.get("policies").and_then(|p| p.as_array()) else {
+        let Some((policies_key, policies)) = get_key(conf, "policies") else {
+            return;
+        };
+        let Some(policies) = policies.as_array() else {
             return;
         };
         for (i, policy) in policies.iter().enumerate() {
-            let Some(value) = policy.get("value") else {
+            let Some((value_key, value)) = get_key(policy, "value") else {
                 continue;
             };
-            let is_outbound_nat = value
-                .get("Type")
-                .and_then(|t| t.as_str())
+            let is_outbound_nat = get_key(value, "Type")
+                .and_then(|(_, t)| t.as_str())
                 .is_some_and(|t| t.eq_ignore_ascii_case("OutBoundNAT"));
             if !is_outbound_nat {
                 continue;
             }
             let mut path = base.clone();
             path.extend([
-                PathStep::Key("policies".into()),
+                PathStep::Key(policies_key.into()),
                 PathStep::Index(i),
-                PathStep::Key("value".into()),
+                PathStep::Key(value_key.into()),
             ]);
-            if value.get("Settings").is_some() {
+            if let Some((settings_key, settings)) = get_key(value, "Settings") {
+                let exceptions_key =
+                    get_key(settings, "Exceptions").map_or("Exceptions", |(k, _)| k);
                 path.extend([
-                    PathStep::Key("Settings".into()),
-                    PathStep::Key("Exceptions".into()),
+                    PathStep::Key(settings_key.into()),
+                    PathStep::Key(exceptions_key.into()),
                 ]);
                 paths.push((path, true));
             } else {
-                path.push(PathStep::Key("ExceptionList".into()));
+                let list_key = get_key(value, "ExceptionList").map_or("ExceptionList", |(k, _)| k);
+                path.push(PathStep::Key(list_key.into()));
                 paths.push((path, false));
             }
         }
     };
     visit(Vec::new(), document);
-    if let Some(plugins) = document.get("plugins").and_then(|p| p.as_array()) {
+    if let Some((plugins_key, plugins)) = get_key(document, "plugins")
+        && let Some(plugins) = plugins.as_array()
+    {
         for (i, plugin) in plugins.iter().enumerate() {
             visit(
-                vec![PathStep::Key("plugins".into()), PathStep::Index(i)],
+                vec![PathStep::Key(plugins_key.into()), PathStep::Index(i)],
                 plugin,
             );
         }
@@ -329,57 +379,53 @@ fn describe_offset(text: &str, offset: usize) -> String {
 
 /// Returns the CNI config text with every OutBoundNAT exception list replaced by `list`.
 pub fn rewrite_exception_lists(text: &str, list: &[String]) -> anyhow::Result<String> {
-    let document: serde_json::Value =
-        serde_json::from_str(text).context("the CNI config is not valid JSON")?;
-    let mut scanner = Scanner {
-        text: text.as_bytes(),
-        at: 0,
-        found: Vec::new(),
-        duplicates: Vec::new(),
-    };
-    scanner.value(&mut Vec::new())?;
+    // Strictly valid JSON first, without building anything (bounded memory), then the
+    // walk that bounds the values and depth, and only then a tree of it.
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .context("the CNI config is not valid JSON")?;
+    let mut scanner = Scanner::new(text, &[]);
+    scanner.value()?;
     // serde_json keeps the last of two equal keys, Go's encoding/json in the plugin
     // matches keys ignoring case, and the byte spans below would find the first: the
     // list edited could be one the plugin never reads, so such a file is refused.
-    if let Some(duplicate) = scanner
-        .duplicates
-        .iter()
-        .find(|d| is_read_by_the_rewrite(&d.object))
-    {
+    if let Some(duplicate) = &scanner.duplicate {
         let first = if duplicate.first_key == duplicate.key {
             String::new()
         } else {
-            format!(" (as {:?})", duplicate.first_key)
+            format!(" (as {})", quote::quoted(&duplicate.first_key))
         };
         bail!(
-            "duplicate key {:?} in {} at {}, first at {}{first}; \
+            "duplicate key {} in {} at {}, first at {}{first}; \
              JSON readers disagree on which one counts, so the file is left unchanged: \
              remove one of them",
-            duplicate.key,
+            quote::quoted(&duplicate.key),
             describe_path(&duplicate.object),
             describe_offset(text, duplicate.again_at),
             describe_offset(text, duplicate.first_at),
         );
     }
+    let document: serde_json::Value =
+        serde_json::from_str(text).context("the CNI config is not valid JSON")?;
     let wanted = exception_list_paths(&document);
+    drop(document);
     if wanted.is_empty() {
         bail!("no OutBoundNAT policy found (looked in policies[] and plugins[].policies[])");
     }
+    let paths: Vec<Vec<PathStep>> = wanted.iter().map(|(path, _)| path.clone()).collect();
+    let mut scanner = Scanner::new(text, &paths);
+    scanner.value()?;
     let mut edits: Vec<(Range<usize>, String)> = Vec::new();
-    for (path, _v2) in &wanted {
-        match scanner.found.iter().find(|l| &l.path == path) {
-            Some(located) => {
-                let old = &text[located.span.clone()];
-                edits.push((
-                    located.span.clone(),
-                    format_list(list, old, text, located.span.start),
-                ));
+    for (index, path) in paths.iter().enumerate() {
+        match scanner.found.iter().find(|(i, _)| *i == index) {
+            Some((_, span)) => {
+                let old = &text[span.clone()];
+                edits.push((span.clone(), format_list(list, old, text, span.start)));
             }
             None => bail!(
                 "the OutBoundNAT policy has no {} list to rewrite",
                 match path.last() {
-                    Some(PathStep::Key(k)) => k.as_str(),
-                    _ => "exception",
+                    Some(PathStep::Key(k)) => quote::raw_or_quoted(k),
+                    _ => "exception".to_string(),
                 }
             ),
         }
@@ -399,97 +445,202 @@ pub fn rewrite_file(path: &Path, list: &[String]) -> anyhow::Result<bool> {
     rewrite_file_checked(path, list, &|_| Ok(()))
 }
 
+/// How many times a rewrite starts again when the file changed while it was rewritten.
+const REWRITE_ATTEMPTS: usize = 3;
+
 /// `rewrite_file`, with `before_rename` run on the complete temporary file just before it
-/// replaces the target: the tests fail it there to check the clean-up.
+/// replaces the target: the tests fail it there to check the clean-up, or change the
+/// target there as a concurrent writer would.
 fn rewrite_file_checked(
     path: &Path,
     list: &[String],
     before_rename: &dyn Fn(&Path) -> std::io::Result<()>,
 ) -> anyhow::Result<bool> {
     let target =
-        std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
-    let metadata =
-        std::fs::metadata(&target).with_context(|| format!("reading {}", target.display()))?;
+        std::fs::canonicalize(path).with_context(|| format!("resolving {}", quote::path(path)))?;
+    for _ in 0..REWRITE_ATTEMPTS {
+        let (text, read) = read_conf(&target)?;
+        let updated = rewrite_exception_lists(&text, list)
+            .with_context(|| format!("rewriting {}", quote::path(path)))?;
+        if updated == text {
+            return Ok(false);
+        }
+        // Another writer (a CNI installer, an operator's editor) may have replaced or
+        // edited the file since it was read: renaming over it would undo that change.
+        let unchanged = || still_as_read(&target, &text, &read);
+        if replace_file(
+            &target,
+            updated.as_bytes(),
+            &read,
+            before_rename,
+            &unchanged,
+        )? {
+            return Ok(true);
+        }
+    }
+    bail!(
+        "{} changed while it was being rewritten, {REWRITE_ATTEMPTS} times in a row (another writer is at work?); it is left as the other writer made it: run windows-cni again once that writer is done",
+        quote::path(path)
+    )
+}
+
+/// Reads the CNI config: a regular file of at most [`MAX_CONFIG_BYTES`] (the config
+/// file's bound), UTF-8. Returns its text and the metadata of the file read.
+fn read_conf(target: &Path) -> anyhow::Result<(String, std::fs::Metadata)> {
+    let shown = quote::path(target);
+    let stat = std::fs::metadata(target).with_context(|| format!("reading {shown}"))?;
+    if !stat.is_file() {
+        bail!("{shown} is not a regular file");
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(target)
+        .with_context(|| format!("reading {shown}"))?;
+    let metadata = file
+        .metadata()
+        .with_context(|| format!("reading {shown}"))?;
     if !metadata.is_file() {
-        bail!("{} is not a regular file", target.display());
+        bail!("{shown} is not a regular file");
     }
-    let text = std::fs::read_to_string(&target)
-        .with_context(|| format!("reading {}", target.display()))?;
-    let updated = rewrite_exception_lists(&text, list)
-        .with_context(|| format!("rewriting {}", path.display()))?;
-    if updated == text {
-        return Ok(false);
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_CONFIG_BYTES + 1),
+        &mut bytes,
+    )
+    .with_context(|| format!("reading {shown}"))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        bail!(
+            "{shown} is larger than the {MAX_CONFIG_BYTES} bytes the agent reads; refusing to parse it"
+        );
     }
-    replace_file(&target, updated.as_bytes(), &metadata, before_rename)?;
-    Ok(true)
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{shown} is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    Ok((text, metadata))
+}
+
+/// Whether `target` is still the file that was read, with the same bytes.
+fn still_as_read(target: &Path, text: &str, read: &std::fs::Metadata) -> bool {
+    let Ok(now) = std::fs::metadata(target) else {
+        return false;
+    };
+    let same_file = (
+        now.dev(),
+        now.ino(),
+        now.len(),
+        now.mtime(),
+        now.mtime_nsec(),
+    ) == (
+        read.dev(),
+        read.ino(),
+        read.len(),
+        read.mtime(),
+        read.mtime_nsec(),
+    ) && (now.ctime(), now.ctime_nsec()) == (read.ctime(), read.ctime_nsec());
+    // The times can be coarse on some filesystems: the bytes decide too.
+    same_file && read_conf(target).is_ok_and(|(again, _)| again == text)
 }
 
 /// Replaces `target` (a resolved path) with `contents`, keeping its mode and owner: a
 /// temporary file beside it, fsynced, renamed over it, then the directory fsynced so the
-/// rename itself survives a crash. The temporary file is removed if anything fails.
+/// rename itself survives a crash. The temporary file is removed if anything fails, or
+/// if `unchanged` says the target changed since it was read (then `Ok(false)`).
 fn replace_file(
     target: &Path,
     contents: &[u8],
     metadata: &std::fs::Metadata,
     before_rename: &dyn Fn(&Path) -> std::io::Result<()>,
-) -> anyhow::Result<()> {
+    unchanged: &dyn Fn() -> bool,
+) -> anyhow::Result<bool> {
     let dir = target.parent().unwrap_or(Path::new("."));
     let name = target
         .file_name()
-        .with_context(|| format!("{} has no file name", target.display()))?;
+        .with_context(|| format!("{} has no file name", quote::path(target)))?;
     let temporary: PathBuf = dir.join(format!(".{}.ip-masq-agent.tmp", name.to_string_lossy()));
-    // A temporary file left by a crashed run is stale; create_new then refuses to follow
-    // anything planted at the name.
-    match std::fs::remove_file(&temporary) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing stale {}", temporary.display()));
-        }
-        _ => {}
-    }
-    let written = write_temporary(&temporary, contents, metadata)
+    let written = write_temporary(&temporary, target, contents, metadata)
         .and_then(|()| {
-            before_rename(&temporary).with_context(|| format!("checking {}", temporary.display()))
+            before_rename(&temporary)
+                .with_context(|| format!("checking {}", quote::path(&temporary)))
         })
-        .and_then(|()| {
-            std::fs::rename(&temporary, target)
-                .with_context(|| format!("replacing {}", target.display()))
+        .map(|()| unchanged())
+        .and_then(|unchanged| {
+            if unchanged {
+                std::fs::rename(&temporary, target)
+                    .with_context(|| format!("replacing {}", quote::path(target)))?;
+            }
+            Ok(unchanged)
         });
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(e);
+    match written {
+        Err(e) => {
+            let _ = std::fs::remove_file(&temporary);
+            return Err(e);
+        }
+        Ok(false) => {
+            let _ = std::fs::remove_file(&temporary);
+            return Ok(false);
+        }
+        Ok(true) => {}
     }
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| {
             format!(
                 "{} was replaced, but syncing {} failed: the change may not survive a crash",
-                target.display(),
-                dir.display()
+                quote::path(target),
+                quote::path(dir)
             )
-        })
+        })?;
+    Ok(true)
 }
 
 /// Creates the temporary file with the target's contents, owner and mode, on disk.
 fn write_temporary(
     temporary: &Path,
+    target: &Path,
     contents: &[u8],
     metadata: &std::fs::Metadata,
 ) -> anyhow::Result<()> {
-    let context = || format!("writing {}", temporary.display());
-    // Owner-only until the target's owner and mode are copied over.
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(temporary)
-        .with_context(context)?;
+    let context = || format!("writing {}", quote::path(temporary));
+    // Owner-only until the target's owner and mode are copied over; create_new never
+    // follows anything planted at the name.
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(temporary)
+    };
+    let created = match create() {
+        // Left by a run that crashed: stale.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(temporary).with_context(|| {
+                format!(
+                    "removing the stale temporary file {}",
+                    quote::path(temporary)
+                )
+            })?;
+            create()
+        }
+        other => other,
+    };
+    let mut file = created.with_context(|| {
+        format!(
+            "creating the temporary file {} that replaces {}",
+            quote::path(temporary),
+            quote::path(target)
+        )
+    })?;
     file.write_all(contents).with_context(context)?;
     // chown before chmod: chown clears the setuid and setgid bits.
     std::os::unix::fs::fchown(&file, Some(metadata.uid()), Some(metadata.gid())).with_context(
         || {
             format!(
                 "giving {} the owner {}:{} of the file it replaces",
-                temporary.display(),
+                quote::path(temporary),
                 metadata.uid(),
                 metadata.gid()
             )

@@ -1,6 +1,7 @@
 //! A config document as a tree of values that remember where they were written, so
 //! every later complaint (a bad CIDR, a wrong type) can point at file:line:column.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -19,18 +20,20 @@ impl fmt::Display for Position {
     }
 }
 
+/// A value of the document. Strings borrow from the text where the fast path read them
+/// (no allocation per list item) and are owned where serde-saphyr did.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Value {
+pub enum Value<'a> {
     Null,
     Bool(bool),
     Int(i128),
     Float(f64),
-    Str(String),
-    List(Vec<Located>),
-    Map(Vec<(Located, Located)>),
+    Str(Cow<'a, str>),
+    List(Vec<Located<'a>>),
+    Map(Vec<(Located<'a>, Located<'a>)>),
 }
 
-impl Value {
+impl Value<'_> {
     /// The JSON type name Go's encoding/json uses in "cannot unmarshal X into ..." messages.
     pub fn json_type(&self) -> &'static str {
         match self {
@@ -50,7 +53,7 @@ impl Value {
             Value::Bool(b) => b.to_string(),
             Value::Int(i) => i.to_string(),
             Value::Float(f) => f.to_string(),
-            Value::Str(s) => format!("{s:?}"),
+            Value::Str(s) => super::quote::quoted(s),
             Value::List(items) => format!("a list of {} item(s)", items.len()),
             Value::Map(entries) => format!("a mapping of {} key(s)", entries.len()),
         }
@@ -58,20 +61,20 @@ impl Value {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Located {
-    pub value: Value,
+pub struct Located<'a> {
+    pub value: Value<'a>,
     pub position: Option<Position>,
 }
 
-impl<'de> Deserialize<'de> for Value {
+impl<'de> Deserialize<'de> for Value<'static> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(ValueVisitor)
     }
 }
 
-impl<'de> Deserialize<'de> for Located {
+impl<'de> Deserialize<'de> for Located<'static> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let spanned = Spanned::<Value>::deserialize(deserializer)?;
+        let spanned = Spanned::<Value<'static>>::deserialize(deserializer)?;
         let line = spanned.referenced.line();
         let position = (line > 0).then(|| Position {
             line,
@@ -87,51 +90,53 @@ impl<'de> Deserialize<'de> for Located {
 struct ValueVisitor;
 
 impl<'de> Visitor<'de> for ValueVisitor {
-    type Value = Value;
+    type Value = Value<'static>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any YAML or JSON value")
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+    fn visit_unit<E: de::Error>(self) -> Result<Value<'static>, E> {
         Ok(Value::Null)
     }
-    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+    fn visit_none<E: de::Error>(self) -> Result<Value<'static>, E> {
         Ok(Value::Null)
     }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value<'static>, D::Error> {
         Value::deserialize(d)
     }
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value<'static>, E> {
         Ok(Value::Bool(v))
     }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value<'static>, E> {
         Ok(Value::Int(v.into()))
     }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value<'static>, E> {
         Ok(Value::Int(v.into()))
     }
-    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value, E> {
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value<'static>, E> {
         Ok(Value::Int(v))
     }
-    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value<'static>, E> {
         Ok(i128::try_from(v).map_or(Value::Float(v as f64), Value::Int))
     }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value<'static>, E> {
         Ok(Value::Float(v))
     }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::Str(v.to_owned()))
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value<'static>, E> {
+        Ok(Value::Str(Cow::Owned(v.to_owned())))
     }
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
-        Ok(Value::Str(v))
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value<'static>, E> {
+        Ok(Value::Str(Cow::Owned(v)))
     }
-    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Value, E> {
-        Ok(Value::Str(String::from_utf8_lossy(v).into_owned()))
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Value<'static>, E> {
+        Ok(Value::Str(Cow::Owned(
+            String::from_utf8_lossy(v).into_owned(),
+        )))
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value<'static>, A::Error> {
         let mut items = Vec::new();
-        while let Some(item) = seq.next_element::<Located>()? {
+        while let Some(item) = seq.next_element::<Located<'static>>()? {
             items.push(item);
         }
         // A growing Vec keeps room for at least four items; many one-item lists would
@@ -139,9 +144,9 @@ impl<'de> Visitor<'de> for ValueVisitor {
         items.shrink_to_fit();
         Ok(Value::List(items))
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value<'static>, A::Error> {
         let mut entries = Vec::new();
-        while let Some((key, value)) = map.next_entry::<Located, Located>()? {
+        while let Some((key, value)) = map.next_entry::<Located<'static>, Located<'static>>()? {
             entries.push((key, value));
         }
         entries.shrink_to_fit();
@@ -264,8 +269,9 @@ fn saphyr_error(err: &serde_saphyr::Error) -> SyntaxError {
     });
     let message = limit_message(err).unwrap_or_else(|| {
         let message = err.without_snippet().to_string();
-        // The message may repeat the location; keep the first line for a one-line log.
-        message.lines().next().unwrap_or_default().to_string()
+        // The message may repeat the location; keep the first line for a one-line log,
+        // and escape what it may echo of the input.
+        super::quote::escaped(message.lines().next().unwrap_or_default())
     });
     SyntaxError { position, message }
 }
@@ -275,9 +281,21 @@ pub fn looks_like_json(text: &str) -> bool {
     text.trim_start().starts_with('{')
 }
 
-/// Parses the text into a located tree; `Ok(None)` for an empty document.
-pub fn parse_document(text: &str) -> Result<Option<Located>, SyntaxError> {
-    if looks_like_json(text) {
+/// Parses the text into a located tree with serde-saphyr; `Ok(None)` for an empty
+/// document. The general path, and the reference the fast path for the common shape
+/// (`config::fast_path`, chosen in `config::read_document`) must agree with.
+pub fn parse_document_general(text: &str) -> Result<Option<Located<'_>>, SyntaxError> {
+    match prepare(text)? {
+        None => Ok(None),
+        Some(_) => parse_yaml(text),
+    }
+}
+
+/// The checks before any parsing: strict JSON for text that is JSON by Kubernetes' rule,
+/// and whether there is any content. `Ok(None)`: an empty document; `Ok(Some(json))`.
+pub fn prepare(text: &str) -> Result<Option<bool>, SyntaxError> {
+    let json = looks_like_json(text);
+    if json {
         // Kubernetes passes JSON straight to Go's strict decoder: check it strictly first.
         if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
             return Err(SyntaxError {
@@ -292,16 +310,18 @@ pub fn parse_document(text: &str) -> Result<Option<Located>, SyntaxError> {
     let no_content = text
         .lines()
         .all(|line| line.trim().is_empty() || line.trim_start().starts_with('#'));
-    if no_content {
-        return Ok(None);
-    }
+    Ok((!no_content).then_some(json))
+}
+
+/// The general path: serde-saphyr with the agent's bounds.
+pub fn parse_yaml(text: &str) -> Result<Option<Located<'static>>, SyntaxError> {
     // Go's yaml.Unmarshal reads the first document of the stream and never looks further,
     // so a second document (or a trailing `---`) is not an error. serde-saphyr reports one
     // only after the first document has been read, so keep that document when it does.
-    let mut first_document: Option<Option<Located>> = None;
+    let mut first_document: Option<Option<Located<'static>>> = None;
     let parsed =
         serde_saphyr::with_deserializer_from_str_with_options(text, yaml_options(), |de| {
-            first_document = Some(Option::<Located>::deserialize(de)?);
+            first_document = Some(Option::<Located<'static>>::deserialize(de)?);
             Ok(())
         });
     let document = match (parsed, first_document) {
@@ -324,8 +344,8 @@ pub fn parse_document(text: &str) -> Result<Option<Located>, SyntaxError> {
 mod tests {
     use super::*;
 
-    fn map_of(text: &str) -> Vec<(Located, Located)> {
-        match parse_document(text).unwrap().unwrap().value {
+    fn map_of(text: &str) -> Vec<(Located<'_>, Located<'_>)> {
+        match parse_document_general(text).unwrap().unwrap().value {
             Value::Map(m) => m,
             other => panic!("not a map: {other:?}"),
         }
@@ -352,18 +372,18 @@ mod tests {
 
     #[test]
     fn json_is_checked_strictly() {
-        let err = parse_document("{\"a\": yes}").unwrap_err();
+        let err = parse_document_general("{\"a\": yes}").unwrap_err();
         assert_eq!(err.position, Some(Position { line: 1, column: 7 }));
-        assert!(parse_document("{\"a\": 1} trailing").is_err());
+        assert!(parse_document_general("{\"a\": 1} trailing").is_err());
         let m = map_of("{\"a\": true,\n \"b\": [\"x\"]}");
         assert_eq!(m[1].1.position.map(|p| p.line), Some(2));
     }
 
     #[test]
     fn empty_and_comment_only_documents_are_empty() {
-        assert_eq!(parse_document("").unwrap(), None);
-        assert_eq!(parse_document("\n# nothing\n  \n").unwrap(), None);
-        assert_eq!(parse_document("null\n").unwrap(), None);
+        assert_eq!(parse_document_general("").unwrap(), None);
+        assert_eq!(parse_document_general("\n# nothing\n  \n").unwrap(), None);
+        assert_eq!(parse_document_general("null\n").unwrap(), None);
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! upstream ConfigMap holds means the same here, including its error texts.
 
 use std::fmt;
+use std::fmt::Write as _;
+
+use super::quote::MAX_QUOTED_BYTES;
 
 /// A Go duration in nanoseconds; negative values are representable because Go
 /// accepts them (validation rejects them later, with its own message).
@@ -33,17 +36,34 @@ fn unit_nanos(unit: &str) -> Option<u64> {
     })
 }
 
-/// Go's `quote`: the text in double quotes with `"` and `\` escaped.
+/// Go's `time.quote`: the text in double quotes with `"` and `\\` escaped and every byte
+/// of a control or non-ASCII character as `\\xNN`, so a value holding a newline or an ESC
+/// sequence cannot forge a log line. Cut after [`MAX_QUOTED_BYTES`] bytes (Go does not
+/// cut; a 2 MB value must not make a 2 MB message).
 fn go_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
+    let mut end = s.len().min(MAX_QUOTED_BYTES);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = String::with_capacity(end + 2);
     out.push('"');
-    for c in s.chars() {
+    for c in s[..end].chars() {
+        if c < ' ' || !c.is_ascii() {
+            let mut bytes = [0; 4];
+            for byte in c.encode_utf8(&mut bytes).bytes() {
+                let _ = write!(out, "\\x{byte:02x}");
+            }
+            continue;
+        }
         if c == '"' || c == '\\' {
             out.push('\\');
         }
         out.push(c);
     }
     out.push('"');
+    if end < s.len() {
+        let _ = write!(out, "... ({} bytes in all)", s.len());
+    }
     out
 }
 
@@ -298,6 +318,13 @@ mod tests {
             (" 60s", r#"time: invalid duration " 60s""#),
             ("60 s", r#"time: unknown unit " s" in duration "60 s""#),
             ("1h-5m", r#"time: unknown unit "h-" in duration "1h-5m""#),
+            // Go's time.quote: control and non-ASCII characters byte by byte as \xNN.
+            ("1\n", r#"time: unknown unit "\x0a" in duration "1\x0a""#),
+            (
+                "1µ",
+                r#"time: unknown unit "\xc2\xb5" in duration "1\xc2\xb5""#,
+            ),
+            ("\u{1b}[2J", r#"time: invalid duration "\x1b[2J""#),
         ];
         for (text, want) in cases {
             let got = parse_go_duration(text).expect_err(text);

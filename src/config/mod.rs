@@ -4,6 +4,8 @@
 mod document;
 pub mod duration;
 pub mod egress;
+mod fast_path;
+pub mod quote;
 pub mod source;
 
 use std::fmt;
@@ -14,8 +16,24 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-pub use document::Position;
-use document::{Located, Value, parse_document};
+use document::{Located, SyntaxError, Value, parse_document_general};
+
+/// How a document's text becomes a tree: [`read_document`], or the general path alone.
+type DocumentReader = for<'a> fn(&'a str) -> Result<Option<Located<'a>>, SyntaxError>;
+
+/// The document's tree; `Ok(None)` for an empty document. The common shape (a mapping of
+/// lists of CIDR strings) is read by the fast path, everything else (and anything the
+/// fast path is not sure of) by serde-saphyr.
+fn read_document(text: &str) -> Result<Option<Located<'_>>, SyntaxError> {
+    let Some(json) = document::prepare(text)? else {
+        return Ok(None);
+    };
+    if let Some(tree) = fast_path::parse(text, json) {
+        return Ok(Some(tree));
+    }
+    document::parse_yaml(text)
+}
+pub use document::{MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_VALUES, Position};
 use duration::parse_go_duration;
 
 /// Where the ConfigMap is mounted in upstream's manifests.
@@ -130,7 +148,7 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
+        write!(f, "{}", quote::path(&self.file))?;
         if let Some(position) = self.position {
             write!(f, ":{position}")?;
         }
@@ -194,36 +212,69 @@ impl FileSettings {
 /// Reads a file with the agent's limits: regular files only (a FIFO would block the
 /// agent on open), at most [`MAX_CONFIG_BYTES`], UTF-8. `Ok(None)` when it does not exist.
 fn read_config_text(path: &Path) -> Result<Option<String>, ConfigError> {
+    read_config_text_checked(path, &|| {})
+}
+
+/// Refuses what is not a regular file of at most [`MAX_CONFIG_BYTES`].
+fn check_file_kind(meta: &std::fs::Metadata) -> Result<(), String> {
+    if meta.is_dir() {
+        return Err(
+            "is a directory, expected a YAML or JSON file (mount the ConfigMap directory and point --config at the file in it)".into(),
+        );
+    }
+    if !meta.is_file() {
+        return Err(
+            "is not a regular file (a FIFO, socket or device); expected a YAML or JSON file".into(),
+        );
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "file is {} bytes, larger than the {MAX_CONFIG_BYTES} bytes the agent reads; refusing to parse it",
+            meta.len()
+        ));
+    }
+    Ok(())
+}
+
+/// `read_config_text`, with `between_stat_and_open` run in the gap a swap could use (the
+/// tests put a FIFO there, or remove the file).
+fn read_config_text_checked(
+    path: &Path,
+    between_stat_and_open: &dyn Fn(),
+) -> Result<Option<String>, ConfigError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let fail = |problem: String| ConfigError {
         file: path.to_path_buf(),
         position: None,
         key: None,
         problem,
     };
-    // metadata() follows symlinks, so a dangling `..data` link reads as missing, like Go's os.Stat.
+    // metadata() follows symlinks, so a dangling `..data` link reads as missing, like
+    // Go's os.Stat. Checked before opening so that a device or FIFO is never opened.
     let meta = match std::fs::metadata(path) {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(fail(format!("cannot read config file: {err}"))),
         Ok(meta) => meta,
     };
-    if meta.is_dir() {
-        return Err(fail(
-            "is a directory, expected a YAML or JSON file (mount the ConfigMap directory and point --config at the file in it)".into(),
-        ));
-    }
-    if !meta.is_file() {
-        return Err(fail(
-            "is not a regular file (a FIFO, socket or device); expected a YAML or JSON file".into(),
-        ));
-    }
-    if meta.len() > MAX_CONFIG_BYTES {
-        return Err(fail(format!(
-            "file is {} bytes, larger than the {MAX_CONFIG_BYTES} bytes the agent reads; refusing to parse it",
-            meta.len()
-        )));
-    }
-    let file =
-        std::fs::File::open(path).map_err(|e| fail(format!("cannot read config file: {e}")))?;
+    check_file_kind(&meta).map_err(fail)?;
+    between_stat_and_open();
+    // The name can be swapped between the check and the open: O_NONBLOCK keeps a FIFO put
+    // there from blocking the open (and the sync loop with it), O_NOCTTY a terminal from
+    // becoming ours, and the descriptor itself is checked again below.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    {
+        // Removed since the stat: as if it had never been there.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(fail(format!("cannot read config file: {err}"))),
+        Ok(file) => file,
+    };
+    let opened = file
+        .metadata()
+        .map_err(|e| fail(format!("cannot read config file: {e}")))?;
+    check_file_kind(&opened).map_err(fail)?;
     let mut bytes = Vec::new();
     // The size can change between stat and read: the limit holds for the read too.
     file.take(MAX_CONFIG_BYTES + 1)
@@ -290,7 +341,16 @@ pub fn load_cached(
 
 /// Parses config text as if read from `file` (used for messages only).
 pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedConfig, ConfigError> {
-    let (settings, warnings) = parse_settings(text, file, options)?;
+    parse_with(text, file, options, read_document)
+}
+
+fn parse_with(
+    text: &str,
+    file: &Path,
+    options: ParseOptions,
+    read: DocumentReader,
+) -> Result<LoadedConfig, ConfigError> {
+    let (settings, warnings) = parse_settings_with(text, file, options, true, read)?;
     let config = settings.over_defaults(options);
     let destinations = config.non_masquerade_cidrs.len() + config.force_masquerade_cidrs.len();
     if settings.non_masquerade_cidrs.is_none() && destinations > config.cidr_limit {
@@ -310,10 +370,24 @@ pub fn parse(text: &str, file: &Path, options: ParseOptions) -> Result<LoadedCon
 }
 
 /// Parses one file into what it sets explicitly, validating every value it sets.
+/// `alone`: the file is the whole config (`--config`), not one of a `--config-dir` set,
+/// so the checks that need every key (the default list, the scope of each family) are
+/// made here, where positions are known.
 pub fn parse_settings(
     text: &str,
     file: &Path,
     options: ParseOptions,
+    alone: bool,
+) -> Result<(FileSettings, Vec<String>), ConfigError> {
+    parse_settings_with(text, file, options, alone, read_document)
+}
+
+fn parse_settings_with(
+    text: &str,
+    file: &Path,
+    options: ParseOptions,
+    alone: bool,
+    read: DocumentReader,
 ) -> Result<(FileSettings, Vec<String>), ConfigError> {
     let error = |position: Option<Position>, key: Option<&str>, problem: String| ConfigError {
         file: file.to_path_buf(),
@@ -321,7 +395,7 @@ pub fn parse_settings(
         key: key.map(str::to_owned),
         problem,
     };
-    let document = parse_document(text).map_err(|e| {
+    let document = read(text).map_err(|e| {
         error(
             e.position,
             None,
@@ -349,13 +423,14 @@ pub fn parse_settings(
     let mut list_nodes: Vec<(&'static str, Vec<Located>, Option<Position>)> = Vec::new();
     for (key_node, mut value) in entries {
         let key_text = match &key_node.value {
-            Value::Str(s) => s.clone(),
+            Value::Str(s) => s.to_string(),
             other => other.describe(),
         };
         let Some(key) = match_key(&key_text) else {
             warnings.push(format!(
-                "{}unknown key {key_text:?} is ignored; did you mean {:?}?",
+                "{}unknown key {} is ignored; did you mean {:?}?",
                 place_of(file, key_node.position),
+                quote::quoted(&key_text),
                 closest_key(&key_text)
             ));
             continue;
@@ -427,15 +502,17 @@ pub fn parse_settings(
                         value.position,
                         Some(key),
                         format!(
-                            "{text:?} must be a positive duration such as \"60s\" or \"1m30s\" (upstream busy-loops on this value)"
+                            "{} must be a positive duration such as \"60s\" or \"1m30s\" (upstream busy-loops on this value)",
+                            quote::quoted(text)
                         ),
                     ));
                 }
                 let mut interval = Duration::from_nanos(parsed.0.unsigned_abs());
                 if interval < MIN_RESYNC_INTERVAL {
                     warnings.push(format!(
-                        "{}resyncInterval {text:?} is shorter than {}ms; using {}ms (a shorter interval is a busy loop)",
+                        "{}resyncInterval {} is shorter than {}ms; using {}ms (a shorter interval is a busy loop)",
                         place_of(file, value.position),
+                        quote::quoted(text),
                         MIN_RESYNC_INTERVAL.as_millis(),
                         MIN_RESYNC_INTERVAL.as_millis(),
                     ));
@@ -453,8 +530,9 @@ pub fn parse_settings(
     let limit = settings
         .cidr_limit
         .unwrap_or(Config::defaults(options).cidr_limit);
-    // Each CIDR with where it stands, to name both places of a conflict.
-    let mut placed: Vec<(&'static str, usize, IpNet, Option<Position>)> = Vec::new();
+    // Every forced prefix with its place, to name both places of a conflict.
+    let mut forced: Vec<(usize, IpNet, Option<Position>)> = Vec::new();
+    let mut source_position = None;
     let mut destinations = 0;
     for (key, items, list_position) in &list_nodes {
         if *key != SOURCE_KEY {
@@ -463,13 +541,13 @@ pub fn parse_settings(
                 return Err(limit_error(file, *list_position, key, limit, destinations));
             }
         }
+        let item_key = |index: usize| format!("{key}[{index}]");
         let mut cidrs = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
-            let item_key = format!("{key}[{index}]");
             let Value::Str(text) = &item.value else {
                 return Err(error(
                     item.position,
-                    Some(&item_key),
+                    Some(&item_key(index)),
                     format!(
                         "expected a CIDR string such as \"10.0.0.0/8\", got {} {}",
                         item.value.json_type(),
@@ -478,9 +556,9 @@ pub fn parse_settings(
                 ));
             };
             let cidr = validate_cidr(text, options.enable_ipv6)
-                .map_err(|problem| error(item.position, Some(&item_key), problem))?;
-            if *key != SOURCE_KEY {
-                placed.push((key, index, cidr, item.position));
+                .map_err(|problem| error(item.position, Some(&item_key(index)), problem))?;
+            if *key == FORCE_KEY {
+                forced.push((index, cidr, item.position));
             }
             cidrs.push(cidr);
         }
@@ -494,35 +572,115 @@ pub fn parse_settings(
                         place_of(file, *list_position)
                     ));
                 }
+                source_position = *list_position;
                 settings.masquerade_source_cidrs = Some(cidrs);
             }
         }
     }
     // The same prefix asked to be kept and masqueraded: longest-prefix match cannot choose.
-    for (key, index, cidr, position) in placed.iter().filter(|p| p.0 == FORCE_KEY) {
-        if let Some((other_key, other_index, _, other_position)) =
-            placed.iter().find(|p| p.0 == NON_MASQ_KEY && p.2 == *cidr)
-        {
+    // The first place of each kept prefix, hashed (a 50,000-entry list must not cost
+    // 50,000 x 50,000 comparisons), and only when something is forced.
+    let mut kept_at: std::collections::HashMap<IpNet, (usize, Option<Position>)> =
+        std::collections::HashMap::new();
+    if let (false, Some(kept), Some((_, items, _))) = (
+        forced.is_empty(),
+        &settings.non_masquerade_cidrs,
+        list_nodes.iter().find(|(key, _, _)| *key == NON_MASQ_KEY),
+    ) {
+        for (index, (cidr, item)) in kept.iter().zip(items).enumerate() {
+            kept_at.entry(*cidr).or_insert((index, item.position));
+        }
+    }
+    for (index, cidr, position) in &forced {
+        if let Some((other_index, other_position)) = kept_at.get(cidr) {
             let there = other_position
                 .map(|p| format!(" at {p}"))
                 .unwrap_or_default();
             return Err(error(
                 *position,
-                Some(&format!("{key}[{index}]")),
+                Some(&format!("{FORCE_KEY}[{index}]")),
                 format!(
-                    "CIDR \"{cidr}\" is also in {other_key}[{other_index}]{there}; a prefix can be in only one of the two lists (the longest matching prefix decides, and these are equally long)"
+                    "CIDR \"{cidr}\" is also in {NON_MASQ_KEY}[{other_index}]{there}; {ONE_LIST_ONLY}"
                 ),
             ));
+        }
+    }
+    if alone {
+        // The file is the whole config: the default list applies when it sets none.
+        if settings.non_masquerade_cidrs.is_none() {
+            let defaults = Config::defaults(options).non_masquerade_cidrs;
+            if let Some((index, cidr, position)) =
+                forced.iter().find(|(_, cidr, _)| defaults.contains(cidr))
+            {
+                return Err(error(
+                    *position,
+                    Some(&format!("{FORCE_KEY}[{index}]")),
+                    in_default_list(cidr, &defaults),
+                ));
+            }
+        }
+        if let Some(sources) = &settings.masquerade_source_cidrs {
+            for problem in scope_gaps(sources, options) {
+                warnings.push(format!("{}{problem}", place_of(file, source_position)));
+            }
         }
     }
     Ok((settings, warnings))
 }
 
+/// Why one prefix cannot be in both destination lists.
+const ONE_LIST_ONLY: &str = "a prefix can be in only one of the two lists (the longest matching prefix decides, and these are equally long)";
+
+/// A forced prefix that is in the default nonMasqueradeCIDRs list, which applies because
+/// no file sets the list: the same conflict as when both lists are written out.
+fn in_default_list(cidr: &IpNet, defaults: &[IpNet]) -> String {
+    let list: Vec<String> = defaults.iter().map(ToString::to_string).collect();
+    format!(
+        "CIDR \"{cidr}\" is also in the DEFAULT {NON_MASQ_KEY} list ({}), which applies because {NON_MASQ_KEY} is not set; {ONE_LIST_ONLY}; set {NON_MASQ_KEY} explicitly without it",
+        list.join(", ")
+    )
+}
+
+/// A source scope that names no prefix of a managed family masquerades nothing of that
+/// family: each family is scoped separately, so `[10.244.0.0/16]` with --enable-ipv6
+/// turns IPv6 masquerading off. One warning per family; none for an empty list (which
+/// has its own warning) or a family the agent does not manage.
+fn scope_gaps(sources: &[IpNet], options: ParseOptions) -> Vec<String> {
+    if sources.is_empty() {
+        return Vec::new();
+    }
+    let mut gaps = Vec::new();
+    let families = [
+        (
+            "IPv4",
+            true,
+            sources.iter().any(|s| matches!(s, IpNet::V4(_))),
+            "10.244.0.0/16",
+            "",
+        ),
+        (
+            "IPv6",
+            options.enable_ipv6,
+            sources.iter().any(|s| matches!(s, IpNet::V6(_))),
+            "fd00:10:244::/56",
+            " (--enable-ipv6 is set)",
+        ),
+    ];
+    for (family, managed, listed, example, why) in families {
+        if managed && !listed {
+            gaps.push(format!(
+                "{SOURCE_KEY} lists no {family} prefix, so no {family} source is masqueraded{why}: each family is scoped separately; add the {family} pod range (e.g. {example}) or remove the key to masquerade every source"
+            ));
+        }
+    }
+    gaps
+}
+
 /// `file:line:column: ` (or `file: `) to start a warning with.
 fn place_of(file: &Path, position: Option<Position>) -> String {
     match position {
-        Some(position) => format!("{}:{position}: ", file.display()),
-        None => format!("{}: ", file.display()),
+        Some(position) => format!("{}:{position}: ", quote::path(file)),
+        None => format!("{}: ", quote::path(file)),
     }
 }
 
@@ -547,11 +705,17 @@ pub fn load_dir(dir: &Path, options: ParseOptions) -> Result<LoadedConfig, Confi
         key: None,
         problem: format!("cannot list the config directory: {err}"),
     };
-    let mut names: Vec<String> = std::fs::read_dir(dir)
+    // Names as the bytes they are: a name that is not UTF-8 is read like any other (a
+    // lossy copy of it would name no file and be skipped without a word).
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
         .map_err(unreadable)?
         .filter_map(|entry| entry.ok())
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("ip-masq"))
+        .map(|entry| entry.file_name())
+        .filter(|name| {
+            use std::os::unix::ffi::OsStrExt;
+            name.as_bytes()
+                .starts_with(source::DIR_FILE_PREFIX.as_bytes())
+        })
         .collect();
     names.sort();
     let mut files = Vec::new();
@@ -559,7 +723,7 @@ pub fn load_dir(dir: &Path, options: ParseOptions) -> Result<LoadedConfig, Confi
     for name in &names {
         let path = dir.join(name);
         if let Some(text) = read_config_text(&path)? {
-            let (settings, file_warnings) = parse_settings(&text, &path, options)?;
+            let (settings, file_warnings) = parse_settings(&text, &path, options, false)?;
             warnings.extend(file_warnings);
             files.push((path, settings));
         }
@@ -586,7 +750,7 @@ pub fn load_dir(dir: &Path, options: ParseOptions) -> Result<LoadedConfig, Confi
                     key: Some(FORCE_KEY.to_string()),
                     problem: format!(
                         "CIDR \"{forced}\" is also in {NON_MASQ_KEY} of {}; a prefix can be in only one of the two lists",
-                        other.display()
+                        quote::path(other)
                     ),
                 });
             }
@@ -594,7 +758,28 @@ pub fn load_dir(dir: &Path, options: ParseOptions) -> Result<LoadedConfig, Confi
     }
     let (merged, conflicts) = merge_files(&files);
     warnings.extend(conflicts);
+    // No file sets the list, so the default one applies: a forced prefix in it is the
+    // same conflict as one written in both lists.
+    if merged.non_masquerade_cidrs.is_none() {
+        let defaults = Config::defaults(options).non_masquerade_cidrs;
+        for (path, settings) in &files {
+            let list = settings.force_masquerade_cidrs.iter().flatten();
+            if let Some((index, cidr)) = list.enumerate().find(|(_, c)| defaults.contains(c)) {
+                return Err(ConfigError {
+                    file: path.clone(),
+                    position: None,
+                    key: Some(format!("{FORCE_KEY}[{index}]")),
+                    problem: in_default_list(cidr, &defaults),
+                });
+            }
+        }
+    }
     let config = merged.over_defaults(options);
+    if let Some(sources) = &config.masquerade_source_cidrs {
+        for problem in scope_gaps(sources, options) {
+            warnings.push(format!("{}: {problem}", quote::path(dir)));
+        }
+    }
     let destinations = config.non_masquerade_cidrs.len() + config.force_masquerade_cidrs.len();
     if destinations > config.cidr_limit {
         return Err(limit_error(
@@ -637,8 +822,8 @@ pub fn merge_files(files: &[(PathBuf, FileSettings)]) -> (FileSettings, Vec<Stri
                         };
                         warnings.push(format!(
                             "{} lists {inner}, which is inside {outer} from {}",
-                            inner_path.display(),
-                            outer_path.display()
+                            quote::path(inner_path),
+                            quote::path(outer_path)
                         ));
                     }
                 }
@@ -661,8 +846,8 @@ pub fn merge_files(files: &[(PathBuf, FileSettings)]) -> (FileSettings, Vec<Stri
             {
                 warnings.push(format!(
                     "{name} is {earlier} in {} but {value} in {}; using true",
-                    earlier_path.display(),
-                    path.display()
+                    quote::path(earlier_path),
+                    quote::path(path)
                 ));
             }
             bool_owner[slot].get_or_insert((value, path));
@@ -751,8 +936,20 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// Go's `net.ParseCIDR` plus upstream's alignment and family checks, with upstream's texts.
 pub fn validate_cidr(text: &str, enable_ipv6: bool) -> Result<IpNet, String> {
-    let unparsable = || format!("CIDR {text:?} could not be parsed, invalid CIDR address: {text}");
-    let (addr_text, len_text) = text.split_once('/').ok_or_else(unparsable)?;
+    // Upstream prints the value quoted, then raw (Go's net.ParseError): the raw copy is
+    // kept for ordinary values, and quoted too for one that could forge a log line.
+    let unparsable = || {
+        format!(
+            "CIDR {} could not be parsed, invalid CIDR address: {}",
+            quote::quoted(text),
+            quote::raw_or_quoted(text)
+        )
+    };
+    let slash = text
+        .bytes()
+        .position(|b| b == b'/')
+        .ok_or_else(unparsable)?;
+    let (addr_text, len_text) = (&text[..slash], &text[slash + 1..]);
     let addr: IpAddr = addr_text.parse().map_err(|_| unparsable())?;
     // Go's dtoi: decimal digits only, leading zeros allowed.
     if len_text.is_empty() || len_text.len() > 3 || !len_text.bytes().all(|b| b.is_ascii_digit()) {
@@ -762,7 +959,8 @@ pub fn validate_cidr(text: &str, enable_ipv6: bool) -> Result<IpNet, String> {
     let net = IpNet::new(addr, prefix_len).map_err(|_| unparsable())?;
     if net.network() != addr {
         return Err(format!(
-            "CIDR {text:?} is not aligned to a CIDR block, ip: \"{addr}\" network: \"{}\"",
+            "CIDR {} is not aligned to a CIDR block, ip: \"{addr}\" network: \"{}\"",
+            quote::quoted(text),
             net.trunc()
         ));
     }
@@ -770,16 +968,69 @@ pub fn validate_cidr(text: &str, enable_ipv6: bool) -> Result<IpNet, String> {
         if let Some(v4) = v6.to_ipv4_mapped() {
             let v4_len = prefix_len.saturating_sub(96);
             return Err(format!(
-                "CIDR {text:?} is an IPv4-mapped IPv6 prefix, which iptables cannot load; write it as {v4}/{v4_len}"
+                "CIDR {} is an IPv4-mapped IPv6 prefix, which iptables cannot load; write it as {v4}/{v4_len}",
+                quote::quoted(text)
             ));
         }
         if !enable_ipv6 {
             return Err(format!(
-                "ipv6 is not enabled, but ipv6 cidr {text} provided. Enable ipv6 using --enable-ipv6 agent flag"
+                "ipv6 is not enabled, but ipv6 cidr {} provided. Enable ipv6 using --enable-ipv6 agent flag",
+                quote::raw_or_quoted(text)
             ));
         }
     }
     Ok(net)
+}
+
+/// The fast path against the general one, for the agreement property and the fuzz
+/// target: both must read every document the same way.
+#[doc(hidden)]
+pub mod agreement {
+    use super::*;
+
+    /// `parse` with the general path alone.
+    pub fn parse_general_only(
+        text: &str,
+        file: &Path,
+        options: ParseOptions,
+    ) -> Result<LoadedConfig, ConfigError> {
+        parse_with(text, file, options, parse_document_general)
+    }
+
+    /// Whether the fast path took `text` (it may leave any document to the general path).
+    pub fn fast_path_reads(text: &str) -> bool {
+        fast_path::parse(text, document::looks_like_json(text)).is_some()
+    }
+
+    /// Checks that both paths read `text` the same: the same tree (values and positions)
+    /// where the fast path reads it, and the same config, warnings or error for each
+    /// set of flags. `Err` describes the first difference.
+    pub fn check(text: &str) -> Result<(), String> {
+        let fast = read_document(text);
+        let general = parse_document_general(text);
+        if fast_path_reads(text) && fast != general {
+            return Err(format!(
+                "the trees differ for {text:?}:\nfast:    {fast:?}\ngeneral: {general:?}"
+            ));
+        }
+        for options in [
+            ParseOptions::default(),
+            ParseOptions {
+                enable_ipv6: true,
+                nomasq_all_reserved_ranges: true,
+            },
+        ] {
+            let file = Path::new("/etc/config/ip-masq-agent");
+            let fast = parse(text, file, options);
+            let general = parse_general_only(text, file, options);
+            if fast != general {
+                return Err(format!(
+                    "the results differ for {text:?} with {options:?}:\nfast:    {fast:?}\ngeneral: {general:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -927,3 +927,557 @@ fn an_unchanged_file_is_not_parsed_again_and_a_changed_one_is() {
         ConfigSource::Missing(_)
     ));
 }
+
+// Issue 16 #6: values and file names must not inject lines into text logs.
+
+/// No character in `message` can end a log line, move the cursor or start an escape
+/// sequence.
+fn assert_one_safe_line(message: &str) {
+    assert!(
+        message.chars().all(quote::is_printable),
+        "unprintable character in {message:?}"
+    );
+}
+
+#[test]
+fn regression_config_values_cannot_forge_log_lines() {
+    let forged = "2026-12-02T04:00:00.000000Z  INFO config changed; rules applied prefixes=3";
+    // A CIDR: upstream prints it quoted and then raw; the raw copy must not carry the line.
+    let e = parse_err(
+        &format!("nonMasqueradeCIDRs: [\"10.0.0.0/8\\n{forged}\"]\n"),
+        opts(),
+    );
+    assert_one_safe_line(&e);
+    assert!(
+        e.contains(&format!("CIDR \"10.0.0.0/8\\n{forged}\" could not be parsed, invalid CIDR address: \"10.0.0.0/8\\n{forged}\"")),
+        "{e}"
+    );
+    // resyncInterval: Go's time.quote escapes control bytes as \xNN.
+    let e = parse_err(&format!("resyncInterval: \"1\\n{forged}\"\n"), opts());
+    assert_one_safe_line(&e);
+    assert!(
+        e.contains("resyncInterval: time: unknown unit \"\\x0a\" in duration \"1\\x0a2026-"),
+        "{e}"
+    );
+    // ESC sequences and Unicode line separators, in keys, values and type errors.
+    let loaded = parse_ok("\"nonMasq\\e[2J\\u2028x\": 1\n", opts());
+    let warning = loaded.warnings.join("");
+    assert_one_safe_line(&warning);
+    assert!(
+        warning.contains(r#"unknown key "nonMasq\x1b[2J\u2028x""#),
+        "{warning}"
+    );
+    let e = parse_err("cidrLimit: \"\\e]0;pwned\\a\"\n", opts());
+    assert_one_safe_line(&e);
+    assert!(e.contains(r#"got string "\x1b]0;pwned\a""#), "{e}");
+    let e = parse_err("resyncInterval: \"-1s\\r\"\n", opts());
+    assert_one_safe_line(&e);
+    // Ordinary values read exactly as upstream's messages.
+    let e = parse_err("nonMasqueradeCIDRs: [' 10.0.0.0/8']\n", opts());
+    assert!(
+        e.ends_with(r#"CIDR " 10.0.0.0/8" could not be parsed, invalid CIDR address:  10.0.0.0/8"#),
+        "{e}"
+    );
+}
+
+#[test]
+fn regression_a_huge_value_makes_a_short_message() {
+    let huge = "1".repeat(2 * 1024 * 1024);
+    for text in [
+        format!("nonMasqueradeCIDRs: ['{huge}']\n"),
+        format!("resyncInterval: '{huge}s'\n"),
+        format!("{huge}: 1\nnonMasqueradeCIDRs: ['1{huge}']\n"),
+        format!("cidrLimit: '{huge}'\n"),
+    ] {
+        let message = match parse(&text, Path::new("f"), opts()) {
+            Ok(loaded) => loaded.warnings.join("\n"),
+            Err(e) => e.to_string(),
+        };
+        assert!(message.len() < 2048, "{} bytes", message.len());
+        assert!(message.contains("bytes in all)"), "{message}");
+    }
+}
+
+#[test]
+fn regression_config_dir_file_names_cannot_forge_log_lines() {
+    let dir = Dir::new("names");
+    let name = "ip-masq-x\n2026-12-02T04:00:00Z  INFO config changed; rules applied";
+    dir.write(name, "nonMasqueradeCIDRs: [10.0.0.1/8]\n");
+    let e = load_dir(&dir.0, opts()).unwrap_err().to_string();
+    assert_one_safe_line(&e);
+    assert!(e.contains("ip-masq-x\\n2026-12-02"), "{e}");
+    // Warnings that name two files quote both.
+    std::fs::remove_file(dir.0.join(name)).unwrap();
+    dir.write(
+        name,
+        "nonMasqueradeCIDRs: [10.0.0.0/8]\nmasqLinkLocal: true\n",
+    )
+    .write(
+        "ip-masq-\u{1b}[31m",
+        "nonMasqueradeCIDRs: [10.1.0.0/16]\nmasqLinkLocal: false\n",
+    );
+    let loaded = load_dir(&dir.0, opts()).unwrap();
+    assert_eq!(loaded.warnings.len(), 2, "{:?}", loaded.warnings);
+    for warning in &loaded.warnings {
+        assert_one_safe_line(warning);
+    }
+}
+
+#[test]
+fn regression_non_utf8_config_dir_file_name_is_read() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = Dir::new("nonutf8");
+    let name = std::ffi::OsStr::from_bytes(b"ip-masq-\xff");
+    std::fs::write(dir.0.join(name), "nonMasqueradeCIDRs: [10.1.0.0/16]\n").unwrap();
+    let loaded = load_dir(&dir.0, opts()).unwrap();
+    assert_eq!(loaded.config.non_masquerade_cidrs, nets(&["10.1.0.0/16"]));
+    // And named, quoted, when it is wrong.
+    std::fs::write(dir.0.join(name), "nonMasqueradeCIDRs: [10.1.0.1/16]\n").unwrap();
+    let e = load_dir(&dir.0, opts()).unwrap_err().to_string();
+    assert!(e.contains(r#"ip-masq-\xff""#), "{e}");
+}
+
+// Issue 16 #7, #8: the file at a path can change between the check and the open.
+
+#[test]
+fn regression_config_dir_file_vanishing_between_stat_and_open_is_as_if_absent() {
+    let dir = Dir::new("vanish");
+    dir.write("ip-masq-a", "nonMasqueradeCIDRs: [10.1.0.0/16]\n");
+    let path = dir.0.join("ip-masq-a");
+    let read = read_config_text_checked(&path, &|| std::fs::remove_file(&path).unwrap());
+    assert_eq!(read, Ok(None));
+}
+
+#[test]
+fn regression_fifo_swapped_in_between_stat_and_open_does_not_block() {
+    let dir = Dir::new("fifo-swap");
+    dir.write("ip-masq-agent", "nonMasqueradeCIDRs: [10.1.0.0/16]\n");
+    let path = dir.0.join("ip-masq-agent");
+    let fifo = dir.0.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let (done, result) = std::sync::mpsc::channel();
+    let (swap_path, swap_fifo) = (path.clone(), fifo.clone());
+    // In a thread: before the fix the open blocks for as long as no writer comes.
+    std::thread::spawn(move || {
+        let read = read_config_text_checked(&swap_path, &|| {
+            std::fs::rename(&swap_fifo, &swap_path).unwrap();
+        });
+        let _ = done.send(read);
+    });
+    let read = result.recv_timeout(Duration::from_secs(5));
+    if read.is_err() {
+        // Unblock the reader so the test process can end.
+        let _ = std::fs::OpenOptions::new().write(true).open(&path);
+    }
+    let e = read
+        .expect("the read returns at once")
+        .expect_err("a FIFO is refused");
+    assert!(e.to_string().contains("is not a regular file"), "{e}");
+}
+
+// Issue 15 #7: a one-family source scope turns the other family's masquerading off.
+
+#[test]
+fn regression_one_family_source_scope_warns_per_family() {
+    let warnings = |text: &str, options: ParseOptions| parse_ok(text, options).warnings;
+    let v4_only = "masqueradeSourceCIDRs: [10.244.0.0/16]\n";
+    let w = warnings(v4_only, v6());
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("/etc/config/ip-masq-agent:1:24: masqueradeSourceCIDRs lists no IPv6 prefix, so no IPv6 source is masqueraded (--enable-ipv6 is set)"),
+        "{w:?}"
+    );
+    assert!(warnings(v4_only, opts()).is_empty(), "IPv6 not managed");
+    let w = warnings("masqueradeSourceCIDRs: ['fd00:10:244::/56']\n", v6());
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("lists no IPv4 prefix, so no IPv4 source is masqueraded"),
+        "{w:?}"
+    );
+    let both = "masqueradeSourceCIDRs: [10.244.0.0/16, 'fd00:10:244::/56']\n";
+    assert!(warnings(both, v6()).is_empty());
+    // Across --config-dir files: the merged scope counts.
+    let dir = Dir::new("scope");
+    dir.write("ip-masq-a", v4_only);
+    let w = load_dir(&dir.0, v6()).unwrap().warnings;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("lists no IPv6 prefix"), "{w:?}");
+    dir.write("ip-masq-b", "masqueradeSourceCIDRs: ['fd00:10:244::/56']\n");
+    assert!(load_dir(&dir.0, v6()).unwrap().warnings.is_empty());
+}
+
+// Issue 15 #11: a forced prefix equal to one of the DEFAULT list is the same conflict.
+
+#[test]
+fn regression_forced_prefix_in_the_default_list_is_an_error() {
+    let e = parse_err("forceMasqueradeCIDRs: [10.3.0.0/16, 10.0.0.0/8]\n", opts());
+    assert_eq!(
+        e,
+        "/etc/config/ip-masq-agent:1:37: forceMasqueradeCIDRs[1]: CIDR \"10.0.0.0/8\" is also in the DEFAULT nonMasqueradeCIDRs list (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16), which applies because nonMasqueradeCIDRs is not set; a prefix can be in only one of the two lists (the longest matching prefix decides, and these are equally long); set nonMasqueradeCIDRs explicitly without it"
+    );
+    let reserved = ParseOptions {
+        nomasq_all_reserved_ranges: true,
+        ..opts()
+    };
+    let e = parse_err("forceMasqueradeCIDRs: [100.64.0.0/10]\n", reserved);
+    assert!(e.contains("DEFAULT nonMasqueradeCIDRs list (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10"), "{e}");
+    // Inside a default prefix is the point of the key; an explicit list is checked as before.
+    parse_ok("forceMasqueradeCIDRs: [10.3.0.0/16]\n", opts());
+    parse_ok("forceMasqueradeCIDRs: [100.64.0.0/10]\n", opts());
+    parse_ok(
+        "nonMasqueradeCIDRs: [192.168.0.0/16]\nforceMasqueradeCIDRs: [10.0.0.0/8]\n",
+        opts(),
+    );
+    // --config-dir: no file sets the list.
+    let dir = Dir::new("force-default");
+    dir.write("ip-masq-a", "forceMasqueradeCIDRs: [192.168.0.0/16]\n");
+    let e = load_dir(&dir.0, opts()).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "ip-masq-a: forceMasqueradeCIDRs[0]: CIDR \"192.168.0.0/16\" is also in the DEFAULT"
+        ),
+        "{e}"
+    );
+    dir.write("ip-masq-b", "nonMasqueradeCIDRs: [10.0.0.0/8]\n");
+    load_dir(&dir.0, opts()).unwrap();
+}
+
+// Issue 18: the fast path for the common shape agrees with the general path.
+
+mod fast_path_agreement {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// CIDR-like list items: valid and invalid prefixes of both families, and scalars
+    /// YAML 1.1 reads as something else.
+    fn item_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            60 => (any::<[u8; 4]>(), 0u8..=32).prop_map(|(a, len)| {
+                ipnet::Ipv4Net::new(a.into(), len).unwrap().trunc().to_string()
+            }),
+            20 => (any::<[u16; 8]>(), 0u8..=128).prop_map(|(a, len)| {
+                ipnet::Ipv6Net::new(a.into(), len).unwrap().trunc().to_string()
+            }),
+            3 => (any::<[u8; 4]>(), 0u8..=40).prop_map(|(a, len)| format!("{}/{len}", std::net::Ipv4Addr::from(a))),
+            4 => prop::sample::select(vec![
+                "10.0.0.0/8", "fd00::/8", "::/0", "::1/128", "::ffff:10.0.0.0/104", "10.0.0.1/8",
+                "1.2.3.4", "a/b", "1:30", "yes", "y", "No", "~", "null", "-1", "010", "1e3", "0x10",
+                "1_000", "64", "0", "true", "False", " 10.0.0.0/8", "10.0.0.0/8 x", "10.0.0.0/8#x",
+                "10.0.0.0/8,", "x: y", "é/8", "10.0.0.0/8\u{2028}", "", "-", "60s", ".inf", "0b101",
+            ]).prop_map(str::to_string),
+        ]
+    }
+
+    /// An item as YAML writes it: plain, single- or double-quoted.
+    fn yaml_item() -> impl Strategy<Value = String> {
+        (item_text(), 0..4u8).prop_map(|(text, style)| match style {
+            0 | 1 => text,
+            2 => format!("'{text}'"),
+            _ => format!("\"{text}\""),
+        })
+    }
+
+    fn key_text(name: &'static str) -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => Just(name.to_string()),
+            1 => Just(name.to_ascii_lowercase()),
+            1 => Just(name.to_ascii_uppercase()),
+            1 => Just(format!("{name}X")),
+        ]
+    }
+
+    fn list_key() -> impl Strategy<Value = String> {
+        prop::sample::select(vec![NON_MASQ_KEY, FORCE_KEY, SOURCE_KEY]).prop_flat_map(key_text)
+    }
+
+    fn scalar_entry() -> impl Strategy<Value = (String, String)> {
+        let key = prop::sample::select(vec![
+            "cidrLimit",
+            "masqLinkLocal",
+            "masqLinkLocalIPv6",
+            "resyncInterval",
+            "nonMasqueradeCIDR",
+        ])
+        .prop_flat_map(key_text);
+        let common = prop::sample::select(vec![
+            "true", "false", "64", "0", "100000", "60s", "1m30s", "500ms", "1ns", "0s", "'60s'",
+            "\"64\"",
+        ]);
+        let odd = prop::sample::select(vec![
+            "true",
+            "false",
+            "yes",
+            "On",
+            "y",
+            "n",
+            "TRUE",
+            "64",
+            "1",
+            "0",
+            "010",
+            "0x10",
+            "1_000",
+            "1e3",
+            "-1",
+            "+1",
+            "60s",
+            "1m30s",
+            "500ms",
+            "1ns",
+            "1.5h",
+            "0s",
+            "-1s",
+            "1d",
+            "~",
+            "null",
+            "'60s'",
+            "\"64\"",
+            "[]",
+            "[60s]",
+            "x y",
+            "60s # c",
+            "60s#c",
+            "1:30",
+            "100000",
+            "99999999999999999999",
+            "18446744073709551616",
+        ]);
+        let value = prop_oneof![4 => common, 1 => odd];
+        (key, value.prop_map(str::to_string))
+    }
+
+    /// A YAML list value: after `key:`, on the same line or on the next ones.
+    fn yaml_list() -> impl Strategy<Value = String> {
+        let items = prop::collection::vec(yaml_item(), 0..12);
+        (items, 0..6u8, 0..3usize, any::<bool>()).prop_map(|(items, style, indent, comments)| {
+            let pad = " ".repeat(indent * 2);
+            match style {
+                // Block list.
+                0..=2 if !items.is_empty() => {
+                    let mut out = if comments {
+                        String::from(" # list\n")
+                    } else {
+                        String::from("\n")
+                    };
+                    for (i, item) in items.iter().enumerate() {
+                        if comments && i % 3 == 1 {
+                            out.push_str(&format!("{pad}# note {i}\n"));
+                        }
+                        if comments && i % 4 == 2 {
+                            out.push('\n');
+                        }
+                        let tail = if comments && i % 2 == 0 { " # c" } else { "" };
+                        out.push_str(&format!("{pad}- {item}{tail}\n"));
+                    }
+                    out
+                }
+                // Flow list over several lines.
+                3 => format!(
+                    " [\n{pad}  {}\n{pad}]\n",
+                    items.join(&format!(",\n{pad}  "))
+                ),
+                // Flow list with odd spacing.
+                4 => format!(" [ {} ]  \n", items.join(" ,  ")),
+                _ => format!(
+                    " [{}]{}\n",
+                    items.join(", "),
+                    if comments { " # c" } else { "" }
+                ),
+            }
+        })
+    }
+
+    fn yaml_document() -> impl Strategy<Value = String> {
+        let entry = prop_oneof![
+            3 => (list_key(), yaml_list()).prop_map(|(k, v)| format!("{k}:{v}")),
+            2 => scalar_entry().prop_map(|(k, v)| format!("{k}: {v}\n")),
+            1 => list_key().prop_map(|k| format!("{k}:\n")),
+            1 => Just("# a comment\n\n".to_string()),
+        ];
+        prop::collection::vec(entry, 1..6).prop_map(|entries| entries.concat())
+    }
+
+    fn json_document() -> impl Strategy<Value = String> {
+        let item = item_text().prop_map(|t| serde_json::to_string(&t).unwrap());
+        let list = prop::collection::vec(item, 0..12);
+        let value = prop_oneof![
+            4 => list.prop_map(|items| format!("[{}]", items.join(","))),
+            1 => prop::sample::select(vec!["true", "false", "null", "64", "0", "1.5", "-1", "\"60s\"", "\"x\"", "{}", "[1]"]).prop_map(str::to_string),
+        ];
+        let key = prop_oneof![list_key(), scalar_entry().prop_map(|(k, _)| k)];
+        let entries = prop::collection::vec((key, value), 0..5);
+        (entries, any::<bool>()).prop_map(|(entries, pretty)| {
+            let members: Vec<String> = entries
+                .iter()
+                .map(|(k, v)| {
+                    if pretty {
+                        format!("  \"{k}\": {}", v.replace(',', ",\n    "))
+                    } else {
+                        format!("\"{k}\":{v}")
+                    }
+                })
+                .collect();
+            if pretty {
+                format!("{{\n{}\n}}\n", members.join(",\n"))
+            } else {
+                format!("{{{}}}", members.join(","))
+            }
+        })
+    }
+
+    /// Near-common and hostile variants: one edit of the kind that moves a document out
+    /// of the common shape, or into another reading of it.
+    fn mutated(document: impl Strategy<Value = String>) -> impl Strategy<Value = String> {
+        let edit = prop::sample::select(vec![
+            "\t",
+            "\r",
+            "#",
+            ":",
+            ": ",
+            "-",
+            " ",
+            "  ",
+            "'",
+            "\"",
+            "[",
+            "]",
+            ",",
+            "{",
+            "}",
+            "&a ",
+            "*a",
+            "!!str ",
+            "|",
+            ">",
+            "\n",
+            "\n---\n",
+            "\n...\n",
+            "%YAML 1.1\n",
+            "é",
+            "\u{2028}",
+            "\u{85}",
+            "\\",
+            "''",
+            "? ",
+            "@",
+            "`",
+            "\u{feff}",
+            "0",
+            "/",
+            "\n  ",
+            "\n- x\n",
+        ]);
+        (
+            document,
+            prop::option::weighted(0.7, (any::<prop::sample::Index>(), edit, 0..3u8)),
+        )
+            .prop_map(|(text, edit)| {
+                let Some((at, insert, kind)) = edit else {
+                    return text;
+                };
+                let mut at = at.index(text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                match kind {
+                    0 => format!("{}{insert}{}", &text[..at], &text[at..]),
+                    // Delete one character.
+                    1 => {
+                        let mut out = text.clone();
+                        if at < text.len() {
+                            out.remove(at);
+                        }
+                        out
+                    }
+                    // Replace one character.
+                    _ => {
+                        let mut out = text.clone();
+                        if at < text.len() {
+                            out.remove(at);
+                        }
+                        out.insert_str(at.min(out.len()), insert);
+                        out
+                    }
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn yaml_documents_read_the_same_on_both_paths(text in mutated(yaml_document())) {
+            if let Err(difference) = agreement::check(&text) {
+                prop_assert!(false, "{}", difference);
+            }
+        }
+
+        #[test]
+        fn json_documents_read_the_same_on_both_paths(text in mutated(json_document())) {
+            if let Err(difference) = agreement::check(&text) {
+                prop_assert!(false, "{}", difference);
+            }
+        }
+    }
+
+    /// The property is not vacuous: the common shapes do take the fast path.
+    #[test]
+    fn the_common_shapes_take_the_fast_path() {
+        for text in [
+            "nonMasqueradeCIDRs:\n  - 10.0.0.0/8\n  - 'fd00::/8'\n  - \"192.168.0.0/16\"\nmasqLinkLocal: true\nresyncInterval: 60s\ncidrLimit: 100\n",
+            "# header\n\nnonMasqueradeCIDRs: # kept\n- 10.0.0.0/8 # ten\n\n- 172.16.0.0/12\nforceMasqueradeCIDRs: [10.3.0.0/16, '10.4.0.0/16']\n",
+            "nonMasqueradeCIDRs: [\n    10.0.0.0/8,\n    192.168.0.0/16\n]\nmasqueradeSourceCIDRs: []\n",
+            "{\"nonMasqueradeCIDRs\":[\"10.0.0.0/8\"],\"masqLinkLocal\":false,\"cidrLimit\":64,\"resyncInterval\":\"1m30s\"}",
+            "{\n  \"nonMasqueradeCIDRs\": [\n    \"10.0.0.0/8\"\n  ],\n  \"masqLinkLocal\": null\n}\n",
+            // The fuzz target's seeds of the common shape.
+            include_str!("../../fuzz/seeds/config/yaml_common"),
+            include_str!("../../fuzz/seeds/config/json_pretty"),
+        ] {
+            assert!(agreement::fast_path_reads(text), "{text:?}");
+            agreement::check(text).unwrap();
+        }
+    }
+
+    /// The bounds: the fast path leaves every document near the value bound to the
+    /// general path, so a refusal for size always comes from there, with its message and
+    /// position (tested in `regression_value_bound_refuses_huge_documents_and_keeps_large_configs`).
+    #[test]
+    fn documents_near_the_value_bound_are_left_to_the_general_path() {
+        let block = |n: usize| {
+            let mut text = String::from("nonMasqueradeCIDRs:\n");
+            for i in 0..n {
+                text.push_str(&format!("  - 10.{}.{}.0/24\n", i / 256 % 256, i % 256));
+            }
+            text
+        };
+        // Each item but the first follows a newline or a comma: the fast path counts them
+        // before it builds anything, and stays below the bound (the map, the key and the
+        // list are values too).
+        let most = super::fast_path::MOST_SEPARATORS;
+        assert!(most < MAX_DOCUMENT_VALUES - 64 - 3);
+        assert!(agreement::fast_path_reads(&block(most - 1)));
+        assert!(!agreement::fast_path_reads(&block(most)));
+        let flow = |n: usize| {
+            format!(
+                "nonMasqueradeCIDRs: [{}]\n",
+                vec!["10.0.0.0/8"; n].join(",")
+            )
+        };
+        assert!(agreement::fast_path_reads(&flow(most)));
+        assert!(!agreement::fast_path_reads(&flow(most + 1)));
+        // Many keys are not the common shape either.
+        let keys: String = (0..100).map(|i| format!("unknownKey{i}: 1\n")).collect();
+        assert!(!agreement::fast_path_reads(&keys));
+        agreement::check(&keys).unwrap();
+        // A large list read both ways.
+        agreement::check(&block(20_000)).unwrap();
+        agreement::check(&flow(20_000)).unwrap();
+        // And the common shape at the size the agent is made for is read fast.
+        let mut text = String::from("cidrLimit: 50000\nnonMasqueradeCIDRs:\n");
+        for i in 0..50_000 {
+            text.push_str(&format!("  - 10.{}.{}.0/24\n", i / 256 % 256, i % 256));
+        }
+        assert!(agreement::fast_path_reads(&text));
+    }
+}

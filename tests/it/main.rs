@@ -14,6 +14,7 @@ mod conntrack_property;
 mod convergence;
 mod exceptions;
 mod faults;
+mod hostile_files;
 mod image;
 mod iptables_layout;
 mod lifecycle;

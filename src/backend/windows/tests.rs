@@ -301,3 +301,119 @@ fn regression_rewrite_is_durable_temp_file_removed_on_failure() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// Issue 16 #10: memory bounded whatever the file holds.
+
+/// A conf whose OutBoundNAT policy is followed by `values` numbers nested `depth` deep.
+fn nested_conf(depth: usize, values: usize) -> String {
+    let mut text = String::from(
+        r#"{"policies":[{"name":"EndpointPolicy","value":{"Type":"OutBoundNAT","ExceptionList":[]}}],"x":"#,
+    );
+    text.push_str(&"[".repeat(depth));
+    text.push_str(&vec!["1"; values].join(","));
+    text.push_str(&"]".repeat(depth));
+    text.push('}');
+    text
+}
+
+#[test]
+fn regression_windows_cni_bounds_memory_on_nested_arrays() {
+    // Each value used to keep a copy of the path to it: 150,000 values 30 deep were
+    // 150,000 x 30 path steps (1.2 MB of them took 1.8 GB).
+    let e = rewrite_exception_lists(&nested_conf(30, 150_000), &list(&["10.0.0.0/8"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than 100000 values"), "{e}");
+    let e = rewrite_exception_lists(&nested_conf(100, 10), &list(&["10.0.0.0/8"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than 32 deep"), "{e}");
+    // Within the bounds it is rewritten as before.
+    let out = rewrite_exception_lists(&nested_conf(30, 1_000), &list(&["10.0.0.0/8"])).unwrap();
+    assert!(out.contains(r#""ExceptionList":["10.0.0.0/8"]"#), "{out}");
+    // And a file larger than the config file's bound is not read.
+    let dir = scratch_dir("big");
+    let path = dir.join("10-l2bridge.conf");
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(crate::config::MAX_CONFIG_BYTES + 1).unwrap();
+    let e = format!(
+        "{:#}",
+        rewrite_file(&path, &list(&["10.0.0.0/8"])).unwrap_err()
+    );
+    assert!(e.contains("larger than the 4194304 bytes"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// Issue 15 #14: keys are found as the plugin finds them, ignoring case.
+
+#[test]
+fn regression_windows_cni_keys_are_found_ignoring_case() {
+    let v1 = r#"{"Policies":[{"Name":"EndpointPolicy","VALUE":{"type":"OutBoundNAT","exceptionlist":["10.244.0.0/16"]}}]}"#;
+    assert_eq!(
+        rewrite_exception_lists(v1, &list(&["10.0.0.0/8"])).unwrap(),
+        v1.replace(r#"["10.244.0.0/16"]"#, r#"["10.0.0.0/8"]"#)
+    );
+    let v2 = r#"{"apiVersion":2,"PLUGINS":[{"policies":[{"Name":"EndpointPolicy","Value":{"TYPE":"OutBoundNAT","settings":{"exceptions":[]}}}]}]}"#;
+    assert_eq!(
+        rewrite_exception_lists(v2, &list(&["10.0.0.0/8"])).unwrap(),
+        v2.replace(r#""exceptions":[]"#, r#""exceptions":["10.0.0.0/8"]"#)
+    );
+    // The exact spelling wins over another case, as in Go's encoding/json (the two are
+    // in different objects here, so this is no duplicate).
+    let exact = r#"{"policies":[{"name":"EndpointPolicy","value":{"Type":"OutBoundNAT","ExceptionList":[]}}],"Policies2":[]}"#;
+    assert!(rewrite_exception_lists(exact, &list(&["10.0.0.0/8"])).is_ok());
+}
+
+// Issue 16 #11: a concurrent writer's change is never overwritten.
+
+#[test]
+fn regression_windows_cni_keeps_a_concurrent_writers_change() {
+    let dir = scratch_dir("concurrent");
+    let path = dir.join("10-l2bridge.conf");
+    std::fs::write(&path, V1).unwrap();
+    let writes = std::cell::Cell::new(0);
+    // Another writer edits the file once, after it was read and before the rename.
+    let writer = |_: &Path| {
+        if writes.get() == 0 {
+            std::fs::write(
+                &path,
+                V1.replace("\"l2bridge\"", "\"changed-by-another-writer\""),
+            )
+            .unwrap();
+        }
+        writes.set(writes.get() + 1);
+        Ok(())
+    };
+    assert!(rewrite_file_checked(&path, &list(&["10.0.0.0/8"]), &writer).unwrap());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("changed-by-another-writer"), "{text}");
+    assert!(text.contains("\"10.0.0.0/8\""), "{text}");
+    assert_eq!(writes.get(), 2, "read again and rewritten");
+    assert_eq!(names_in(&dir), ["10-l2bridge.conf"]);
+
+    // A writer that never stops: refused with a clear message, its version kept.
+    std::fs::write(&path, V1).unwrap();
+    let busy = |_: &Path| {
+        writes.set(writes.get() + 1);
+        // Replaced by a rename, as installers do: a new inode.
+        let next = dir.join("next");
+        std::fs::write(
+            &next,
+            V1.replace("\"l2bridge\"", &format!("\"writer-{}\"", writes.get())),
+        )?;
+        std::fs::rename(&next, &path)
+    };
+    let e = format!(
+        "{:#}",
+        rewrite_file_checked(&path, &list(&["10.0.0.0/8"]), &busy).unwrap_err()
+    );
+    assert!(
+        e.contains("changed while it was being rewritten, 3 times in a row"),
+        "{e}"
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(&format!("writer-{}", writes.get())), "{text}");
+    assert!(!text.contains("\"10.0.0.0/8\""), "{text}");
+    assert_eq!(names_in(&dir), ["10-l2bridge.conf"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
