@@ -671,7 +671,11 @@ mod tests {
         use crate::kernel::fake::{FakeRunner, Fault};
         let runner = FakeRunner::new();
         runner.add_nft_table("inet ip-masq-agent", "table inet ip-masq-agent {\n}\n");
-        runner.inject("list tables", Fault::Fails("simulated failure"), Some(1));
+        runner.inject(
+            "netlink nf_tables read",
+            Fault::Fails("simulated failure"),
+            Some(1),
+        );
         let mut f = fixture("leftovers");
         f.agent.leftovers = Some((Leftovers::Nftables, runner.clone()));
         // Our rules are written, then removing the other backend's fails: a failed sync.
