@@ -217,6 +217,9 @@ impl NatTable {
     }
 }
 
+/// A change to an `inet` table (by name) that another process commits.
+type Racing = (String, Box<dyn FnOnce(&mut FakeNftTable) + Send>);
+
 #[derive(Default)]
 struct State {
     installed: BTreeSet<String>,
@@ -228,6 +231,10 @@ struct State {
     nft_tables: BTreeMap<String, String>,
     /// The `inet` tables written and read over netlink, by name (the agent's).
     netlink_tables: BTreeMap<String, FakeNftTable>,
+    /// Another process's change, committed just before the next netlink batch arrives.
+    racing: Option<Racing>,
+    /// Batches still to come that each meet a commit of someone else's first.
+    raced_batches: u32,
     calls: Vec<Call>,
     faults: Vec<Injected>,
     /// What `iptables-restore --version` prints (None: a current release).
@@ -356,6 +363,23 @@ impl FakeRunner {
         let table = state.netlink_tables.entry(name.to_string()).or_default();
         edit(table);
         state.generation += 1;
+    }
+
+    /// Lets another process commit `edit` to the `inet` table `name` right before the
+    /// next netlink batch, after whatever was read to compute it: that batch must be
+    /// refused as computed from a generation that is gone.
+    pub fn race_next_commit(
+        &self,
+        name: &str,
+        edit: impl FnOnce(&mut FakeNftTable) + Send + 'static,
+    ) {
+        self.state().racing = Some((name.to_string(), Box::new(edit)));
+    }
+
+    /// Makes each of the next `batches` netlink batches meet a commit of someone else's
+    /// (elsewhere in nf_tables) made after the read it was computed from.
+    pub fn race_commits(&self, batches: u32) {
+        self.state().raced_batches = batches;
     }
 
     /// Deletes the `inet` table `name` as another process would.
@@ -638,6 +662,14 @@ impl Runner for FakeRunner {
         });
         if let Some(error) = Self::injected(&mut state, &command) {
             return Err(error);
+        }
+        if let Some((name, edit)) = state.racing.take() {
+            edit(state.netlink_tables.entry(name).or_default());
+            state.generation += 1;
+        }
+        if state.raced_batches > 0 {
+            state.raced_batches -= 1;
+            state.generation += 1;
         }
         if batch
             .generation
