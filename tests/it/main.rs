@@ -20,6 +20,7 @@ mod nftables;
 mod operable;
 mod packets;
 mod precedence;
+mod two_agents;
 
 /// The agent binary cargo built for these tests.
 static AGENT: LazyLock<Agent> = LazyLock::new(|| Agent::new(env!("CARGO_BIN_EXE_ip-masq-agent")));

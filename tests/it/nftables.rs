@@ -428,34 +428,6 @@ root_test!(
     }
 );
 
-/// splitmix64, for generated configs with a printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("IMA_SEED")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(7, |d| d.as_nanos() as u64 % 1_000_000_000_000)
-        })
-}
-
 /// A random prefix, clustered so that neighbours, overlaps and adjacency are common;
 /// now and then /0, a host prefix or one at the top of the address space.
 fn random_prefix(rng: &mut Rng, v6: bool) -> String {
@@ -468,13 +440,13 @@ fn random_prefix(rng: &mut Rng, v6: bool) -> String {
     let top = rng.below(10) == 0;
     if v6 {
         let base: u128 = if top { u128::MAX } else { 0xfd00u128 << 112 };
-        let noise = (u128::from(rng.next()) << 64 | u128::from(rng.next())) >> 100 << 90;
+        let noise = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())) >> 100 << 90;
         let address = std::net::Ipv6Addr::from(base ^ noise);
         let net = ipnet::Ipv6Net::new(address, len as u8).unwrap().trunc();
         format!("'{net}'")
     } else {
         let base: u32 = if top { u32::MAX } else { 0x0A00_0000 };
-        let noise = (rng.next() as u32 & 0x00FF_FFFF) >> 6 << 6;
+        let noise = (rng.next_u64() as u32 & 0x00FF_FFFF) >> 6 << 6;
         let address = std::net::Ipv4Addr::from(base ^ noise);
         ipnet::Ipv4Net::new(address, len as u8)
             .unwrap()
@@ -527,9 +499,9 @@ root_test!(
     /// netlink (a first write, then element batches or repairs) is what `nft list`
     /// prints, what `render` shows, and what the agent's own read accepts.
     fn nft_lists_every_generated_table_as_render_prints_it() {
-        let seed = seed();
+        let seed = seed_from_env();
         eprintln!("seed {seed} (IMA_SEED={seed} reproduces)");
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let node = Netns::new("node");
         let mut steps = 0;
         let mut backends: Vec<(bool, Option<NftablesBackend>)> = Vec::new();
