@@ -73,8 +73,18 @@ const SCENARIOS: &[Scenario] = &[
     ),
     (
         "large-first",
-        "nftables first and changed sync at 50,000 prefixes (--reps=5 --changes=3)",
+        "nftables first and changed sync at 50,000 prefixes, start -> elements in the kernel (--reps=5 --changes=3)",
         sync::large_first,
+    ),
+    (
+        "large-change",
+        "nftables, 50,000 prefixes: 5,000 added/removed and 5,000 replaced by a ConfigMap swap -> in the kernel (--swaps=10 --changed=5000)",
+        sync::large_change,
+    ),
+    (
+        "large-execs",
+        "nftables, 50,000 prefixes: every process the agent starts (strace), by phase: first sync, changes, drift repair, idle",
+        sync::large_execs,
     ),
     (
         "large-swap",
