@@ -751,7 +751,7 @@ impl NftablesBackend {
 
 impl Backend for NftablesBackend {
     fn describe(&self) -> String {
-        format!("nftables (table inet {TABLE}, netlink)")
+        format!("nftables (table inet {TABLE})")
     }
 
     fn kind(&self) -> &'static str {
