@@ -276,7 +276,10 @@ pub fn large_change(ctx: &Ctx) -> String {
         let what = if replace {
             format!("{changed} of {size} prefixes replaced by {changed} others")
         } else {
-            format!("{changed} prefixes added to / removed from {}", size - changed)
+            format!(
+                "{changed} prefixes added to / removed from {}",
+                size - changed
+            )
         };
         eprintln!("large-change: {what}, {swaps} swaps");
         let topology = ima_harness::Topology::new();
@@ -369,9 +372,21 @@ pub fn large_execs(ctx: &Ctx) -> String {
     let started = wall_now();
     let mut agent = ctx.agent.start_with(
         &ns,
-        &["--config", path.to_str().expect("utf-8"), "--backend=nftables"],
         &[
-            "strace", "-f", "-qq", "-ttt", "-e", "trace=execve", "-e", "signal=none", "-o",
+            "--config",
+            path.to_str().expect("utf-8"),
+            "--backend=nftables",
+        ],
+        &[
+            "strace",
+            "-f",
+            "-qq",
+            "-ttt",
+            "-e",
+            "trace=execve",
+            "-e",
+            "signal=none",
+            "-o",
             &trace_arg,
         ],
         &[],
@@ -452,7 +467,10 @@ pub fn large_execs(ctx: &Ctx) -> String {
             if v.is_empty() {
                 "none".to_string()
             } else {
-                v.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+                v.iter()
+                    .map(|c| format!("`{c}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         };
         rows.push(vec![
@@ -470,7 +488,12 @@ pub fn large_execs(ctx: &Ctx) -> String {
          backend, run after the first sync only).\n\n{}\n`nft` processes during the syncs: **{total_in_syncs}**.\n",
         table(
             "lrll",
-            &["phase", "trigger → sync done (ms)", "processes during the sync", "processes after it"],
+            &[
+                "phase",
+                "trigger → sync done (ms)",
+                "processes during the sync",
+                "processes after it"
+            ],
             &rows
         )
     )

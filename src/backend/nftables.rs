@@ -140,25 +140,6 @@ fn family_rules(family: &FamilyPolicy, masquerade: &[Rule]) -> Vec<Rule> {
     rules
 }
 
-/// What the agent's sets hold, by set name: the kept destinations (merged: an interval
-/// set refuses overlapping intervals) and, with a source scope, the in-scope sources.
-pub type SetContents = BTreeMap<&'static str, Vec<IpNet>>;
-
-pub fn set_contents(policy: &Policy) -> SetContents {
-    table_for(policy)
-        .sets
-        .into_iter()
-        .map(|set| {
-            let name = [Family::V4, Family::V6]
-                .into_iter()
-                .flat_map(|f| [set_name(f), source_set_name(f)])
-                .find(|n| *n == set.name)
-                .unwrap_or("");
-            (name, set.prefixes)
-        })
-        .collect()
-}
-
 /// The table the kernel should hold for `policy`: per family, the set of kept
 /// destinations (and of in-scope sources), the base chain that sends each family to its
 /// chain, and that chain. Rendering and writing both start from it.
@@ -354,19 +335,6 @@ fn normalize_element(element: &str) -> String {
         .ok()
         .or_else(|| element.parse::<IpAddr>().ok().map(IpNet::from))
         .map_or_else(|| element.to_string(), |net| net.trunc().to_string())
-}
-
-/// The input that removes the agent's table with nft, whether or not it exists (for an
-/// operator; the agent removes it over netlink).
-pub fn render_removal() -> String {
-    format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n")
-}
-
-/// True when `nft list tables` shows the agent's table.
-pub fn lists_agent_table(tables: &str) -> bool {
-    tables
-        .lines()
-        .any(|line| line.trim() == format!("table inet {TABLE}"))
 }
 
 /// True when kube-proxy runs in nftables mode (it owns `ip`/`ip6` tables named kube-proxy).

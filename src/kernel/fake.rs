@@ -800,11 +800,12 @@ impl FakeSet {
                     )
                     .find(|b| b.end)
                     .map_or(top, |b| b.key - 1);
-                let size = end - start.key + 1;
-                let host_bits = if size == 0 || size > top {
-                    bits
+                // The interval's size less one (the whole IPv6 space does not fit a u128).
+                let span = end - start.key;
+                let host_bits = if span == u128::MAX {
+                    128
                 } else {
-                    size.trailing_zeros()
+                    (span + 1).trailing_zeros()
                 };
                 let address = if bits == 32 {
                     std::net::IpAddr::from(std::net::Ipv4Addr::from(start.key as u32))

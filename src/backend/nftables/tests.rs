@@ -250,16 +250,10 @@ fn fifty_thousand_prefixes_render_as_one_set() {
 }
 
 #[test]
-fn kube_proxy_and_agent_tables_are_recognised() {
+fn kube_proxy_tables_are_recognised() {
     let tables = "table ip filter\ntable ip kube-proxy\ntable inet ip-masq-agent\n";
     assert!(lists_kube_proxy_table(tables));
-    assert!(lists_agent_table(tables));
     assert!(!lists_kube_proxy_table("table ip6 nat\n"));
-    assert!(!lists_agent_table("table ip ip-masq-agent-other\n"));
-    assert_eq!(
-        render_removal(),
-        "table inet ip-masq-agent {}\ndelete table inet ip-masq-agent\n"
-    );
 }
 
 #[test]

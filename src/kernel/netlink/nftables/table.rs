@@ -434,7 +434,14 @@ impl<'w> Comparison<'w> {
             Some(chain) => {
                 let same = chain.base == base && flags & !CHAIN_BASE == 0;
                 if !same {
-                    self.note(format!("~ chain {name}: declared differently ({base:?})"));
+                    let declared = match &base {
+                        Some(b) => format!(
+                            "type {} hook {} priority {} policy {}",
+                            b.kind, b.hook, b.priority, b.policy
+                        ),
+                        None => "no hook".to_string(),
+                    };
+                    self.note(format!("~ chain {name}: declared differently ({declared})"));
                 }
                 same
             }
