@@ -345,9 +345,12 @@ pub fn lists_kube_proxy_table(tables: &str) -> bool {
     })
 }
 
-/// True for a kernel without nf_tables (no netlink subsystem to ask).
-fn unsupported(error: &ToolError) -> bool {
+/// True when a failed read means the kernel has no nf_tables: no netfilter netlink
+/// (`Protocol not supported`), or no nf_tables subsystem behind it (the kernel answers
+/// `Invalid argument`, and its generation cannot be asked either).
+fn unsupported(error: &ToolError, runner: &SharedRunner) -> bool {
     matches!(error, ToolError::Kernel { message, .. } if message.contains("not supported"))
+        || runner.ruleset_generation().is_none()
 }
 
 /// Removes the agent's nft table if it exists (over netlink); returns whether it did.
@@ -358,7 +361,7 @@ pub fn remove_table(runner: &SharedRunner) -> Result<bool, SyncError> {
         let observed = match runner.nft_observe(&any) {
             Ok(observed) => observed,
             // A kernel without nf_tables cannot hold the table either.
-            Err(error) if unsupported(&error) => return Ok(false),
+            Err(error) if unsupported(&error, runner) => return Ok(false),
             Err(error) => return Err(error).doing(doing),
         };
         if observed.table.is_none() {
