@@ -42,6 +42,19 @@ pub struct Table {
 }
 
 /// An interval set of addresses of one family: `type ipv4_addr; flags interval`.
+///
+/// The kernel keeps such a set as interval boundaries ([`Boundary`]): a prefix is its
+/// start and, flagged as an interval end, the address after it; a prefix that runs to
+/// the end of the address space has no end element (nft marks its start "open" in the
+/// element's user data, so it lists the prefix back). The kernel refuses overlapping
+/// intervals. nft's `auto-merge` is nft's own doing (it merges in userspace before it
+/// writes), not the kernel's: here the policy merges the prefixes first
+/// (`policy::merge_prefixes`: sorted, no overlap, neighbours joined where they make one
+/// prefix), so no two intervals overlap; two that only touch share a key, one element an
+/// end and the other a start, which the kernel accepts as nft's own encoding does. nft
+/// also puts an interval end at 0 before a set whose first interval starts later; the
+/// kernel needs none (a key below every interval finds no start), so it is not written,
+/// and one found is no difference.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Set {
     pub name: String,
