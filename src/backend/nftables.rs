@@ -657,44 +657,46 @@ impl NftablesBackend {
     /// table as read back. A batch refused because someone committed since is computed
     /// again from a fresh read; one the kernel refuses otherwise is retried once as a
     /// rewrite of every rule and element.
-    fn converge(&mut self, want: &Table) -> Result<bool, SyncError> {
+    fn converge(&mut self, want: Table) -> Result<bool, SyncError> {
         let doing = || format!("writing nft table inet {TABLE}");
         let mut whole = false;
         for _ in 0..ATTEMPTS {
             let now = self.runner.ruleset_generation();
             let known = match (&self.held, now) {
                 (Some(held), Some(now))
-                    if !whole && Some(now) == self.verified_generation && held.same_frame(want) =>
+                    if !whole
+                        && Some(now) == self.verified_generation
+                        && held.same_frame(&want) =>
                 {
                     u32::try_from(now).ok().map(|now| (held, now))
                 }
                 _ => None,
             };
             let batch = match known {
-                Some((held, _)) if held == want => return Ok(false),
+                Some((held, _)) if *held == want => return Ok(false),
                 // Only elements change, on top of what was verified at this generation.
-                Some((held, now)) => element_batch(held, want, now),
+                Some((held, now)) => element_batch(held, &want, now),
                 None => {
                     let observed = self
                         .runner
-                        .nft_observe(want)
+                        .nft_observe(&want)
                         .doing(|| format!("reading nft table inet {TABLE}"))?;
-                    if observed.is_as_wanted(want) {
-                        self.held = Some(want.clone());
+                    if observed.is_as_wanted(&want) {
+                        self.held = Some(want);
                         self.verified_generation = Some(u64::from(observed.generation));
                         return Ok(false);
                     }
-                    for difference in observed.differences(want) {
+                    for difference in observed.differences(&want) {
                         tracing::debug!("nft table inet {TABLE}: {difference}");
                     }
-                    repair_batch(want, &observed, whole)
+                    repair_batch(&want, &observed, whole)
                 }
             };
             self.held = None;
             self.verified_generation = None;
             match self.runner.nft_commit(&batch) {
                 Ok(Commit::Done) => {
-                    self.held = Some(want.clone());
+                    self.held = Some(want);
                     // Committed on top of the generation it was computed at: the kernel
                     // holds `want` at the next one, unless someone committed right after.
                     let after = self.runner.ruleset_generation();
@@ -775,8 +777,7 @@ impl Backend for NftablesBackend {
                 });
             }
         }
-        let want = table_for(policy);
-        let result = self.converge(&want);
+        let result = self.converge(table_for(policy));
         self.held_for = match (&result, &self.held) {
             (Ok(_), Some(_)) => Some(policy.clone()),
             _ => None,
