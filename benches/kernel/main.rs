@@ -123,7 +123,8 @@ fn usage() -> String {
     }
     out.push_str(
         "\nknobs: --agent=PATH (default: target/<host>/release/ip-masq-agent when present, \
-         else this build's target/release one), --upstream=PATH, and the per-scenario ones above\n",
+         else this build's target/release one), --upstream=PATH, --busy=1 (take every sample at once, \
+         without waiting for a quiet machine), and the per-scenario ones above\n",
     );
     out
 }

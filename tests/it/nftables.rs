@@ -717,6 +717,10 @@ root_test!(
             "flush table inet ip-masq-agent; delete set inet ip-masq-agent non-masq-v4; add set inet ip-masq-agent non-masq-v4 { type ipv4_addr; flags interval; elements = { 100.64.0.0/10 }; }",
             "flush table inet ip-masq-agent; delete set inet ip-masq-agent non-masq-v4; add set inet ip-masq-agent non-masq-v4 { type ipv4_addr; flags interval,constant; }",
             "add table inet ip-masq-agent { flags dormant; }",
+            // A policy that drops every new connection leaving the node.
+            "chain inet ip-masq-agent postrouting { policy drop; }",
+            // The table made again by someone else, its base chain at another priority.
+            "delete table inet ip-masq-agent; add table inet ip-masq-agent; add chain inet ip-masq-agent postrouting { type nat hook postrouting priority 200; policy accept; }",
             "add chain inet ip-masq-agent intruder { type nat hook postrouting priority 100; policy accept; }; add rule inet ip-masq-agent intruder counter masquerade",
             "add element inet ip-masq-agent non-masq-v4 { 203.0.113.0/24 }",
             "delete table inet ip-masq-agent",
