@@ -154,7 +154,11 @@ impl Ctx {
         // waiting; the tables still say how much of the CPU others used.
         let busy = self.knobs.contains_key("busy");
         for attempt in 0.. {
-            let window = if busy { Load::start() } else { wait_quiet(quiet) };
+            let window = if busy {
+                Load::start()
+            } else {
+                wait_quiet(quiet)
+            };
             let value = take();
             let others = window.others_percent();
             load.worst = load.worst.max(others);
