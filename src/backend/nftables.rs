@@ -694,7 +694,14 @@ impl NftablesBackend {
             };
             self.held = None;
             self.verified_generation = None;
-            match self.runner.nft_commit(&batch) {
+            let sent = std::time::Instant::now();
+            let committed = self.runner.nft_commit(&batch);
+            tracing::debug!(
+                operations = batch.ops.len(),
+                commit_ms = format!("{:.3}", sent.elapsed().as_secs_f64() * 1e3),
+                "nf_tables batch sent"
+            );
+            match committed {
                 Ok(Commit::Done) => {
                     self.held = Some(want);
                     // Committed on top of the generation it was computed at: the kernel
@@ -777,7 +784,13 @@ impl Backend for NftablesBackend {
                 });
             }
         }
-        let result = self.converge(table_for(policy));
+        let building = std::time::Instant::now();
+        let want = table_for(policy);
+        tracing::debug!(
+            build_ms = format!("{:.3}", building.elapsed().as_secs_f64() * 1e3),
+            "nft table built"
+        );
+        let result = self.converge(want);
         self.held_for = match (&result, &self.held) {
             (Ok(_), Some(_)) => Some(policy.clone()),
             _ => None,
