@@ -29,6 +29,9 @@ const MAX_NOTES: usize = 12;
 const MAX_EXTRA_ELEMENTS: usize = 4096;
 /// What an anonymous set may hold before the reader stops keeping its elements.
 pub const MAX_ANONYMOUS_ELEMENTS: usize = 256;
+/// Chains and sets that are not the agent's kept by name for deletion per read; any
+/// beyond are left for the next read (the first ones gone, it finds the rest).
+const MAX_FOREIGN_OBJECTS: usize = 256;
 /// Anonymous sets whose contents the reader keeps (the agent's table has one per
 /// `--to-ports` rule).
 const MAX_ANONYMOUS_SETS: usize = 64;
@@ -372,6 +375,23 @@ impl<'w> Comparison<'w> {
         comparison
     }
 
+    /// Chains and sets found that are not the agent's.
+    fn foreign_objects(&self) -> usize {
+        let foreign_chains = self
+            .found
+            .chains
+            .iter()
+            .filter(|c| self.want.chain(&c.name).is_none())
+            .count();
+        let foreign_sets = self
+            .found
+            .sets
+            .iter()
+            .filter(|s| self.want.set(&s.name).is_none())
+            .count();
+        foreign_chains + foreign_sets
+    }
+
     fn note(&mut self, text: String) {
         if self.found.notes.len() < MAX_NOTES {
             self.found.notes.push(text);
@@ -412,6 +432,9 @@ impl<'w> Comparison<'w> {
             }
             None => {
                 self.note(format!("+ set {name}"));
+                if self.foreign_objects() >= MAX_FOREIGN_OBJECTS {
+                    return false;
+                }
                 false
             }
         };
@@ -484,6 +507,9 @@ impl<'w> Comparison<'w> {
             }
             None => {
                 self.note(format!("+ chain {name}"));
+                if self.foreign_objects() >= MAX_FOREIGN_OBJECTS {
+                    return;
+                }
                 false
             }
         };
@@ -843,6 +869,20 @@ mod tests {
         );
         let found = compare_held(&Table::empty("t"), &want, 0);
         assert!(found.notes.contains(&"- chain masq-v4".to_string()));
+    }
+
+    #[test]
+    fn what_is_kept_of_others_objects_is_bounded() {
+        let want = table(&["10.0.0.0/8"], None);
+        let mut comparison = Comparison::new(&want, 0);
+        for i in 0..10_000 {
+            comparison.chain(&format!("intruder-{i}"), None, 0);
+            comparison.set(&format!("foreign-{i}"), SET_INTERVAL, TYPE_IPADDR, 4);
+        }
+        let found = comparison.finish();
+        assert_eq!(found.chains.len() + found.sets.len(), MAX_FOREIGN_OBJECTS);
+        assert!(found.notes.len() <= MAX_NOTES + 1);
+        assert!(!found.is_as_wanted(&want));
     }
 
     #[test]
