@@ -74,8 +74,18 @@ const SCENARIOS: &[Scenario] = &[
     ),
     (
         "large-first",
-        "nftables first and changed sync at 50,000 prefixes (--reps=5 --changes=3)",
+        "nftables first and changed sync at 50,000 prefixes, start -> elements in the kernel (--reps=5 --changes=3)",
         sync::large_first,
+    ),
+    (
+        "large-change",
+        "nftables, 50,000 prefixes: 5,000 added/removed and 5,000 replaced by a ConfigMap swap -> in the kernel (--swaps=10 --changed=5000)",
+        sync::large_change,
+    ),
+    (
+        "large-execs",
+        "nftables, 50,000 prefixes: every process the agent starts (strace), by phase: first sync, changes, drift repair, idle",
+        sync::large_execs,
     ),
     (
         "large-swap",
@@ -119,7 +129,8 @@ fn usage() -> String {
     }
     out.push_str(
         "\nknobs: --agent=PATH (default: target/<host>/release/ip-masq-agent when present, \
-         else this build's target/release one), --upstream=PATH, and the per-scenario ones above\n",
+         else this build's target/release one), --upstream=PATH, --busy=1 (take every sample at once, \
+         without waiting for a quiet machine), and the per-scenario ones above\n",
     );
     out
 }

@@ -188,7 +188,7 @@ fn strace_execs(path: &Path) -> Vec<f64> {
 }
 
 /// strace passes no SIGTERM on, so the agent it runs is stopped first (by its PID).
-fn stop_under_strace(agent: AgentProcess) {
+pub(crate) fn stop_under_strace(agent: AgentProcess) {
     let pid = agent.pid();
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();

@@ -1081,7 +1081,11 @@ mod tests {
         use crate::kernel::fake::{FakeRunner, Fault};
         let runner = FakeRunner::new();
         runner.add_nft_table("inet ip-masq-agent", "table inet ip-masq-agent {\n}\n");
-        runner.inject("list tables", Fault::Fails("simulated failure"), Some(1));
+        runner.inject(
+            "netlink nf_tables read",
+            Fault::Fails("simulated failure"),
+            Some(1),
+        );
         let mut f = fixture("leftovers");
         f.agent.leftovers = Some((
             Leftovers::of_iptables_backend(

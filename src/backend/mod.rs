@@ -369,12 +369,9 @@ pub fn cleanup_everything(
     Ok(removed)
 }
 
-/// Removes the nftables backend's table if present; where it removed it.
+/// Removes the nftables backend's table if present (over netlink: no nft needed); where
+/// it removed it.
 fn remove_nft_table(runner: &SharedRunner) -> Result<Option<String>, SyncError> {
-    if !runner.exists("nft") {
-        // A host without nft cannot hold that table either.
-        return Ok(None);
-    }
     let removed = nftables::remove_table(runner)?;
     Ok(removed.then(|| format!("nft table inet {}", nftables::TABLE)))
 }

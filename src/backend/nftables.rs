@@ -1,6 +1,13 @@
 //! The native backend: one private `inet` table with an interval set per family, so a
-//! packet costs the same whether the list holds 3 prefixes or 50,000. Each sync is one
-//! `nft -f -` transaction that replaces the whole table atomically.
+//! packet costs the same whether the list holds 3 prefixes or 50,000.
+//!
+//! It talks to the kernel over netlink only (`kernel::netlink::nftables`): no sync starts
+//! an `nft` process. Each write is one nf_tables batch, computed from what the kernel was
+//! last seen to hold and carrying the ruleset generation it was seen at, so the kernel
+//! refuses it whole if anyone (kube-proxy, a second agent) committed in between; the
+//! backend then reads again and recomputes. A change of set contents alone is a batch of
+//! element deletions and additions; a table someone else changed is read back and
+//! repaired by exactly what differs. `nft` is only an optional reader for `status`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -8,12 +15,24 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::{Backend, Doing, SrcnatPlace, SyncError, SyncReport};
-use crate::kernel::{Program, SetChange, SharedRunner, ToolError};
+use crate::kernel::nf_tables::expr::{self, Address, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::kernel::nf_tables::table::{HOOK_POSTROUTING, POLICY_ACCEPT};
+use crate::kernel::nf_tables::{
+    BaseChain, Batch, Chain, Commit, Elements, Observed, Op, Rule, Set, Table,
+};
+use crate::kernel::{Program, SharedRunner, ToolError};
 use crate::policy::{
     Decision, Family, FamilyPolicy, KeepReason, Masquerade, Policy, merge_prefixes,
 };
 
 pub const TABLE: &str = "ip-masq-agent";
+
+/// The base chain's priority: `srcnat + 10`.
+const PRIORITY: i32 = super::NFTABLES_PRIORITY;
+
+/// How often one sync computes and sends a batch when the kernel refuses it because
+/// someone committed since it was computed (another agent's batch, kube-proxy's).
+const ATTEMPTS: usize = 5;
 
 fn set_name(family: Family) -> &'static str {
     match family {
@@ -29,98 +48,12 @@ fn chain_name(family: Family) -> &'static str {
     }
 }
 
-fn address_keyword(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "ip",
-        Family::V6 => "ip6",
-    }
-}
-
-/// The masquerade statements, with `--to-ports` ranges weighted by size like the iptables
-/// layout; `numgen random mod R < S` is the exact integer form of probability S/R.
-pub fn masquerade_statements(masquerade: &Masquerade) -> Vec<String> {
-    let flags = if masquerade.random_fully {
-        " fully-random"
-    } else {
-        ""
-    };
-    let ranges = &masquerade.to_ports.0;
-    let mut remaining: u32 = ranges.iter().map(|r| r.port_count()).sum();
-    let mut statements = Vec::new();
-    for (i, range) in ranges.iter().enumerate() {
-        let split = if i + 1 < ranges.len() {
-            format!(" numgen random mod {remaining} < {}", range.port_count())
-        } else {
-            String::new()
-        };
-        statements.push(format!(
-            "meta l4proto {{ tcp, udp, sctp }}{split} masquerade to :{range}{flags}"
-        ));
-        remaining -= range.port_count();
-    }
-    statements.push(format!("masquerade{flags}"));
-    statements
-}
-
 /// The set of sources that may be masqueraded (only with masqueradeSourceCIDRs).
 fn source_set_name(family: Family) -> &'static str {
     match family {
         Family::V4 => "masq-src-v4",
         Family::V6 => "masq-src-v6",
     }
-}
-
-fn render_set(out: &mut String, name: &str, family: Family, prefixes: &[IpNet]) {
-    out.push_str(&format!(
-        "\tset {name} {{\n\t\ttype {}\n\t\tflags interval\n",
-        set_type(family)
-    ));
-    if !prefixes.is_empty() {
-        out.push_str("\t\telements = {");
-        for (i, prefix) in prefixes.iter().enumerate() {
-            out.push_str(if i % 8 == 0 { "\n\t\t\t" } else { " " });
-            out.push_str(&prefix.to_string());
-            out.push(',');
-        }
-        out.push_str("\n\t\t}\n");
-    }
-    out.push_str("\t}\n");
-}
-
-fn render_family_chain(out: &mut String, family: &FamilyPolicy, masquerade: &[String]) {
-    let keyword = address_keyword(family.family);
-    out.push_str(&format!("\tchain {} {{\n", chain_name(family.family)));
-    match &family.resolved {
-        None => {
-            if let Some(link_local) = family.link_local {
-                out.push_str(&format!("\t\t{keyword} daddr {link_local} return\n"));
-            }
-        }
-        // The flat answer: link-local is in the set already, as longest-prefix match left it.
-        Some(resolved) => {
-            if resolved.sources.is_some() {
-                out.push_str(&format!(
-                    "\t\t{keyword} saddr != @{} return\n",
-                    source_set_name(family.family)
-                ));
-            }
-        }
-    }
-    out.push_str(&format!(
-        "\t\t{keyword} daddr @{} return\n",
-        set_name(family.family)
-    ));
-    for statement in masquerade {
-        out.push_str(&format!("\t\t{statement}\n"));
-    }
-    out.push_str("\t}\n");
-}
-
-fn has_source_scope(family: &FamilyPolicy) -> bool {
-    family
-        .resolved
-        .as_ref()
-        .is_some_and(|resolved| resolved.sources.is_some())
 }
 
 fn set_type(family: Family) -> &'static str {
@@ -130,43 +63,193 @@ fn set_type(family: Family) -> &'static str {
     }
 }
 
-/// The whole `nft -f -` input, one transaction. The table and sets are declared (so the
-/// flushes cannot fail), emptied and refilled. The set objects are kept from one sync to
-/// the next rather than deleted and recreated: a freshly created set can answer a lookup
-/// made right at the commit as empty, which would masquerade traffic to listed prefixes.
-pub fn render_transaction(policy: &Policy) -> String {
-    render_transaction_with(policy, false)
+/// The masquerade rules, with `--to-ports` ranges weighted by size like the iptables
+/// layout; `numgen random mod R < S` is the exact integer form of probability S/R.
+fn masquerade_rules(masquerade: &Masquerade) -> Vec<Rule> {
+    let ranges = &masquerade.to_ports.0;
+    let mut remaining: u32 = ranges.iter().map(|r| r.port_count()).sum();
+    let mut rules = Vec::new();
+    for (i, range) in ranges.iter().enumerate() {
+        let mut statements = vec![expr::l4proto_in(&[IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP])];
+        if i + 1 < ranges.len() {
+            statements.push(expr::random_below(remaining, range.port_count()));
+        }
+        statements.push(expr::masquerade(
+            Some((range.first, range.last)),
+            masquerade.random_fully,
+        ));
+        rules.push(Rule::of(statements));
+        remaining -= range.port_count();
+    }
+    rules.push(Rule::of([expr::masquerade(None, masquerade.random_fully)]));
+    rules
 }
 
-/// `render_transaction`, plus (when `remove_unused` is set) the lines that delete a
-/// source set an earlier run may have left: the backend always sends them, since it
-/// cannot know what a previous process wrote; `render` leaves them out.
-fn render_transaction_with(policy: &Policy, remove_unused: bool) -> String {
-    render_with_sets(policy, &set_contents(policy), remove_unused)
+/// The masquerade statements as `nft list` prints them.
+pub fn masquerade_statements(masquerade: &Masquerade) -> Vec<String> {
+    masquerade_rules(masquerade)
+        .into_iter()
+        .map(|rule| rule.text)
+        .collect()
 }
 
-/// What the agent's sets hold, by set name: the kept destinations (merged for nft, which
-/// refuses overlapping intervals) and, with a source scope, the in-scope sources.
-pub type SetContents = BTreeMap<&'static str, Vec<IpNet>>;
+fn has_source_scope(family: &FamilyPolicy) -> bool {
+    family
+        .resolved
+        .as_ref()
+        .is_some_and(|resolved| resolved.sources.is_some())
+}
 
-pub fn set_contents(policy: &Policy) -> SetContents {
-    let mut sets = SetContents::new();
+/// The rules of a family's chain.
+fn family_rules(family: &FamilyPolicy, masquerade: &[Rule]) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    match &family.resolved {
+        None => {
+            if let Some(link_local) = family.link_local {
+                rules.push(Rule::of([
+                    expr::address_in_prefix(Address::Destination, link_local),
+                    expr::return_verdict(),
+                ]));
+            }
+        }
+        // The flat answer: link-local is in the set already, as longest-prefix match left it.
+        Some(_) => {
+            if has_source_scope(family) {
+                rules.push(Rule::of([
+                    expr::address_in_set(
+                        family.family,
+                        Address::Source,
+                        source_set_name(family.family),
+                        true,
+                    ),
+                    expr::return_verdict(),
+                ]));
+            }
+        }
+    }
+    rules.push(Rule::of([
+        expr::address_in_set(
+            family.family,
+            Address::Destination,
+            set_name(family.family),
+            false,
+        ),
+        expr::return_verdict(),
+    ]));
+    rules.extend(masquerade.iter().cloned());
+    rules
+}
+
+/// The table the kernel should hold for `policy`: per family, the set of kept
+/// destinations (and of in-scope sources), the base chain that sends each family to its
+/// chain, and that chain. Rendering and writing both start from it.
+pub fn table_for(policy: &Policy) -> Table {
+    let masquerade = masquerade_rules(&policy.masquerade);
+    let mut sets = Vec::new();
     for family in &policy.families {
         let kept = match &family.resolved {
             None => merge_prefixes(&family.non_masq.0),
             Some(resolved) => merge_prefixes(&resolved.keep),
         };
-        sets.insert(set_name(family.family), kept);
+        sets.push(Set {
+            name: set_name(family.family).to_string(),
+            family: family.family,
+            prefixes: kept,
+        });
         if let Some(sources) = family.resolved.as_ref().and_then(|r| r.sources.as_ref()) {
-            sets.insert(source_set_name(family.family), sources.clone());
+            sets.push(Set {
+                name: source_set_name(family.family).to_string(),
+                family: family.family,
+                prefixes: merge_prefixes(sources),
+            });
         }
     }
-    sets
+    // After kube-proxy's srcnat chains, as upstream's jump is appended after KUBE-POSTROUTING.
+    let mut postrouting = vec![Rule::of([
+        expr::fib_daddr_type_local(),
+        expr::return_verdict(),
+    ])];
+    for family in &policy.families {
+        postrouting.push(Rule::of([
+            expr::nfproto(family.family),
+            expr::jump(chain_name(family.family)),
+        ]));
+    }
+    let mut chains = vec![Chain {
+        name: "postrouting".into(),
+        base: Some(BaseChain {
+            kind: "nat".into(),
+            hook: HOOK_POSTROUTING,
+            priority: PRIORITY,
+            policy: POLICY_ACCEPT,
+        }),
+        rules: postrouting,
+    }];
+    for family in &policy.families {
+        chains.push(Chain {
+            name: chain_name(family.family).to_string(),
+            base: None,
+            rules: family_rules(family, &masquerade),
+        });
+    }
+    Table {
+        name: TABLE.to_string(),
+        sets,
+        chains,
+    }
 }
 
-/// The transaction with `sets` as the sets' contents.
-fn render_with_sets(policy: &Policy, sets: &SetContents, remove_unused: bool) -> String {
-    let masquerade = masquerade_statements(&policy.masquerade);
+fn render_set(out: &mut String, set: &Set) {
+    out.push_str(&format!(
+        "\tset {} {{\n\t\ttype {}\n\t\tflags interval\n",
+        set.name,
+        set_type(set.family)
+    ));
+    if !set.prefixes.is_empty() {
+        out.push_str("\t\telements = {");
+        for (i, prefix) in set.prefixes.iter().enumerate() {
+            out.push_str(if i % 8 == 0 { "\n\t\t\t" } else { " " });
+            out.push_str(&prefix.to_string());
+            out.push(',');
+        }
+        out.push_str("\n\t\t}\n");
+    }
+    out.push_str("\t}\n");
+}
+
+fn render_chain(out: &mut String, chain: &Chain) {
+    out.push_str(&format!("\tchain {} {{\n", chain.name));
+    if chain.base.is_some() {
+        out.push_str("\t\ttype nat hook postrouting priority srcnat + 10; policy accept;\n");
+    }
+    for rule in &chain.rules {
+        out.push_str(&format!("\t\t{}\n", rule.text));
+    }
+    out.push_str("\t}\n");
+}
+
+/// `table` as an nft table definition (`nft list`'s layout).
+fn render_definition(table: &Table) -> String {
+    let mut out = format!("table inet {} {{\n", table.name);
+    for set in &table.sets {
+        render_set(&mut out, set);
+    }
+    for chain in &table.chains {
+        render_chain(&mut out, chain);
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// The whole table as one `nft -f -` transaction, equivalent to the batch the agent
+/// sends over netlink on a node that holds none of its objects, and valid input for nft
+/// on any node: the table and sets are declared (so the flushes cannot fail), emptied
+/// and refilled, and the objects of a family turned off are removed. The set objects are
+/// kept from one write to the next rather than deleted and recreated: a freshly created
+/// set can answer a lookup made right at the commit as empty, which would masquerade
+/// traffic to listed prefixes.
+pub fn render_transaction(policy: &Policy) -> String {
+    let table = table_for(policy);
     let mut out = format!("table inet {TABLE} {{}}\n");
     let declare = |out: &mut String, name: &str, family: Family| {
         out.push_str(&format!(
@@ -174,29 +257,12 @@ fn render_with_sets(policy: &Policy, sets: &SetContents, remove_unused: bool) ->
             set_type(family)
         ));
     };
-    for family in &policy.families {
-        declare(&mut out, set_name(family.family), family.family);
-        if has_source_scope(family) {
-            declare(&mut out, source_set_name(family.family), family.family);
-        }
+    for set in &table.sets {
+        declare(&mut out, &set.name, set.family);
     }
     out.push_str(&format!("flush table inet {TABLE}\n"));
-    for family in &policy.families {
-        out.push_str(&format!(
-            "flush set inet {TABLE} {}\n",
-            set_name(family.family)
-        ));
-        if has_source_scope(family) {
-            out.push_str(&format!(
-                "flush set inet {TABLE} {}\n",
-                source_set_name(family.family)
-            ));
-        } else if remove_unused {
-            // A source scope dropped since the last run: declare-then-delete removes it.
-            let name = source_set_name(family.family);
-            declare(&mut out, name, family.family);
-            out.push_str(&format!("delete set inet {TABLE} {name}\n"));
-        }
+    for set in &table.sets {
+        out.push_str(&format!("flush set inet {TABLE} {}\n", set.name));
     }
     // A family turned off since the last run: declare-then-delete removes its objects.
     for family in [Family::V4, Family::V6] {
@@ -205,47 +271,22 @@ fn render_with_sets(policy: &Policy, sets: &SetContents, remove_unused: bool) ->
             out.push_str(&format!(
                 "add chain inet {TABLE} {chain}\ndelete chain inet {TABLE} {chain}\n"
             ));
-            let mut unused = vec![set_name(family)];
-            if remove_unused {
-                unused.push(source_set_name(family));
-            }
-            for set in unused {
-                declare(&mut out, set, family);
-                out.push_str(&format!("delete set inet {TABLE} {set}\n"));
-            }
+            let set = set_name(family);
+            declare(&mut out, set, family);
+            out.push_str(&format!("delete set inet {TABLE} {set}\n"));
         }
     }
-    out.push_str(&format!("table inet {TABLE} {{\n"));
-    for family in &policy.families {
-        for name in [set_name(family.family), source_set_name(family.family)] {
-            if let Some(elements) = sets.get(name) {
-                render_set(&mut out, name, family.family, elements);
-            }
-        }
-    }
-    // After kube-proxy's srcnat chains, as upstream's jump is appended after KUBE-POSTROUTING.
-    out.push_str("\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat + 10; policy accept;\n\t\tfib daddr type local return\n");
-    for family in &policy.families {
-        out.push_str(&format!(
-            "\t\tmeta nfproto {} jump {}\n",
-            family.family.label(),
-            chain_name(family.family)
-        ));
-    }
-    out.push_str("\t}\n");
-    for family in &policy.families {
-        render_family_chain(&mut out, family, &masquerade);
-    }
-    out.push_str("}\n");
+    out.push_str(&render_definition(&table));
     out
 }
 
 /// The table's contents as comparable lines: one per set element, rule, or
-/// declaration, whatever the line wrapping (so nft's listing and our own rendering of
-/// the same table give the same lines).
+/// declaration, whatever the line wrapping, in one order (sets and chains by name, a
+/// set's elements sorted; a chain's rules keep theirs, which is their meaning), so nft's
+/// listing and our own rendering of the same table give the same lines.
 pub fn normalized_table(text: &str) -> Vec<String> {
     let start = text.rfind(&format!("table inet {TABLE} {{")).unwrap_or(0);
-    let mut lines = Vec::new();
+    let mut blocks: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut in_elements = false;
     let mut container = String::new();
     for raw in text[start..].lines() {
@@ -256,10 +297,8 @@ pub fn normalized_table(text: &str) -> Vec<String> {
             for element in body.trim_end_matches('}').split(',') {
                 let element = element.trim();
                 if !element.is_empty() {
-                    lines.push(format!(
-                        "{container}: element {}",
-                        normalize_element(element)
-                    ));
+                    let line = format!("{container}: element {}", normalize_element(element));
+                    blocks.entry(container.clone()).or_default().push(line);
                 }
             }
             continue;
@@ -269,10 +308,21 @@ pub fn normalized_table(text: &str) -> Vec<String> {
         }
         if line.starts_with("set ") || line.starts_with("chain ") {
             container = line.trim_end_matches('{').trim().to_string();
-            lines.push(container.clone());
+            blocks.entry(container.clone()).or_default();
             continue;
         }
-        lines.push(format!("{container}: {line}"));
+        blocks
+            .entry(container.clone())
+            .or_default()
+            .push(format!("{container}: {line}"));
+    }
+    let mut lines = Vec::new();
+    for (container, mut block) in blocks {
+        if container.starts_with("set ") {
+            block.sort();
+        }
+        lines.push(container);
+        lines.extend(block);
     }
     lines
 }
@@ -287,18 +337,6 @@ fn normalize_element(element: &str) -> String {
         .map_or_else(|| element.to_string(), |net| net.trunc().to_string())
 }
 
-/// The input that removes the agent's table, whether or not it exists.
-pub fn render_removal() -> String {
-    format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n")
-}
-
-/// True when `nft list tables` shows the agent's table.
-pub fn lists_agent_table(tables: &str) -> bool {
-    tables
-        .lines()
-        .any(|line| line.trim() == format!("table inet {TABLE}"))
-}
-
 /// True when kube-proxy runs in nftables mode (it owns `ip`/`ip6` tables named kube-proxy).
 pub fn lists_kube_proxy_table(tables: &str) -> bool {
     tables.lines().any(|line| {
@@ -307,34 +345,60 @@ pub fn lists_kube_proxy_table(tables: &str) -> bool {
     })
 }
 
-/// Removes the agent's nft table if it exists; returns whether it did.
+/// True when a failed read means the kernel has no nf_tables: no netfilter netlink
+/// (`Protocol not supported`), or no nf_tables subsystem behind it (the kernel answers
+/// `Invalid argument`, and its generation cannot be asked either).
+fn unsupported(error: &ToolError, runner: &SharedRunner) -> bool {
+    matches!(error, ToolError::Kernel { message, .. } if message.contains("not supported"))
+        || runner.ruleset_generation().is_none()
+}
+
+/// Removes the agent's nft table if it exists (over netlink); returns whether it did.
 pub fn remove_table(runner: &SharedRunner) -> Result<bool, SyncError> {
-    let nft = Program::new("nft");
-    let tables = match runner.run(&nft, &["list", "tables"], None, None) {
-        Ok(tables) => tables,
-        // A kernel without nf_tables cannot hold the table either.
-        Err(ToolError::Failed { stderr, .. }) if stderr.contains("not supported") => {
+    let any = Table::empty(TABLE);
+    let doing = || format!("deleting nft table inet {TABLE}");
+    for _ in 0..ATTEMPTS {
+        let observed = match runner.nft_observe(&any) {
+            Ok(observed) => observed,
+            // A kernel without nf_tables cannot hold the table either.
+            Err(error) if unsupported(&error, runner) => return Ok(false),
+            Err(error) => return Err(error).doing(doing),
+        };
+        if observed.table.is_none() {
             return Ok(false);
         }
-        Err(error) => {
-            return Err(SyncError::Tool {
-                doing: "listing the nft tables".into(),
-                error,
-            });
+        let batch = Batch {
+            table: TABLE.to_string(),
+            generation: Some(observed.generation),
+            ops: vec![Op::DelTable],
+        };
+        match runner.nft_commit(&batch).doing(doing)? {
+            Commit::Done => return Ok(true),
+            Commit::GenerationMoved => continue,
         }
-    };
-    if !lists_agent_table(&tables) {
-        return Ok(false);
     }
-    runner
-        .run(&nft, &["-f", "-"], Some(render_removal().as_bytes()), None)
-        .doing(|| format!("deleting nft table inet {TABLE}"))?;
-    Ok(true)
+    Err(busy(doing()))
+}
+
+/// The error of a write that lost the race with other writers every time.
+fn busy(doing: String) -> SyncError {
+    SyncError::Tool {
+        doing,
+        error: ToolError::Kernel {
+            what: "nf_tables".into(),
+            message: format!(
+                "others committed to nf_tables between reading and writing, {ATTEMPTS} times; retried at the next sync"
+            ),
+        },
+    }
 }
 
 /// The text `render` prints for the nftables backend.
 pub fn render(policy: &Policy) -> String {
-    format!("# nft -f -\n{}", render_transaction(policy))
+    format!(
+        "# nft -f - (the agent writes the same table as one netlink batch)\n{}",
+        render_transaction(policy)
+    )
 }
 
 /// How `explain` names the nft rule behind a decision.
@@ -353,32 +417,6 @@ pub fn explain(policy: Option<&FamilyPolicy>, decision: &Decision, family: Famil
         }
         Decision::Unmanaged => "no rules".to_string(),
     }
-}
-
-/// How many prefixes a change may touch and still go element by element; a bigger change
-/// rewrites the table, which costs about the same and is one well-known transaction.
-const MAX_DELTA_PREFIXES: usize = 1000;
-
-/// One set's elements to delete and to add.
-pub type SetDelta = (&'static str, Vec<IpNet>, Vec<IpNet>);
-
-/// The elements that must leave and enter each set to turn `old` into `new` (which have
-/// the same sets), per set; None when that is more than [`MAX_DELTA_PREFIXES`].
-pub fn set_delta(old: &SetContents, new: &SetContents) -> Option<Vec<SetDelta>> {
-    let mut delta = Vec::new();
-    let mut touched = 0;
-    for (name, wanted) in new {
-        let had = old.get(name).map(Vec::as_slice).unwrap_or_default();
-        let (leaving, entering) = sorted_difference(had, wanted);
-        touched += leaving.len() + entering.len();
-        if touched > MAX_DELTA_PREFIXES {
-            return None;
-        }
-        if !leaving.is_empty() || !entering.is_empty() {
-            delta.push((*name, leaving, entering));
-        }
-    }
-    Some(delta)
 }
 
 /// What only `a` holds and what only `b` holds, for two lists sorted and free of
@@ -410,64 +448,194 @@ fn sorted_difference(a: &[IpNet], b: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
     (only_a, only_b)
 }
 
-/// The same change as `nft -f -` input (for `render` and for reading).
-pub fn render_delta(old: &SetContents, new: &SetContents) -> String {
-    let list = |elements: &[IpNet]| -> String {
-        elements
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let mut out = String::new();
-    for (name, leaving, entering) in set_delta(old, new).unwrap_or_default() {
-        if !leaving.is_empty() {
-            out.push_str(&format!(
-                "delete element inet {TABLE} {name} {{ {} }}\n",
-                list(&leaving)
-            ));
-        }
-        if !entering.is_empty() {
-            out.push_str(&format!(
-                "add element inet {TABLE} {name} {{ {} }}\n",
-                list(&entering)
-            ));
-        }
+/// The operations that turn a set holding `had` into one holding `set.prefixes`: the
+/// difference, or a flush and refill when that is smaller (a disjoint list).
+fn element_ops(set: &Set, had: &[IpNet], ops: &mut Vec<Op>) {
+    let (leaving, entering) = sorted_difference(had, &set.prefixes);
+    if leaving.len() + entering.len() > set.prefixes.len() {
+        refill(set, ops);
+        return;
     }
-    out
+    if !leaving.is_empty() {
+        ops.push(Op::DelPrefixes {
+            set: set.name.clone(),
+            prefixes: leaving,
+        });
+    }
+    if !entering.is_empty() {
+        ops.push(Op::AddPrefixes {
+            set: set.name.clone(),
+            prefixes: entering,
+        });
+    }
 }
 
-/// What the backend last wrote: the table without its set elements, and the elements.
-struct Written {
-    frame: String,
-    sets: SetContents,
+fn refill(set: &Set, ops: &mut Vec<Op>) {
+    ops.push(Op::FlushSet(set.name.clone()));
+    add_all(set, ops);
+}
+
+fn add_all(set: &Set, ops: &mut Vec<Op>) {
+    if !set.prefixes.is_empty() {
+        ops.push(Op::AddPrefixes {
+            set: set.name.clone(),
+            prefixes: set.prefixes.clone(),
+        });
+    }
+}
+
+/// The batch that turns the table the kernel is known to hold (`held`, same chains and
+/// sets as `want`) into `want`: element changes only.
+pub fn element_batch(held: &Table, want: &Table, generation: u32) -> Batch {
+    let mut ops = Vec::new();
+    for set in &want.sets {
+        let had = held.set(&set.name).map(|s| s.prefixes.as_slice());
+        element_ops(set, had.unwrap_or_default(), &mut ops);
+    }
+    Batch {
+        table: want.name.clone(),
+        generation: Some(generation),
+        ops,
+    }
+}
+
+/// The batch that turns the table the kernel was read to hold (`observed`) into `want`:
+/// what differs and nothing else. Chains and sets that are not the agent's or are
+/// declared differently are deleted (a hook or a set's type cannot change in place); the
+/// rules are rewritten when any differs; a set's elements change by their difference.
+/// With `whole`, every rule and element is rewritten (the repair after the kernel
+/// refused a smaller batch).
+pub fn repair_batch(want: &Table, observed: &Observed, whole: bool) -> Batch {
+    let found = observed.table.as_ref();
+    let mut ops = Vec::new();
+    if found.is_none_or(|f| f.flags != 0) {
+        ops.push(Op::NewTable);
+    }
+    let doomed_chains: Vec<&str> = found
+        .map(|f| {
+            f.chains
+                .iter()
+                .filter(|c| !c.declared)
+                .map(|c| c.name.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let doomed_sets: Vec<&str> = found
+        .map(|f| {
+            f.sets
+                .iter()
+                .filter(|s| !s.declared)
+                .map(|s| s.name.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let rules_differ = whole
+        || !doomed_chains.is_empty()
+        || !doomed_sets.is_empty()
+        || want.chains.iter().any(|chain| {
+            found
+                .and_then(|f| f.chain(&chain.name))
+                .is_none_or(|c| !c.rules)
+        });
+    // Rules go first: a chain or set still referenced by one cannot be deleted.
+    if rules_differ {
+        ops.push(Op::FlushRules);
+    }
+    ops.extend(
+        doomed_chains
+            .iter()
+            .map(|name| Op::DelChain(name.to_string())),
+    );
+    ops.extend(doomed_sets.iter().map(|name| Op::DelSet(name.to_string())));
+    for set in &want.sets {
+        let seen = found.and_then(|f| f.set(&set.name)).filter(|s| s.declared);
+        match seen.map(|s| &s.elements) {
+            None => {
+                ops.push(Op::NewSet(Set {
+                    prefixes: Vec::new(),
+                    ..set.clone()
+                }));
+                add_all(set, &mut ops);
+            }
+            Some(_) if whole => refill(set, &mut ops),
+            Some(Elements::Same) => {}
+            Some(Elements::Differ { extra, missing })
+                if extra.len() / 2 + missing.len() <= set.prefixes.len() =>
+            {
+                if !extra.is_empty() {
+                    ops.push(Op::DelElements {
+                        set: set.name.clone(),
+                        family: set.family,
+                        elements: extra.clone(),
+                    });
+                }
+                if !missing.is_empty() {
+                    ops.push(Op::AddPrefixes {
+                        set: set.name.clone(),
+                        prefixes: missing.clone(),
+                    });
+                }
+            }
+            Some(_) => refill(set, &mut ops),
+        }
+    }
+    for chain in &want.chains {
+        let declared = found
+            .and_then(|f| f.chain(&chain.name))
+            .is_some_and(|c| c.declared);
+        if !declared {
+            ops.push(Op::NewChain(Chain {
+                rules: Vec::new(),
+                ..chain.clone()
+            }));
+        }
+    }
+    if rules_differ {
+        for chain in &want.chains {
+            for rule in &chain.rules {
+                ops.push(Op::NewRule {
+                    chain: chain.name.clone(),
+                    rule: rule.clone(),
+                });
+            }
+        }
+    }
+    Batch {
+        table: want.name.clone(),
+        generation: Some(observed.generation),
+        ops,
+    }
+}
+
+/// The generation after `generation` (the kernel skips 0 when it wraps).
+fn next_generation(generation: u32) -> u64 {
+    u64::from(generation.checked_add(1).unwrap_or(1))
 }
 
 pub struct NftablesBackend {
-    nft: Program,
     runner: SharedRunner,
-    /// The table of the last write; None until the first, and after a failed one.
-    written: Option<Written>,
-    /// The policy `written` was made from: an unchanged one needs no rendering at all
-    /// while the generation stands still.
-    written_for: Option<Policy>,
-    /// The ruleset generation at which the kernel was last seen to hold `written`: while
-    /// it has not moved, no one changed any nf_tables table, so there is nothing to read.
+    /// The table the kernel was last seen (read back, or written by a batch computed from
+    /// what was read) to hold; None until then, and after a failed write.
+    held: Option<Table>,
+    /// The policy `held` was made from: an unchanged one needs nothing built at all while
+    /// the generation stands still.
+    held_for: Option<Policy>,
+    /// The ruleset generation at which the kernel held `held`: while it has not moved,
+    /// no one changed any nf_tables table, so there is nothing to read.
     verified_generation: Option<u64>,
 }
 
 impl NftablesBackend {
     pub fn new(runner: SharedRunner) -> Result<Self, SyncError> {
-        if !runner.exists("nft") {
+        if runner.ruleset_generation().is_none() {
             return Err(SyncError::Unusable(
-                "the nftables backend needs the nft binary on PATH".into(),
+                "the nftables backend needs nf_tables in the kernel, over netlink (NET_ADMIN); asking for its generation failed".into(),
             ));
         }
         Ok(NftablesBackend {
-            nft: Program::new("nft"),
             runner,
-            written: None,
-            written_for: None,
+            held: None,
+            held_for: None,
             verified_generation: None,
         })
     }
@@ -475,15 +643,89 @@ impl NftablesBackend {
     /// The table as nft lists it, or None when it is missing or nft fails.
     fn list_table(&self) -> Option<String> {
         self.runner
-            .run(&self.nft, &["list", "table", "inet", TABLE], None, None)
+            .run(
+                &Program::new("nft"),
+                &["list", "table", "inet", TABLE],
+                None,
+                None,
+            )
             .ok()
     }
 
-    fn apply(&self, transaction: &str, doing: &str) -> Result<(), SyncError> {
-        self.runner
-            .run(&self.nft, &["-f", "-"], Some(transaction.as_bytes()), None)
-            .doing(|| doing.to_string())
-            .map(|_| ())
+    /// Makes the kernel hold `want`; whether it wrote. Each attempt is one batch computed
+    /// from a known state: the table written at the generation that still stands, or the
+    /// table as read back. A batch refused because someone committed since is computed
+    /// again from a fresh read; one the kernel refuses otherwise is retried once as a
+    /// rewrite of every rule and element.
+    fn converge(&mut self, want: Table) -> Result<bool, SyncError> {
+        let doing = || format!("writing nft table inet {TABLE}");
+        let mut whole = false;
+        for _ in 0..ATTEMPTS {
+            let now = self.runner.ruleset_generation();
+            let known = match (&self.held, now) {
+                (Some(held), Some(now))
+                    if !whole
+                        && Some(now) == self.verified_generation
+                        && held.same_frame(&want) =>
+                {
+                    u32::try_from(now).ok().map(|now| (held, now))
+                }
+                _ => None,
+            };
+            let batch = match known {
+                Some((held, _)) if *held == want => return Ok(false),
+                // Only elements change, on top of what was verified at this generation.
+                Some((held, now)) => element_batch(held, &want, now),
+                None => {
+                    let observed = self
+                        .runner
+                        .nft_observe(&want)
+                        .doing(|| format!("reading nft table inet {TABLE}"))?;
+                    if observed.is_as_wanted(&want) {
+                        self.held = Some(want);
+                        self.verified_generation = Some(u64::from(observed.generation));
+                        return Ok(false);
+                    }
+                    for difference in observed.differences(&want) {
+                        tracing::debug!("nft table inet {TABLE}: {difference}");
+                    }
+                    repair_batch(&want, &observed, whole)
+                }
+            };
+            self.held = None;
+            self.verified_generation = None;
+            let sent = std::time::Instant::now();
+            let committed = self.runner.nft_commit(&batch);
+            tracing::debug!(
+                operations = batch.ops.len(),
+                commit_ms = format!("{:.3}", sent.elapsed().as_secs_f64() * 1e3),
+                "nf_tables batch sent"
+            );
+            match committed {
+                Ok(Commit::Done) => {
+                    self.held = Some(want);
+                    // Committed on top of the generation it was computed at: the kernel
+                    // holds `want` at the next one, unless someone committed right after.
+                    let after = self.runner.ruleset_generation();
+                    self.verified_generation = batch
+                        .generation
+                        .map(next_generation)
+                        .filter(|next| Some(*next) == after);
+                    return Ok(true);
+                }
+                Ok(Commit::GenerationMoved) => {
+                    tracing::debug!("nf_tables changed since the table was read; reading it again");
+                }
+                Err(error) if !whole => {
+                    tracing::info!(
+                        "the kernel refused the change ({error}); reading the table and rewriting every rule and element"
+                    );
+                    whole = true;
+                }
+                Err(error) => return Err(error).doing(doing),
+            }
+        }
+        Err(busy(doing()))
     }
 }
 
@@ -500,40 +742,65 @@ impl Backend for NftablesBackend {
         Some(SrcnatPlace::Nftables)
     }
 
+    /// Reads the table over netlink; where it differs and nft is installed, nft's
+    /// listing against the rendered table says how (in nft's words), else the read does.
     fn diff(&mut self, policy: &Policy) -> Result<Vec<String>, SyncError> {
-        let expected = normalized_table(&render_transaction(policy));
-        let actual = match self.list_table() {
-            Some(listing) => normalized_table(&listing),
-            None => Vec::new(),
-        };
-        Ok(super::line_diff(&expected, &actual))
+        let want = table_for(policy);
+        let observed = self
+            .runner
+            .nft_observe(&want)
+            .doing(|| format!("reading nft table inet {TABLE}"))?;
+        if observed.is_as_wanted(&want) {
+            return Ok(Vec::new());
+        }
+        if self.runner.exists("nft") {
+            let expected = normalized_table(&render_transaction(policy));
+            let actual = match self.list_table() {
+                Some(listing) => normalized_table(&listing),
+                None => Vec::new(),
+            };
+            let lines = super::line_diff(&expected, &actual);
+            if !lines.is_empty() {
+                return Ok(lines);
+            }
+        }
+        Ok(observed.differences(&want))
     }
 
     /// Writes only what differs. An unchanged config with an unmoved ruleset generation
-    /// reads nothing; otherwise the kernel's listing is compared with the table it should
-    /// hold. A change of set contents alone is one transaction of element deletions and
-    /// additions (falling back to the whole table if nft refuses it); anything else, and
-    /// any drift, rewrites the whole table in one transaction.
+    /// reads nothing; otherwise see [`NftablesBackend::converge`].
     fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError> {
         let started_with = self.runner.spawned();
+        let rules = nft_rule_count(policy);
         // The cheapest idle resync: same policy, and no commit to nf_tables since the
         // kernel was known to hold it.
-        if self.written_for.as_ref() == Some(policy) {
+        if self.held_for.as_ref() == Some(policy) {
             let now = self.runner.ruleset_generation();
             if now.is_some() && now == self.verified_generation {
                 return Ok(SyncReport {
                     processes: 0,
-                    rules: nft_rule_count(policy),
+                    rules,
                     wrote: false,
                 });
             }
         }
-        let report = self.sync_changed(policy, started_with);
-        self.written_for = match (&report, &self.written) {
+        let building = std::time::Instant::now();
+        let want = table_for(policy);
+        tracing::debug!(
+            build_ms = format!("{:.3}", building.elapsed().as_secs_f64() * 1e3),
+            "nft table built"
+        );
+        let result = self.converge(want);
+        self.held_for = match (&result, &self.held) {
             (Ok(_), Some(_)) => Some(policy.clone()),
             _ => None,
         };
-        report
+        let wrote = result?;
+        Ok(SyncReport {
+            processes: self.runner.spawned() - started_with,
+            rules,
+            wrote,
+        })
     }
 }
 
@@ -547,87 +814,6 @@ fn nft_rule_count(policy: &Policy) -> usize {
                 + masquerade_statements(&policy.masquerade).len()
         })
         .sum()
-}
-
-impl NftablesBackend {
-    fn sync_changed(
-        &mut self,
-        policy: &Policy,
-        started_with: u64,
-    ) -> Result<SyncReport, SyncError> {
-        let sets = set_contents(policy);
-        let empty: SetContents = sets.keys().map(|name| (*name, Vec::new())).collect();
-        let frame = render_with_sets(policy, &empty, true);
-        let rules = nft_rule_count(policy);
-        let report = |wrote: bool, runner: &SharedRunner| SyncReport {
-            processes: runner.spawned() - started_with,
-            rules,
-            wrote,
-        };
-        // The generation before a write: if the write is the only commit after it, the
-        // kernel holds exactly what was verified plus what was written.
-        let before = self.runner.ruleset_generation();
-        let known_good = before.is_some() && before == self.verified_generation;
-        if let Some(written) = &self.written
-            && written.frame == frame
-        {
-            if written.sets == sets {
-                if known_good {
-                    return Ok(report(false, &self.runner));
-                }
-                let transaction = render_with_sets(policy, &sets, true);
-                if let Some(listing) = self.list_table()
-                    && normalized_table(&listing) == normalized_table(&transaction)
-                {
-                    self.verified_generation = before;
-                    return Ok(report(false, &self.runner));
-                }
-            } else if let Some(delta) = set_delta(&written.sets, &sets) {
-                // Straight to the kernel: nft would first load every element of the set.
-                let changes: Vec<SetChange> = delta
-                    .iter()
-                    .map(|(set, delete, add)| SetChange { set, delete, add })
-                    .collect();
-                match self.runner.change_set_elements(TABLE, &changes) {
-                    Ok(()) => {
-                        self.written = Some(Written { frame, sets });
-                        self.verified_generation = self.only_commit_since(before, known_good);
-                        return Ok(report(true, &self.runner));
-                    }
-                    Err(err) => tracing::info!(
-                        "changing the set elements failed ({err}); rewriting the table"
-                    ),
-                }
-            }
-        }
-        let transaction = render_with_sets(policy, &sets, true);
-        // A restarted agent (a DaemonSet rollout) usually finds its table as it left it:
-        // reading it costs less than writing it again, and keeps it untouched.
-        if self.written.is_none()
-            && let Some(listing) = self.list_table()
-            && normalized_table(&listing) == normalized_table(&transaction)
-        {
-            self.written = Some(Written { frame, sets });
-            self.verified_generation = before;
-            return Ok(report(false, &self.runner));
-        }
-        self.verified_generation = None;
-        self.written = None;
-        self.apply(&transaction, &format!("replacing nft table inet {TABLE}"))?;
-        self.written = Some(Written { frame, sets });
-        // The whole table was written: known good if no one else committed since.
-        self.verified_generation = self.only_commit_since(before, true);
-        Ok(report(true, &self.runner))
-    }
-}
-
-impl NftablesBackend {
-    /// The generation now, when our write was the one commit since `before` and the
-    /// kernel was known good then (or the write replaced everything of ours).
-    fn only_commit_since(&self, before: Option<u64>, known_good: bool) -> Option<u64> {
-        let after = self.runner.ruleset_generation()?;
-        (known_good && before.and_then(|b| b.checked_add(1)) == Some(after)).then_some(after)
-    }
 }
 
 #[cfg(test)]

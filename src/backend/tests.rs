@@ -3,11 +3,10 @@
 //! paths against the real tools.
 
 use super::iptables::{IptablesBackend, IptablesMode};
-use super::nftables::NftablesBackend;
 use super::*;
 use crate::config::{Config, ParseOptions, parse};
+use crate::kernel::SharedRunner;
 use crate::kernel::fake::{Call, FakeRunner, Fault};
-use crate::kernel::{Runner, SharedRunner};
 use crate::policy::{Masquerade, PolicySettings};
 use std::path::Path;
 use std::sync::Arc;
@@ -208,43 +207,6 @@ fn a_hung_or_missing_tool_is_a_typed_error() {
 }
 
 #[test]
-fn nftables_writes_one_transaction_and_idle_resyncs_only_list() {
-    let runner = FakeRunner::new();
-    let mut backend = NftablesBackend::new(runner.clone()).unwrap();
-    // A /32 element: nft lists it without its length.
-    let policy = policy(
-        "nonMasqueradeCIDRs: [10.0.0.0/8, 198.51.100.7/32]\n",
-        false,
-        "",
-    );
-    assert!(backend.sync(&policy).unwrap().wrote);
-    let listing = runner
-        .nft_table("inet ip-masq-agent")
-        .unwrap()
-        .replace("198.51.100.7/32", "198.51.100.7");
-    runner.add_nft_table("inet ip-masq-agent", &listing);
-    runner.take_calls();
-    for _ in 0..3 {
-        assert!(!backend.sync(&policy).unwrap().wrote);
-    }
-    let calls = runner.take_calls();
-    assert!(writes(&calls).is_empty(), "{calls:#?}");
-    assert!(backend.diff(&policy).unwrap().is_empty());
-    // Drift: the table deleted by hand is rewritten.
-    runner
-        .run(
-            &Program::new("nft"),
-            &["-f", "-"],
-            Some(nftables::render_removal().as_bytes()),
-            None,
-        )
-        .unwrap();
-    assert!(!backend.diff(&policy).unwrap().is_empty());
-    assert!(backend.sync(&policy).unwrap().wrote);
-    assert!(runner.nft_table("inet ip-masq-agent").is_some());
-}
-
-#[test]
 fn switching_backends_removes_the_other_ones_rules_and_retries_until_it_can() {
     let runner = FakeRunner::new();
     let shared: SharedRunner = runner.clone();
@@ -290,7 +252,7 @@ fn switching_backends_removes_the_other_ones_rules_and_retries_until_it_can() {
         leftovers,
         Leftovers::of_iptables_backend(&ChainName::default(), iptables::Flavour::Nft)
     );
-    runner.inject("list tables", Fault::TimesOut, Some(1));
+    runner.inject("netlink nf_tables read", Fault::TimesOut, Some(1));
     assert_eq!(
         leftovers.remove(&shared).unwrap_err().kind(),
         SyncErrorKind::ToolTimedOut
@@ -347,88 +309,6 @@ fn flavour_detection_reads_kubelets_hint_through_the_runner() {
             "ip6tables-legacy-save"
         ]
     );
-}
-
-#[test]
-fn nftables_idle_resyncs_read_nothing_while_the_ruleset_generation_stands_still() {
-    let runner = FakeRunner::new();
-    let mut backend = NftablesBackend::new(runner.clone()).unwrap();
-    let policy = policy("nonMasqueradeCIDRs: [10.0.0.0/8]\n", false, "");
-    backend.sync(&policy).unwrap();
-    // The write was the only commit since the generation was read before it, and it
-    // wrote the whole table: known good, nothing to read.
-    runner.take_calls();
-    for _ in 0..3 {
-        let report = backend.sync(&policy).unwrap();
-        assert_eq!((report.wrote, report.processes), (false, 0));
-    }
-    assert!(runner.take_calls().is_empty());
-    // Someone changed some nf_tables table: read again (and find ours intact).
-    runner.bump_generation();
-    assert!(!backend.sync(&policy).unwrap().wrote);
-    assert_eq!(runner.take_calls().len(), 1);
-}
-
-#[test]
-fn a_change_of_set_contents_alone_is_an_element_delta() {
-    use super::nftables::{render_delta, set_contents};
-    let before = set_contents(&policy(
-        "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\n",
-        false,
-        "",
-    ));
-    let after = set_contents(&policy(
-        "nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12]\n",
-        false,
-        "",
-    ));
-    assert_eq!(
-        render_delta(&before, &after),
-        "delete element inet ip-masq-agent non-masq-v4 { 192.168.0.0/16 }\nadd element inet ip-masq-agent non-masq-v4 { 172.16.0.0/12 }\n"
-    );
-    assert_eq!(render_delta(&after, &after), "");
-    // The change goes straight to the kernel's sets, and what the kernel then lists is
-    // what the config asks for: the next resync finds nothing to write.
-    let runner = FakeRunner::new();
-    let mut backend = NftablesBackend::new(runner.clone()).unwrap();
-    let first = policy(
-        "nonMasqueradeCIDRs: [10.0.0.0/8, 192.168.0.0/16]\n",
-        false,
-        "",
-    );
-    backend.sync(&first).unwrap();
-    runner.take_calls();
-    let changed = policy(
-        "nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12]\n",
-        false,
-        "",
-    );
-    assert!(backend.sync(&changed).unwrap().wrote);
-    let calls = runner.take_calls();
-    assert_eq!(calls.len(), 1, "{calls:#?}");
-    assert_eq!(
-        calls[0].stdin.as_deref(),
-        Some("non-masq-v4: -[192.168.0.0/16] +[172.16.0.0/12]")
-    );
-    assert!(!backend.sync(&changed).unwrap().wrote);
-    assert!(backend.diff(&changed).unwrap().is_empty());
-    // Refused by the kernel (an element deleted by hand, say): the table is rewritten.
-    runner.inject(
-        "netlink set element change",
-        Fault::Fails("ENOENT"),
-        Some(1),
-    );
-    assert!(backend.sync(&first).unwrap().wrote);
-    let inputs: Vec<String> = runner
-        .take_calls()
-        .into_iter()
-        .filter_map(|c| c.stdin)
-        .collect();
-    assert!(
-        inputs.last().is_some_and(|t| t.contains("flush table")),
-        "{inputs:#?}"
-    );
-    assert!(backend.diff(&first).unwrap().is_empty());
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! A recording stand-in for the firewall tools, for unit tests without root (modelled on
 //! kubernetes-sigs/knftables' `Fake`). It keeps a small model of each iptables flavour's
-//! nat table and of the nft tables, applies `iptables-restore --noflush` and `nft -f -`
-//! inputs to it the way the kernel would (atomically, printing rules back as
-//! iptables-save does), records every call, and fails or times out on demand.
+//! nat table and of the nft tables, applies `iptables-restore --noflush` inputs to it the
+//! way the kernel would (atomically, printing rules back as iptables-save does), models
+//! the `inet` tables written and read over netlink (the nftables backend's batches, with
+//! the kernel's refusals and its generation check: [`FakeNftTable`]), records every call,
+//! and fails or times out on demand.
 //!
 //! The real tools stay covered by the namespace tests; this makes every sync, diff,
 //! ownership, switch, clean-up and dry-run path reachable from `cargo test` too.
@@ -220,6 +222,9 @@ impl NatTable {
     }
 }
 
+/// A change to an `inet` table (by name) that another process commits.
+type Racing = (String, Box<dyn FnOnce(&mut FakeNftTable) + Send>);
+
 #[derive(Default)]
 struct State {
     installed: BTreeSet<String>,
@@ -227,8 +232,14 @@ struct State {
     nat: BTreeMap<String, NatTable>,
     /// Extra text printed for the mangle table (kubelet's hint chains).
     mangle: BTreeMap<String, String>,
-    /// Keyed by `inet ip-masq-agent`, `ip kube-proxy`, ...: the listing.
+    /// Keyed by `ip kube-proxy`, `inet foreign`, ...: the listing nft prints.
     nft_tables: BTreeMap<String, String>,
+    /// The `inet` tables written and read over netlink, by name (the agent's).
+    netlink_tables: BTreeMap<String, FakeNftTable>,
+    /// Another process's change, committed just before the next netlink batch arrives.
+    racing: Option<Racing>,
+    /// Batches still to come that each meet a commit of someone else's first.
+    raced_batches: u32,
     calls: Vec<Call>,
     faults: Vec<Injected>,
     /// What `iptables-restore --version` prints (None: a current release).
@@ -351,7 +362,8 @@ pub const INSTALLED: [&str; 14] = [
     "conntrack",
 ];
 
-const AGENT_TABLE: &str = "inet ip-masq-agent";
+/// How the fake names its netlink requests in the calls it records.
+pub const NETLINK: &str = "netlink nf_tables";
 
 impl FakeRunner {
     pub fn new() -> Arc<FakeRunner> {
@@ -476,17 +488,70 @@ impl FakeRunner {
             .insert(key.to_string(), text.to_string());
     }
 
-    /// Adds a table (e.g. `ip kube-proxy`) with the listing nft prints for it.
+    /// Adds a table (e.g. `ip kube-proxy`) with the listing nft prints for it; an `inet`
+    /// table is also there, empty, for netlink.
     pub fn add_nft_table(&self, name: &str, listing: &str) {
         let mut state = self.state();
         state
             .nft_tables
             .insert(name.to_string(), listing.to_string());
+        if let Some(inet) = name.strip_prefix("inet ") {
+            state
+                .netlink_tables
+                .insert(inet.to_string(), FakeNftTable::default());
+        }
         state.generation += 1;
     }
 
+    /// What `nft list table NAME` prints (`inet ip-masq-agent`, ...).
     pub fn nft_table(&self, name: &str) -> Option<String> {
-        self.state().nft_tables.get(name).cloned()
+        let state = self.state();
+        if let Some(listing) = state.nft_tables.get(name) {
+            return Some(listing.clone());
+        }
+        let inet = name.strip_prefix("inet ")?;
+        state
+            .netlink_tables
+            .get(inet)
+            .map(|table| table.listing(inet, true))
+    }
+
+    /// The `inet` table `name` as the fake kernel holds it.
+    pub fn netlink_table(&self, name: &str) -> Option<FakeNftTable> {
+        self.state().netlink_tables.get(name).cloned()
+    }
+
+    /// Changes the `inet` table `name` as another process would (the generation moves).
+    pub fn edit_netlink_table(&self, name: &str, edit: impl FnOnce(&mut FakeNftTable)) {
+        let mut state = self.state();
+        let table = state.netlink_tables.entry(name.to_string()).or_default();
+        edit(table);
+        state.generation += 1;
+    }
+
+    /// Lets another process commit `edit` to the `inet` table `name` right before the
+    /// next netlink batch, after whatever was read to compute it: that batch must be
+    /// refused as computed from a generation that is gone.
+    pub fn race_next_commit(
+        &self,
+        name: &str,
+        edit: impl FnOnce(&mut FakeNftTable) + Send + 'static,
+    ) {
+        self.state().racing = Some((name.to_string(), Box::new(edit)));
+    }
+
+    /// Makes each of the next `batches` netlink batches meet a commit of someone else's
+    /// (elsewhere in nf_tables) made after the read it was computed from.
+    pub fn race_commits(&self, batches: u32) {
+        self.state().raced_batches = batches;
+    }
+
+    /// Deletes the `inet` table `name` as another process would.
+    pub fn delete_netlink_table(&self, name: &str) {
+        let mut state = self.state();
+        state.netlink_tables.remove(name);
+        state.nft_tables.remove(&format!("inet {name}"));
+        state.generation += 1;
     }
 
     /// Makes runs whose command line contains `matching` misbehave, `times` times (None:
@@ -614,11 +679,11 @@ impl FakeRunner {
 
     fn nft(state: &mut State, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
         match args {
-            ["list", "tables"] => Ok(state
-                .nft_tables
-                .keys()
-                .map(|name| format!("table {name}\n"))
-                .collect()),
+            ["list", "tables"] => {
+                let mut names: BTreeSet<String> = state.nft_tables.keys().cloned().collect();
+                names.extend(state.netlink_tables.keys().map(|n| format!("inet {n}")));
+                Ok(names.iter().map(|name| format!("table {name}\n")).collect())
+            }
             ["list", "table", "ip" | "ip6", "nat"] => Ok(String::new()),
             // iptables-nft's nat tables show as `table ip nat`, then every other table.
             ["-t", "list", "ruleset"] => {
@@ -631,25 +696,35 @@ impl FakeRunner {
                 for listing in state.nft_tables.values() {
                     out.push_str(listing);
                 }
+                for (name, table) in &state.netlink_tables {
+                    if !state.nft_tables.contains_key(&format!("inet {name}")) {
+                        out.push_str(&table.listing(name, false));
+                    }
+                }
                 Ok(out)
+            }
+            ["list", "table", "inet", name]
+                if state.netlink_tables.contains_key(*name)
+                    && !state.nft_tables.contains_key(&format!("inet {name}")) =>
+            {
+                Ok(state.netlink_tables[*name].listing(name, true))
             }
             ["list", "table", family, name] => state
                 .nft_tables
                 .get(&format!("{family} {name}"))
                 .cloned()
                 .ok_or_else(|| "Error: No such file or directory".to_string()),
+            // Only deletions of a whole `inet` table: the agent writes through netlink.
             ["-f", "-"] => {
                 let input = stdin.unwrap_or_default();
-                let opening = format!("table {AGENT_TABLE} {{\n");
-                if input.contains(&format!("delete table {AGENT_TABLE}")) {
-                    state.nft_tables.remove(AGENT_TABLE);
-                } else if let Some(at) = input.rfind(&opening) {
-                    state
-                        .nft_tables
-                        .insert(AGENT_TABLE.to_string(), input[at..].to_string());
-                } else {
+                let Some(name) = input
+                    .lines()
+                    .find_map(|line| line.strip_prefix("delete table inet "))
+                else {
                     return Err(format!("the fake cannot apply:\n{input}"));
-                }
+                };
+                state.netlink_tables.remove(name.trim());
+                state.nft_tables.remove(&format!("inet {}", name.trim()));
                 Ok(String::new())
             }
             _ => Err(format!("the fake does not know nft {args:?}")),
@@ -706,85 +781,90 @@ impl Runner for FakeRunner {
         self.state().installed.contains(name)
     }
 
+    /// Tool runs only: a netlink request starts no process.
     fn spawned(&self) -> u64 {
-        self.state().calls.len() as u64
+        self.state()
+            .calls
+            .iter()
+            .filter(|c| !c.command.starts_with(NETLINK))
+            .count() as u64
     }
 
     fn ruleset_generation(&self) -> Option<u64> {
         Some(self.state().generation)
     }
 
-    /// Edits the set's `elements = { ... }` in the stored listing, as the kernel would
-    /// change the set; refuses to delete an element that is not there (ENOENT).
-    fn change_set_elements(
+    /// Compares the fake kernel's table with `want` as a read over netlink would.
+    fn nft_observe(
         &self,
-        table: &str,
-        changes: &[super::SetChange],
-    ) -> Result<(), ToolError> {
+        want: &super::nf_tables::Table,
+    ) -> Result<super::nf_tables::Observed, ToolError> {
         let mut state = self.state();
-        let command = format!("netlink set element change in inet {table}");
+        let command = format!("{NETLINK} read inet {}", want.name);
         state.calls.push(Call {
             command: command.clone(),
-            stdin: Some(
-                changes
-                    .iter()
-                    .map(|c| format!("{}: -{:?} +{:?}", c.set, c.delete, c.add))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            ),
+            stdin: None,
         });
         if let Some(error) = Self::injected(&mut state, &command) {
             return Err(error);
         }
-        let refused = |message: &str| ToolError::Kernel {
-            what: command.clone(),
-            message: message.to_string(),
-        };
-        let key = format!("inet {table}");
-        let mut listing = state
-            .nft_tables
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| refused("No such file or directory"))?;
-        for change in changes {
-            let opening = format!("\tset {} {{\n", change.set);
-            let start = listing
-                .find(&opening)
-                .ok_or_else(|| refused("no such set"))?;
-            let end = start
-                + listing[start..]
-                    .find("\n\t}\n")
-                    .ok_or_else(|| refused("bad set"))?;
-            let block = &listing[start..end];
-            let mut elements: Vec<String> = block
-                .split_once("elements = {")
-                .map(|(_, rest)| {
-                    rest.split([',', '\n', '\t', ' ', '}'])
-                        .filter(|e| !e.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default();
-            for gone in change.delete {
-                let at = elements
-                    .iter()
-                    .position(|e| *e == gone.to_string())
-                    .ok_or_else(|| refused("No such file or directory"))?;
-                elements.remove(at);
-            }
-            elements.extend(change.add.iter().map(ToString::to_string));
-            let header_end = block
-                .find("flags interval\n")
-                .map_or(block.len(), |i| i + 15);
-            let mut rebuilt = block[..header_end].to_string();
-            if !elements.is_empty() {
-                rebuilt.push_str(&format!("\t\telements = {{ {}, }}\n", elements.join(", ")));
-            }
-            listing.replace_range(start..end, rebuilt.trim_end_matches('\n'));
+        let generation = u32::try_from(state.generation).unwrap_or(u32::MAX);
+        Ok(super::nf_tables::Observed {
+            generation,
+            table: state
+                .netlink_tables
+                .get(&want.name)
+                .map(|table| table.compare(want)),
+        })
+    }
+
+    /// Applies the batch to a copy of the fake kernel's table and keeps the copy only if
+    /// every operation succeeded, as the kernel's transaction does; refuses the batch if
+    /// the generation moved since the one it carries.
+    fn nft_commit(
+        &self,
+        batch: &super::nf_tables::Batch,
+    ) -> Result<super::nf_tables::Commit, ToolError> {
+        let mut state = self.state();
+        let command = format!("{NETLINK} batch inet {}", batch.table);
+        state.calls.push(Call {
+            command: command.clone(),
+            stdin: Some(describe_batch(batch)),
+        });
+        if let Some(error) = Self::injected(&mut state, &command) {
+            return Err(error);
         }
-        state.nft_tables.insert(key, listing);
-        state.generation += 1;
-        Ok(())
+        if let Some((name, edit)) = state.racing.take() {
+            edit(state.netlink_tables.entry(name).or_default());
+            state.generation += 1;
+        }
+        if state.raced_batches > 0 {
+            state.raced_batches -= 1;
+            state.generation += 1;
+        }
+        if batch
+            .generation
+            .is_some_and(|g| u64::from(g) != state.generation)
+        {
+            return Ok(super::nf_tables::Commit::GenerationMoved);
+        }
+        let mut table = state.netlink_tables.get(&batch.table).cloned();
+        for op in &batch.ops {
+            FakeNftTable::apply(&mut table, op).map_err(|message| ToolError::Kernel {
+                what: command.clone(),
+                message,
+            })?;
+        }
+        // A listing a test gave for the table no longer describes it.
+        state.nft_tables.remove(&format!("inet {}", batch.table));
+        match table {
+            Some(table) => state.netlink_tables.insert(batch.table.clone(), table),
+            None => state.netlink_tables.remove(&batch.table),
+        };
+        if !batch.ops.is_empty() {
+            state.generation += 1;
+        }
+        Ok(super::nf_tables::Commit::Done)
     }
 
     /// A legacy table exists once something was restored into it or its mangle table
@@ -986,5 +1066,326 @@ impl Runner for FakeRunner {
             .find(|(f, _)| *f == family)
             .map(|(_, prefixes)| prefixes.clone())
             .unwrap_or_else(|| vec![loopback.parse().expect("loopback")]))
+    }
+}
+
+/// One line per operation of a batch, for the recorded call.
+fn describe_batch(batch: &super::nf_tables::Batch) -> String {
+    use super::nf_tables::Op;
+    let list = |prefixes: &[ipnet::IpNet]| {
+        prefixes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    batch
+        .ops
+        .iter()
+        .map(|op| match op {
+            Op::NewTable => "add table".to_string(),
+            Op::DelTable => "delete table".to_string(),
+            Op::FlushRules => "flush rules".to_string(),
+            Op::NewChain(chain) => format!("add chain {}", chain.name),
+            Op::DelChain(name) => format!("delete chain {name}"),
+            Op::NewSet(set) => format!("add set {}", set.name),
+            Op::DelSet(name) => format!("delete set {name}"),
+            Op::FlushSet(name) => format!("flush set {name}"),
+            Op::AddPrefixes { set, prefixes } => {
+                format!("add element {set} {{ {} }}", list(prefixes))
+            }
+            Op::DelPrefixes { set, prefixes } => {
+                format!("delete element {set} {{ {} }}", list(prefixes))
+            }
+            Op::DelElements { set, elements, .. } => {
+                format!("delete {} single element(s) of {set}", elements.len())
+            }
+            Op::NewRule { chain, rule } => format!("add rule {chain} {}", rule.text),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// An `inet` table as the fake kernel holds it: sets as the interval boundaries the
+/// kernel keeps, chains with their rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FakeNftTable {
+    pub flags: u32,
+    pub sets: Vec<FakeSet>,
+    pub chains: Vec<super::nf_tables::Chain>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FakeSet {
+    pub name: String,
+    pub family: crate::policy::Family,
+    /// `flags interval` unless a test declares it otherwise.
+    pub flags: u32,
+    pub elements: BTreeSet<super::nf_tables::Boundary>,
+}
+
+impl FakeSet {
+    /// Removes a prefix's elements, as `nft delete element` would.
+    pub fn remove_prefix(&mut self, prefix: &ipnet::IpNet) {
+        for boundary in prefix_boundaries(prefix) {
+            self.elements.remove(&boundary);
+        }
+    }
+
+    /// The prefixes the elements stand for (each start with the next end after it).
+    pub fn prefixes(&self) -> Vec<String> {
+        use super::nf_tables::Boundary;
+        let bits = self.family.bits();
+        let top = if bits == 32 {
+            u128::from(u32::MAX)
+        } else {
+            u128::MAX
+        };
+        let starts = self.elements.iter().filter(|b| !b.end);
+        starts
+            .map(|start| {
+                let end = self
+                    .elements
+                    .range(
+                        Boundary {
+                            key: start.key + 1,
+                            end: false,
+                        }..,
+                    )
+                    .find(|b| b.end)
+                    .map_or(top, |b| b.key - 1);
+                // The interval's size less one (the whole IPv6 space does not fit a u128).
+                let span = end - start.key;
+                let host_bits = if span == u128::MAX {
+                    128
+                } else {
+                    (span + 1).trailing_zeros()
+                };
+                let address = if bits == 32 {
+                    std::net::IpAddr::from(std::net::Ipv4Addr::from(start.key as u32))
+                } else {
+                    std::net::IpAddr::from(std::net::Ipv6Addr::from(start.key))
+                };
+                ipnet::IpNet::new(address, (bits - host_bits.min(bits)) as u8)
+                    .map_or_else(|_| format!("{address}-?"), |net| net.to_string())
+            })
+            .collect()
+    }
+}
+
+fn prefix_boundaries(prefix: &ipnet::IpNet) -> Vec<super::nf_tables::Boundary> {
+    use super::nf_tables::{Boundary, table::interval};
+    let (start, after) = interval(prefix);
+    let mut boundaries = vec![Boundary {
+        key: start,
+        end: false,
+    }];
+    if let Some(after) = after {
+        boundaries.push(Boundary {
+            key: after,
+            end: true,
+        });
+    }
+    boundaries
+}
+
+impl FakeNftTable {
+    pub fn set_mut(&mut self, name: &str) -> Option<&mut FakeSet> {
+        self.sets.iter_mut().find(|s| s.name == name)
+    }
+
+    pub fn chain_mut(&mut self, name: &str) -> Option<&mut super::nf_tables::Chain> {
+        self.chains.iter_mut().find(|c| c.name == name)
+    }
+
+    /// What a read over netlink of this table against `want` finds.
+    fn compare(&self, want: &super::nf_tables::Table) -> super::nf_tables::Found {
+        use super::nf_tables::table::{Comparison, ELEMENT_INTERVAL_END, key_bytes};
+        let mut comparison = Comparison::new(want, self.flags);
+        for set in &self.sets {
+            let key_type = match set.family {
+                crate::policy::Family::V4 => super::nf_tables::expr::TYPE_IPADDR,
+                crate::policy::Family::V6 => super::nf_tables::expr::TYPE_IP6ADDR,
+            };
+            let key_len = set.family.bits() / 8;
+            if comparison.set(&set.name, set.flags, key_type, key_len)
+                && let Some(mut check) = comparison.elements(&set.name)
+            {
+                // Highest first, as the kernel's tree dumps them.
+                for boundary in set.elements.iter().rev() {
+                    let flags = if boundary.end {
+                        ELEMENT_INTERVAL_END
+                    } else {
+                        0
+                    };
+                    check.element(&key_bytes(boundary.key, set.family), flags);
+                }
+                comparison.elements_read(check);
+            }
+        }
+        for chain in &self.chains {
+            comparison.chain(&chain.name, chain.base.clone(), 0);
+        }
+        for chain in &self.chains {
+            for rule in &chain.rules {
+                comparison.rule(&chain.name, Some(&rule.exprs));
+            }
+        }
+        comparison.finish()
+    }
+
+    /// What `nft list table inet NAME` prints (without elements for `-t`).
+    fn listing(&self, name: &str, elements: bool) -> String {
+        let mut out = format!("table inet {name} {{\n");
+        if self.flags != 0 {
+            out.push_str("\tflags dormant\n");
+        }
+        for set in &self.sets {
+            let kind = match set.family {
+                crate::policy::Family::V4 => "ipv4_addr",
+                crate::policy::Family::V6 => "ipv6_addr",
+            };
+            out.push_str(&format!(
+                "\tset {} {{\n\t\ttype {kind}\n\t\tflags interval\n",
+                set.name
+            ));
+            let prefixes = set.prefixes();
+            if elements && !prefixes.is_empty() {
+                out.push_str(&format!("\t\telements = {{ {} }}\n", prefixes.join(", ")));
+            }
+            out.push_str("\t}\n");
+        }
+        for chain in &self.chains {
+            out.push_str(&format!("\tchain {} {{\n", chain.name));
+            if chain.base.is_some() {
+                out.push_str(
+                    "\t\ttype nat hook postrouting priority srcnat + 10; policy accept;\n",
+                );
+            }
+            for rule in &chain.rules {
+                out.push_str(&format!("\t\t{}\n", rule.text));
+            }
+            out.push_str("\t}\n");
+        }
+        out.push_str("}\n");
+        out
+    }
+
+    /// One operation of a transaction, as the kernel would refuse or apply it.
+    fn apply(table: &mut Option<FakeNftTable>, op: &super::nf_tables::Op) -> Result<(), String> {
+        use super::nf_tables::expr::{Expr, Immediate, SetRef};
+        use super::nf_tables::{Chain, Op};
+        const ENOENT: &str = "No such file or directory";
+        const EBUSY: &str = "Device or resource busy";
+        const EEXIST: &str = "File exists";
+        if let Op::NewTable = op {
+            table.get_or_insert_with(FakeNftTable::default).flags = 0;
+            return Ok(());
+        }
+        let Some(current) = table.as_mut() else {
+            return Err(ENOENT.into());
+        };
+        let used = |current: &FakeNftTable, wanted: &dyn Fn(&Expr) -> bool| {
+            current
+                .chains
+                .iter()
+                .any(|c| c.rules.iter().any(|r| r.exprs.iter().any(wanted)))
+        };
+        match op {
+            Op::NewTable => {}
+            Op::DelTable => *table = None,
+            Op::FlushRules => current.chains.iter_mut().for_each(|c| c.rules.clear()),
+            Op::NewChain(chain) => match current.chains.iter().find(|c| c.name == chain.name) {
+                Some(existing) if existing.base != chain.base => return Err(EBUSY.into()),
+                Some(_) => {}
+                None => current.chains.push(Chain {
+                    rules: Vec::new(),
+                    ..chain.clone()
+                }),
+            },
+            Op::DelChain(name) => {
+                let chain = current.chain_mut(name).ok_or(ENOENT)?;
+                let jumped = |e: &Expr| matches!(e, Expr::Immediate { data: Immediate::Verdict { chain: Some(c), .. }, .. } if c == name);
+                if !chain.rules.is_empty() || used(current, &jumped) {
+                    return Err(EBUSY.into());
+                }
+                current.chains.retain(|c| c.name != *name);
+            }
+            Op::NewSet(set) => match current.sets.iter().find(|s| s.name == set.name) {
+                Some(existing)
+                    if existing.family != set.family
+                        || existing.flags != super::nf_tables::table::SET_INTERVAL =>
+                {
+                    return Err(EEXIST.into());
+                }
+                Some(_) => {}
+                None => current.sets.push(FakeSet {
+                    name: set.name.clone(),
+                    family: set.family,
+                    flags: super::nf_tables::table::SET_INTERVAL,
+                    elements: BTreeSet::new(),
+                }),
+            },
+            Op::DelSet(name) => {
+                current.set_mut(name).ok_or(ENOENT)?;
+                let looked_up =
+                    |e: &Expr| matches!(e, Expr::Lookup { set: SetRef::Named(s), .. } if s == name);
+                if used(current, &looked_up) {
+                    return Err(EBUSY.into());
+                }
+                current.sets.retain(|s| s.name != *name);
+            }
+            Op::FlushSet(name) => current.set_mut(name).ok_or(ENOENT)?.elements.clear(),
+            Op::AddPrefixes { set, prefixes } => {
+                let set = current.set_mut(set).ok_or(ENOENT)?;
+                for prefix in prefixes {
+                    set.elements.extend(prefix_boundaries(prefix));
+                }
+            }
+            Op::DelPrefixes { set, prefixes } => {
+                let set = current.set_mut(set).ok_or(ENOENT)?;
+                for boundary in prefixes.iter().flat_map(prefix_boundaries) {
+                    if !set.elements.remove(&boundary) {
+                        return Err(ENOENT.into());
+                    }
+                }
+            }
+            Op::DelElements { set, elements, .. } => {
+                let set = current.set_mut(set).ok_or(ENOENT)?;
+                for boundary in elements {
+                    if !set.elements.remove(boundary) {
+                        return Err(ENOENT.into());
+                    }
+                }
+            }
+            Op::NewRule { chain, rule } => {
+                for expr in &rule.exprs {
+                    match expr {
+                        Expr::Lookup {
+                            set: SetRef::Named(name),
+                            ..
+                        } if current.sets.iter().all(|s| s.name != *name) => {
+                            return Err(ENOENT.into());
+                        }
+                        Expr::Immediate {
+                            data:
+                                Immediate::Verdict {
+                                    chain: Some(to), ..
+                                },
+                            ..
+                        } if current.chains.iter().all(|c| c.name != *to) => {
+                            return Err(ENOENT.into());
+                        }
+                        _ => {}
+                    }
+                }
+                current
+                    .chain_mut(chain)
+                    .ok_or(ENOENT)?
+                    .rules
+                    .push(rule.clone());
+            }
+        }
+        Ok(())
     }
 }

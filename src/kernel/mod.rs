@@ -27,7 +27,7 @@ pub use netlink::conntrack::{
     DeleteReport as ConntrackDeleteReport, DumpFilter as ConntrackDumpFilter,
     DumpReport as ConntrackDumpReport, Entry as ConntrackEntry, FlowKey as ConntrackKey,
 };
-pub use netlink::nftables::SetChange;
+pub use netlink::nftables as nf_tables;
 
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
 /// The deadline for one tool run, in milliseconds (`--tool-timeout`).
@@ -101,9 +101,12 @@ pub trait Runner: Send + Sync {
     /// it cannot be read; then nothing may be concluded from it.
     fn ruleset_generation(&self) -> Option<u64>;
 
-    /// Deletes and adds elements of interval sets of the `inet` table `table`, in one
-    /// nf_tables transaction.
-    fn change_set_elements(&self, table: &str, changes: &[SetChange]) -> Result<(), ToolError>;
+    /// Reads the nf_tables table `want.name` (family `inet`) over netlink and compares it
+    /// with `want`, as it was at one ruleset generation; memory bounded by `want`.
+    fn nft_observe(&self, want: &nf_tables::Table) -> Result<nf_tables::Observed, ToolError>;
+
+    /// Commits `batch` as one nf_tables transaction over netlink: all of it or nothing.
+    fn nft_commit(&self, batch: &nf_tables::Batch) -> Result<nf_tables::Commit, ToolError>;
 
     /// Keeps other agents of this network namespace from reading or writing the rules
     /// until the returned lock is dropped (see [`lock`]); waits at most `within`.
@@ -177,17 +180,27 @@ impl Runner for SystemRunner {
         netlink::nftables::nftables_generation()
     }
 
-    fn change_set_elements(&self, table: &str, changes: &[SetChange]) -> Result<(), ToolError> {
+    fn nft_observe(&self, want: &nf_tables::Table) -> Result<nf_tables::Observed, ToolError> {
         if stopping() {
             return Err(ToolError::Interrupted {
-                command: "netlink set element change".into(),
+                command: format!("reading nft table inet {}", want.name),
             });
         }
-        netlink::nftables::change_set_elements(table, changes).map_err(|message| {
-            ToolError::Kernel {
-                what: format!("changing the elements of table inet {table}"),
-                message,
-            }
+        nf_tables::observe(want).map_err(|message| ToolError::Kernel {
+            what: format!("reading nft table inet {}", want.name),
+            message,
+        })
+    }
+
+    fn nft_commit(&self, batch: &nf_tables::Batch) -> Result<nf_tables::Commit, ToolError> {
+        if stopping() {
+            return Err(ToolError::Interrupted {
+                command: format!("writing nft table inet {}", batch.table),
+            });
+        }
+        nf_tables::commit(batch).map_err(|message| ToolError::Kernel {
+            what: format!("writing nft table inet {}", batch.table),
+            message,
         })
     }
 

@@ -358,3 +358,411 @@ root_test!(
         );
     }
 );
+
+// --- The netlink path -----------------------------------------------------------------
+
+use std::path::Path;
+
+use ip_masq_agent::backend::Backend;
+use ip_masq_agent::backend::nftables::{
+    NftablesBackend, normalized_table, render_transaction, repair_batch, table_for,
+};
+use ip_masq_agent::config::{ParseOptions, parse};
+use ip_masq_agent::kernel::SystemRunner;
+use ip_masq_agent::kernel::nf_tables::{self, Commit};
+use ip_masq_agent::policy::{Masquerade, Policy, PolicySettings};
+
+/// The policy the agent builds from `yaml` and its flags; None when the config is
+/// rejected.
+fn policy(yaml: &str, enable_ipv6: bool, random_fully: bool, to_ports: &str) -> Option<Policy> {
+    let options = ParseOptions {
+        enable_ipv6,
+        ..ParseOptions::default()
+    };
+    let config = parse(yaml, Path::new("test"), options).ok()?.config;
+    Some(Policy::new(
+        &config,
+        &PolicySettings {
+            enable_ipv6,
+            masquerade: Masquerade {
+                random_fully,
+                to_ports: to_ports.parse().ok()?,
+            },
+        },
+    ))
+}
+
+root_test!(
+    /// A batch carries the generation its read was taken at; a commit by anyone in
+    /// between makes the kernel refuse all of it, and a batch computed again applies.
+    fn a_batch_computed_before_another_commit_is_refused_whole() {
+        let node = Netns::new("node");
+        node.run_inside(|| {
+            let want = table_for(
+                &policy(
+                    "nonMasqueradeCIDRs: [10.0.0.0/8]\n",
+                    true,
+                    true,
+                    "1024-65535",
+                )
+                .unwrap(),
+            );
+            let observed = nf_tables::observe(&want).expect("read");
+            assert!(observed.table.is_none());
+            let stale = repair_batch(&want, &observed, false);
+            let other = std::process::Command::new("nft")
+                .args(["add", "table", "inet", "someone-else"])
+                .status()
+                .expect("nft");
+            assert!(other.success());
+            assert_eq!(nf_tables::commit(&stale), Ok(Commit::GenerationMoved));
+            let observed = nf_tables::observe(&want).expect("read");
+            assert!(
+                observed.table.is_none(),
+                "nothing of the refused batch applied"
+            );
+            let fresh = repair_batch(&want, &observed, false);
+            assert_eq!(nf_tables::commit(&fresh), Ok(Commit::Done));
+            assert!(nf_tables::observe(&want).expect("read").is_as_wanted(&want));
+        });
+    }
+);
+
+/// A random prefix, clustered so that neighbours, overlaps and adjacency are common;
+/// now and then /0, a host prefix or one at the top of the address space.
+fn random_prefix(rng: &mut Rng, v6: bool) -> String {
+    let bits: u32 = if v6 { 128 } else { 32 };
+    let len = match rng.below(20) {
+        0 => 0,
+        1 | 2 => bits,
+        _ => (if v6 { 16 } else { 8 }) + rng.below(u64::from(bits) / 2) as u32,
+    };
+    let top = rng.below(10) == 0;
+    if v6 {
+        let base: u128 = if top { u128::MAX } else { 0xfd00u128 << 112 };
+        let noise = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())) >> 100 << 90;
+        let address = std::net::Ipv6Addr::from(base ^ noise);
+        let net = ipnet::Ipv6Net::new(address, len as u8).unwrap().trunc();
+        format!("'{net}'")
+    } else {
+        let base: u32 = if top { u32::MAX } else { 0x0A00_0000 };
+        let noise = (rng.next_u64() as u32 & 0x00FF_FFFF) >> 6 << 6;
+        let address = std::net::Ipv4Addr::from(base ^ noise);
+        ipnet::Ipv4Net::new(address, len as u8)
+            .unwrap()
+            .trunc()
+            .to_string()
+    }
+}
+
+/// A random config and the flags it runs with.
+fn random_case(rng: &mut Rng) -> (String, bool, String) {
+    let ipv6 = rng.below(2) == 0;
+    let list = |rng: &mut Rng, count: u64| -> Vec<String> {
+        (0..count)
+            .map(|_| {
+                let v6 = ipv6 && rng.below(2) == 0;
+                random_prefix(rng, v6)
+            })
+            .collect()
+    };
+    let count = rng.below(40);
+    let mut yaml = format!("nonMasqueradeCIDRs: [{}]\n", list(rng, count).join(", "));
+    if rng.below(3) == 0 {
+        let count = 1 + rng.below(4);
+        yaml.push_str(&format!(
+            "forceMasqueradeCIDRs: [{}]\n",
+            list(rng, count).join(", ")
+        ));
+    }
+    if rng.below(3) == 0 {
+        let count = 1 + rng.below(4);
+        yaml.push_str(&format!(
+            "masqueradeSourceCIDRs: [{}]\n",
+            list(rng, count).join(", ")
+        ));
+    }
+    if rng.below(3) == 0 {
+        yaml.push_str("masqLinkLocal: true\n");
+    }
+    let to_ports = ["", "", "1024-65535", "1024-29999,32768-65535", "20000"][rng.below(5) as usize];
+    (yaml, ipv6, to_ports.to_string())
+}
+
+/// `nft list table inet ip-masq-agent` in `ns`, normalized.
+fn listed(ns: &Netns) -> Vec<String> {
+    normalized_table(&agent_table(ns).unwrap_or_default())
+}
+
+root_test!(
+    /// For generated configs and transitions between them, the table written over
+    /// netlink (a first write, then element batches or repairs) is what `nft list`
+    /// prints, what `render` shows, and what the agent's own read accepts.
+    fn nft_lists_every_generated_table_as_render_prints_it() {
+        let seed = seed_from_env();
+        eprintln!("seed {seed} (IMA_SEED={seed} reproduces)");
+        let mut rng = Rng::new(seed);
+        let node = Netns::new("node");
+        let mut steps = 0;
+        let mut backends: Vec<(bool, Option<NftablesBackend>)> = Vec::new();
+        while steps < 40 {
+            let (yaml, ipv6, to_ports) = random_case(&mut rng);
+            let random_fully = rng.below(2) == 0;
+            let Some(policy) = policy(&yaml, ipv6, random_fully, &to_ports) else {
+                continue;
+            };
+            steps += 1;
+            // One backend per IPv6 setting (a family is turned off only by a restart).
+            let slot = match backends.iter().position(|(v6, _)| *v6 == ipv6) {
+                Some(at) => at,
+                None => {
+                    backends.push((ipv6, None));
+                    backends.len() - 1
+                }
+            };
+            let backend = backends[slot].1.take();
+            let moved = policy.clone();
+            let (backend, wrote) = node.run_inside(move || {
+                let mut backend = backend
+                    .unwrap_or_else(|| NftablesBackend::new(SystemRunner::shared()).unwrap());
+                let report = backend.sync(&moved).expect("sync");
+                (backend, report.wrote)
+            });
+            backends[slot].1 = Some(backend);
+            let context = format!(
+                "seed {seed}, step {steps} (wrote: {wrote}), --enable-ipv6={ipv6} --to-ports={to_ports:?} --random-fully={random_fully}\n{yaml}"
+            );
+            assert_eq!(
+                listed(&node),
+                normalized_table(&render_transaction(&policy)),
+                "{context}"
+            );
+            let want = table_for(&policy);
+            let read = node.run_inside(move || {
+                let observed = nf_tables::observe(&want).expect("read");
+                (observed.is_as_wanted(&want), observed.differences(&want))
+            });
+            assert!(read.0, "{context}: the read finds {:?}", read.1);
+        }
+    }
+);
+
+root_test!(
+    /// Issue 15 #6: with a dual-stack source scope added at run time, the kernel lists the
+    /// sets in creation order and the order-sensitive comparison took every commit by
+    /// anyone else for drift: a full rewrite each time, and `status` exiting 1.
+    fn regression_nftables_dual_stack_with_a_source_scope_rewrote_forever() {
+        let topology = Topology::new();
+        let plain = "nonMasqueradeCIDRs: [10.0.0.0/8, 'fd00::/8']\nresyncInterval: 200ms\n";
+        let scoped = "nonMasqueradeCIDRs: [10.0.0.0/8, 'fd00::/8']\nmasqueradeSourceCIDRs: [10.244.0.0/16, 'fd00:244::/64']\nresyncInterval: 200ms\n";
+        let mut volume = ConfigMapVolume::new(plain);
+        let flags = ["--backend=nftables", "--enable-ipv6"];
+        let mut agent = AGENT.start_synced(&topology.node, &volume, &flags);
+        volume.update(scoped);
+        agent.wait_for_log("config changed; rules applied", 1, Duration::from_secs(10));
+        let monitor = NftMonitor::start(&topology.node);
+        let resynced = agent.log().matches("rules resynced").count();
+        // Others commit (kube-proxy does, often), with resyncs in between.
+        for i in 0..5 {
+            topology
+                .node
+                .sh(&["nft", &format!("add table inet other-{i}")]);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        agent.wait_for_log("rules resynced", resynced + 5, Duration::from_secs(10));
+        let written: Vec<String> = monitor
+            .text()
+            .lines()
+            .filter(|l| l.contains("ip-masq-agent"))
+            .map(str::to_string)
+            .collect();
+        assert!(
+            written.is_empty(),
+            "the agent rewrote its table ({} events), e.g.:\n{}",
+            written.len(),
+            written[..written.len().min(10)].join("\n")
+        );
+        assert_eq!(
+            agent
+                .log()
+                .matches("differed from the config; rewritten")
+                .count(),
+            0
+        );
+        let path = volume.path();
+        let status = AGENT.run(
+            &topology.node,
+            [
+                "status",
+                "--backend=nftables",
+                "--enable-ipv6",
+                "--config",
+                path.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            status.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&status.stdout)
+        );
+        // And the scope holds on the data path: the pod is in it, so it is masqueraded.
+        assert!(topology.is_masqueraded("203.0.113.10"));
+        assert!(topology.is_masqueraded("2001:db8:99::10"));
+        assert!(!topology.is_masqueraded("10.99.0.10"));
+    }
+);
+
+root_test!(
+    /// Issue 15 #10: an element deleted by hand, then a config change: the element delta
+    /// was applied on top of the kernel's unchecked state, so "rules applied" was logged
+    /// while the set still lacked the deleted prefix until the next resync.
+    fn regression_an_element_delta_was_applied_on_top_of_unchecked_kernel_state() {
+        let topology = Topology::new();
+        let config = |extra: &str| {
+            format!(
+                "nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16{extra}]\nresyncInterval: 1h\n"
+            )
+        };
+        let mut volume = ConfigMapVolume::new(&config(""));
+        let mut agent = AGENT.start_synced(&topology.node, &volume, &["--backend=nftables"]);
+        assert!(!topology.is_masqueraded("192.168.5.10"));
+        topology.node.sh(&[
+            "nft",
+            "delete element inet ip-masq-agent non-masq-v4 { 192.168.0.0/16 }",
+        ]);
+        assert!(topology.is_masqueraded("192.168.5.10"), "the drift is real");
+        volume.update(&config(", 100.64.0.0/10"));
+        agent.wait_for_log("config changed; rules applied", 1, Duration::from_secs(10));
+        // Right away: no resync for an hour.
+        assert!(!topology.is_masqueraded("100.64.0.10"));
+        assert!(
+            !topology.is_masqueraded("192.168.5.10"),
+            "applied on top of the hand-made deletion"
+        );
+        let set = topology
+            .node
+            .sh(&["nft", "list", "set", "inet", "ip-masq-agent", "non-masq-v4"]);
+        assert!(
+            set.contains("192.168.0.0/16") && set.contains("100.64.0.0/10"),
+            "{set}"
+        );
+    }
+);
+
+/// An `nft` ahead of the real one on PATH that records every run, for proving the agent
+/// starts none.
+struct NftRuns {
+    shims: Shims,
+    log: std::path::PathBuf,
+}
+
+impl NftRuns {
+    fn new() -> NftRuns {
+        let shims = Shims::new();
+        let log = shims.dir.path.join("nft-runs.log");
+        shims.add("nft", &format!("echo \"$*\" >> {}", log.display()));
+        shims.fault_on("nft");
+        NftRuns { shims, log }
+    }
+
+    fn path(&self) -> String {
+        self.shims.path()
+    }
+
+    /// The runs so far, forgetting them.
+    fn take(&self) -> Vec<String> {
+        let runs = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.log);
+        runs.lines().map(str::to_string).collect()
+    }
+}
+
+root_test!(
+    /// Must-show 5 of issue 18: every kind of drift is repaired over netlink at the next
+    /// resync, the repaired table is what nft listed before, traffic follows, and the
+    /// agent starts no nft process for any of it (nor for a config change or an idle
+    /// resync after others committed).
+    fn drift_of_every_kind_is_repaired_over_netlink_without_an_nft_process() {
+        let topology = Topology::new();
+        let node = &topology.node;
+        let nft = NftRuns::new();
+        let mut volume = ConfigMapVolume::new(
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16]\nresyncInterval: 200ms\n",
+        );
+        let path = volume.path();
+        let mut agent = AGENT.start_with(
+            node,
+            &[
+                "--config",
+                path.to_str().unwrap(),
+                "--backend=nftables",
+                "--to-ports=1024-65535",
+            ],
+            &[],
+            &[("PATH", &nft.path())],
+        );
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+        // At start the agent surveys others' NAT rules (and looks for the iptables
+        // backend's leftovers): reads, outside the nftables backend. Later, nothing.
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!("nft runs at start-up: {:?}", nft.take());
+        // Compared normalized: nft lists chains and sets in creation order, which a repair
+        // that recreates one changes, and which means nothing.
+        let good = normalized_table(&agent_table(node).expect("table"));
+        let traffic_ok =
+            || !topology.is_masqueraded("192.168.5.10") && topology.is_masqueraded("203.0.113.10");
+        assert!(traffic_ok());
+        let drifts = [
+            "flush table inet ip-masq-agent",
+            "flush chain inet ip-masq-agent postrouting; flush chain inet ip-masq-agent masq-v4; delete chain inet ip-masq-agent masq-v4",
+            "delete element inet ip-masq-agent non-masq-v4 { 192.168.0.0/16 }",
+            "flush table inet ip-masq-agent; delete set inet ip-masq-agent non-masq-v4; add set inet ip-masq-agent non-masq-v4 { type ipv4_addr; flags interval; elements = { 100.64.0.0/10 }; }",
+            "flush table inet ip-masq-agent; delete set inet ip-masq-agent non-masq-v4; add set inet ip-masq-agent non-masq-v4 { type ipv4_addr; flags interval,constant; }",
+            "add table inet ip-masq-agent { flags dormant; }",
+            // A policy that drops every new connection leaving the node.
+            "chain inet ip-masq-agent postrouting { policy drop; }",
+            // The table made again by someone else, its base chain at another priority.
+            "delete table inet ip-masq-agent; add table inet ip-masq-agent; add chain inet ip-masq-agent postrouting { type nat hook postrouting priority 200; policy accept; }",
+            "add chain inet ip-masq-agent intruder { type nat hook postrouting priority 100; policy accept; }; add rule inet ip-masq-agent intruder counter masquerade",
+            "add element inet ip-masq-agent non-masq-v4 { 203.0.113.0/24 }",
+            "delete table inet ip-masq-agent",
+        ];
+        for (i, drift) in drifts.iter().enumerate() {
+            node.sh(&["nft", drift]);
+            assert_ne!(listed(node), good, "{drift} did nothing");
+            assert!(
+                eventually(Duration::from_secs(3), || listed(node) == good),
+                "{drift} not repaired:\n{}",
+                agent_table(node).unwrap_or_default()
+            );
+            agent.wait_for_log(
+                "differed from the config; rewritten",
+                i + 1,
+                Duration::from_secs(3),
+            );
+            assert!(traffic_ok(), "after repairing {drift}");
+        }
+        // Others commit elsewhere: read, found intact, nothing written.
+        let monitor = NftMonitor::start(node);
+        let resynced = agent.log().matches("rules resynced").count();
+        node.sh(&["nft", "add table inet someone-else"]);
+        agent.wait_for_log("rules resynced", resynced + 3, Duration::from_secs(5));
+        assert!(
+            !monitor.text().contains("ip-masq-agent"),
+            "{}",
+            monitor.text()
+        );
+        // A config change, large and small.
+        volume.update("nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12]\nresyncInterval: 200ms\n");
+        agent.wait_for_log("config changed; rules applied", 1, Duration::from_secs(5));
+        assert!(topology.is_masqueraded("192.168.5.10"));
+        assert_eq!(
+            agent
+                .log()
+                .matches("differed from the config; rewritten")
+                .count(),
+            drifts.len()
+        );
+        assert_eq!(nft.take(), Vec::<String>::new(), "the agent ran nft");
+    }
+);

@@ -176,6 +176,70 @@ impl Socket {
         }
     }
 
+    /// Makes room for a datagram of `bytes` in the send buffer (the kernel refuses one
+    /// larger than the buffer). As root (CAP_NET_ADMIN) past `wmem_max`, as nft does;
+    /// otherwise as far as `wmem_max` allows.
+    pub fn set_send_buffer(&self, bytes: usize) -> Result<(), String> {
+        let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        for option in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+            // SAFETY: setsockopt reads a live c_int of the stated size.
+            let done = unsafe {
+                libc::setsockopt(
+                    self.fd,
+                    libc::SOL_SOCKET,
+                    option,
+                    (&size as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if done == 0 {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "netlink send buffer of {bytes} bytes: {}",
+            std::io::Error::last_os_error()
+        ))
+    }
+
+    /// Asks the kernel not to copy a refused message back into its error (a batch's
+    /// element messages are up to 64 KiB each).
+    pub fn cap_acks(&self) {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads a live c_int of the stated size. Without it errors
+        // are only larger; nothing depends on it succeeding.
+        unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::SOL_NETLINK,
+                libc::NETLINK_CAP_ACK,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+
+    /// Like [`Socket::wait_for_acks`], but a refusal is the kernel's error code
+    /// (`Some(-errno)`), for callers that tell one refusal from another.
+    pub fn await_acks(&self, acked: &[u32]) -> Result<Option<i32>, String> {
+        let mut waiting: Vec<u32> = acked.to_vec();
+        let mut buffer = vec![0u8; RECEIVE_BUFFER];
+        while !waiting.is_empty() {
+            let length = self.receive(&mut buffer)?;
+            for message in messages(buffer.get(..length).unwrap_or_default()) {
+                if message.kind != NLMSG_ERROR {
+                    continue;
+                }
+                match message.error() {
+                    Some(0) => waiting.retain(|seq| *seq != message.seq),
+                    Some(code) => return Ok(Some(code)),
+                    None => return Err("netlink: a truncated error message".into()),
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Waits for the kernel's answer to each of `acked` (sequence numbers of messages
     /// sent with NLM_F_ACK): Ok once every one is acknowledged, the first refusal
     /// otherwise. Messages that are not acks (echoes) are skipped.
