@@ -79,6 +79,9 @@ pub enum Command {
         /// whether it is in masqueradeSourceCIDRs' scope.
         #[arg(long = "from", value_name = "SRC")]
         from: Option<std::net::IpAddr>,
+        /// The interface the packet leaves by; shows whether outputInterface lists it.
+        #[arg(long = "out", value_name = "IFACE")]
+        out: Option<String>,
         #[arg(required = true, value_name = "IP")]
         addresses: Vec<String>,
     },

@@ -13,7 +13,7 @@ use crate::cli::{Cli, Command};
 use crate::config::{self, quote, source::ConfigPath};
 use crate::kernel::SystemRunner;
 use crate::observe::logging;
-use crate::policy::{Decision, Family, KeepReason, Policy};
+use crate::policy::{Decision, Family, InterfaceCheck, KeepReason, Policy};
 use crate::survey::precedence::Survey;
 
 /// Standard output was closed by the reader (`status | head -2`): the command stops
@@ -84,7 +84,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Check { file }) => check(&settings, file.as_deref()),
         Some(Command::Render) => render(&settings).map(|()| done),
         Some(Command::Cleanup) => cleanup(&settings).map(|()| done),
-        Some(Command::Explain { from, addresses }) => explain(&settings, *from, addresses),
+        Some(Command::Explain {
+            from,
+            out,
+            addresses,
+        }) => explain(&settings, *from, out.as_deref(), addresses),
         Some(Command::Status) => status(&settings),
         Some(Command::WindowsCni { cni_conf }) => windows_cni(&settings, cni_conf).map(|()| done),
         None => {
@@ -206,6 +210,7 @@ pub fn explain_lines(
     policy: &Policy,
     chain: &crate::backend::ChainName,
     source: Option<IpAddr>,
+    interface: Option<&str>,
     addresses: &[String],
 ) -> Vec<Result<String, String>> {
     addresses
@@ -220,7 +225,7 @@ pub fn explain_lines(
             // the scope is not applied, and the line says so.
             let other_family_source = source.filter(|s| Family::of_addr(*s) != family);
             let source = source.filter(|s| Family::of_addr(*s) == family);
-            let why = policy.explain(source, ip);
+            let why = policy.explain_via(source, ip, interface);
             let rules = format!(
                 "iptables: {}; nftables: {}",
                 iptables::explain(family_policy, &why.decision, source, ip, chain),
@@ -245,9 +250,27 @@ pub fn explain_lines(
                     "not masqueraded (keeps the pod address): nonMasqueradeCIDRs entry {prefix}{beat}"
                 ),
                 Decision::Forced { prefix } => format!(
-                    "MASQUERADED (leaves with the node address): forceMasqueradeCIDRs entry {prefix}{beat}"
+                    "MASQUERADED ({}): forceMasqueradeCIDRs entry {prefix}{beat}",
+                    leaves_with(family_policy)
                 ),
-                Decision::Masquerade => "MASQUERADED (leaves with the node address): no nonMasqueradeCIDRs entry contains it".to_string(),
+                Decision::Masquerade => format!(
+                    "MASQUERADED ({}): no nonMasqueradeCIDRs entry contains it",
+                    leaves_with(family_policy)
+                ),
+                Decision::OtherInterface => {
+                    let listed = policy
+                        .out_interfaces
+                        .as_deref()
+                        .map(list_interfaces)
+                        .unwrap_or_default();
+                    format!(
+                        "not masqueraded (keeps the pod address): it leaves through {}, which outputInterface ({listed}) does not list{}",
+                        quote::quoted(interface.unwrap_or_default()),
+                        why.deciding
+                            .map(|m| format!("; {} from {} alone would masquerade it", m.prefix, m.list))
+                            .unwrap_or_default()
+                    )
+                }
                 Decision::SourceOutOfScope => {
                     let would = why.deciding.map(|m| format!(", although {} from {} would masquerade it", m.prefix, m.list)).unwrap_or_default();
                     format!("not masqueraded (keeps its source): the source is outside masqueradeSourceCIDRs{would}")
@@ -258,9 +281,39 @@ pub fn explain_lines(
                     ));
                 }
             };
-            Ok(format!("{ip}: {verdict}{scope}; {rules}"))
+            let egress = match &why.interface {
+                Some(InterfaceCheck::Listed(pattern)) => format!(
+                    "; it leaves through {}, which outputInterface lists ({pattern})",
+                    quote::quoted(interface.unwrap_or_default())
+                ),
+                Some(InterfaceCheck::Only(listed)) => format!(
+                    "; only when it leaves through {} (outputInterface; --out IFACE says for one interface)",
+                    list_interfaces(listed)
+                ),
+                Some(InterfaceCheck::NotListed) | None => String::new(),
+            };
+            Ok(format!("{ip}: {verdict}{scope}{egress}; {rules}"))
         })
         .collect()
+}
+
+/// What a masqueraded packet leaves with: the node's address, or outputAddress.
+fn leaves_with(family: Option<&crate::policy::FamilyPolicy>) -> String {
+    match family.and_then(|f| f.snat_to.as_ref()) {
+        Some(to) if to.is_ipv6() => format!("SNAT to {to}, outputAddressIPv6"),
+        Some(to) => format!("SNAT to {to}, outputAddress"),
+        None => "leaves with the node address".to_string(),
+    }
+}
+
+fn list_interfaces(list: &[crate::config::egress::InterfacePattern]) -> String {
+    if list.is_empty() {
+        return "none".to_string();
+    }
+    list.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `--from` names an address of the other family than the destination's.
@@ -289,12 +342,18 @@ fn other_family_note(source: IpAddr, destination: IpAddr) -> String {
 pub fn explain(
     settings: &Settings,
     source: Option<IpAddr>,
+    interface: Option<&str>,
     addresses: &[String],
 ) -> anyhow::Result<ExitCode> {
     let loaded = settings.load_config()?;
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
     let mut code = ExitCode::SUCCESS;
-    for line in explain_lines(&policy, &settings.chain, source, addresses) {
+    if let Some(name) = interface
+        && let Err(problem) = crate::config::egress::parse_interface(name)
+    {
+        anyhow::bail!("--out: {problem}");
+    }
+    for line in explain_lines(&policy, &settings.chain, source, interface, addresses) {
         match line {
             Ok(line) => say!("{line}"),
             Err(problem) => {
@@ -335,6 +394,10 @@ pub fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
         }
         ExitCode::FAILURE
     };
+    // Informational, as the survey below: what outputInterface/outputAddress meet here.
+    for line in crate::agent::egress::check(&policy, &runner).lines() {
+        say!("{line}");
+    }
     // Informational: the exit code says only whether the agent's own rules match.
     if let Some(survey) = crate::survey::survey_srcnat(backend.as_ref(), &policy, &runner) {
         for line in preceding_lines(&survey) {
@@ -384,6 +447,16 @@ pub fn windows_cni(settings: &Settings, cni_conf: &Path) -> anyhow::Result<()> {
     if policy.families.iter().any(|f| f.sources.is_some()) {
         complain!(
             "warning: masqueradeSourceCIDRs cannot be expressed in the OutBoundNAT exception list; it is ignored on Windows nodes"
+        );
+    }
+    if policy.out_interfaces.is_some() {
+        complain!(
+            "warning: outputInterface cannot be expressed in the OutBoundNAT exception list; it is ignored on Windows nodes (every interface is masqueraded)"
+        );
+    }
+    if policy.families.iter().any(|f| f.snat_to.is_some()) {
+        complain!(
+            "warning: outputAddress cannot be expressed in the OutBoundNAT exception list; it is ignored on Windows nodes (the host's own address is used)"
         );
     }
     if windows::rewrite_file(cni_conf, &list)? {

@@ -15,6 +15,7 @@ use std::str::FromStr;
 use ipnet::IpNet;
 
 use crate::config::Config;
+use crate::config::egress::{AddressRange, InterfacePattern};
 
 pub const LINK_LOCAL_V4: &str = "169.254.0.0/16";
 pub const LINK_LOCAL_V6: &str = "fe80::/10";
@@ -184,6 +185,8 @@ pub struct FamilyPolicy {
     /// The flat answer, present exactly when `force` or `sources` is: backends render it
     /// instead of upstream's layout, and never re-decide precedence themselves.
     pub resolved: Option<Resolved>,
+    /// outputAddress(IPv6): masqueraded packets get SNAT to this instead of MASQUERADE.
+    pub snat_to: Option<AddressRange>,
 }
 
 /// One family's lists resolved into disjoint sets that a backend can match directly.
@@ -203,6 +206,9 @@ pub struct Resolved {
 pub struct Policy {
     pub families: Vec<FamilyPolicy>,
     pub masquerade: Masquerade,
+    /// outputInterface: only packets leaving through one of these are masqueraded (or
+    /// SNATed); None: every interface; empty: none.
+    pub out_interfaces: Option<Vec<InterfacePattern>>,
 }
 
 /// Flag-derived settings that shape the policy.
@@ -230,6 +236,8 @@ pub enum Decision {
     Forced { prefix: IpNet },
     /// Keeps its source: the source is outside masqueradeSourceCIDRs.
     SourceOutOfScope,
+    /// Keeps its source: it leaves through an interface outputInterface does not list.
+    OtherInterface,
     /// The agent manages no rules for this family (IPv6 without --enable-ipv6).
     Unmanaged,
 }
@@ -267,13 +275,27 @@ pub struct Match {
 }
 
 /// Why `decide` decided: the winning prefix, the one it beat, and the source scope.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Explanation {
     pub decision: Decision,
     pub deciding: Option<Match>,
     pub runner_up: Option<Match>,
     /// None when no source was given or every source is in scope.
     pub source_in_scope: Option<bool>,
+    /// How outputInterface bears on it: None when every interface masquerades, or the
+    /// packet is not masqueraded anyway.
+    pub interface: Option<InterfaceCheck>,
+}
+
+/// What outputInterface says of a packet the lists would masquerade.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InterfaceCheck {
+    /// It leaves through this listed interface (the pattern that matched).
+    Listed(InterfacePattern),
+    /// It leaves through an interface the list does not name.
+    NotListed,
+    /// No interface was given: masqueraded only when it leaves through one of these.
+    Only(Vec<InterfacePattern>),
 }
 
 impl Policy {
@@ -297,6 +319,10 @@ impl Policy {
                     .as_ref()
                     .map(|sources| of_family(sources, family)),
                 resolved: None,
+                snat_to: match family {
+                    Family::V4 => config.output_address,
+                    Family::V6 => config.output_address_ipv6,
+                },
             };
             if !policy.force.is_empty() || policy.sources.is_some() {
                 policy.resolved = Some(policy.resolve());
@@ -318,6 +344,7 @@ impl Policy {
         Policy {
             families,
             masquerade: settings.masquerade.clone(),
+            out_interfaces: config.output_interfaces.clone(),
         }
     }
 
@@ -333,6 +360,37 @@ impl Policy {
     /// What happens to a packet from `source` (any source in scope when None) to
     /// `destination`, and why.
     pub fn explain(&self, source: Option<IpAddr>, destination: IpAddr) -> Explanation {
+        self.explain_via(source, destination, None)
+    }
+
+    /// [`Policy::explain`] for a packet leaving through `interface` (None: not known;
+    /// the answer then says which interfaces masquerade when outputInterface is set).
+    pub fn explain_via(
+        &self,
+        source: Option<IpAddr>,
+        destination: IpAddr,
+        interface: Option<&str>,
+    ) -> Explanation {
+        let mut explanation = self.explain_by_lists(source, destination);
+        let (Some(listed), true) = (&self.out_interfaces, explanation.decision.masquerades())
+        else {
+            return explanation;
+        };
+        explanation.interface = Some(match interface {
+            Some(name) => match listed.iter().find(|pattern| pattern.matches(name)) {
+                Some(pattern) => InterfaceCheck::Listed(pattern.clone()),
+                None => {
+                    explanation.decision = Decision::OtherInterface;
+                    InterfaceCheck::NotListed
+                }
+            },
+            None => InterfaceCheck::Only(listed.clone()),
+        });
+        explanation
+    }
+
+    /// The decision by the destination lists and the source scope alone.
+    fn explain_by_lists(&self, source: Option<IpAddr>, destination: IpAddr) -> Explanation {
         let family = Family::of_addr(destination);
         let Some(policy) = self.family(family) else {
             return Explanation {
@@ -340,6 +398,7 @@ impl Policy {
                 deciding: None,
                 runner_up: None,
                 source_in_scope: None,
+                interface: None,
             };
         };
         let matches = policy.matches(destination);
@@ -378,6 +437,7 @@ impl Policy {
             deciding,
             runner_up,
             source_in_scope,
+            interface: None,
         }
     }
 }
@@ -591,7 +651,11 @@ impl FamilyPolicy {
 /// or the source scope changed).
 pub fn changed_destinations(old: &Policy, new: &Policy, family: Family) -> Option<Vec<IpNet>> {
     let (before, after) = (old.family(family)?, new.family(family)?);
-    if before.sources != after.sources {
+    // The source scope, the interfaces or the SNAT address: any destination may differ.
+    if before.sources != after.sources
+        || old.out_interfaces != new.out_interfaces
+        || before.snat_to != after.snat_to
+    {
         return None;
     }
     let ranges = |blocks: Vec<IpNet>| -> Vec<(u128, u128)> {

@@ -1,6 +1,7 @@
 //! The sync loop: read the config, keep the kernel in step with it, and keep the
 //! last good rules when the config is bad or a tool fails.
 
+pub mod egress;
 pub mod flows;
 pub mod watch;
 pub mod wiring;
@@ -121,6 +122,9 @@ pub struct Agent {
     leftovers_pending: bool,
     /// What the backend said about how it had to read the kernel, as last logged.
     read_notes: Vec<String>,
+    /// Looks at what outputInterface/outputAddress meet on the node (None: never), and
+    /// the warnings last logged.
+    egress: Option<(SharedRunner, Vec<String>)>,
     /// Brings existing flows in line after a change of decisions (None: never).
     flows: Option<flows::FlowReconciler>,
     applied: Option<Applied>,
@@ -161,6 +165,7 @@ impl Agent {
             leftovers: None,
             leftovers_pending: false,
             read_notes: Vec::new(),
+            egress: None,
             flows: None,
             applied: None,
             last_loaded: None,
@@ -209,6 +214,39 @@ impl Agent {
             runner,
             self.telemetry.clone(),
         );
+    }
+
+    /// Checks, at a change and with every full survey, whether the node holds
+    /// outputAddress(IPv6) and has the interfaces outputInterface lists; warns when not.
+    pub fn with_egress_check(mut self, runner: SharedRunner) -> Agent {
+        self.egress = Some((runner, Vec::new()));
+        self
+    }
+
+    /// Logs what the egress keys meet on the node when that changes, and exports it.
+    fn check_egress(&mut self) {
+        let (Some((runner, last)), Some(applied)) = (self.egress.as_mut(), self.applied.as_ref())
+        else {
+            return;
+        };
+        let found = egress::check(&applied.policy, runner);
+        let present: Vec<(&'static str, bool)> = found
+            .addresses
+            .iter()
+            .map(|address| (address.family.label(), address.present()))
+            .collect();
+        self.telemetry.egress(
+            applied.policy.out_interfaces.as_ref().map(Vec::len),
+            &present,
+        );
+        let warnings = found.warnings();
+        for warning in warnings.iter().filter(|w| !last.contains(w)) {
+            tracing::warn!("{warning}");
+        }
+        for gone in last.iter().filter(|w| !warnings.contains(w)) {
+            tracing::info!("no longer so: {gone}");
+        }
+        *last = warnings;
     }
 
     /// Reports into `telemetry` (shared with the HTTP endpoint) instead of a private one.
@@ -582,6 +620,9 @@ impl Agent {
         // 50,000 prefixes) at every idle resync.
         if full || changed || report.processes > 0 {
             self.survey_srcnat(full);
+        }
+        if full || changed {
+            self.check_egress();
         }
         SyncOutcome::Applied { changed }
     }

@@ -102,7 +102,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         }
     }
     // Read-only, so a dry run surveys too.
-    agent = agent.with_srcnat_survey(runner.clone());
+    agent = agent
+        .with_srcnat_survey(runner.clone())
+        .with_egress_check(runner.clone());
     agent.run(&events);
     if let Some(chain) = cleanup_chain {
         // The one step that still runs tools after a stop was asked for. Later signals

@@ -1,8 +1,10 @@
-//! Property: for any config and any (source, destination), the policy's decision, the
-//! rendered iptables rules, the rendered nftables transaction and the Windows exception
-//! list agree with a straightforward reference implementation of longest-prefix match
-//! written here. The rendered text is evaluated by small interpreters, so a rendering
-//! bug shows up as disagreement.
+//! Property: for any config and any (source, destination, egress interface), the
+//! policy's decision, the rendered iptables rules, the rendered nftables transaction and
+//! the Windows exception list agree with a straightforward reference implementation of
+//! the rule written here: the source is in scope, the destination's longest-prefix
+//! decision is "masquerade", and the egress interface is listed (outputInterface); then
+//! MASQUERADE, or SNAT to outputAddress(IPv6) when set. The rendered text is evaluated by
+//! small interpreters, so a rendering bug shows up as disagreement.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -14,28 +16,71 @@ use super::iptables::render_chain_rules;
 use super::nftables::render_transaction;
 use super::windows::exception_list;
 use crate::config::Config;
+use crate::config::egress::{AddressRange, InterfacePattern};
 use crate::policy::{Family, LINK_LOCAL_V4, LINK_LOCAL_V6, Masquerade, Policy, PolicySettings};
 
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     Keep,
     Masquerade,
+    /// SNAT to this address or range (as `AddressRange` prints it).
+    Snat(String),
     Unmanaged,
 }
 
-fn from_policy(policy: &Policy, source: IpAddr, destination: IpAddr) -> Verdict {
-    let decision = policy.explain(Some(source), destination).decision;
+fn from_policy(policy: &Policy, source: IpAddr, destination: IpAddr, out: &str) -> Verdict {
+    let decision = policy
+        .explain_via(Some(source), destination, Some(out))
+        .decision;
     match decision {
         crate::policy::Decision::Unmanaged => Verdict::Unmanaged,
-        d if d.masquerades() => Verdict::Masquerade,
+        d if d.masquerades() => {
+            match policy
+                .family(family_of(destination))
+                .and_then(|f| f.snat_to.as_ref())
+            {
+                Some(to) => Verdict::Snat(to.to_string()),
+                None => Verdict::Masquerade,
+            }
+        }
         _ => Verdict::Keep,
     }
+}
+
+/// An iptables `-o` pattern (`bond+`) or an nft `oifname` one (`bond*`) against a name.
+fn interface_matches(pattern: &str, name: &str) -> bool {
+    match pattern
+        .strip_suffix('+')
+        .or_else(|| pattern.strip_suffix('*'))
+    {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+/// `192.0.2.5:1024-2000`, `[2001:db8::1-2001:db8::2]:1024-2000`, `[2001:db8::1]-[2001:db8::2]:1-2`
+/// without brackets and ports: the addresses alone.
+fn without_ports(target: &str) -> String {
+    if target.contains('[') {
+        let before_ports = target.rsplit_once("]:").map_or(target, |(a, _)| a);
+        return before_ports.replace(['[', ']'], "");
+    }
+    if target.contains('.') {
+        return target.split(':').next().unwrap_or_default().to_string();
+    }
+    target.to_string()
 }
 
 /// The rule in its plainest form: of every listed prefix containing the destination the
 /// longest decides (force beats the link-local default at equal length); none means
 /// masquerade; a source outside a given scope is never masqueraded.
-fn reference(config: &Config, enable_ipv6: bool, source: IpAddr, destination: IpAddr) -> Verdict {
+fn reference(
+    config: &Config,
+    enable_ipv6: bool,
+    source: IpAddr,
+    destination: IpAddr,
+    out: &str,
+) -> Verdict {
     let family = family_of(destination);
     if family == Family::V6 && !enable_ipv6 {
         return Verdict::Unmanaged;
@@ -69,10 +114,20 @@ fn reference(config: &Config, enable_ipv6: bool, source: IpAddr, destination: Ip
         .masquerade_source_cidrs
         .as_ref()
         .is_none_or(|scope| scope.iter().any(|n| n.contains(&source)));
-    if keeps || !in_scope {
-        Verdict::Keep
-    } else {
-        Verdict::Masquerade
+    let listed = config.output_interfaces.as_ref().is_none_or(|list| {
+        list.iter()
+            .any(|pattern| interface_matches(pattern.as_iptables(), out))
+    });
+    if keeps || !in_scope || !listed {
+        return Verdict::Keep;
+    }
+    let snat = match family {
+        Family::V4 => config.output_address,
+        Family::V6 => config.output_address_ipv6,
+    };
+    match snat {
+        Some(to) => Verdict::Snat(to.to_string()),
+        None => Verdict::Masquerade,
     }
 }
 
@@ -81,11 +136,16 @@ fn family_of(ip: IpAddr) -> Family {
 }
 
 /// Walks the iptables chain the way the kernel does: first matching rule decides.
-fn iptables_verdict(policy: &Policy, source: IpAddr, ip: IpAddr) -> Verdict {
+fn iptables_verdict(policy: &Policy, source: IpAddr, ip: IpAddr, out: &str) -> Verdict {
     let Some(family) = policy.family(family_of(ip)) else {
         return Verdict::Unmanaged;
     };
-    for rule in render_chain_rules(&ChainName::default(), family, &policy.masquerade) {
+    for rule in render_chain_rules(
+        &ChainName::default(),
+        family,
+        &policy.masquerade,
+        policy.out_interfaces.as_deref(),
+    ) {
         let words: Vec<&str> = rule.split(' ').collect();
         let net_after = |flag: &str| {
             words
@@ -93,8 +153,10 @@ fn iptables_verdict(policy: &Policy, source: IpAddr, ip: IpAddr) -> Verdict {
                 .find(|w| w[0] == flag)
                 .and_then(|w| w[1].parse::<IpNet>().ok())
         };
+        let word_after = |flag: &str| words.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
         let matches = net_after("-d").is_none_or(|net| net.contains(&ip))
-            && net_after("-s").is_none_or(|net| net.contains(&source));
+            && net_after("-s").is_none_or(|net| net.contains(&source))
+            && word_after("-o").is_none_or(|pattern| interface_matches(pattern, out));
         if !matches {
             continue;
         }
@@ -104,12 +166,15 @@ fn iptables_verdict(policy: &Policy, source: IpAddr, ip: IpAddr) -> Verdict {
         if rule.contains("-j MASQUERADE") {
             return Verdict::Masquerade;
         }
+        if let Some(target) = word_after("--to-source") {
+            return Verdict::Snat(without_ports(target));
+        }
     }
     Verdict::Keep
 }
 
 /// Reads the nft transaction back: the sets' elements and the family chain's rules.
-fn nft_verdict(policy: &Policy, source: IpAddr, ip: IpAddr) -> Verdict {
+fn nft_verdict(policy: &Policy, source: IpAddr, ip: IpAddr, out: &str) -> Verdict {
     let text = render_transaction(policy);
     let definition = &text[text.rfind("table inet").unwrap_or(0)..];
     let (nfproto, chain, keyword) = match family_of(ip) {
@@ -154,6 +219,18 @@ fn nft_verdict(policy: &Policy, source: IpAddr, ip: IpAddr) -> Verdict {
             if !in_target(rest.trim_end_matches(" return"), source) {
                 return Verdict::Keep;
             }
+        } else if rule.starts_with("oifname != ") {
+            let patterns: Vec<&str> = rule
+                .split("oifname != ")
+                .filter_map(|part| part.split('"').nth(1))
+                .collect();
+            if !patterns.iter().any(|p| interface_matches(p, out)) {
+                return Verdict::Keep;
+            }
+        } else if let Some((_, target)) = rule.split_once(" to ").filter(|_| rule.contains("snat "))
+        {
+            let target = target.split(' ').next().unwrap_or_default();
+            return Verdict::Snat(without_ports(target));
         } else if rule.contains("masquerade") {
             return Verdict::Masquerade;
         }
@@ -225,12 +302,67 @@ fn windows_verdict(policy: &Policy, ip: IpAddr) -> Option<Verdict> {
     })
 }
 
+/// Windows cannot express a source scope, an interface or a SNAT address: it answers
+/// for the destination alone.
 fn windows_reference(config: &Config, ip: IpAddr) -> Verdict {
     let everyone = Config {
         masquerade_source_cidrs: None,
+        output_interfaces: None,
+        output_address: None,
+        output_address_ipv6: None,
         ..config.clone()
     };
-    reference(&everyone, false, ip, ip)
+    reference(&everyone, false, ip, ip, "eth0")
+}
+
+/// outputInterface lists drawn from names a node has, with iptables' wildcard.
+fn interfaces_strategy() -> impl Strategy<Value = Option<Vec<InterfacePattern>>> {
+    const NAMES: [&str; 6] = ["eth0", "eth1", "bond+", "vlan+", "wg0", "+"];
+    proptest::option::weighted(
+        0.6,
+        proptest::collection::vec(proptest::sample::select(NAMES.to_vec()), 0..4).prop_map(
+            |names| {
+                names
+                    .into_iter()
+                    .filter_map(|n| crate::config::egress::parse_interface(n).ok())
+                    .collect()
+            },
+        ),
+    )
+}
+
+/// Interfaces a packet may leave by: listed, matching a wildcard, or neither.
+fn out_strategy() -> impl Strategy<Value = &'static str> {
+    proptest::sample::select(vec![
+        "eth0", "eth1", "bond0", "bond12", "vlan7", "wg0", "ens5",
+    ])
+}
+
+fn snat_strategy(ipv6: bool) -> impl Strategy<Value = Option<AddressRange>> {
+    proptest::option::weighted(
+        0.5,
+        (any::<u16>(), 0u16..8).prop_map(move |(base, span)| {
+            let text = if ipv6 {
+                let first = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, base.max(1));
+                let last = Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    base.max(1).saturating_add(span),
+                );
+                format!("{first}-{last}")
+            } else {
+                let first = Ipv4Addr::from(0xC633_6400u32 | u32::from(base.max(1) & 0xf0));
+                let last = Ipv4Addr::from(u32::from(first) + u32::from(span));
+                format!("{first}-{last}")
+            };
+            crate::config::egress::parse_address_range(&text, ipv6).expect("a valid range")
+        }),
+    )
 }
 
 proptest! {
@@ -245,7 +377,11 @@ proptest! {
         masq_link_local_ipv6 in any::<bool>(),
         enable_ipv6 in any::<bool>(),
         random_fully in any::<bool>(),
-        pairs in proptest::collection::vec((address_strategy(), address_strategy()), 1..32),
+        pairs in proptest::collection::vec((address_strategy(), address_strategy(), out_strategy()), 1..32),
+        output_interfaces in interfaces_strategy(),
+        output_address in snat_strategy(false),
+        output_address_ipv6 in snat_strategy(true),
+        to_ports in proptest::sample::select(vec!["", "1024-29999", "1024-29999,32768-65535"]),
     ) {
         let keep_family = |nets: Vec<IpNet>| -> Vec<IpNet> {
             nets.into_iter().filter(|n| enable_ipv6 || matches!(n, IpNet::V4(_))).collect()
@@ -264,19 +400,22 @@ proptest! {
             masq_link_local,
             masq_link_local_ipv6,
             resync_interval: std::time::Duration::from_secs(60),
+            output_interfaces,
+            output_address,
+            output_address_ipv6: output_address_ipv6.filter(|_| enable_ipv6),
         };
         let settings = PolicySettings {
             enable_ipv6,
-            masquerade: Masquerade { random_fully, to_ports: Default::default() },
+            masquerade: Masquerade { random_fully, to_ports: to_ports.parse().expect("ports") },
         };
         let policy = Policy::new(&config, &settings);
-        for (source, destination) in pairs {
+        for (source, destination, out) in pairs {
             // A packet's source is of its destination's family.
             let source = if source.is_ipv4() == destination.is_ipv4() { source } else { destination };
-            let expected = reference(&config, enable_ipv6, source, destination);
-            prop_assert_eq!(&from_policy(&policy, source, destination), &expected, "policy, {} -> {}", source, destination);
-            prop_assert_eq!(&iptables_verdict(&policy, source, destination), &expected, "iptables, {} -> {}", source, destination);
-            prop_assert_eq!(&nft_verdict(&policy, source, destination), &expected, "nftables, {} -> {}", source, destination);
+            let expected = reference(&config, enable_ipv6, source, destination, out);
+            prop_assert_eq!(&from_policy(&policy, source, destination, out), &expected, "policy, {} -> {} via {}", source, destination, out);
+            prop_assert_eq!(&iptables_verdict(&policy, source, destination, out), &expected, "iptables, {} -> {} via {}", source, destination, out);
+            prop_assert_eq!(&nft_verdict(&policy, source, destination, out), &expected, "nftables, {} -> {} via {}", source, destination, out);
             if let Some(windows) = windows_verdict(&policy, destination) {
                 prop_assert_eq!(windows, windows_reference(&config, destination), "windows, {}", destination);
             }

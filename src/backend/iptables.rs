@@ -10,11 +10,17 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::policy::{Decision, Family, FamilyPolicy, Masquerade, PORT_PROTOCOLS, Policy};
+use crate::config::egress::{AddressRange, InterfacePattern};
+use crate::policy::{
+    Decision, Family, FamilyPolicy, Masquerade, PORT_PROTOCOLS, Policy, PortRange,
+};
 
 const NON_MASQ_COMMENT: &str = "ip-masq-agent: local traffic is not subject to MASQUERADE";
 const MASQ_COMMENT: &str =
     "ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)";
+/// On the SNAT rules that stand for MASQUERADE when outputAddress(IPv6) is set.
+const SNAT_COMMENT: &str =
+    "ip-masq-agent: outbound traffic is subject to SNAT (must be last in chain)";
 /// On the RETURN rules for sources outside masqueradeSourceCIDRs (only with that key).
 const SOURCE_COMMENT: &str =
     "ip-masq-agent: traffic from outside masqueradeSourceCIDRs is not subject to MASQUERADE";
@@ -449,11 +455,15 @@ fn jump_rule(chain: &ChainName) -> String {
     format!("-A POSTROUTING {}", jump_spec(chain.as_str()))
 }
 
-/// The chain's rules as `-A` lines, in the order iptables-save prints them.
+/// The chain's rules as `-A` lines, in the order iptables-save prints them. With
+/// `interfaces` (outputInterface), the MASQUERADE (or SNAT) rules are written once per
+/// listed interface with `-o`: a packet leaving by another interface reaches the end of
+/// the chain unmasqueraded. iptables has no "none of these interfaces" in one rule.
 pub fn render_chain_rules(
     chain: &ChainName,
     family: &FamilyPolicy,
     masquerade: &Masquerade,
+    interfaces: Option<&[InterfacePattern]>,
 ) -> Vec<String> {
     let mut rules = Vec::new();
     let keep = |prefix: &ipnet::IpNet| {
@@ -482,22 +492,54 @@ pub fn render_chain_rules(
         ""
     };
     let weighted = masquerade.to_ports.weighted();
-    for protocol in PORT_PROTOCOLS {
-        for w in &weighted {
-            let statistic = w
-                .probability
-                .map(|p| format!(" -m statistic --mode random --probability {p}"))
-                .unwrap_or_default();
-            rules.push(format!(
-                "-A {chain} -p {protocol} -m comment --comment \"{MASQ_COMMENT}\"{statistic} -j MASQUERADE --to-ports {}{random_fully}",
-                w.range
-            ));
+    // outputAddress: SNAT to it (ports from --to-ports) instead of MASQUERADE.
+    let snat = family.snat_to.as_ref();
+    let comment = if snat.is_some() {
+        SNAT_COMMENT
+    } else {
+        MASQ_COMMENT
+    };
+    let target = |ports: Option<&PortRange>| match (snat, ports) {
+        (Some(to), _) => format!("SNAT --to-source {}", snat_source(to, ports)),
+        (None, Some(range)) => format!("MASQUERADE --to-ports {range}"),
+        (None, None) => "MASQUERADE".to_string(),
+    };
+    let outs: Vec<String> = match interfaces {
+        None => vec![String::new()],
+        Some(list) => list
+            .iter()
+            .map(|pattern| format!(" -o {}", pattern.as_iptables()))
+            .collect(),
+    };
+    for out in &outs {
+        for protocol in PORT_PROTOCOLS {
+            for w in &weighted {
+                let statistic = w
+                    .probability
+                    .map(|p| format!(" -m statistic --mode random --probability {p}"))
+                    .unwrap_or_default();
+                rules.push(format!(
+                    "-A {chain}{out} -p {protocol} -m comment --comment \"{comment}\"{statistic} -j {}{random_fully}",
+                    target(Some(&w.range))
+                ));
+            }
         }
+        rules.push(format!(
+            "-A {chain}{out} -m comment --comment \"{comment}\" -j {}{random_fully}",
+            target(None)
+        ));
     }
-    rules.push(format!(
-        "-A {chain} -m comment --comment \"{MASQ_COMMENT}\" -j MASQUERADE{random_fully}"
-    ));
     rules
+}
+
+/// `SNAT --to-source` as iptables-save prints it: `A`, `A-B`, `A:P-Q`; IPv6 with ports
+/// in brackets, `[A-B]:P-Q`.
+fn snat_source(to: &AddressRange, ports: Option<&PortRange>) -> String {
+    match (ports, to.is_ipv6()) {
+        (None, _) => to.to_string(),
+        (Some(ports), false) => format!("{to}:{ports}"),
+        (Some(ports), true) => format!("[{to}]:{ports}"),
+    }
 }
 
 /// The chain a POSTROUTING rule spec (after `-A POSTROUTING `) jumps to, if some release
@@ -535,6 +577,7 @@ pub fn is_agent_chain_rule(line: &str) -> bool {
         ([comment], [target]) => {
             (matches!(*comment, NON_MASQ_COMMENT | SOURCE_COMMENT) && *target == "RETURN")
                 || (*comment == MASQ_COMMENT && *target == "MASQUERADE")
+                || (*comment == SNAT_COMMENT && *target == "SNAT")
         }
         _ => false,
     }
@@ -894,7 +937,12 @@ pub fn render_restore_payload(
 pub fn render(policy: &Policy, chain: &ChainName) -> String {
     let mut out = String::new();
     for family in &policy.families {
-        let rules = render_chain_rules(chain, family, &policy.masquerade);
+        let rules = render_chain_rules(
+            chain,
+            family,
+            &policy.masquerade,
+            policy.out_interfaces.as_deref(),
+        );
         let jump = plan_jump_repairs("", chain);
         out.push_str(&format!(
             "# {}-restore --noflush ({})\n",
@@ -931,8 +979,14 @@ pub fn explain(
             block_of(&r.out_of_scope, source)
         ),
         (Decision::Masquerade | Decision::Forced { .. }, _) => {
-            format!("the MASQUERADE rules at the end of {chain}")
+            match family.and_then(|f| f.snat_to.as_ref()) {
+                Some(to) => format!("the SNAT rules (to {to}) at the end of {chain}"),
+                None => format!("the MASQUERADE rules at the end of {chain}"),
+            }
         }
+        (Decision::OtherInterface, _) => format!(
+            "none of the -o rules at the end of {chain} matches: it leaves the chain unmasqueraded"
+        ),
         (Decision::Unmanaged, _) | (Decision::SourceOutOfScope, None) => "no rules".to_string(),
     }
 }
@@ -1136,9 +1190,14 @@ impl Backend for IptablesBackend {
                 normalize_rule(&jump_rule(&self.chain)),
             ];
             expected.extend(
-                render_chain_rules(&self.chain, family, &masquerade)
-                    .iter()
-                    .map(|rule| normalize_rule(rule)),
+                render_chain_rules(
+                    &self.chain,
+                    family,
+                    &masquerade,
+                    policy.out_interfaces.as_deref(),
+                )
+                .iter()
+                .map(|rule| normalize_rule(rule)),
             );
             let declared = format!(":{} ", self.chain);
             let actual: Vec<String> = saved
@@ -1198,7 +1257,14 @@ impl Backend for IptablesBackend {
         let wanted: Vec<Vec<String>> = policy
             .families
             .iter()
-            .map(|family| render_chain_rules(&self.chain, family, &masquerade))
+            .map(|family| {
+                render_chain_rules(
+                    &self.chain,
+                    family,
+                    &masquerade,
+                    policy.out_interfaces.as_deref(),
+                )
+            })
             .collect();
         let key: Vec<String> = wanted.iter().flatten().cloned().collect();
         // iptables-nft writes to nf_tables, so its generation tells whether anything

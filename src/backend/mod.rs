@@ -353,6 +353,26 @@ fn resolved_summary(policy: &Policy) -> String {
             ));
         }
     }
+    if let Some(interfaces) = &policy.out_interfaces {
+        let names: Vec<String> = interfaces.iter().map(ToString::to_string).collect();
+        out.push_str(&format!(
+            "# masqueraded only when leaving through: {}\n",
+            if names.is_empty() {
+                "none (outputInterface is empty)".to_string()
+            } else {
+                names.join(", ")
+            }
+        ));
+    }
+    for family in &policy.families {
+        if let Some(to) = &family.snat_to {
+            out.push_str(&format!(
+                "# {} masqueraded to {to} (SNAT, outputAddress{})\n",
+                family.family,
+                if to.is_ipv6() { "IPv6" } else { "" }
+            ));
+        }
+    }
     out
 }
 

@@ -15,6 +15,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::{Backend, Doing, SrcnatPlace, SyncError, SyncReport};
+use crate::config::egress::{AddressRange, InterfacePattern};
 use crate::kernel::nf_tables::expr::{self, Address, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 use crate::kernel::nf_tables::table::{HOOK_POSTROUTING, POLICY_ACCEPT};
 use crate::kernel::nf_tables::{
@@ -64,8 +65,13 @@ fn set_type(family: Family) -> &'static str {
 }
 
 /// The masquerade rules, with `--to-ports` ranges weighted by size like the iptables
-/// layout; `numgen random mod R < S` is the exact integer form of probability S/R.
-fn masquerade_rules(masquerade: &Masquerade) -> Vec<Rule> {
+/// layout; `numgen random mod R < S` is the exact integer form of probability S/R. With
+/// outputAddress(IPv6) (`snat_to`), `snat ip[6] to` that address instead of `masquerade`.
+fn masquerade_rules(masquerade: &Masquerade, snat_to: Option<&AddressRange>) -> Vec<Rule> {
+    let translate = |ports: Option<(u16, u16)>| match snat_to {
+        Some(to) => expr::snat((to.first, to.last), ports, masquerade.random_fully, false),
+        None => expr::masquerade(ports, masquerade.random_fully),
+    };
     let ranges = &masquerade.to_ports.0;
     let mut remaining: u32 = ranges.iter().map(|r| r.port_count()).sum();
     let mut rules = Vec::new();
@@ -74,20 +80,17 @@ fn masquerade_rules(masquerade: &Masquerade) -> Vec<Rule> {
         if i + 1 < ranges.len() {
             statements.push(expr::random_below(remaining, range.port_count()));
         }
-        statements.push(expr::masquerade(
-            Some((range.first, range.last)),
-            masquerade.random_fully,
-        ));
+        statements.push(translate(Some((range.first, range.last))));
         rules.push(Rule::of(statements));
         remaining -= range.port_count();
     }
-    rules.push(Rule::of([expr::masquerade(None, masquerade.random_fully)]));
+    rules.push(Rule::of([translate(None)]));
     rules
 }
 
 /// The masquerade statements as `nft list` prints them.
 pub fn masquerade_statements(masquerade: &Masquerade) -> Vec<String> {
-    masquerade_rules(masquerade)
+    masquerade_rules(masquerade, None)
         .into_iter()
         .map(|rule| rule.text)
         .collect()
@@ -101,7 +104,11 @@ fn has_source_scope(family: &FamilyPolicy) -> bool {
 }
 
 /// The rules of a family's chain.
-fn family_rules(family: &FamilyPolicy, masquerade: &[Rule]) -> Vec<Rule> {
+fn family_rules(
+    family: &FamilyPolicy,
+    masquerade: &Masquerade,
+    interfaces: Option<&[InterfacePattern]>,
+) -> Vec<Rule> {
     let mut rules = Vec::new();
     match &family.resolved {
         None => {
@@ -136,7 +143,21 @@ fn family_rules(family: &FamilyPolicy, masquerade: &[Rule]) -> Vec<Rule> {
         ),
         expr::return_verdict(),
     ]));
-    rules.extend(masquerade.iter().cloned());
+    // outputInterface: a packet leaving by none of the listed interfaces returns here
+    // (one rule: consecutive matches all hold); an empty list masquerades nothing.
+    match interfaces {
+        Some([]) => return rules,
+        Some(listed) => {
+            let mut statements: Vec<_> = listed
+                .iter()
+                .map(|pattern| expr::oifname_not(&pattern.as_nft()))
+                .collect();
+            statements.push(expr::return_verdict());
+            rules.push(Rule::of(statements));
+        }
+        None => {}
+    }
+    rules.extend(masquerade_rules(masquerade, family.snat_to.as_ref()));
     rules
 }
 
@@ -144,7 +165,6 @@ fn family_rules(family: &FamilyPolicy, masquerade: &[Rule]) -> Vec<Rule> {
 /// destinations (and of in-scope sources), the base chain that sends each family to its
 /// chain, and that chain. Rendering and writing both start from it.
 pub fn table_for(policy: &Policy) -> Table {
-    let masquerade = masquerade_rules(&policy.masquerade);
     let mut sets = Vec::new();
     for family in &policy.families {
         let kept = match &family.resolved {
@@ -189,7 +209,7 @@ pub fn table_for(policy: &Policy) -> Table {
         chains.push(Chain {
             name: chain_name(family.family).to_string(),
             base: None,
-            rules: family_rules(family, &masquerade),
+            rules: family_rules(family, &policy.masquerade, policy.out_interfaces.as_deref()),
         });
     }
     Table {
@@ -411,10 +431,16 @@ pub fn explain(policy: Option<&FamilyPolicy>, decision: &Decision, family: Famil
             reason: KeepReason::LinkLocal,
         } if !resolved => format!("chain {chain} daddr {prefix} return"),
         Decision::Keep { .. } => format!("set {}", set_name(family)),
-        Decision::Masquerade | Decision::Forced { .. } => format!("chain {chain} masquerade"),
+        Decision::Masquerade | Decision::Forced { .. } => {
+            match policy.and_then(|p| p.snat_to.as_ref()) {
+                Some(to) => format!("chain {chain} snat to {to}"),
+                None => format!("chain {chain} masquerade"),
+            }
+        }
         Decision::SourceOutOfScope => {
             format!("chain {chain} saddr != @{} return", source_set_name(family))
         }
+        Decision::OtherInterface => format!("chain {chain} oifname != ... return"),
         Decision::Unmanaged => "no rules".to_string(),
     }
 }
@@ -806,13 +832,10 @@ impl Backend for NftablesBackend {
 
 /// The rules of the agent's table for `policy`, for sync reports.
 fn nft_rule_count(policy: &Policy) -> usize {
-    policy
-        .families
+    table_for(policy)
+        .chains
         .iter()
-        .map(|f| {
-            2 + usize::from(f.link_local.is_some())
-                + masquerade_statements(&policy.masquerade).len()
-        })
+        .map(|chain| chain.rules.len())
         .sum()
 }
 

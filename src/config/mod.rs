@@ -35,6 +35,7 @@ fn read_document(text: &str) -> Result<Option<Located<'_>>, SyntaxError> {
 }
 pub use document::{MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_VALUES, Position};
 use duration::parse_go_duration;
+use egress::{AddressRange, InterfacePattern, parse_address_range, parse_interface};
 
 /// Where the ConfigMap is mounted in upstream's manifests.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/config/ip-masq-agent";
@@ -65,7 +66,7 @@ const OTHER_RESERVED: [&str; 8] = [
 ];
 
 /// Config keys as upstream spells them; matching is case-insensitive like Go's encoding/json.
-pub const KNOWN_KEYS: [&str; 7] = [
+pub const KNOWN_KEYS: [&str; 10] = [
     "nonMasqueradeCIDRs",
     "cidrLimit",
     "masqLinkLocal",
@@ -73,12 +74,18 @@ pub const KNOWN_KEYS: [&str; 7] = [
     "resyncInterval",
     "forceMasqueradeCIDRs",
     "masqueradeSourceCIDRs",
+    "outputInterface",
+    "outputAddress",
+    "outputAddressIPv6",
 ];
 
 /// The keys that hold CIDR lists, and how each is named in messages.
 const NON_MASQ_KEY: &str = "nonMasqueradeCIDRs";
 const FORCE_KEY: &str = "forceMasqueradeCIDRs";
 const SOURCE_KEY: &str = "masqueradeSourceCIDRs";
+const OUTPUT_INTERFACE_KEY: &str = "outputInterface";
+const OUTPUT_ADDRESS_KEY: &str = "outputAddress";
+const OUTPUT_ADDRESS_IPV6_KEY: &str = "outputAddressIPv6";
 
 /// Settings that come from flags but change how the file is read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -99,6 +106,14 @@ pub struct Config {
     pub masq_link_local: bool,
     pub masq_link_local_ipv6: bool,
     pub resync_interval: Duration,
+    /// `outputInterface`: only packets leaving through one of these are masqueraded;
+    /// None: every interface (an empty list: none).
+    pub output_interfaces: Option<Vec<InterfacePattern>>,
+    /// `outputAddress`: masqueraded IPv4 packets get `SNAT --to-source` this instead of
+    /// MASQUERADE.
+    pub output_address: Option<AddressRange>,
+    /// `outputAddressIPv6`: the same for IPv6.
+    pub output_address_ipv6: Option<AddressRange>,
 }
 
 impl Config {
@@ -115,6 +130,9 @@ impl Config {
             masq_link_local: false,
             masq_link_local_ipv6: false,
             resync_interval: Duration::from_secs(60),
+            output_interfaces: None,
+            output_address: None,
+            output_address_ipv6: None,
         }
     }
 }
@@ -169,6 +187,9 @@ pub struct FileSettings {
     pub masq_link_local: Option<bool>,
     pub masq_link_local_ipv6: Option<bool>,
     pub resync_interval: Option<Duration>,
+    pub output_interfaces: Option<Vec<InterfacePattern>>,
+    pub output_address: Option<AddressRange>,
+    pub output_address_ipv6: Option<AddressRange>,
 }
 
 fn limit_error(
@@ -205,6 +226,9 @@ impl FileSettings {
                 .masq_link_local_ipv6
                 .unwrap_or(defaults.masq_link_local_ipv6),
             resync_interval: self.resync_interval.unwrap_or(defaults.resync_interval),
+            output_interfaces: self.output_interfaces.clone(),
+            output_address: self.output_address,
+            output_address_ipv6: self.output_address_ipv6,
         }
     }
 }
@@ -463,6 +487,82 @@ fn parse_settings_with(
             (NON_MASQ_KEY | FORCE_KEY | SOURCE_KEY, _) => {
                 return Err(type_error(
                     "a list of CIDR strings such as [\"10.0.0.0/8\"]",
+                ));
+            }
+            // PR #103's outputInterface is one name; a list of them is this agent's. An
+            // empty string is unset there (Go's zero value), and so it is here.
+            (OUTPUT_INTERFACE_KEY, Value::Str(text)) if text.is_empty() => {}
+            (OUTPUT_INTERFACE_KEY, Value::Str(text)) => {
+                let pattern = parse_interface(text)
+                    .map_err(|problem| error(value.position, Some(key), problem))?;
+                settings.output_interfaces = Some(vec![pattern]);
+            }
+            (OUTPUT_INTERFACE_KEY, Value::List(items)) => {
+                let mut patterns = Vec::with_capacity(items.len());
+                for (index, item) in items.iter().enumerate() {
+                    let item_key = format!("{key}[{index}]");
+                    let Value::Str(text) = &item.value else {
+                        return Err(error(
+                            item.position,
+                            Some(&item_key),
+                            format!(
+                                "expected an interface name such as \"eth0\" or \"bond+\", got {} {}",
+                                item.value.json_type(),
+                                item.value.describe()
+                            ),
+                        ));
+                    };
+                    let pattern = parse_interface(text)
+                        .map_err(|problem| error(item.position, Some(&item_key), problem))?;
+                    if !patterns.contains(&pattern) {
+                        patterns.push(pattern);
+                    }
+                }
+                if patterns.is_empty() {
+                    warnings.push(format!(
+                        "{}{OUTPUT_INTERFACE_KEY} is empty: no packet is masqueraded, whatever interface it leaves by (remove the key to masquerade on every interface)",
+                        place_of(file, value.position)
+                    ));
+                }
+                settings.output_interfaces = Some(patterns);
+            }
+            (OUTPUT_INTERFACE_KEY, Value::Null) => {}
+            (OUTPUT_INTERFACE_KEY, _) => {
+                return Err(type_error(
+                    "an interface name such as \"eth0\" or \"bond+\", or a list of them",
+                ));
+            }
+            (OUTPUT_ADDRESS_KEY | OUTPUT_ADDRESS_IPV6_KEY, Value::Str(text)) if text.is_empty() => {
+            }
+            (OUTPUT_ADDRESS_KEY | OUTPUT_ADDRESS_IPV6_KEY, Value::Str(text)) => {
+                let ipv6 = key == OUTPUT_ADDRESS_IPV6_KEY;
+                if ipv6 && !options.enable_ipv6 {
+                    return Err(error(
+                        value.position,
+                        Some(key),
+                        format!(
+                            "ipv6 is not enabled, but {key} {} is set. Enable ipv6 using --enable-ipv6 agent flag",
+                            quote::quoted(text)
+                        ),
+                    ));
+                }
+                let range = parse_address_range(text, ipv6)
+                    .map_err(|problem| error(value.position, Some(key), problem))?;
+                if ipv6 {
+                    settings.output_address_ipv6 = Some(range);
+                } else {
+                    settings.output_address = Some(range);
+                }
+            }
+            (OUTPUT_ADDRESS_KEY | OUTPUT_ADDRESS_IPV6_KEY, Value::Null) => {}
+            (OUTPUT_ADDRESS_KEY, _) => {
+                return Err(type_error(
+                    "an IPv4 address or range such as \"192.0.2.10\" or \"192.0.2.10-192.0.2.20\"",
+                ));
+            }
+            (OUTPUT_ADDRESS_IPV6_KEY, _) => {
+                return Err(type_error(
+                    "an IPv6 address or range such as \"2001:db8::10\" or \"2001:db8::10-2001:db8::20\"",
                 ));
             }
             // Upstream's Duration.UnmarshalJSON receives `null` and rejects it.
@@ -756,6 +856,33 @@ pub fn load_dir(dir: &Path, options: ParseOptions) -> Result<LoadedConfig, Confi
             }
         }
     }
+    // One SNAT address per family: two files that disagree have no merge.
+    type AddressOf = fn(&FileSettings) -> Option<AddressRange>;
+    let keys: [(&str, AddressOf); 2] = [
+        (OUTPUT_ADDRESS_KEY, |s| s.output_address),
+        (OUTPUT_ADDRESS_IPV6_KEY, |s| s.output_address_ipv6),
+    ];
+    for (key, of) in keys {
+        let mut first: Option<(&Path, AddressRange)> = None;
+        for (path, settings) in &files {
+            let Some(range) = of(settings) else { continue };
+            match first {
+                Some((earlier, chosen)) if chosen != range => {
+                    return Err(ConfigError {
+                        file: path.clone(),
+                        position: None,
+                        key: Some(key.to_string()),
+                        problem: format!(
+                            "{key} is {range} here but {chosen} in {}; set it in one file only",
+                            quote::path(earlier)
+                        ),
+                    });
+                }
+                Some(_) => {}
+                None => first = Some((path, range)),
+            }
+        }
+    }
     let (merged, conflicts) = merge_files(&files);
     warnings.extend(conflicts);
     // No file sets the list, so the default one applies: a forced prefix in it is the
@@ -871,6 +998,17 @@ pub fn merge_files(files: &[(PathBuf, FileSettings)]) -> (FileSettings, Vec<Stri
                 }
             }
         }
+        if let Some(more) = &settings.output_interfaces {
+            let joined = merged.output_interfaces.get_or_insert_with(Vec::new);
+            for pattern in more {
+                if !joined.contains(pattern) {
+                    joined.push(pattern.clone());
+                }
+            }
+        }
+        // Two files naming different addresses are refused before merging (load_dir).
+        merged.output_address = merged.output_address.or(settings.output_address);
+        merged.output_address_ipv6 = merged.output_address_ipv6.or(settings.output_address_ipv6);
         merged.masq_link_local = or_option(merged.masq_link_local, settings.masq_link_local);
         merged.masq_link_local_ipv6 =
             or_option(merged.masq_link_local_ipv6, settings.masq_link_local_ipv6);

@@ -1481,3 +1481,145 @@ mod fast_path_agreement {
         assert!(agreement::fast_path_reads(&text));
     }
 }
+
+/// Issue 17: PR #103's keys as its fork writes them (one name), or a list of names.
+#[test]
+fn output_interface_and_address_keys_are_read_as_pr_103_writes_them() {
+    let one = parse_ok("outputInterface: eth0\noutputAddress: 192.0.2.10\n", opts()).config;
+    assert_eq!(
+        one.output_interfaces
+            .as_deref()
+            .map(|l| l.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        Some(vec!["eth0".to_string()])
+    );
+    assert_eq!(
+        one.output_address.map(|a| a.to_string()).as_deref(),
+        Some("192.0.2.10")
+    );
+    let many = parse_ok(
+        "OutputInterface: [eth0, 'bond+', eth0]\noutputAddressIPv6: '2001:db8::10-2001:db8::20'\n",
+        v6(),
+    );
+    let listed: Vec<String> = many
+        .config
+        .output_interfaces
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(listed, ["eth0", "bond+"], "duplicates dropped, order kept");
+    assert_eq!(
+        many.config.output_address_ipv6.unwrap().to_string(),
+        "2001:db8::10-2001:db8::20"
+    );
+    // Unset as in the fork: absent, null or an empty string.
+    for unset in [
+        "",
+        "outputInterface: \n",
+        "outputInterface: ''\noutputAddress: ''\n",
+    ] {
+        let c = parse_ok(unset, opts()).config;
+        assert!(
+            c.output_interfaces.is_none() && c.output_address.is_none(),
+            "{unset:?}"
+        );
+    }
+    // An empty list: nothing is masqueraded, with a warning.
+    let empty = parse_ok("outputInterface: []\n", opts());
+    assert_eq!(empty.config.output_interfaces, Some(Vec::new()));
+    assert!(
+        empty.warnings[0].contains("outputInterface is empty: no packet is masqueraded"),
+        "{:?}",
+        empty.warnings
+    );
+}
+
+/// Issue 17, bad input: file, line, column, key and what is wrong.
+#[test]
+fn bad_output_interfaces_and_addresses_name_file_line_and_column() {
+    for (text, options, expected) in [
+        (
+            "outputInterface: [eth0, 'bo+nd']\n",
+            opts(),
+            "/etc/config/ip-masq-agent:1:25: outputInterface[1]: interface name \"bo+nd\" is not valid: `+` is a wildcard only at the end (`bond+`)",
+        ),
+        (
+            "outputInterface: averyveryverylongname\n",
+            opts(),
+            "/etc/config/ip-masq-agent:1:18: outputInterface: interface name \"averyveryverylongname\" is 21 bytes long; Linux allows at most 15",
+        ),
+        (
+            "outputInterface: 'eth 0'\n",
+            opts(),
+            "/etc/config/ip-masq-agent:1:18: outputInterface: interface name \"eth 0\" is not valid: Linux refuses ' ' in interface names",
+        ),
+        (
+            "outputInterface: [eth0/1]\n",
+            opts(),
+            "/etc/config/ip-masq-agent:1:19: outputInterface[0]: interface name \"eth0/1\" is not valid: Linux refuses '/' in interface names",
+        ),
+        (
+            "outputInterface: 7\n",
+            opts(),
+            "/etc/config/ip-masq-agent:1:18: outputInterface: expected an interface name such as \"eth0\" or \"bond+\", or a list of them, got number 7",
+        ),
+        (
+            "outputAddress: 2001:db8::1\n",
+            opts(),
+            "/etc/config/ip-masq-agent:1:16: outputAddress: \"2001:db8::1\" is not an IPv4 address (it is an IPv6 address)",
+        ),
+        (
+            "outputAddress: 192.0.2.20-192.0.2.10\n",
+            opts(),
+            "/etc/config/ip-masq-agent:1:16: outputAddress: range \"192.0.2.20-192.0.2.10\" starts above its end; write the lower address first",
+        ),
+        (
+            "outputAddress: 192.0.2.0/24\n",
+            opts(),
+            "/etc/config/ip-masq-agent:1:16: outputAddress: \"192.0.2.0/24\" is not an IPv4 address (a prefix; write one address or a range A-B)",
+        ),
+        (
+            "outputAddressIPv6: '2001:db8::1'\n",
+            opts(),
+            "/etc/config/ip-masq-agent:1:20: outputAddressIPv6: ipv6 is not enabled, but outputAddressIPv6 \"2001:db8::1\" is set. Enable ipv6 using --enable-ipv6 agent flag",
+        ),
+        (
+            "outputAddressIPv6: 192.0.2.1\n",
+            v6(),
+            "/etc/config/ip-masq-agent:1:20: outputAddressIPv6: \"192.0.2.1\" is not an IPv6 address (it is an IPv4 address)",
+        ),
+    ] {
+        assert_eq!(parse_err(text, options), expected, "{text:?}");
+    }
+}
+
+/// `--config-dir`: interface lists are joined; two files that name different SNAT
+/// addresses are refused.
+#[test]
+fn config_dir_joins_interfaces_and_refuses_two_output_addresses() {
+    let dir = std::env::temp_dir().join(format!("ima-egress-dir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("ip-masq-a"),
+        "outputInterface: eth0\noutputAddress: 192.0.2.10\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("ip-masq-b"), "outputInterface: [bond+]\n").unwrap();
+    let loaded = load_dir(&dir, opts()).unwrap();
+    let listed: Vec<String> = loaded
+        .config
+        .output_interfaces
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(listed, ["eth0", "bond+"]);
+    std::fs::write(dir.join("ip-masq-c"), "outputAddress: 192.0.2.11\n").unwrap();
+    let err = load_dir(&dir, opts()).unwrap_err().to_string();
+    assert!(
+        err.contains("outputAddress is 192.0.2.11 here but 192.0.2.10 in"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

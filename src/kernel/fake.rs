@@ -256,6 +256,8 @@ struct State {
     conntrack_stats: ConntrackStats,
     /// The `local` routes, by family; None: loopback only.
     local_prefixes: Vec<(crate::policy::Family, Vec<ipnet::IpNet>)>,
+    /// The namespace's interface names.
+    interfaces: Vec<String>,
     /// The nf_tables generation: bumped by every write to an nft-based table.
     generation: u64,
     /// Chains of an iptables-nft table (by key) holding native nft rules iptables cannot
@@ -463,6 +465,11 @@ impl FakeRunner {
     }
 
     /// The `local` routes of `family` (the default: loopback only).
+    /// The namespace's interfaces.
+    pub fn set_interfaces(&self, names: &[&str]) {
+        self.state().interfaces = names.iter().map(|n| n.to_string()).collect();
+    }
+
     pub fn set_local_prefixes(&self, family: crate::policy::Family, prefixes: &[&str]) {
         let parsed = prefixes
             .iter()
@@ -1045,6 +1052,10 @@ impl Runner for FakeRunner {
         }
         state.conntrack_stats.deleted += report.deleted;
         Ok(report)
+    }
+
+    fn interface_names(&self) -> Vec<String> {
+        self.state().interfaces.clone()
     }
 
     fn local_prefixes(

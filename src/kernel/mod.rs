@@ -139,6 +139,9 @@ pub trait Runner: Send + Sync {
     /// The prefixes the node treats as its own for `family`: the `local` routes of the
     /// `local` routing table (its addresses, loopback), what the agent's jump excludes.
     fn local_prefixes(&self, family: Family) -> Result<Vec<ipnet::IpNet>, ToolError>;
+
+    /// The names of this network namespace's interfaces (`if_nameindex`).
+    fn interface_names(&self) -> Vec<String>;
 }
 
 pub type SharedRunner = Arc<dyn Runner>;
@@ -270,6 +273,26 @@ impl Runner for SystemRunner {
                 message,
             }
         })
+    }
+
+    fn interface_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        // SAFETY: if_nameindex returns a list ended by a zero entry (or null on failure),
+        // each name a NUL-terminated string, all freed once by if_freenameindex.
+        unsafe {
+            let list = libc::if_nameindex();
+            if list.is_null() {
+                return names;
+            }
+            let mut entry = list;
+            while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+                let name = std::ffi::CStr::from_ptr((*entry).if_name);
+                names.push(name.to_string_lossy().into_owned());
+                entry = entry.add(1);
+            }
+            libc::if_freenameindex(list);
+        }
+        names
     }
 }
 

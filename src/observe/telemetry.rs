@@ -110,6 +110,8 @@ pub struct Telemetry {
     http_bind_failures: Counter,
     http_accept_errors: Counter,
     read_by_chain: Gauge,
+    output_interfaces: Gauge,
+    output_address_present: Family<FamilyLabels, Gauge>,
     http_connections_closed: Counter,
     health: Mutex<Health>,
 }
@@ -150,6 +152,18 @@ impl Telemetry {
         let http_bind_failures = Counter::default();
         let http_accept_errors = Counter::default();
         let read_by_chain = Gauge::default();
+        let output_interfaces = Gauge::default();
+        let output_address_present = Family::<FamilyLabels, Gauge>::default();
+        registry.register(
+            "output_interfaces",
+            "Interface patterns outputInterface lists (-1: the key is absent, every interface masquerades)",
+            output_interfaces.clone(),
+        );
+        registry.register(
+            "output_address_present",
+            "1 when this node holds outputAddress (family=\"ipv4\") or outputAddressIPv6, 0 when not: replies to an address the node does not hold never come back",
+            output_address_present.clone(),
+        );
         registry.register(
             "nat_tables_read_by_chain",
             "nat tables iptables-nft could not print whole (they hold native nft rules), read chain by chain at the last sync",
@@ -250,6 +264,8 @@ impl Telemetry {
             http_bind_failures,
             http_accept_errors,
             read_by_chain,
+            output_interfaces,
+            output_address_present,
             http_connections_closed,
             health: Mutex::new(Health {
                 started: Instant::now(),
@@ -356,6 +372,19 @@ impl Telemetry {
             self.preceding_nat_rules
                 .get_or_create(&ExpectedLabels { expected: label })
                 .set(gauge(count));
+        }
+    }
+
+    /// What the egress keys meet on the node: how many interface patterns are listed,
+    /// and per family whether the node holds the SNAT address.
+    pub fn egress(&self, interfaces: Option<usize>, present: &[(&'static str, bool)]) {
+        let listed = interfaces.map_or(-1, |count| i64::try_from(count).unwrap_or(i64::MAX));
+        self.output_interfaces.set(listed);
+        self.output_address_present.clear();
+        for (family, held) in present {
+            self.output_address_present
+                .get_or_create(&FamilyLabels { family })
+                .set(i64::from(*held));
         }
     }
 

@@ -50,6 +50,7 @@ impl Case {
             &ChainName::default(),
             policy.family(family).unwrap(),
             &policy.masquerade,
+            policy.out_interfaces.as_deref(),
         )
     }
 }
@@ -635,4 +636,90 @@ fn agent_rules_are_recognised_exactly() {
             "Y"
         ]
     );
+}
+
+const SNAT: &str = "-m comment --comment \"ip-masq-agent: outbound traffic is subject to SNAT (must be last in chain)\" -j SNAT --to-source";
+
+/// Issue 17 golden: outputInterface repeats the masquerade rules per interface with
+/// `-o`, as iptables-save prints them; nothing else of upstream's layout changes.
+#[test]
+fn output_interfaces_render_one_masquerade_block_per_interface() {
+    let mut case =
+        Case::new("nonMasqueradeCIDRs: [10.0.0.0/8]\noutputInterface: [eth0, 'bond+']\n");
+    case.settings.masquerade.to_ports = "1024-29999,32768-65535".parse::<ToPorts>().unwrap();
+    let p = "-m statistic --mode random --probability 0.469292562840114";
+    let block = |out: &str| {
+        let mut rules = Vec::new();
+        for protocol in ["tcp", "udp", "sctp"] {
+            rules.push(format!(
+                "-A IP-MASQ-AGENT -o {out} -p {protocol} {} {p} -j MASQUERADE --to-ports 1024-29999 --random-fully",
+                MASQ.trim_end_matches(" -j MASQUERADE")
+            ));
+            rules.push(format!(
+                "-A IP-MASQ-AGENT -o {out} -p {protocol} {} -j MASQUERADE --to-ports 32768-65535 --random-fully",
+                MASQ.trim_end_matches(" -j MASQUERADE")
+            ));
+        }
+        rules.push(format!("-A IP-MASQ-AGENT -o {out} {MASQ} --random-fully"));
+        rules
+    };
+    let mut expected = vec![keep("169.254.0.0/16"), keep("10.0.0.0/8")];
+    expected.extend(block("eth0"));
+    expected.extend(block("bond+"));
+    assert_eq!(case.rules(Family::V4), expected);
+    // An empty list: the kept ranges return, and nothing is masqueraded.
+    let none = Case::new("nonMasqueradeCIDRs: [10.0.0.0/8]\noutputInterface: []\n");
+    assert_eq!(
+        none.rules(Family::V4),
+        vec![keep("169.254.0.0/16"), keep("10.0.0.0/8")]
+    );
+}
+
+/// Issue 17 golden: outputAddress(IPv6) turns MASQUERADE into SNAT to it, with
+/// `--to-ports` as the port range and `--random-fully` as for MASQUERADE; IPv6 with ports
+/// is bracketed as iptables-save prints it.
+#[test]
+fn output_addresses_render_snat_as_iptables_save_prints_it() {
+    let mut case = Case::new(
+        "nonMasqueradeCIDRs: []\noutputInterface: eth1\noutputAddress: 192.0.2.10-192.0.2.12\noutputAddressIPv6: '2001:db8::10'\n",
+    )
+    .ipv6();
+    assert_eq!(
+        case.rules(Family::V4),
+        vec![
+            keep("169.254.0.0/16"),
+            format!("-A IP-MASQ-AGENT -o eth1 {SNAT} 192.0.2.10-192.0.2.12 --random-fully"),
+        ]
+    );
+    case.settings.masquerade.to_ports = "1024-29999".parse::<ToPorts>().unwrap();
+    case.settings.masquerade.random_fully = false;
+    let v6 = case.rules(Family::V6);
+    assert_eq!(
+        v6[1],
+        format!(
+            "-A IP-MASQ-AGENT -o eth1 -p tcp {} -j SNAT --to-source [2001:db8::10]:1024-29999",
+            SNAT.trim_end_matches(" -j SNAT --to-source")
+        )
+    );
+    assert_eq!(
+        v6[4],
+        format!("-A IP-MASQ-AGENT -o eth1 {SNAT} 2001:db8::10")
+    );
+    // The SNAT rules are the agent's own: a chain of them is removed, never refused.
+    assert!(v6.iter().all(|rule| is_agent_chain_rule(rule)), "{v6:#?}");
+}
+
+/// Without the new keys, the layout is upstream's byte for byte (the goldens above
+/// render no `-o` and no SNAT).
+#[test]
+fn without_the_egress_keys_no_rule_names_an_interface_or_snat() {
+    for yaml in [
+        "",
+        "nonMasqueradeCIDRs: [10.0.0.0/8]\n",
+        "outputInterface: ''\n",
+    ] {
+        for rule in Case::new(yaml).ipv6().rules(Family::V4) {
+            assert!(!rule.contains(" -o ") && !rule.contains("SNAT"), "{rule}");
+        }
+    }
 }

@@ -235,6 +235,7 @@ fn fifty_thousand_prefixes_render_as_one_set() {
     assert_eq!(merged.len(), 50_000);
     let policy = Policy {
         families: vec![FamilyPolicy {
+            snat_to: None,
             family: Family::V4,
             link_local: None,
             non_masq: crate::policy::NonMasqPrefixes(prefixes),
@@ -243,6 +244,7 @@ fn fifty_thousand_prefixes_render_as_one_set() {
             resolved: None,
         }],
         masquerade: Masquerade::default(),
+        out_interfaces: None,
     };
     let t = render_transaction(&policy);
     assert_eq!(t.matches("/24,").count(), 50_000);
@@ -790,4 +792,32 @@ fn regression_status_compared_the_sets_of_a_dual_stack_source_scope_in_one_order
     );
     assert_ne!(swapped, listed);
     assert_ne!(normalized_table(&swapped), expected);
+}
+
+/// Issue 17 golden: a packet leaving by none of the listed interfaces returns before
+/// the masquerade statements (one rule), and outputAddress(IPv6) is `snat ip[6] to`.
+#[test]
+fn output_interfaces_and_addresses_render_as_nft_lists_them() {
+    let t = render_transaction(&policy(
+        "nonMasqueradeCIDRs: []\noutputInterface: [eth0, 'bond+']\noutputAddress: 192.0.2.10-192.0.2.12\noutputAddressIPv6: '2001:db8::10'\n",
+        true,
+        true,
+        "1024-29999",
+    ));
+    let v4 = "\tchain masq-v4 {\n\t\tip daddr 169.254.0.0/16 return\n\t\tip daddr @non-masq-v4 return\n\t\toifname != \"eth0\" oifname != \"bond*\" return\n\t\tmeta l4proto { tcp, udp, sctp } snat ip to 192.0.2.10-192.0.2.12:1024-29999 fully-random\n\t\tsnat ip to 192.0.2.10-192.0.2.12 fully-random\n\t}\n";
+    assert!(t.contains(v4), "{t}");
+    let v6 = "\t\tmeta l4proto { tcp, udp, sctp } snat ip6 to [2001:db8::10]:1024-29999 fully-random\n\t\tsnat ip6 to 2001:db8::10 fully-random\n";
+    assert!(t.contains(v6), "{t}");
+    // An empty list: no masquerade statement at all.
+    let none = render_transaction(&policy("outputInterface: []\n", false, true, ""));
+    assert!(
+        none.contains("\t\tip daddr @non-masq-v4 return\n\t}\n") && !none.contains("masquerade"),
+        "{none}"
+    );
+    // Without the keys, nothing of them.
+    let plain = render_transaction(&policy("", true, true, "1024-29999"));
+    assert!(
+        !plain.contains("oifname") && !plain.contains("snat"),
+        "{plain}"
+    );
 }

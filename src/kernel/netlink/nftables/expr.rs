@@ -439,6 +439,15 @@ pub fn random_below(modulus: u32, threshold: u32) -> Stmt {
 
 /// `oifname "eth0"`, or `oifname "bond*"` for every name that starts with `bond`.
 pub fn oifname(pattern: &str) -> Stmt {
+    oifname_cmp(pattern, false)
+}
+
+/// `oifname != "eth0"` (or `!= "bond*"`).
+pub fn oifname_not(pattern: &str) -> Stmt {
+    oifname_cmp(pattern, true)
+}
+
+fn oifname_cmp(pattern: &str, negate: bool) -> Stmt {
     let data = match pattern.strip_suffix('*') {
         Some(prefix) => prefix.as_bytes().to_vec(),
         None => {
@@ -449,7 +458,7 @@ pub fn oifname(pattern: &str) -> Stmt {
         }
     };
     Stmt {
-        text: format!("oifname \"{pattern}\""),
+        text: format!("oifname {}\"{pattern}\"", if negate { "!= " } else { "" }),
         exprs: vec![
             Expr::Meta {
                 key: META_OIFNAME,
@@ -457,7 +466,7 @@ pub fn oifname(pattern: &str) -> Stmt {
             },
             Expr::Cmp {
                 sreg: REG_1,
-                op: CMP_EQ,
+                op: if negate { CMP_NEQ } else { CMP_EQ },
                 data,
             },
         ],
@@ -536,7 +545,16 @@ pub fn snat(
         dreg: REG_1,
         data: Immediate::Value(address_bytes(addresses.0)),
     }];
-    let mut target = addresses.0.to_string();
+    // nft brackets IPv6 addresses before a port: `[2001:db8::1]-[2001:db8::5]:1024-2000`.
+    let bracket = family == Family::V6 && ports.is_some();
+    let written = |address: IpAddr| {
+        if bracket {
+            format!("[{address}]")
+        } else {
+            address.to_string()
+        }
+    };
+    let mut target = written(addresses.0);
     let addr_max = if addresses.1 == addresses.0 {
         REG_1
     } else {
@@ -544,7 +562,7 @@ pub fn snat(
             dreg: REG_2,
             data: Immediate::Value(address_bytes(addresses.1)),
         });
-        target.push_str(&format!("-{}", addresses.1));
+        target.push_str(&format!("-{}", written(addresses.1)));
         REG_2
     };
     flags |= NAT_RANGE_MAP_IPS;
@@ -961,6 +979,8 @@ mod tests {
             masquerade(None, true),
             oifname("eth0"),
             oifname("bond*"),
+            oifname_not("eth0"),
+            oifname_not("bond*"),
             snat(
                 ("192.0.2.1".parse().unwrap(), "192.0.2.1".parse().unwrap()),
                 None,
@@ -1026,7 +1046,7 @@ mod tests {
                 true
             )
             .text,
-            "snat ip6 to 2001:db8::1-2001:db8::5:1024-2000 fully-random,persistent"
+            "snat ip6 to [2001:db8::1]-[2001:db8::5]:1024-2000 fully-random,persistent"
         );
     }
 
