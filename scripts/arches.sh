@@ -90,5 +90,8 @@ debian_cargo_env() {
   local t
   t=$(triple_env "$triple")
   export "CARGO_TARGET_${t}_LINKER=$gnu-gcc"
-  export "CARGO_TARGET_${t}_RUNNER=qemu-$qemu-static -L /usr/$gnu"
+  # Without -L: the test binaries then load ld.so and libc both from libc6:ARCH. (-L
+  # /usr/GNUTYPE took ld.so from libc6-ARCH-cross, a different glibc build than the
+  # multiarch libc.so.6 it then found, and every test thread hung in pthread_create.)
+  export "CARGO_TARGET_${t}_RUNNER=qemu-$qemu-static"
 }

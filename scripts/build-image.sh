@@ -43,7 +43,10 @@ case ${IMAGE##*/} in
 esac
 arches=$(arch_list)
 work=target/image
-mkdir -p "$work"
+context=$work/context
+mkdir -p "$context"
+# The context holds ip-masq-agent-ARCH; a plain ip-masq-agent is an older layout's.
+rm -f "$context/ip-masq-agent"
 
 for tool in podman mmdebstrap runc; do
   if ! command -v "$tool" >/dev/null 2>&1; then
@@ -88,15 +91,15 @@ size() { podman image inspect --format '{{.Size}}' "$1" | awk '{printf "%.1f MB"
 since() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }'; }
 
 built=()
+bases=
 for arch in $arches; do
   arch_start=$(date +%s.%N)
-  context="$work/context-$arch"
-  mkdir -p "$context"
 
-  # 1. The binary (fat LTO: minutes cold, nothing to do when it is up to date).
+  # 1. The binary (fat LTO: minutes cold, nothing to do when it is up to date); the
+  # Containerfile copies the one of the platform it builds for (TARGETARCH).
   binary=$(scripts/build-release.sh "$arch")
-  install -m 0755 "$binary" "$context/ip-masq-agent.tmp"
-  mv "$context/ip-masq-agent.tmp" "$context/ip-masq-agent"
+  install -m 0755 "$binary" "$context/ip-masq-agent-$arch.tmp"
+  mv "$context/ip-masq-agent-$arch.tmp" "$context/ip-masq-agent-$arch"
 
   # 2. The base root filesystem: the architecture's Debian packages unpacked (the extract
   # variant runs no maintainer scripts, so nothing runs emulated), usr merged by
@@ -137,14 +140,7 @@ for arch in $arches; do
       --message "Debian bookworm $arch: libgcc-s1 iptables nftables conntrack (mmdebstrap extract)" \
       "$base_tar" "$base" >/dev/null
   fi
-  # Base images of this architecture's earlier keys: untagged (podman keeps what an image
-  # still uses).
-  for old in $(podman images --format '{{.Repository}}:{{.Tag}}' --filter reference=localhost/ip-masq-agent-base); do
-    case $old in
-      "$base") ;;
-      *:bookworm-"$arch"-*) podman rmi "$old" >/dev/null 2>&1 || true ;;
-    esac
-  done
+  bases="$bases $base"
 
   # 3. The image: COPY and metadata only, so the build runs no container.
   podman build --quiet --pull=never --platform "linux/$arch" \
@@ -172,12 +168,18 @@ for image in "${built[@]}"; do
   podman manifest add "$IMAGE" "containers-storage:$image" >/dev/null
 done
 
-# Base images of the layout before per-architecture bases (tag without the architecture).
+# Base images of earlier keys of the architectures just built, and of the layout before
+# per-architecture bases (no architecture in the tag): untagged (podman keeps what an
+# image still uses). Another architecture's current base stays.
 for old in $(podman images --format '{{.Repository}}:{{.Tag}}' --filter reference=localhost/ip-masq-agent-base); do
-  case $old in
-    *:bookworm-amd64-* | *:bookworm-arm64-*) ;;
-    *) podman rmi "$old" >/dev/null 2>&1 || true ;;
+  case " $bases " in *" $old "*) continue ;; esac
+  old_arch=${old#*:bookworm-}
+  old_arch=${old_arch%%-*}
+  case " $(echo $arches) " in
+    *" $old_arch "*) ;;
+    *) arch_triple "$old_arch" >/dev/null 2>&1 && continue ;;
   esac
+  podman rmi "$old" >/dev/null 2>&1 || true
 done
 echo "build-image: $IMAGE (manifest list: $(echo $arches)) in $(since "$start")s" >&2
 echo "$IMAGE"

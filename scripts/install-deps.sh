@@ -8,7 +8,8 @@
 # compiler (rustc-web, cargo-web: rustup cannot add targets on a machine that reaches only
 # package registries) with that architecture's standard library (libstd-rust-web-dev:ARCH,
 # exactly the compiler's version, through dpkg's multiarch), the cross C toolchain and
-# static libc (gcc-GNUTYPE, libc6-dev-ARCH-cross), and qemu-user-static, registered with
+# static libc (gcc-GNUTYPE, libc6-dev-ARCH-cross), the target's shared libc (libc6:ARCH,
+# for the unit tests run under emulation) and qemu-user-static, registered with
 # the kernel's binfmt_misc so that the architecture's binaries (the agent, and iptables and
 # nft inside its image) run under emulation. rustup's toolchain stays the default cargo on
 # PATH; scripts/build-release.sh uses Debian's only for the foreign architecture.
@@ -51,7 +52,7 @@ for arch in $arches; do
   qemu=$(arch_qemu "$arch")
   rust=$(installed rustc-web)
   if [ -z "$rust" ] || [ "$rust" != "$(installed "libstd-rust-web-dev:$arch")" ] ||
-    [ -z "$(installed cargo-web)" ] || [ ! -x "/usr/bin/$gnu-gcc" ] ||
+    [ -z "$(installed cargo-web)" ] || [ -z "$(installed "libc6:$arch")" ] || [ ! -x "/usr/bin/$gnu-gcc" ] ||
     [ ! -f "/usr/$gnu/lib/libc.a" ] || [ ! -x "/usr/bin/qemu-$qemu-static" ]; then
     echo "installing the $arch toolchain (Debian's rustc-web with libstd-rust-web-dev:$arch, $gnu-gcc, qemu-user-static)"
     if ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
@@ -67,7 +68,7 @@ for arch in $arches; do
       exit 1
     fi
     apt_install "rustc-web=$version" "cargo-web=$version" "libstd-rust-web-dev:$arch=$version" \
-      "gcc-$gnu" "libc6-dev-$arch-cross" qemu-user-static
+      "gcc-${gnu//_/-}" "libc6-dev-$arch-cross" "libc6:$arch" qemu-user-static
   fi
   # The agent needs Rust >= 1.89 (bookworm's own 1.85 is too old; bookworm-security's is not).
   rust_version=$(/usr/bin/rustc -V | sed -n 's/^rustc \([0-9]*\.[0-9]*\).*/\1/p')
