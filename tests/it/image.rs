@@ -244,7 +244,10 @@ fn binary_from_image(image: &str, arch: &str) -> (TempDir, PathBuf) {
 fn elf_machine(file: &Path) -> u16 {
     let header = std::fs::read(file).expect("read binary");
     assert_eq!(header.get(..4), Some(&b"\x7fELF"[..]), "{}", file.display());
-    u16::from_le_bytes([header[18], header[19]])
+    match header.get(18..20) {
+        Some(&[low, high]) => u16::from_le_bytes([low, high]),
+        _ => panic!("{}: no ELF header", file.display()),
+    }
 }
 
 fn elf_machine_of(arch: &str) -> u16 {
