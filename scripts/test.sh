@@ -12,6 +12,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ARCHES=${ARCHES:-amd64,arm64}
+# rustup's toolchain builds and lints everything here (Debian's cargo in /usr/bin, installed
+# for the arm64 build, has no clippy or rustfmt): its directory first when it exists.
+rustup_bin=${CARGO_HOME:-$HOME/.cargo}/bin
+[ -x "$rustup_bin/rustup" ] && export PATH="$rustup_bin:$PATH"
 scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --workspace -- -D warnings
