@@ -934,18 +934,23 @@ fn image_name_is_a_manifest_list_of_every_architecture_built() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut listed = Vec::new();
+    // The entry's digest names a manifest; an image can have several (one per format it was
+    // pushed in), so the check is that both names reach the same image.
+    let (repository, _tag) = image.rsplit_once(':').expect("NAME:TAG");
+    let id = |name: &str| {
+        let out = podman(&["image", "inspect", "--format", "{{.ID}}", name]);
+        assert!(
+            out.status.success(),
+            "podman image inspect {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
     for (arch, digest) in manifest_entries(&image) {
-        let tagged = podman(&[
-            "image",
-            "inspect",
-            "--format",
-            "{{.Digest}}",
-            &format!("{image}-{arch}"),
-        ]);
         assert_eq!(
-            String::from_utf8_lossy(&tagged.stdout).trim(),
-            digest,
-            "the {arch} entry is {image}-{arch}"
+            id(&format!("{repository}@{digest}")),
+            id(&format!("{image}-{arch}")),
+            "the {arch} entry ({digest}) is {image}-{arch}"
         );
         listed.push(arch);
     }
