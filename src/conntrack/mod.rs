@@ -27,18 +27,31 @@
 //! Host-originated flows to remote addresses pass the jump too (upstream's rules
 //! masquerade them as well), so they are re-decided like pods' flows.
 //!
+//! outputInterface and outputAddress(IPv6) change decisions too. A flow's decision is
+//! then "kept", "masqueraded" or "SNATed to outputAddress"; a rewrite to an address of
+//! the old or new outputAddress range counts as the agent's (a floating address need not
+//! be on the node). conntrack does not record the interface a flow leaves by, so while
+//! any outputInterface list is set the agent asks the routing table, as `ip route get
+//! DST` answers (one netlink lookup per destination, cached per pass): that is where the
+//! kernel sends the flow unless policy routing by source or mark sends a pod's traffic
+//! elsewhere, in which case the flow is judged by the main route. A flow whose interface
+//! cannot be found is left alone.
+//!
 //! The table is read through ctnetlink ([`crate::kernel::Runner::conntrack_dump`]): one
 //! streamed dump per family, entries decided one at a time as they arrive and never
 //! collected; the entries to delete are held at most [`DELETE_CHUNK`] at a time and
 //! deleted in batches while the dump goes on. Memory is bounded by that chunk, one
 //! receive buffer and the node's local routes, whatever the size of the table.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::ops::ControlFlow;
 
 use ipnet::IpNet;
 
 use crate::backend::{Doing, SyncError};
+use crate::config::egress::AddressRange;
 use crate::kernel::netlink::conntrack::{IPPROTO_UDP, IPS_DST_NAT};
 use crate::kernel::{ConntrackDumpFilter, ConntrackEntry, ConntrackKey, SharedRunner, ToolError};
 use crate::policy::{Family, Policy, changed_destinations};
@@ -106,11 +119,63 @@ impl AddressRanges {
 }
 
 /// What a pass knows about one family besides the policies.
-pub struct Scope {
+pub struct Scope<'a> {
     /// The node's local addresses (the `local` routes).
     pub local: AddressRanges,
-    /// Where the decisions changed; None: anywhere (the source scope changed).
+    /// Where the decisions changed; None: anywhere (the source scope, the interfaces or
+    /// the SNAT address changed).
     pub changed: Option<AddressRanges>,
+    /// Which interface a flow to a destination leaves by (asked only while an
+    /// outputInterface list is set in the old or new decisions).
+    pub egress: EgressLookup<'a>,
+}
+
+/// The interface the routing table sends a destination to, cached per destination (at
+/// most [`EGRESS_CACHE`] of them; beyond, each is asked again).
+pub struct EgressLookup<'a> {
+    lookup: Option<&'a dyn Fn(IpAddr) -> Option<String>>,
+    cache: RefCell<BTreeMap<IpAddr, Option<String>>>,
+}
+
+/// Destinations whose egress interface a pass remembers.
+const EGRESS_CACHE: usize = 4096;
+
+impl<'a> EgressLookup<'a> {
+    pub fn new(lookup: &'a dyn Fn(IpAddr) -> Option<String>) -> EgressLookup<'a> {
+        EgressLookup {
+            lookup: Some(lookup),
+            cache: RefCell::new(BTreeMap::new()),
+        }
+    }
+
+    /// No lookup: a flow whose decision depends on its interface is left alone.
+    pub fn none() -> EgressLookup<'static> {
+        EgressLookup {
+            lookup: None,
+            cache: RefCell::new(BTreeMap::new()),
+        }
+    }
+
+    fn interface(&self, destination: IpAddr) -> Option<String> {
+        let lookup = self.lookup?;
+        if let Some(known) = self.cache.borrow().get(&destination) {
+            return known.clone();
+        }
+        let found = lookup(destination);
+        let mut cache = self.cache.borrow_mut();
+        if cache.len() < EGRESS_CACHE {
+            cache.insert(destination, found.clone());
+        }
+        found
+    }
+}
+
+/// What a decision does to a flow's source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Keep,
+    /// MASQUERADE (None) or SNAT to outputAddress(IPv6).
+    Translate(Option<AddressRange>),
 }
 
 /// Why an entry is not the agent's to re-decide.
@@ -138,7 +203,7 @@ pub enum Verdict {
 /// Decides one entry (see the module's documentation for which flows are the agent's).
 /// Its decision changed when some policy of `olds` decides it otherwise than `new`; it
 /// carries the old decision when its NAT state disagrees with `new`'s.
-pub fn judge(entry: &ConntrackEntry, olds: &[Policy], new: &Policy, scope: &Scope) -> Verdict {
+pub fn judge(entry: &ConntrackEntry, olds: &[Policy], new: &Policy, scope: &Scope<'_>) -> Verdict {
     let (original, reply) = (&entry.original, &entry.reply);
     if entry.zone != 0 {
         return Verdict::NotOurs(NotOurs::OtherZone);
@@ -154,7 +219,15 @@ pub fn judge(entry: &ConntrackEntry, olds: &[Policy], new: &Policy, scope: &Scop
     }
     let rewritten =
         reply.destination != original.source || reply.destination_port != original.source_port;
-    if rewritten && !scope.local.contains(reply.destination) {
+    let family = Family::of_addr(original.destination);
+    let snat_range = |policy: &Policy| policy.family(family).and_then(|f| f.snat_to);
+    let ours_to = |address: IpAddr| {
+        std::iter::once(new)
+            .chain(olds)
+            .filter_map(snat_range)
+            .any(|range| range.contains(address))
+    };
+    if rewritten && !scope.local.contains(reply.destination) && !ours_to(reply.destination) {
         return Verdict::NotOurs(NotOurs::OthersSourceNat);
     }
     if let Some(changed) = &scope.changed
@@ -162,16 +235,51 @@ pub fn judge(entry: &ConntrackEntry, olds: &[Policy], new: &Policy, scope: &Scop
     {
         return Verdict::Unchanged;
     }
-    let masquerades = |policy: &Policy| {
-        policy
-            .explain(Some(original.source), original.destination)
-            .decision
-            .masquerades()
+    // outputInterface in any of the decisions: the decision depends on where it leaves.
+    let interface = if std::iter::once(new)
+        .chain(olds)
+        .any(|policy| policy.out_interfaces.is_some())
+    {
+        match scope.egress.interface(original.destination) {
+            Some(name) => Some(name),
+            None => return Verdict::Unchanged,
+        }
+    } else {
+        None
     };
-    let after = masquerades(new);
-    if olds.iter().all(|old| masquerades(old) == after) {
-        Verdict::Unchanged
-    } else if rewritten == after {
+    let outcome = |policy: &Policy| {
+        let masquerades = policy
+            .explain_via(
+                Some(original.source),
+                original.destination,
+                interface.as_deref(),
+            )
+            .decision
+            .masquerades();
+        if masquerades {
+            Outcome::Translate(snat_range(policy))
+        } else {
+            Outcome::Keep
+        }
+    };
+    let after = outcome(new);
+    if olds.iter().all(|old| outcome(old) == after) {
+        return Verdict::Unchanged;
+    }
+    // Whether the entry already carries the new decision.
+    let agrees = match after {
+        Outcome::Keep => !rewritten,
+        Outcome::Translate(Some(range)) => rewritten && range.contains(reply.destination),
+        // MASQUERADE to the interface's address: not to an old outputAddress.
+        Outcome::Translate(None) => {
+            rewritten
+                && !olds
+                    .iter()
+                    .filter_map(snat_range)
+                    .any(|range| range.contains(reply.destination))
+        }
+    };
+    if agrees {
         Verdict::Agrees
     } else {
         Verdict::CarriesOldDecision
@@ -316,9 +424,11 @@ pub fn reconcile(
         let local = runner
             .local_prefixes(family)
             .doing(|| format!("reading the node's {family} local addresses"))?;
+        let route = |destination: IpAddr| runner.egress_interface(destination).ok().flatten();
         let scope = Scope {
             local: AddressRanges::new(&local, family),
             changed,
+            egress: EgressLookup::new(&route),
         };
         let filter = ConntrackDumpFilter {
             zone: Some(0),

@@ -115,7 +115,7 @@ fn udp(source: &str, destination: &str, reply_to: &str) -> ConntrackEntry {
 const NODE: &str = "192.0.2.1";
 const POD: &str = "10.244.1.2";
 
-fn node_scope() -> Scope {
+fn node_scope() -> Scope<'static> {
     let local: Vec<IpNet> = ["127.0.0.0/8", "192.0.2.1/32", "10.244.1.1/32"]
         .iter()
         .map(|p| p.parse().unwrap())
@@ -123,6 +123,7 @@ fn node_scope() -> Scope {
     Scope {
         local: AddressRanges::new(&local, Family::V4),
         changed: None,
+        egress: EgressLookup::none(),
     }
 }
 
@@ -514,4 +515,153 @@ fn regression_the_conntrack_table_is_held_in_memory() {
         peak < 256 * 1024,
         "the pass held {peak} bytes at its peak for {ENTRIES} entries"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 17: outputInterface and outputAddress change decisions too.
+
+const UPLINK_B: &str = "198.51.100.1";
+const SECONDARY: &str = "192.0.2.100";
+
+/// A node with two uplinks: 203.0.113.0/24 routed out of eth1, 100.100.0.0/16 out of eth2.
+fn multihomed_scope(route: &dyn Fn(IpAddr) -> Option<String>) -> Scope<'_> {
+    let local: Vec<IpNet> = [
+        "127.0.0.0/8",
+        "192.0.2.1/32",
+        "192.0.2.100/32",
+        "198.51.100.1/32",
+    ]
+    .iter()
+    .map(|p| p.parse().unwrap())
+    .collect();
+    Scope {
+        local: AddressRanges::new(&local, Family::V4),
+        changed: None,
+        egress: EgressLookup::new(route),
+    }
+}
+
+fn two_uplinks(destination: IpAddr) -> Option<String> {
+    let text = destination.to_string();
+    if text.starts_with("203.0.113.") {
+        Some("eth1".into())
+    } else if text.starts_with("100.100.") {
+        Some("eth2".into())
+    } else {
+        None
+    }
+}
+
+#[test]
+fn a_change_of_interfaces_re_decides_flows_by_where_they_leave() {
+    let scope = multihomed_scope(&two_uplinks);
+    let every = policy("nonMasqueradeCIDRs: []\n");
+    let eth1 = policy("nonMasqueradeCIDRs: []\noutputInterface: eth1\n");
+    let both = policy("nonMasqueradeCIDRs: []\noutputInterface: ['eth+']\n");
+    let via_eth1 = udp(POD, "203.0.113.10", NODE);
+    let via_eth2 = udp(POD, "100.100.0.10", UPLINK_B);
+    let kept_via_eth2 = udp(POD, "100.100.0.10", POD);
+    // Every interface -> eth1 only: the eth2 flow must lose its masquerade; eth1's stays.
+    assert_eq!(
+        judge(&via_eth2, std::slice::from_ref(&every), &eth1, &scope),
+        Verdict::CarriesOldDecision
+    );
+    assert_eq!(
+        judge(&via_eth1, std::slice::from_ref(&every), &eth1, &scope),
+        Verdict::Unchanged
+    );
+    // eth1 -> eth+: the flow kept on eth2 must now be masqueraded.
+    assert_eq!(
+        judge(&kept_via_eth2, std::slice::from_ref(&eth1), &both, &scope),
+        Verdict::CarriesOldDecision
+    );
+    assert_eq!(
+        judge(&via_eth2, std::slice::from_ref(&eth1), &both, &scope),
+        Verdict::Agrees
+    );
+    // Where the route cannot be found, the flow is left alone.
+    let nowhere = udp(POD, "192.0.2.77", NODE);
+    assert_eq!(
+        judge(&nowhere, std::slice::from_ref(&every), &eth1, &scope),
+        Verdict::Unchanged
+    );
+}
+
+#[test]
+fn a_change_of_the_snat_address_re_decides_the_translated_flows() {
+    let scope = multihomed_scope(&two_uplinks);
+    let masquerade = policy("nonMasqueradeCIDRs: []\n");
+    let snat = policy("nonMasqueradeCIDRs: []\noutputAddress: 192.0.2.100\n");
+    let floating = policy("nonMasqueradeCIDRs: []\noutputAddress: 203.0.113.77\n");
+    let masqueraded = udp(POD, "203.0.113.10", NODE);
+    let snatted = udp(POD, "203.0.113.10", SECONDARY);
+    // MASQUERADE -> SNAT: the masqueraded flow carries the old translation.
+    assert_eq!(
+        judge(
+            &masqueraded,
+            std::slice::from_ref(&masquerade),
+            &snat,
+            &scope
+        ),
+        Verdict::CarriesOldDecision
+    );
+    assert_eq!(
+        judge(&snatted, std::slice::from_ref(&masquerade), &snat, &scope),
+        Verdict::Agrees
+    );
+    // SNAT -> MASQUERADE: the flow on the old address goes; one on the node's stays.
+    assert_eq!(
+        judge(&snatted, std::slice::from_ref(&snat), &masquerade, &scope),
+        Verdict::CarriesOldDecision
+    );
+    assert_eq!(
+        judge(
+            &masqueraded,
+            std::slice::from_ref(&snat),
+            &masquerade,
+            &scope
+        ),
+        Verdict::Agrees
+    );
+    // A floating address the node does not hold: a rewrite to it is the agent's.
+    let to_floating = udp(POD, "203.0.113.10", "203.0.113.77");
+    assert_eq!(
+        judge(&to_floating, std::slice::from_ref(&floating), &snat, &scope),
+        Verdict::CarriesOldDecision
+    );
+    // Someone else's SNAT to an address no decision names is never touched.
+    let others = udp(POD, "203.0.113.10", "203.0.113.99");
+    assert_eq!(
+        judge(&others, std::slice::from_ref(&floating), &snat, &scope),
+        Verdict::NotOurs(NotOurs::OthersSourceNat)
+    );
+}
+
+/// Through the fake kernel: an interface change deletes exactly the UDP flow that now
+/// leaves by an unlisted interface, asking the routing table once per destination.
+#[test]
+fn reconcile_asks_the_routing_table_when_interfaces_change() {
+    let runner = FakeRunner::new();
+    runner.set_local_prefixes(
+        Family::V4,
+        &["127.0.0.0/8", "192.0.2.1/32", "198.51.100.1/32"],
+    );
+    runner.add_route("203.0.113.0/24", "eth1");
+    runner.add_route("100.100.0.0/16", "eth2");
+    runner.add_conntrack(&[
+        udp(POD, "203.0.113.10", NODE),
+        udp(POD, "100.100.0.10", UPLINK_B),
+    ]);
+    let shared: SharedRunner = runner.clone();
+    let old = policy("nonMasqueradeCIDRs: []\n");
+    let new = policy("nonMasqueradeCIDRs: []\noutputInterface: eth1\n");
+    let done = reconcile(
+        std::slice::from_ref(&old),
+        &new,
+        ConntrackCleanup::Udp,
+        Pass::Reconcile,
+        &shared,
+    )
+    .unwrap();
+    assert_eq!(done.deleted_udp, 1, "{done:?}");
 }

@@ -258,6 +258,8 @@ struct State {
     local_prefixes: Vec<(crate::policy::Family, Vec<ipnet::IpNet>)>,
     /// The namespace's interface names.
     interfaces: Vec<String>,
+    /// The routing table: destination prefix -> interface.
+    routes: Vec<(ipnet::IpNet, String)>,
     /// The nf_tables generation: bumped by every write to an nft-based table.
     generation: u64,
     /// Chains of an iptables-nft table (by key) holding native nft rules iptables cannot
@@ -465,6 +467,12 @@ impl FakeRunner {
     }
 
     /// The `local` routes of `family` (the default: loopback only).
+    /// Routes `prefix` out of `interface` (the longest matching prefix wins).
+    pub fn add_route(&self, prefix: &str, interface: &str) {
+        let prefix = prefix.parse().expect("a prefix");
+        self.state().routes.push((prefix, interface.to_string()));
+    }
+
     /// The namespace's interfaces.
     pub fn set_interfaces(&self, names: &[&str]) {
         self.state().interfaces = names.iter().map(|n| n.to_string()).collect();
@@ -1056,6 +1064,16 @@ impl Runner for FakeRunner {
 
     fn interface_names(&self) -> Vec<String> {
         self.state().interfaces.clone()
+    }
+
+    fn egress_interface(&self, destination: std::net::IpAddr) -> Result<Option<String>, ToolError> {
+        let state = self.state();
+        Ok(state
+            .routes
+            .iter()
+            .filter(|(prefix, _)| prefix.contains(&destination))
+            .max_by_key(|(prefix, _)| prefix.prefix_len())
+            .map(|(_, interface)| interface.clone()))
     }
 
     fn local_prefixes(

@@ -142,6 +142,10 @@ pub trait Runner: Send + Sync {
 
     /// The names of this network namespace's interfaces (`if_nameindex`).
     fn interface_names(&self) -> Vec<String>;
+
+    /// The interface the routing table sends `destination` out of (`ip route get`);
+    /// None when there is no route.
+    fn egress_interface(&self, destination: std::net::IpAddr) -> Result<Option<String>, ToolError>;
 }
 
 pub type SharedRunner = Arc<dyn Runner>;
@@ -270,6 +274,15 @@ impl Runner for SystemRunner {
         netlink::route::local_prefixes(family, tool_timeout()).map_err(|message| {
             ToolError::Kernel {
                 what: format!("reading the {family} local routes"),
+                message,
+            }
+        })
+    }
+
+    fn egress_interface(&self, destination: std::net::IpAddr) -> Result<Option<String>, ToolError> {
+        netlink::route::egress_interface(destination, tool_timeout()).map_err(|message| {
+            ToolError::Kernel {
+                what: format!("looking up the route to {destination}"),
                 message,
             }
         })

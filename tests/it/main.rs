@@ -19,6 +19,7 @@ mod image;
 mod iptables_layout;
 mod lifecycle;
 mod manifests;
+mod multihomed;
 mod neighbours;
 mod nftables;
 mod operable;

@@ -42,7 +42,9 @@ pub use rng::{Rng, seed_from_env};
 pub use root::require_root;
 pub use shims::{Shims, pids_matching};
 pub use topology::{
-    NODE_V4, NODE_V6, POD_V4, POD_V6, REMOTE_DESTINATIONS, Topology, V4_PORT, V6_PORT,
+    Multihomed, NODE_V4, NODE_V6, POD_V4, POD_V6, REMOTE_B_DESTINATIONS, REMOTE_DESTINATIONS,
+    Topology, UPLINK_A_SECONDARY_V4, UPLINK_A_SECONDARY_V6, UPLINK_B_NODE_V4, UPLINK_B_NODE_V6,
+    V4_PORT, V6_PORT,
 };
 pub use volume::{CONFIG_KEY, ConfigMapVolume};
 

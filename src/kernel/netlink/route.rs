@@ -3,6 +3,9 @@
 //! 127.0.0.0/8, `::1`, and any AnyIP prefix someone added) is exactly what the agent's
 //! jump excludes (`-m addrtype ! --dst-type LOCAL`, nft `fib daddr type local return`).
 //! One streamed dump per family; only the local routes are kept.
+//!
+//! And the interface the routing table sends a destination to (`ip route get DST`), for
+//! the conntrack pass while outputInterface is set.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -17,6 +20,7 @@ const RTM_GETROUTE: u16 = 26;
 /// `struct rtmsg`: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
 const RTMSG: usize = 12;
 const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
 const RTA_TABLE: u16 = 15;
 const RT_TABLE_LOCAL: u32 = 255;
 const RTN_LOCAL: u8 = 2;
@@ -43,6 +47,64 @@ pub fn local_prefixes(family: Family, within: Duration) -> Result<Vec<IpNet>, St
         Ok(())
     })?;
     Ok(prefixes)
+}
+
+/// The interface the kernel's routing sends `destination` out of, as `ip route get`
+/// answers (no source, no mark); None when there is no route (or no interface).
+pub fn egress_interface(destination: IpAddr, within: Duration) -> Result<Option<String>, String> {
+    let (family, bytes, bits) = match destination {
+        IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec(), 32u8),
+        IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec(), 128u8),
+    };
+    let socket = Socket::open_protocol(libc::NETLINK_ROUTE, within)?;
+    let mut header = [0u8; RTMSG];
+    header[0] = family;
+    header[1] = bits;
+    let mut request = Message::with_header(
+        RTM_GETROUTE,
+        (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+        1,
+        &header,
+    );
+    request.attribute(RTA_DST, &bytes);
+    socket.send(&request.finish())?;
+    let mut buffer = vec![0u8; 8192];
+    loop {
+        let length = socket.receive(&mut buffer)?;
+        for message in super::messages(buffer.get(..length).unwrap_or_default()) {
+            match message.kind {
+                RTM_NEWROUTE => {
+                    let attributes = Attributes(message.payload.get(RTMSG..).unwrap_or_default());
+                    let index = attributes
+                        .get(RTA_OIF)
+                        .and_then(|i| Some(u32::from_ne_bytes(i.get(..4)?.try_into().ok()?)));
+                    return Ok(index.and_then(interface_name));
+                }
+                super::NLMSG_ERROR => {
+                    return match message.error() {
+                        Some(0) => Ok(None),
+                        // No route to it (ENETUNREACH, EHOSTUNREACH...): no interface.
+                        Some(_) => Ok(None),
+                        None => Err("netlink: a truncated error message".into()),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The name of the interface with index `index`.
+fn interface_name(index: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes, NUL included, into `name`.
+    let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if found.is_null() {
+        return None;
+    }
+    // SAFETY: on success `name` holds a NUL-terminated string.
+    let text = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Some(text.to_string_lossy().into_owned())
 }
 
 /// The prefix of a `local` route of the `local` table; None for any other route.
