@@ -653,10 +653,10 @@ pub struct NftablesBackend {
 
 impl NftablesBackend {
     pub fn new(runner: SharedRunner) -> Result<Self, SyncError> {
-        if runner.ruleset_generation().is_none() {
-            return Err(SyncError::Unusable(
-                "the nftables backend needs nf_tables in the kernel, over netlink (NET_ADMIN); asking for its generation failed".into(),
-            ));
+        if let Some(problem) = runner.ruleset_generation_problem() {
+            return Err(SyncError::Unusable(format!(
+                "the nftables backend needs nf_tables in the kernel, over netlink (NET_ADMIN); asking for its generation failed: {problem}"
+            )));
         }
         Ok(NftablesBackend {
             runner,

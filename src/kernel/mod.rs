@@ -96,6 +96,14 @@ pub trait Runner: Send + Sync {
     /// Processes started so far (for sync reports and benchmarks).
     fn spawned(&self) -> u64;
 
+    /// Why the ruleset generation cannot be read, if it cannot: the refused call in
+    /// words, for a backend that cannot work without nf_tables over netlink.
+    fn ruleset_generation_problem(&self) -> Option<String> {
+        self.ruleset_generation()
+            .is_none()
+            .then(|| "no answer".to_string())
+    }
+
     /// The nf_tables ruleset generation of this network namespace: it changes with every
     /// committed change to any nf_tables table (nft and iptables-nft alike). None when
     /// it cannot be read; then nothing may be concluded from it.
@@ -185,6 +193,10 @@ impl Runner for SystemRunner {
 
     fn ruleset_generation(&self) -> Option<u64> {
         netlink::nftables::nftables_generation()
+    }
+
+    fn ruleset_generation_problem(&self) -> Option<String> {
+        netlink::nftables::generation_or_why().err()
     }
 
     fn nft_observe(&self, want: &nf_tables::Table) -> Result<nf_tables::Observed, ToolError> {

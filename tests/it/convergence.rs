@@ -16,8 +16,9 @@
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use ima_harness::seeded::{self, Rng};
 use ima_harness::*;
 
 use crate::AGENT;
@@ -92,36 +93,6 @@ root_test!(
     }
 );
 
-/// splitmix64: tiny, deterministic, good enough to pick test cases.
-struct Rng(u64);
-
-impl Rng {
-    fn for_case(seed: u64, index: usize) -> Rng {
-        Rng(seed ^ (index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0; the modulo bias is irrelevant here).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
-
 fn env_number(name: &str) -> Option<u64> {
     let text = std::env::var(name).ok()?;
     let text = text.trim();
@@ -130,17 +101,6 @@ fn env_number(name: &str) -> Option<u64> {
         None => text.parse(),
     };
     Some(parsed.unwrap_or_else(|_| panic!("{name}={text:?} is not a number")))
-}
-
-fn seed() -> u64 {
-    env_number("IMA_SEED").unwrap_or_else(|| {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        // Short enough to type, different per run.
-        (nanos ^ u64::from(std::process::id()).rotate_left(32)) % 1_000_000_000_000
-    })
 }
 
 /// One prefix as a (family width, network, length) triple.
@@ -204,7 +164,7 @@ fn random_len(rng: &mut Rng, bits: u32, lengths: Lengths) -> u32 {
 
 fn random_prefix(rng: &mut Rng, bits: u32, lengths: Lengths) -> Prefix {
     let len = random_len(rng, bits, lengths);
-    let random = u128::from(rng.next()) << 64 | u128::from(rng.next());
+    let random = u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64());
     let address = if bits == 32 {
         let low = random as u32;
         u128::from(match rng.below(5) {
@@ -227,7 +187,7 @@ fn random_prefix(rng: &mut Rng, bits: u32, lengths: Lengths) -> Prefix {
 /// A prefix overlapping `other`: a supernet or a subnet of it.
 fn overlapping(rng: &mut Rng, other: Prefix, lengths: Lengths) -> Prefix {
     let len = random_len(rng, other.bits, lengths);
-    let noise = u128::from(rng.next()) << 64 | u128::from(rng.next());
+    let noise = u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64());
     let host_bits = other.bits - other.len;
     let host_mask = if host_bits >= 128 {
         u128::MAX
@@ -950,7 +910,7 @@ fn reset(ns: &Netns, case: &Case) -> Result<(), String> {
 }
 
 fn run(setup: Setup) {
-    let seed = seed();
+    let seed = seeded::seed();
     let name = setup.test_name();
     let only = env_number("IMA_CASE").map(|i| i as usize);
     let count = env_number("IMA_CASES").map_or(DEFAULT_CASES, |n| n as usize);

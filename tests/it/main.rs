@@ -27,7 +27,6 @@ mod packets;
 mod precedence;
 mod tenants;
 mod two_agents;
-mod two_agents_iptables;
 
 /// The agent binary cargo built for these tests.
 static AGENT: LazyLock<Agent> = LazyLock::new(|| Agent::new(env!("CARGO_BIN_EXE_ip-masq-agent")));

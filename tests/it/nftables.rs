@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use ima_harness::seeded::{self, Rng};
 use ima_harness::*;
 
 use crate::AGENT;
@@ -499,7 +500,7 @@ root_test!(
     /// netlink (a first write, then element batches or repairs) is what `nft list`
     /// prints, what `render` shows, and what the agent's own read accepts.
     fn nft_lists_every_generated_table_as_render_prints_it() {
-        let seed = seed_from_env();
+        let seed = seeded::seed();
         eprintln!("seed {seed} (IMA_SEED={seed} reproduces)");
         let mut rng = Rng::new(seed);
         let node = Netns::new("node");

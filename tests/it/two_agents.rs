@@ -11,10 +11,18 @@
 //! written, every sample must be exactly one of the two learned states (no missing
 //! rule, no duplicate, no mix of the two configs). Seeded (`IMA_SEED`, printed);
 //! `IMA_ROUNDS` sets the number of rounds.
+//!
+//! On iptables the race that broke nodes (issue 16 #1: both agents append a jump, then
+//! both delete "the duplicate" and leave none) needs both to read at the same instant,
+//! which random starts seldom hit: [`both_agents_repair_a_deleted_jump_at_once`] deletes
+//! the jump by hand and tells both agents to sync at the same moment (SIGHUP to both),
+//! many times; exactly one jump must be there once both have.
 
 use std::time::{Duration, Instant};
 
+use ima_harness::seeded::{self, Rng};
 use ima_harness::*;
+use nix::sys::signal::Signal;
 
 use crate::AGENT;
 
@@ -45,7 +53,7 @@ fn learn(flags: &[&str], state: &dyn Fn(&Netns) -> String) -> Vec<String> {
 /// Runs the rounds (see the module's comment); panics with the seed, the round and
 /// the wrong sample at the first violation.
 pub fn two_agents_keep_the_rules_right(flags: &[&str], state: &dyn Fn(&Netns) -> String) {
-    let seed = seed_from_env();
+    let seed = seeded::seed();
     let rounds = std::env::var("IMA_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
@@ -144,5 +152,141 @@ fn nft_table(ns: &Netns) -> String {
 root_test!(
     fn nftables() {
         two_agents_keep_the_rules_right(&["--backend=nftables"], &nft_table);
+    }
+);
+
+/// The agent's objects in one iptables flavour's nat table, as `save -t nat` prints them
+/// (jump, chain declaration, chain rules; counters left out).
+fn iptables_state(ns: &Netns, save: &str) -> String {
+    ns.sh(&[save, "-t", "nat"])
+        .lines()
+        .filter(|line| line.contains("IP-MASQ-AGENT"))
+        .map(|line| match line.rsplit_once(" [") {
+            Some((head, _)) if line.starts_with(':') => format!("{head}\n"),
+            _ => format!("{line}\n"),
+        })
+        .collect()
+}
+
+root_test!(
+    fn iptables_nft() {
+        two_agents_keep_the_rules_right(&["--iptables-mode=nft"], &|ns| {
+            iptables_state(ns, "iptables-nft-save")
+        });
+    }
+);
+
+root_test!(
+    fn iptables_legacy() {
+        two_agents_keep_the_rules_right(&["--iptables-mode=legacy"], &|ns| {
+            iptables_state(ns, "iptables-legacy-save")
+        });
+    }
+);
+
+const JUMP_SPEC: &str = "-m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain\" -m addrtype ! --dst-type LOCAL -j IP-MASQ-AGENT";
+const MASQUERADE_LAST: &str = "-A IP-MASQ-AGENT -m comment --comment \"ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)\" -j MASQUERADE";
+/// Jumps deleted by hand and repaired by both agents at once, per round.
+const REPAIRS: usize = 4;
+const REPAIR_ROUNDS: usize = 6;
+
+/// The agent's jumps in POSTROUTING and whether its chain is whole.
+fn jumps_and_chain(ns: &Netns, save: &str) -> (usize, bool) {
+    let saved = ns.sh(&[save, "-t", "nat"]);
+    let jumps = saved
+        .lines()
+        .filter(|line| line.strip_prefix("-A POSTROUTING ") == Some(JUMP_SPEC))
+        .count();
+    let last = saved
+        .lines()
+        .rfind(|line| line.starts_with("-A IP-MASQ-AGENT "));
+    (jumps, last.is_some_and(|l| l.starts_with(MASQUERADE_LAST)))
+}
+
+/// Issue 16 #1: two agents started within milliseconds of each other, and a jump deleted
+/// by hand that both repair at the same instant: exactly one jump every time.
+fn both_agents_repair_a_deleted_jump_at_once(mode: &str, save: &str) {
+    let seed = seeded::seed();
+    eprintln!(
+        "two agents repairing at once on iptables-{mode}: seed {seed} (IMA_SEED={seed} reproduces)"
+    );
+    let mut rng = Rng::new(seed);
+    let node = Netns::new("node");
+    let volume = ConfigMapVolume::new(CONFIGS[0]);
+    let path = volume.path();
+    let mode_flag = format!("--iptables-mode={mode}");
+    let flags = [
+        "--config",
+        path.to_str().expect("utf-8 path"),
+        &mode_flag,
+        "--metrics-address=",
+    ];
+    let mut problems = Vec::new();
+    for round in 0..REPAIR_ROUNDS {
+        let out = AGENT.run(&node, ["cleanup"]);
+        assert!(out.status.success(), "cleanup before round {round}");
+        let mut first = AGENT.start(&node, &flags);
+        std::thread::sleep(Duration::from_millis(rng.below(8)));
+        let mut second = AGENT.start(&node, &flags);
+        first.wait_for_log("rules applied", 1, Duration::from_secs(10));
+        second.wait_for_log("rules applied", 1, Duration::from_secs(10));
+        let settled = |ns: &Netns| {
+            eventually(Duration::from_secs(2), || {
+                jumps_and_chain(ns, save) == (1, true)
+            })
+        };
+        if !settled(&node) {
+            problems.push(format!(
+                "round {round}: after both started: {:?}",
+                jumps_and_chain(&node, save)
+            ));
+        }
+        for repair in 0..REPAIRS {
+            std::thread::sleep(Duration::from_millis(150));
+            let syncs = |agent: &AgentProcess| {
+                let log = agent.log();
+                log.matches("rules resynced").count() + log.matches("rewritten").count()
+            };
+            let before = (syncs(&first), syncs(&second));
+            let mut delete = vec![
+                format!("iptables-{mode}"),
+                "-t".into(),
+                "nat".into(),
+                "-D".into(),
+                "POSTROUTING".into(),
+            ];
+            delete.extend(shell_words(JUMP_SPEC));
+            let delete: Vec<&str> = delete.iter().map(String::as_str).collect();
+            node.sh(&delete);
+            first.signal(Signal::SIGHUP);
+            second.signal(Signal::SIGHUP);
+            assert!(
+                eventually(Duration::from_secs(10), || syncs(&first) > before.0
+                    && syncs(&second) > before.1),
+                "round {round} repair {repair}: the agents did not sync"
+            );
+            if !settled(&node) {
+                problems.push(format!(
+                    "round {round}, repair {repair}: {:?} (jumps, chain whole) after both repaired at once",
+                    jumps_and_chain(&node, save)
+                ));
+            }
+        }
+        for agent in [&mut first, &mut second] {
+            assert!(agent.is_running(), "{}", agent.log());
+        }
+    }
+    assert!(problems.is_empty(), "seed {seed}:\n{}", problems.join("\n"));
+}
+
+root_test!(
+    fn regression_both_agents_repair_a_deleted_jump_at_once_on_iptables_nft() {
+        both_agents_repair_a_deleted_jump_at_once("nft", "iptables-nft-save");
+    }
+);
+
+root_test!(
+    fn regression_both_agents_repair_a_deleted_jump_at_once_on_iptables_legacy() {
+        both_agents_repair_a_deleted_jump_at_once("legacy", "iptables-legacy-save");
     }
 );

@@ -23,7 +23,6 @@ pub mod conntrack;
 pub mod flood;
 mod monitor;
 mod netns;
-mod rng;
 mod root;
 pub mod seeded;
 mod shims;
@@ -38,7 +37,6 @@ pub use agent::{Agent, AgentProcess, log_field, log_time, wall_now};
 pub use cleanup::{clean_up_on_signals, track_child, tracked_children, untrack_child};
 pub use monitor::NftMonitor;
 pub use netns::{Netns, TempDir, unique_name};
-pub use rng::{Rng, seed_from_env};
 pub use root::require_root;
 pub use shims::{Shims, pids_matching};
 pub use topology::{

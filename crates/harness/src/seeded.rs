@@ -12,6 +12,11 @@ impl Rng {
         Rng(seed)
     }
 
+    /// The generator of case `index` of `seed`: cases can be replayed one by one.
+    pub fn for_case(seed: u64, index: usize) -> Rng {
+        Rng(seed ^ (index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

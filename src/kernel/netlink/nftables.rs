@@ -40,8 +40,13 @@ const DEADLINE: Duration = Duration::from_secs(10);
 /// The current generation, or None when nf_tables cannot be asked (no module, no
 /// permission, a timeout): callers then read the rules as they would without it.
 pub fn nftables_generation() -> Option<u64> {
-    let socket = Socket::open(Duration::from_secs(1)).ok()?;
-    generation_on(&socket, 1).ok().map(u64::from)
+    generation_or_why().ok()
+}
+
+/// The current generation, or why it cannot be had (the refused call, in words).
+pub fn generation_or_why() -> Result<u64, String> {
+    let socket = Socket::open(Duration::from_secs(1))?;
+    generation_on(&socket, 1).map(u64::from)
 }
 
 /// Asks for the generation on an open socket.
