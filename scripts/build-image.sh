@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the container image with podman and no registry at all: the static release binary
 # (scripts/build-release.sh) on a Debian bookworm base made here from Debian packages with
-# mmdebstrap (iptables in both flavours, nftables, conntrack-tools, their libraries; no shell, no apt).
+# mmdebstrap (iptables in both flavours, nftables, their libraries; no shell, no apt; the agent
+# reads and deletes conntrack entries over netlink itself, so conntrack-tools is not needed).
 #
 #   scripts/build-image.sh                     -> localhost/ip-masq-agent:v<Cargo.toml version>
 #   ARCHES=amd64,arm64 scripts/build-image.sh  -> the same name for both architectures
@@ -108,7 +109,7 @@ for arch in $arches; do
   mmdebstrap_options=(
     --variant=extract
     --architectures="$arch"
-    --include=libgcc-s1,iptables,nftables,conntrack
+    --include=libgcc-s1,iptables,nftables
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
     --dpkgopt='path-exclude=/usr/share/man/*'
     --dpkgopt='path-exclude=/usr/share/info/*'
@@ -137,7 +138,7 @@ for arch in $arches; do
   if ! podman image exists "$base"; then
     podman import --quiet --os linux --arch "$arch" \
       --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-      --message "Debian bookworm $arch: libgcc-s1 iptables nftables conntrack (mmdebstrap extract)" \
+      --message "Debian bookworm $arch: libgcc-s1 iptables nftables (mmdebstrap extract)" \
       "$base_tar" "$base" >/dev/null
   fi
   bases="$bases $base"
