@@ -14,7 +14,7 @@
 //! arm64` as an arm64 node's runtime picks it. Under that emulation no arm64 process can
 //! reach netfilter: qemu's socket(2) refuses AF_NETLINK with NETLINK_NETFILTER
 //! (EPROTONOSUPPORT; it admits only NETLINK_ROUTE, NETLINK_KOBJECT_UEVENT and NETLINK_AUDIT),
-//! which iptables-nft, nft, conntrack and the agent's own netlink calls all need, and it does
+//! which iptables-nft, nft and the agent's own netlink calls (nf_tables, conntrack) all need, and it does
 //! not translate iptables-legacy's IPT_SO_GET_INFO getsockopt either.
 //! `arm64_image_under_emulation_fails_exactly_at_netfilter` shows that; the packet tests run
 //! the arm64 image's agent binary in the DaemonSet's container on the host's image of the
