@@ -892,6 +892,20 @@ impl Runner for FakeRunner {
         Ok(super::lock::AgentLock::none())
     }
 
+    fn nft_table_exists(
+        &self,
+        family: crate::policy::Family,
+        table: &str,
+    ) -> Result<bool, ToolError> {
+        let key = match (family, table) {
+            (crate::policy::Family::V4, "nat") => "iptables-nft",
+            (crate::policy::Family::V6, "nat") => "ip6tables-nft",
+            _ => return Ok(false),
+        };
+        let state = self.state();
+        Ok(state.nat.contains_key(key) || state.incompatible.contains_key(key))
+    }
+
     fn nft_chain_exists(
         &self,
         family: crate::policy::Family,

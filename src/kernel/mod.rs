@@ -120,6 +120,9 @@ pub trait Runner: Send + Sync {
     /// until the returned lock is dropped (see [`lock`]); waits at most `within`.
     fn lock_agents(&self, within: Duration) -> Result<lock::AgentLock, lock::LockError>;
 
+    /// Whether nf_tables has a table `table` of `family` (ip or ip6): one netlink lookup.
+    fn nft_table_exists(&self, family: Family, table: &str) -> Result<bool, ToolError>;
+
     /// Whether the nf_tables table `table` of `family` (ip or ip6) holds a chain named
     /// `chain` (one netlink lookup).
     fn nft_chain_exists(&self, family: Family, table: &str, chain: &str)
@@ -225,6 +228,17 @@ impl Runner for SystemRunner {
 
     fn lock_agents(&self, within: Duration) -> Result<lock::AgentLock, lock::LockError> {
         lock::acquire(within)
+    }
+
+    fn nft_table_exists(&self, family: Family, table: &str) -> Result<bool, ToolError> {
+        let nfproto = match family {
+            Family::V4 => libc::NFPROTO_IPV4,
+            Family::V6 => libc::NFPROTO_IPV6,
+        };
+        netlink::lookup::table_exists(nfproto as u8, table).map_err(|message| ToolError::Kernel {
+            what: format!("looking up nft table {table} ({family})"),
+            message,
+        })
     }
 
     fn nft_chain_exists(

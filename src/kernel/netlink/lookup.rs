@@ -1,4 +1,4 @@
-//! Single nf_tables lookups that need no listing: whether a chain exists. The iptables
+//! Single nf_tables lookups that need no listing: whether a table or a chain exists. The iptables
 //! backend asks when iptables-nft cannot list a chain ("incompatible", which it also
 //! says of a chain that does not exist), so it never declares (and thereby flushes) a
 //! chain that exists with rules iptables cannot show.
@@ -8,6 +8,8 @@ use std::time::Duration;
 use super::{Message, NLMSG_ERROR, Socket, messages};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFTA_TABLE_NAME: u16 = 1;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
@@ -46,10 +48,29 @@ fn answer(datagram: &[u8]) -> Result<Option<bool>, String> {
     Ok(found)
 }
 
+/// Whether `family` (an NFPROTO_* value) has a table named `table`.
+pub fn table_exists(family: u8, table: &str) -> Result<bool, String> {
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    let mut message = Message::new(
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
+        flags,
+        1,
+        family,
+        0,
+    );
+    message.string(NFTA_TABLE_NAME, table);
+    ask(&message.finish())
+}
+
 /// Whether `table` of `family` holds a chain named `chain`.
 pub fn chain_exists(family: u8, table: &str, chain: &str) -> Result<bool, String> {
+    ask(&chain_request(family, table, chain))
+}
+
+/// Sends one GET request and reads whether the object exists.
+fn ask(request: &[u8]) -> Result<bool, String> {
     let socket = Socket::open(Duration::from_secs(2))?;
-    socket.send(&chain_request(family, table, chain))?;
+    socket.send(request)?;
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
         let length = socket.receive(&mut buffer)?;
