@@ -565,24 +565,30 @@ pub fn merge_prefixes(prefixes: &[IpNet]) -> Vec<IpNet> {
     let mut out = Vec::new();
     for family in [Family::V4, Family::V6] {
         let bits: u32 = if family == Family::V4 { 32 } else { 128 };
-        let mut ranges: Vec<(u128, u128)> = prefixes
-            .iter()
-            .filter(|p| Family::of(p) == family)
-            .map(|p| (to_u128(p.network()), to_u128(p.broadcast())))
-            .collect();
-        ranges.sort_unstable();
-        let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
-        for (start, end) in ranges {
-            match merged.last_mut() {
-                Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
-                _ => merged.push((start, end)),
-            }
-        }
-        for (start, end) in merged {
+        for (start, end) in merged_ranges(prefixes, family) {
             split_range(start, end, bits, family, &mut out);
         }
     }
     out
+}
+
+/// The address ranges the prefixes of `family` cover (others are ignored), sorted and
+/// merged where they overlap or touch: `(first, last)` as numbers.
+pub fn merged_ranges(prefixes: &[IpNet], family: Family) -> Vec<(u128, u128)> {
+    let mut ranges: Vec<(u128, u128)> = prefixes
+        .iter()
+        .filter(|p| Family::of(p) == family)
+        .map(|p| (to_u128(p.network()), to_u128(p.broadcast())))
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
 }
 
 fn to_u128(addr: IpAddr) -> u128 {

@@ -238,18 +238,7 @@ pub fn saved_nat_problem(saved: &str) -> Option<String> {
 /// Whether every double quote of a saved rule is closed (`\"` and `\\` inside quotes
 /// are literal characters, as iptables-save escapes a comment).
 fn quotes_balanced(line: &str) -> bool {
-    let mut quoted = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if quoted => {
-                chars.next();
-            }
-            '"' => quoted = !quoted,
-            _ => {}
-        }
-    }
-    !quoted
+    crate::kernel::words::scan_outside_quotes(line, |_| {})
 }
 
 /// The chains that the POSTROUTING jumps of any release of the agent lead to.

@@ -54,7 +54,7 @@ use crate::backend::{Doing, SyncError};
 use crate::config::egress::AddressRange;
 use crate::kernel::netlink::conntrack::{IPPROTO_UDP, IPS_DST_NAT};
 use crate::kernel::{ConntrackDumpFilter, ConntrackEntry, ConntrackKey, SharedRunner, ToolError};
-use crate::policy::{Family, Policy, changed_destinations};
+use crate::policy::{Family, Policy, changed_destinations, merged_ranges};
 
 /// The most entries to delete held at once: deleted (in datagrams of 128) as soon as
 /// this many are found, while the dump goes on.
@@ -94,19 +94,7 @@ fn number(address: IpAddr) -> u128 {
 impl AddressRanges {
     /// The ranges of `prefixes` of `family` (others are ignored), merged.
     pub fn new(prefixes: &[IpNet], family: Family) -> AddressRanges {
-        let mut ranges: Vec<(u128, u128)> = prefixes
-            .iter()
-            .filter(|p| Family::of(p) == family)
-            .map(|p| (number(p.network()), number(p.broadcast())))
-            .collect();
-        ranges.sort_unstable();
-        let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
-        for (start, end) in ranges {
-            match merged.last_mut() {
-                Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
-                _ => merged.push((start, end)),
-            }
-        }
+        let mut merged = merged_ranges(prefixes, family);
         merged.shrink_to_fit();
         AddressRanges(merged)
     }

@@ -38,3 +38,21 @@ pub fn words(line: &str) -> Vec<(String, bool)> {
     }
     out
 }
+
+/// Walks `line` as [`words`] reads quotes, calling `outside` with each character that is
+/// not inside double quotes; whether every quote was closed.
+pub fn scan_outside_quotes(line: &str, mut outside: impl FnMut(char)) -> bool {
+    let mut quoted = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => {
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            c if !quoted => outside(c),
+            _ => {}
+        }
+    }
+    !quoted
+}

@@ -709,20 +709,12 @@ enum Context {
 
 /// `{` minus `}` outside quotes.
 fn brace_balance(line: &str) -> i64 {
-    let mut quoted = false;
     let mut balance = 0;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if quoted => {
-                chars.next();
-            }
-            '"' => quoted = !quoted,
-            '{' if !quoted => balance += 1,
-            '}' if !quoted => balance -= 1,
-            _ => {}
-        }
-    }
+    crate::kernel::words::scan_outside_quotes(line, |c| match c {
+        '{' => balance += 1,
+        '}' => balance -= 1,
+        _ => {}
+    });
     balance
 }
 

@@ -73,8 +73,14 @@ impl Socket {
     /// as the agent with CAP_NET_ADMIN can): a batch whose every message is acked needs
     /// room for all its acks at once. Best effort: the default stays otherwise.
     pub fn grow_receive_buffer(&self, bytes: usize) {
+        self.set_buffer([libc::SO_RCVBUFFORCE, libc::SO_RCVBUF], bytes);
+    }
+
+    /// Sets a buffer size with the first of `options` (the FORCE one, then the plain
+    /// one) the kernel takes; whether one did.
+    fn set_buffer(&self, options: [libc::c_int; 2], bytes: usize) -> bool {
         let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        options.into_iter().any(|option| {
             // SAFETY: setsockopt reads a live c_int of the stated size.
             let done = unsafe {
                 libc::setsockopt(
@@ -85,10 +91,8 @@ impl Socket {
                     size_of::<libc::c_int>() as libc::socklen_t,
                 )
             };
-            if done == 0 {
-                return;
-            }
-        }
+            done == 0
+        })
     }
 
     /// Sends `bytes` (one message or a batch of them) to the kernel.
@@ -180,21 +184,8 @@ impl Socket {
     /// larger than the buffer). As root (CAP_NET_ADMIN) past `wmem_max`, as nft does;
     /// otherwise as far as `wmem_max` allows.
     pub fn set_send_buffer(&self, bytes: usize) -> Result<(), String> {
-        let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        for option in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
-            // SAFETY: setsockopt reads a live c_int of the stated size.
-            let done = unsafe {
-                libc::setsockopt(
-                    self.fd,
-                    libc::SOL_SOCKET,
-                    option,
-                    (&size as *const libc::c_int).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if done == 0 {
-                return Ok(());
-            }
+        if self.set_buffer([libc::SO_SNDBUFFORCE, libc::SO_SNDBUF], bytes) {
+            return Ok(());
         }
         Err(format!(
             "netlink send buffer of {bytes} bytes: {}",
