@@ -28,6 +28,12 @@ enum Workload {
         non_masq: usize,
         force: usize,
     },
+    /// outputInterface (the uplink and two wildcards) and/or outputAddress (the node's
+    /// uplink address, which the remote counts as masqueraded), with no prefix.
+    Egress {
+        interfaces: bool,
+        address: bool,
+    },
 }
 
 impl Workload {
@@ -38,22 +44,40 @@ impl Workload {
             Workload::Nested { non_masq, force } => {
                 format!("{non_masq} nonMasqueradeCIDRs + {force} nested forceMasqueradeCIDRs")
             }
+            Workload::Egress {
+                interfaces,
+                address,
+            } => match (interfaces, address) {
+                (true, true) => "outputInterface [eth1, bond+, vlan+] + outputAddress".into(),
+                (true, false) => "outputInterface [eth1, bond+, vlan+]".into(),
+                (false, true) => "outputAddress 192.0.2.1".into(),
+                (false, false) => "none".into(),
+            },
         }
     }
 
     fn config(self) -> String {
+        let mut extra = vec!["masqLinkLocal: true", "resyncInterval: 1h"];
         let (n, force) = match self {
             Workload::Plain(n) => (n, Vec::new()),
             Workload::Nested { non_masq, force } => {
                 (non_masq, nested_force_v4(force, non_masq / force))
             }
+            Workload::Egress {
+                interfaces,
+                address,
+            } => {
+                if interfaces {
+                    extra.push("outputInterface: [eth1, 'bond+', 'vlan+']");
+                }
+                if address {
+                    extra.push("outputAddress: 192.0.2.1");
+                }
+                (0, Vec::new())
+            }
         };
         // masqLinkLocal: "0" means no prefix at all.
-        yaml_config(
-            &spread_v4(n, 0),
-            &force,
-            &["masqLinkLocal: true", "resyncInterval: 1h"],
-        )
+        yaml_config(&spread_v4(n, 0), &force, &extra)
     }
 }
 
@@ -307,6 +331,61 @@ pub fn exceptions(ctx: &Ctx) -> String {
                 "of the rate with none",
                 "first sync (ms)",
                 "within 10 %?"
+            ],
+            &rows
+        ),
+        load.sentence()
+    )
+}
+
+/// Issue 17: outputInterface and outputAddress on the data path, on nftables, against
+/// neither: the interface check is one rule of `oifname !=` matches, the SNAT a `snat ip
+/// to` in place of `masquerade`.
+pub fn egress(ctx: &Ctx) -> String {
+    let runs = ctx.knob("runs", 9);
+    let setup = ctx.list("setups", &["nftables"]).remove(0);
+    let dir = TempDir::new("egress");
+    let mut load = LoadLog::start();
+    let workloads = [(false, false), (true, false), (false, true), (true, true)].map(
+        |(interfaces, address)| Workload::Egress {
+            interfaces,
+            address,
+        },
+    );
+    eprintln!("egress: {setup}, programming {} points", workloads.len());
+    let mut points: Vec<Point> = workloads
+        .iter()
+        .map(|&w| program(ctx, Some(&setup), w, &dir))
+        .collect();
+    let flags = backend_flags(&setup).join(" ");
+    measure(ctx, &mut load, &mut points, runs);
+    let none = median(&points[0].rates);
+    let rows: Vec<Vec<String>> = points
+        .iter()
+        .map(|p| {
+            let pct = 100.0 * median(&p.rates) / none;
+            vec![
+                p.label.clone(),
+                rate(median(&p.rates)),
+                format!("{pct:.1} %"),
+                if pct >= 95.0 {
+                    "yes".into()
+                } else {
+                    "**no**".into()
+                },
+            ]
+        })
+        .collect();
+    let block = runs_block(&[(setup.clone(), points)]);
+    format!(
+        "### outputInterface and outputAddress on the data path (`{flags}`, median of {runs} interleaved runs)\n\n{}\nEvery run (packets/s):\n\n{block}\n{}\n",
+        table(
+            "lrrl",
+            &[
+                "config",
+                "new connections/s",
+                "of the rate with neither",
+                "within 5 %?"
             ],
             &rows
         ),

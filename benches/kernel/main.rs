@@ -53,6 +53,11 @@ const SCENARIOS: &[Scenario] = &[
         datapath::exceptions,
     ),
     (
+        "egress",
+        "the same on nftables: neither, outputInterface, outputAddress, both (issue 17; --runs=9)",
+        datapath::egress,
+    ),
+    (
         "sync",
         "first and changed sync time by backend and size (--reps=3 --changes=3 --sizes= --setups=)",
         sync::sync,
