@@ -14,6 +14,8 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod conntrack;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kernel;
 pub mod observe;
 pub mod policy;

@@ -1,68 +1,12 @@
 //! Config parsing and validation never panic, whatever the bytes; whatever validates
 //! also renders for both backends, and every rejection can be displayed. The fast path
-//! for the common shape reads every document exactly as the general path does (the same
-//! tree where it reads it, and the same config, warnings or error either way).
+//! for the common shape reads every document exactly as the general path does. The check
+//! itself is `ip_masq_agent::fuzzing::config_input`, which the test suite also runs over
+//! this target's seeds and corpus.
 #![no_main]
 
-use std::path::Path;
-
-use ip_masq_agent::backend::{BackendChoice, ChainName, render};
-use ip_masq_agent::config::{ParseOptions, agreement, duration::parse_go_duration, parse};
-use ip_masq_agent::policy::{Masquerade, Policy, PolicySettings};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let _ = parse_go_duration(text);
-    if let Err(difference) = agreement::check(text) {
-        panic!("{difference}");
-    }
-    // The same bytes as the items of a list, in the block, flow and JSON forms: most
-    // fuzzed inputs are far from a config, and these put every line into the shape the
-    // fast path reads (or nearly).
-    let items: Vec<&str> = text.lines().take(64).collect();
-    let block: String = items.iter().map(|item| format!("  - {item}\n")).collect();
-    let quoted: Vec<String> = items.iter().map(|item| format!("\"{item}\"")).collect();
-    for document in [
-        format!("nonMasqueradeCIDRs:\n{block}resyncInterval: 60s\n"),
-        format!(
-            "forceMasqueradeCIDRs: [{}]\ncidrLimit: 100\n",
-            items.join(", ")
-        ),
-        format!("{{\"masqueradeSourceCIDRs\": [{}]}}", quoted.join(",")),
-    ] {
-        if let Err(difference) = agreement::check(&document) {
-            panic!("{difference}");
-        }
-    }
-    for (enable_ipv6, nomasq_all_reserved_ranges) in [(false, false), (true, true)] {
-        let options = ParseOptions {
-            enable_ipv6,
-            nomasq_all_reserved_ranges,
-        };
-        match parse(text, Path::new("/etc/config/ip-masq-agent"), options) {
-            Ok(loaded) => {
-                let settings = PolicySettings {
-                    enable_ipv6,
-                    masquerade: Masquerade {
-                        random_fully: true,
-                        to_ports: "1024-29999,32768-65535".parse().unwrap_or_default(),
-                    },
-                };
-                let policy = Policy::new(&loaded.config, &settings);
-                for choice in [
-                    BackendChoice::Iptables,
-                    BackendChoice::Nftables,
-                    BackendChoice::Windows,
-                ] {
-                    let _ = render(choice, &policy, &ChainName::default());
-                }
-            }
-            Err(err) => {
-                let _ = err.to_string();
-            }
-        }
-    }
+    ip_masq_agent::fuzzing::config_input(data);
 });
