@@ -192,3 +192,32 @@ root_test!(
         );
     }
 );
+
+root_test!(
+    /// Issue 15 #9 on the kernel: a NETMAP before the agent's jump rewrites sources too
+    /// and was missed; an IPv6-only nft masquerade in an inet table was said to override
+    /// IPv4 ranges.
+    fn regression_status_reports_a_netmap_and_judges_nft_rules_per_family() {
+        let node = Netns::new("node");
+        node.sh_line(
+            "iptables-nft -t nat -A POSTROUTING -s 10.244.0.0/16 -d 10.0.0.0/8 -j NETMAP --to 192.0.2.0/24",
+        );
+        node.sh(&[
+            "nft",
+            "add table inet early; add chain inet early post { type nat hook postrouting priority 50; }; add rule inet early post meta nfproto ipv6 masquerade",
+        ]);
+        let volume = ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\n");
+        let _agent = AGENT.start_synced(&node, &volume, &["--iptables-mode=nft"]);
+        let (in_sync, report) = status(&node, &volume, &["--iptables-mode=nft"]);
+        assert!(in_sync, "{report}");
+        assert!(
+            report.contains("-j NETMAP --to 192.0.2.0/24")
+                && report.contains("can NETMAP (to 192.0.2.0/24) traffic that nonMasqueradeCIDRs/link-local would keep"),
+            "{report}"
+        );
+        assert!(
+            !report.contains("meta nfproto ipv6 masquerade"),
+            "an IPv6-only rule reported against IPv4-only config:\n{report}"
+        );
+    }
+);
