@@ -348,10 +348,15 @@ pub fn explain(
     let loaded = settings.load_config()?;
     let policy = Policy::new(&loaded.config, &settings.policy_settings);
     let mut code = ExitCode::SUCCESS;
-    if let Some(name) = interface
-        && let Err(problem) = crate::config::egress::parse_interface(name)
-    {
-        anyhow::bail!("--out: {problem}");
+    if let Some(name) = interface {
+        match crate::config::egress::parse_interface(name) {
+            Err(problem) => anyhow::bail!("--out: {problem}"),
+            Ok(pattern) if pattern.prefix().1 => anyhow::bail!(
+                "--out: {} is a pattern; name the one interface the packet leaves by",
+                quote::quoted(name)
+            ),
+            Ok(_) => {}
+        }
     }
     for line in explain_lines(&policy, &settings.chain, source, interface, addresses) {
         match line {

@@ -344,7 +344,11 @@ impl Policy {
         Policy {
             families,
             masquerade: settings.masquerade.clone(),
-            out_interfaces: config.output_interfaces.clone(),
+            // `+` (iptables' "any interface") among them: every interface, as absent.
+            out_interfaces: config
+                .output_interfaces
+                .clone()
+                .filter(|list| !list.iter().any(|p| p.prefix() == ("", true))),
         }
     }
 

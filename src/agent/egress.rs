@@ -11,6 +11,9 @@ use crate::config::egress::{AddressRange, InterfacePattern};
 use crate::kernel::SharedRunner;
 use crate::policy::{Family, Policy};
 
+/// Missing addresses a warning names; the rest are counted.
+const MISSING_NAMED: usize = 4;
+
 /// Addresses of a range checked one by one; a longer range is checked at its ends.
 const CHECKED_ONE_BY_ONE: u128 = 256;
 
@@ -113,8 +116,15 @@ impl EgressCheck {
                     address.range
                 ));
             } else if !address.missing.is_empty() {
-                let missing: Vec<String> =
-                    address.missing.iter().map(ToString::to_string).collect();
+                let mut missing: Vec<String> = address
+                    .missing
+                    .iter()
+                    .take(MISSING_NAMED)
+                    .map(ToString::to_string)
+                    .collect();
+                if address.missing.len() > MISSING_NAMED {
+                    missing.push(format!("{} more", address.missing.len() - MISSING_NAMED));
+                }
                 out.push(format!(
                     "{key} {}: {} not assigned on this node; packets SNATed to it leave, but replies to it will not come back until it is (a floating address that is elsewhere now?)",
                     address.range,

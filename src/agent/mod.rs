@@ -110,7 +110,14 @@ enum Change {
 struct ReadProof {
     watch: WatchProof,
     identity: Identity,
+    /// When that read was: after [`FULL_READ_EVERY`] the file is read anyway.
+    at: Instant,
 }
+
+/// An idle resync reads the config at least this often, proof or not: an edit that
+/// changes no timestamp and sends no event (a write through a shared mapping of a page
+/// already dirty) is picked up within this, as upstream's periodic re-read would.
+const FULL_READ_EVERY: Duration = Duration::from_secs(600);
 
 pub struct Agent {
     settings: Settings,
@@ -359,6 +366,7 @@ impl Agent {
         let now = watch.proof();
         now.armed
             && now == proof.watch
+            && proof.at.elapsed() < FULL_READ_EVERY
             && self.settings.config.identity().as_ref() == Some(&proof.identity)
     }
 
@@ -408,7 +416,11 @@ impl Agent {
             && let (Some(watch), Some(identity)) = (watch, identity)
             && identity.settled_before(read_started)
         {
-            self.read_proof = Some(ReadProof { watch, identity });
+            self.read_proof = Some(ReadProof {
+                watch,
+                identity,
+                at: Instant::now(),
+            });
         }
         outcome
     }
@@ -621,7 +633,13 @@ impl Agent {
         if full || changed || report.processes > 0 {
             self.survey_srcnat(full);
         }
-        if full || changed {
+        // Addresses float and interfaces come and go: while the keys are set, every sync
+        // looks (a dump of the local routes and the interface names, no process).
+        let egress_keys = self.applied.as_ref().is_some_and(|a| {
+            a.policy.out_interfaces.is_some()
+                || a.policy.families.iter().any(|f| f.snat_to.is_some())
+        });
+        if full || changed || egress_keys {
             self.check_egress();
         }
         SyncOutcome::Applied { changed }
@@ -1037,9 +1055,24 @@ mod tests {
                 changes: 0,
             },
             identity: f.agent.settings.config.identity().unwrap(),
+            at: Instant::now(),
         });
         f.agent.sync(Trigger::Resync);
         assert!(f.agent.config_read);
+        // Found by the hostile review: an edit that moves no timestamp and sends no event
+        // (a write through a shared mapping) was never read; a proof older than the
+        // backstop proves nothing.
+        let watch = f.agent.watch.as_ref().map(ConfigWatch::proof).unwrap();
+        f.agent.read_proof = Some(ReadProof {
+            watch,
+            identity: f.agent.settings.config.identity().unwrap(),
+            at: Instant::now() - FULL_READ_EVERY,
+        });
+        f.agent.sync(Trigger::Resync);
+        assert!(
+            f.agent.config_read,
+            "regression: an old proof kept an idle resync from reading"
+        );
     }
 
     #[test]

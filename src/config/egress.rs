@@ -52,7 +52,9 @@ impl fmt::Display for InterfacePattern {
     }
 }
 
-/// Checks an interface name as Linux (`dev_valid_name`) and iptables' `-o` take it.
+/// Checks an interface name as Linux (`dev_valid_name`) and iptables' `-o` take it, and
+/// as every backend reads it the same way: `*` (nft's wildcard) and a leading `-` or `!`
+/// (iptables options and negation) are refused rather than read differently.
 pub fn parse_interface(text: &str) -> Result<InterfacePattern, String> {
     let (name, wildcard) = match text.strip_suffix('+') {
         Some(prefix) => (prefix, true),
@@ -61,22 +63,31 @@ pub fn parse_interface(text: &str) -> Result<InterfacePattern, String> {
     if text.is_empty() {
         return Err("an interface name cannot be empty".to_string());
     }
-    if name.len() > MAX_INTERFACE_NAME {
+    // iptables counts the `+` too: the whole text must fit IFNAMSIZ with its NUL.
+    if text.len() > MAX_INTERFACE_NAME {
         return Err(format!(
-            "interface name {text:?} is {} bytes long; Linux allows at most {MAX_INTERFACE_NAME}",
-            name.len()
+            "interface name {text:?} is {} bytes long; Linux (and iptables' -o, wildcard included) allows at most {MAX_INTERFACE_NAME}",
+            text.len()
         ));
     }
     if let Some(bad) = name
         .chars()
-        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | ':' | '+' | '"'))
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | ':' | '+' | '"' | '*'))
     {
-        let why = if bad == '+' {
-            "`+` is a wildcard only at the end (`bond+`)".to_string()
-        } else {
-            format!("Linux refuses {bad:?} in interface names")
+        let why = match bad {
+            '+' => "`+` is a wildcard only at the end (`bond+`)".to_string(),
+            '*' => {
+                "`*` is nft's wildcard, not iptables'; write `+` at the end (`bond+`)".to_string()
+            }
+            _ => format!("Linux refuses {bad:?} in interface names"),
         };
         return Err(format!("interface name {text:?} is not valid: {why}"));
+    }
+    if name.starts_with('-') || name.starts_with('!') {
+        return Err(format!(
+            "interface name {text:?} is not valid here: iptables reads a leading {:?} as an option or a negation",
+            &name[..1]
+        ));
     }
     if !wildcard && (name == "." || name == "..") {
         return Err(format!("interface name {text:?} is not valid on Linux"));
@@ -173,17 +184,65 @@ pub fn parse_address_range(text: &str, ipv6: bool) -> Result<AddressRange, Strin
             "range {text:?} starts above its end; write the lower address first"
         ));
     }
-    if range.first.is_unspecified() || range.first.is_multicast() || range.last.is_multicast() {
-        return Err(format!(
-            "{text:?} cannot be a source address (unspecified or multicast)"
-        ));
+    for address in [range.first, range.last] {
+        if let Some(why) = not_a_source(address) {
+            return Err(format!(
+                "{text:?} cannot be the source of routed traffic: {why}"
+            ));
+        }
     }
     Ok(range)
+}
+
+/// Why an address cannot be a masqueraded packet's source on the wire.
+fn not_a_source(address: IpAddr) -> Option<&'static str> {
+    match address {
+        _ if address.is_unspecified() => Some("it is the unspecified address"),
+        _ if address.is_multicast() => Some("it is a multicast address"),
+        _ if address.is_loopback() => {
+            Some("it is a loopback address (replies never leave the node)")
+        }
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("it is the broadcast address"),
+        IpAddr::V4(v4) if v4.is_link_local() => {
+            Some("it is a link-local address (169.254.0.0/16), not routed beyond its link")
+        }
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => {
+            Some("it is a link-local address (fe80::/10), not routed beyond its link")
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the hostile review: names the backends read differently, names iptables
+    /// refuses, and addresses that blackhole the uplink were accepted.
+    #[test]
+    fn regression_names_and_addresses_every_backend_reads_alike_or_refuses() {
+        assert!(parse_interface("a2345678901234+").is_ok());
+        for (bad, why) in [
+            ("a23456789012345+", "16 bytes"),
+            ("eth*", "nft's wildcard"),
+            ("*", "nft's wildcard"),
+            ("-j", "leading \"-\""),
+            ("!eth0", "leading \"!\""),
+        ] {
+            let err = parse_interface(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+        for (text, ipv6, why) in [
+            ("127.0.0.1", false, "loopback"),
+            ("::1", true, "loopback"),
+            ("fe80::1", true, "link-local"),
+            ("169.254.0.5", false, "link-local"),
+            ("255.255.255.255", false, "broadcast"),
+        ] {
+            let err = parse_address_range(text, ipv6).unwrap_err();
+            assert!(err.contains(why), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn interface_names_follow_linux_and_iptables() {
@@ -241,7 +300,7 @@ mod tests {
             ("192.0.2.0/24", false, "a prefix"),
             ("192.0.2.1:1024", false, "ports come from --to-ports"),
             ("192.0.2.20-192.0.2.10", false, "starts above its end"),
-            ("0.0.0.0", false, "cannot be a source"),
+            ("0.0.0.0", false, "cannot be the source"),
             ("::ffff:192.0.2.1", true, "IPv4-mapped"),
             ("node", false, "not an IPv4 address"),
             ("192.0.2.1-2001:db8::1", false, "it is an IPv6 address"),

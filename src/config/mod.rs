@@ -445,7 +445,7 @@ fn parse_settings_with(
 
     // The CIDR lists, validated once every key is read (cidrLimit may come after them).
     let mut list_nodes: Vec<(&'static str, Vec<Located>, Option<Position>)> = Vec::new();
-    for (key_node, mut value) in entries {
+    for (key_node, mut value) in in_upstreams_order(entries) {
         let key_text = match &key_node.value {
             Value::Str(s) => s.to_string(),
             other => other.describe(),
@@ -491,7 +491,9 @@ fn parse_settings_with(
             }
             // PR #103's outputInterface is one name; a list of them is this agent's. An
             // empty string is unset there (Go's zero value), and so it is here.
-            (OUTPUT_INTERFACE_KEY, Value::Str(text)) if text.is_empty() => {}
+            (OUTPUT_INTERFACE_KEY, Value::Str(text)) if text.is_empty() => {
+                settings.output_interfaces = None;
+            }
             (OUTPUT_INTERFACE_KEY, Value::Str(text)) => {
                 let pattern = parse_interface(text)
                     .map_err(|problem| error(value.position, Some(key), problem))?;
@@ -518,7 +520,8 @@ fn parse_settings_with(
                         patterns.push(pattern);
                     }
                 }
-                if patterns.is_empty() {
+                // In a --config-dir set another file may list some: the merge says.
+                if patterns.is_empty() && alone {
                     warnings.push(format!(
                         "{}{OUTPUT_INTERFACE_KEY} is empty: no packet is masqueraded, whatever interface it leaves by (remove the key to masquerade on every interface)",
                         place_of(file, value.position)
@@ -532,7 +535,11 @@ fn parse_settings_with(
                     "an interface name such as \"eth0\" or \"bond+\", or a list of them",
                 ));
             }
-            (OUTPUT_ADDRESS_KEY | OUTPUT_ADDRESS_IPV6_KEY, Value::Str(text)) if text.is_empty() => {
+            (OUTPUT_ADDRESS_KEY, Value::Str(text)) if text.is_empty() => {
+                settings.output_address = None;
+            }
+            (OUTPUT_ADDRESS_IPV6_KEY, Value::Str(text)) if text.is_empty() => {
+                settings.output_address_ipv6 = None;
             }
             (OUTPUT_ADDRESS_KEY | OUTPUT_ADDRESS_IPV6_KEY, Value::Str(text)) => {
                 let ipv6 = key == OUTPUT_ADDRESS_IPV6_KEY;
@@ -776,6 +783,30 @@ fn scope_gaps(sources: &[IpNet], options: ParseOptions) -> Vec<String> {
     gaps
 }
 
+/// The keys of a mapping in the order upstream applies them: it reads a file as YAML
+/// into a map (of a key written twice, the last stays), writes that as JSON (Go writes a
+/// map's keys sorted, byte-wise), and lets encoding/json apply the keys in that order,
+/// matching field names case-insensitively. So of two spellings of one key the byte-wise
+/// greater wins (`nonmasqueradecidrs` over `nonMasqueradeCIDRs`), wherever each stands.
+fn in_upstreams_order<'a>(
+    entries: Vec<(Located<'a>, Located<'a>)>,
+) -> Vec<(Located<'a>, Located<'a>)> {
+    let text = |key: &Located| match &key.value {
+        Value::Str(s) => s.to_string(),
+        other => other.describe(),
+    };
+    let mut last: Vec<(String, Located<'a>, Located<'a>)> = Vec::with_capacity(entries.len());
+    for (key, value) in entries {
+        let spelled = text(&key);
+        last.retain(|(other, _, _)| *other != spelled);
+        last.push((spelled, key, value));
+    }
+    last.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    last.into_iter()
+        .map(|(_, key, value)| (key, value))
+        .collect()
+}
+
 /// `file:line:column: ` (or `file: `) to start a warning with.
 fn place_of(file: &Path, position: Option<Position>) -> String {
     match position {
@@ -885,6 +916,12 @@ pub fn load_dir(dir: &Path, options: ParseOptions) -> Result<LoadedConfig, Confi
     }
     let (merged, conflicts) = merge_files(&files);
     warnings.extend(conflicts);
+    if merged.output_interfaces.as_ref().is_some_and(Vec::is_empty) {
+        warnings.push(format!(
+            "{}: {OUTPUT_INTERFACE_KEY} is empty in every file that sets it: no packet is masqueraded, whatever interface it leaves by",
+            quote::path(dir)
+        ));
+    }
     // No file sets the list, so the default one applies: a forced prefix in it is the
     // same conflict as one written in both lists.
     if merged.non_masquerade_cidrs.is_none() {

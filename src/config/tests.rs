@@ -1546,7 +1546,7 @@ fn bad_output_interfaces_and_addresses_name_file_line_and_column() {
         (
             "outputInterface: averyveryverylongname\n",
             opts(),
-            "/etc/config/ip-masq-agent:1:18: outputInterface: interface name \"averyveryverylongname\" is 21 bytes long; Linux allows at most 15",
+            "/etc/config/ip-masq-agent:1:18: outputInterface: interface name \"averyveryverylongname\" is 21 bytes long; Linux (and iptables' -o, wildcard included) allows at most 15",
         ),
         (
             "outputInterface: 'eth 0'\n",
@@ -1622,4 +1622,29 @@ fn config_dir_joins_interfaces_and_refuses_two_output_addresses() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Found by the hostile review: of two spellings of one key, upstream keeps the byte-wise
+/// greater (its YAML -> JSON step sorts the keys, encoding/json applies them in order and
+/// matches case-insensitively), wherever each stands in the file; an empty outputInterface
+/// or outputAddress written later unsets the earlier value, as a Go "" does.
+#[test]
+fn regression_keys_spelled_twice_are_read_in_upstreams_order() {
+    let c = parse_ok(
+        "nonmasqueradecidrs: [10.0.0.0/8]\nnonMasqueradeCIDRs: [192.168.0.0/16]\n",
+        opts(),
+    )
+    .config;
+    assert_eq!(c.non_masquerade_cidrs, nets(&["10.0.0.0/8"]));
+    let c = parse_ok("masqlinklocal: false\nmasqLinkLocal: true\n", opts()).config;
+    assert!(!c.masq_link_local);
+    // The same spelling twice: the last one (a YAML map keeps the last).
+    let c = parse_ok("masqLinkLocal: true\nmasqLinkLocal: false\n", opts()).config;
+    assert!(!c.masq_link_local);
+    let c = parse_ok(
+        "outputInterface: eth0\noutputinterface: ''\noutputAddress: 192.0.2.1\noutputaddress: ''\n",
+        opts(),
+    )
+    .config;
+    assert!(c.output_interfaces.is_none() && c.output_address.is_none());
 }

@@ -31,10 +31,11 @@
 //! then "kept", "masqueraded" or "SNATed to outputAddress"; a rewrite to an address of
 //! the old or new outputAddress range counts as the agent's (a floating address need not
 //! be on the node). conntrack does not record the interface a flow leaves by, so while
-//! any outputInterface list is set the agent asks the routing table, as `ip route get
-//! DST` answers (one netlink lookup per destination, cached per pass): that is where the
-//! kernel sends the flow unless policy routing by source or mark sends a pod's traffic
-//! elsewhere, in which case the flow is judged by the main route. A flow whose interface
+//! any outputInterface list is set the agent asks the routing table where the flow
+//! leaves, as `ip route get DST from SRC iif IFACE` answers for a forwarded packet (the
+//! interface its source is reached by standing for the one it came in on; a few netlink
+//! lookups per source and destination, cached per pass): rules that route by source
+//! (policy routing of pod traffic) are followed, marks are not. A flow whose interface
 //! cannot be found is left alone.
 //!
 //! The table is read through ctnetlink ([`crate::kernel::Runner::conntrack_dump`]): one
@@ -121,15 +122,17 @@ pub struct Scope<'a> {
 /// The interface the routing table sends a destination to, cached per destination (at
 /// most [`EGRESS_CACHE`] of them; beyond, each is asked again).
 pub struct EgressLookup<'a> {
-    lookup: Option<&'a dyn Fn(IpAddr) -> Option<String>>,
-    cache: RefCell<BTreeMap<IpAddr, Option<String>>>,
+    lookup: Option<&'a dyn Fn(IpAddr, IpAddr) -> Option<String>>,
+    /// By (source, destination).
+    cache: RefCell<BTreeMap<(IpAddr, IpAddr), Option<String>>>,
 }
 
 /// Destinations whose egress interface a pass remembers.
 const EGRESS_CACHE: usize = 4096;
 
 impl<'a> EgressLookup<'a> {
-    pub fn new(lookup: &'a dyn Fn(IpAddr) -> Option<String>) -> EgressLookup<'a> {
+    /// `lookup(source, destination)`.
+    pub fn new(lookup: &'a dyn Fn(IpAddr, IpAddr) -> Option<String>) -> EgressLookup<'a> {
         EgressLookup {
             lookup: Some(lookup),
             cache: RefCell::new(BTreeMap::new()),
@@ -144,15 +147,15 @@ impl<'a> EgressLookup<'a> {
         }
     }
 
-    fn interface(&self, destination: IpAddr) -> Option<String> {
+    fn interface(&self, source: IpAddr, destination: IpAddr) -> Option<String> {
         let lookup = self.lookup?;
-        if let Some(known) = self.cache.borrow().get(&destination) {
+        if let Some(known) = self.cache.borrow().get(&(source, destination)) {
             return known.clone();
         }
-        let found = lookup(destination);
+        let found = lookup(source, destination);
         let mut cache = self.cache.borrow_mut();
         if cache.len() < EGRESS_CACHE {
-            cache.insert(destination, found.clone());
+            cache.insert((source, destination), found.clone());
         }
         found
     }
@@ -228,7 +231,10 @@ pub fn judge(entry: &ConntrackEntry, olds: &[Policy], new: &Policy, scope: &Scop
         .chain(olds)
         .any(|policy| policy.out_interfaces.is_some())
     {
-        match scope.egress.interface(original.destination) {
+        match scope
+            .egress
+            .interface(original.source, original.destination)
+        {
             Some(name) => Some(name),
             None => return Verdict::Unchanged,
         }
@@ -412,7 +418,12 @@ pub fn reconcile(
         let local = runner
             .local_prefixes(family)
             .doing(|| format!("reading the node's {family} local addresses"))?;
-        let route = |destination: IpAddr| runner.egress_interface(destination).ok().flatten();
+        let route = |source: IpAddr, destination: IpAddr| {
+            runner
+                .egress_interface(destination, Some(source))
+                .ok()
+                .flatten()
+        };
         let scope = Scope {
             local: AddressRanges::new(&local, family),
             changed,

@@ -524,7 +524,7 @@ const UPLINK_B: &str = "198.51.100.1";
 const SECONDARY: &str = "192.0.2.100";
 
 /// A node with two uplinks: 203.0.113.0/24 routed out of eth1, 100.100.0.0/16 out of eth2.
-fn multihomed_scope(route: &dyn Fn(IpAddr) -> Option<String>) -> Scope<'_> {
+fn multihomed_scope(route: &dyn Fn(IpAddr, IpAddr) -> Option<String>) -> Scope<'_> {
     let local: Vec<IpNet> = [
         "127.0.0.0/8",
         "192.0.2.1/32",
@@ -541,7 +541,7 @@ fn multihomed_scope(route: &dyn Fn(IpAddr) -> Option<String>) -> Scope<'_> {
     }
 }
 
-fn two_uplinks(destination: IpAddr) -> Option<String> {
+fn two_uplinks(_source: IpAddr, destination: IpAddr) -> Option<String> {
     let text = destination.to_string();
     if text.starts_with("203.0.113.") {
         Some("eth1".into())

@@ -1080,7 +1080,11 @@ impl Runner for FakeRunner {
         self.state().interfaces.clone()
     }
 
-    fn egress_interface(&self, destination: std::net::IpAddr) -> Result<Option<String>, ToolError> {
+    fn egress_interface(
+        &self,
+        destination: std::net::IpAddr,
+        _source: Option<std::net::IpAddr>,
+    ) -> Result<Option<String>, ToolError> {
         let state = self.state();
         Ok(state
             .routes

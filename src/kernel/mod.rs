@@ -154,9 +154,13 @@ pub trait Runner: Send + Sync {
     /// The names of this network namespace's interfaces (`if_nameindex`).
     fn interface_names(&self) -> Vec<String>;
 
-    /// The interface the routing table sends `destination` out of (`ip route get`);
-    /// None when there is no route.
-    fn egress_interface(&self, destination: std::net::IpAddr) -> Result<Option<String>, ToolError>;
+    /// The interface the routing table sends a packet from `source` to `destination`
+    /// out of (`ip route get DST from SRC iif ...`); None when there is no route.
+    fn egress_interface(
+        &self,
+        destination: std::net::IpAddr,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Option<String>, ToolError>;
 }
 
 pub type SharedRunner = Arc<dyn Runner>;
@@ -305,8 +309,12 @@ impl Runner for SystemRunner {
         })
     }
 
-    fn egress_interface(&self, destination: std::net::IpAddr) -> Result<Option<String>, ToolError> {
-        netlink::route::egress_interface(destination, tool_timeout()).map_err(|message| {
+    fn egress_interface(
+        &self,
+        destination: std::net::IpAddr,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Option<String>, ToolError> {
+        netlink::route::egress_interface(destination, source, tool_timeout()).map_err(|message| {
             ToolError::Kernel {
                 what: format!("looking up the route to {destination}"),
                 message,

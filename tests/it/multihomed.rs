@@ -297,3 +297,105 @@ root_test!(
         an_existing_udp_flow_follows_interface_and_address_changes(&["--backend=nftables"]);
     }
 );
+
+root_test!(
+    /// Found by the hostile review: with pod traffic policy-routed by source (`ip rule
+    /// from 10.244.0.0/16`), the main table's route for a destination is not where the
+    /// flow leaves; the conntrack pass asked by destination only and kept a flow that
+    /// had lost its masquerade.
+    fn regression_an_existing_flow_follows_an_interface_change_under_policy_routing() {
+        let mh = Multihomed::new();
+        let node = &mh.topology.node;
+        // The main table would send remote B's range out of eth1; pods use table 100,
+        // which sends it out of eth2, where remote B is.
+        node.sh(&[
+            "ip",
+            "route",
+            "replace",
+            "100.100.0.0/16",
+            "via",
+            "192.0.2.2",
+            "dev",
+            "eth1",
+        ]);
+        node.sh(&[
+            "ip",
+            "route",
+            "add",
+            "100.100.0.0/16",
+            "via",
+            "198.51.100.2",
+            "dev",
+            "eth2",
+            "table",
+            "100",
+        ]);
+        node.sh(&[
+            "ip",
+            "rule",
+            "add",
+            "from",
+            "10.244.0.0/16",
+            "lookup",
+            "100",
+        ]);
+        let mut volume =
+            ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 60s\n");
+        let path = volume.path().to_str().expect("utf-8 path").to_string();
+        let mut agent = AGENT.start(node, &["--config", path.as_str(), "--iptables-mode=nft"]);
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+        let flow = mh
+            .topology
+            .pod
+            .udp_socket("0.0.0.0:0".parse().expect("bind address"));
+        let seen = || mh.observed_source_from(&flow, B_V4);
+        assert_eq!(seen(), ip(UPLINK_B_NODE_V4), "masqueraded out of eth2");
+        volume.update(
+            "nonMasqueradeCIDRs: [10.0.0.0/8]\noutputInterface: eth1\nresyncInterval: 60s\n",
+        );
+        assert!(
+            eventually(Duration::from_secs(3), || seen() == ip(POD_V4)),
+            "the policy-routed flow kept its masquerade after eth2 left outputInterface:\n{}",
+            agent.log()
+        );
+    }
+);
+
+/// Found by the hostile review: `outputInterface: '+'` (iptables' "any interface") made
+/// iptables-save drop `-o +` (a rewrite at every resync) and the kernel refuse the nft
+/// batch; it means every interface, as without the key.
+fn every_interface_pattern_converges(backend: &[&str]) {
+    let mh = Multihomed::new();
+    let volume = ConfigMapVolume::new(
+        "nonMasqueradeCIDRs: [10.0.0.0/8]\noutputInterface: ['+']\nresyncInterval: 200ms\n",
+    );
+    let path = volume.path().to_str().expect("utf-8 path").to_string();
+    let mut args = vec!["--config", path.as_str()];
+    args.extend_from_slice(backend);
+    let mut agent = AGENT.start(&mh.topology.node, &args);
+    agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+    assert_seen(
+        &mh,
+        "outputInterface +",
+        &[(A_V4, NODE_V4), (B_V4, UPLINK_B_NODE_V4)],
+    );
+    agent.wait_for_log("rules resynced", 5, Duration::from_secs(10));
+    let log = agent.log();
+    assert!(
+        !log.contains("differed from the config")
+            && !log.contains("syncing masquerade rules failed"),
+        "{log}"
+    );
+}
+
+root_test!(
+    fn regression_every_interface_pattern_converges_on_iptables_nft() {
+        every_interface_pattern_converges(&["--iptables-mode=nft"]);
+    }
+);
+
+root_test!(
+    fn regression_every_interface_pattern_converges_on_nftables() {
+        every_interface_pattern_converges(&["--backend=nftables"]);
+    }
+);

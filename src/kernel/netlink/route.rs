@@ -20,6 +20,8 @@ const RTM_GETROUTE: u16 = 26;
 /// `struct rtmsg`: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
 const RTMSG: usize = 12;
 const RTA_DST: u16 = 1;
+const RTA_SRC: u16 = 2;
+const RTA_IIF: u16 = 3;
 const RTA_OIF: u16 = 4;
 const RTA_TABLE: u16 = 15;
 const RT_TABLE_LOCAL: u32 = 255;
@@ -49,41 +51,92 @@ pub fn local_prefixes(family: Family, within: Duration) -> Result<Vec<IpNet>, St
     Ok(prefixes)
 }
 
-/// The interface the kernel's routing sends `destination` out of, as `ip route get`
-/// answers (no source, no mark); None when there is no route (or no interface).
-pub fn egress_interface(destination: IpAddr, within: Duration) -> Result<Option<String>, String> {
-    let (family, bytes, bits) = match destination {
-        IpAddr::V4(v4) => (libc::AF_INET as u8, v4.octets().to_vec(), 32u8),
-        IpAddr::V6(v6) => (libc::AF_INET6 as u8, v6.octets().to_vec(), 128u8),
-    };
+/// The interface the kernel's routing sends a packet from `source` to `destination` out
+/// of, as `ip route get DST from SRC iif IFACE` answers for a forwarded packet (the
+/// interface the source is reached by stands for the one it came in on), or as `ip route
+/// get DST from SRC` for the node's own source; so rules that route by source (policy
+/// routing of pod traffic) are followed. Marks are not known and not followed. Without a
+/// source, or when that lookup is refused (rp_filter, no route back), the destination
+/// alone decides. None when there is no route (or no interface).
+pub fn egress_interface(
+    destination: IpAddr,
+    source: Option<IpAddr>,
+    within: Duration,
+) -> Result<Option<String>, String> {
     let socket = Socket::open_protocol(libc::NETLINK_ROUTE, within)?;
+    let mut seq = 0;
+    let mut ask = |dst: IpAddr, src: Option<IpAddr>, iif: Option<u32>| {
+        seq += 1;
+        route_get(&socket, seq, dst, src, iif)
+    };
+    if let Some(source) = source
+        && let Some((toward_source, kind)) = ask(source, None, None)?
+    {
+        let iif = (kind != RTN_LOCAL).then_some(toward_source);
+        if let Some((oif, _)) = ask(destination, Some(source), iif)? {
+            return Ok(interface_name(oif));
+        }
+    }
+    Ok(ask(destination, None, None)?.and_then(|(oif, _)| interface_name(oif)))
+}
+
+/// One RTM_GETROUTE: the route's output interface index and type; None when the kernel
+/// has no route (or refuses the lookup).
+fn route_get(
+    socket: &Socket,
+    seq: u32,
+    destination: IpAddr,
+    source: Option<IpAddr>,
+    iif: Option<u32>,
+) -> Result<Option<(u32, u8)>, String> {
+    let bytes = |address: IpAddr| match address {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let (family, bits) = match destination {
+        IpAddr::V4(_) => (libc::AF_INET as u8, 32u8),
+        IpAddr::V6(_) => (libc::AF_INET6 as u8, 128u8),
+    };
     let mut header = [0u8; RTMSG];
     header[0] = family;
     header[1] = bits;
+    if source.is_some() {
+        header[2] = bits;
+    }
     let mut request = Message::with_header(
         RTM_GETROUTE,
         (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
-        1,
+        seq,
         &header,
     );
-    request.attribute(RTA_DST, &bytes);
+    request.attribute(RTA_DST, &bytes(destination));
+    if let Some(source) = source {
+        request.attribute(RTA_SRC, &bytes(source));
+    }
+    if let Some(iif) = iif {
+        request.attribute(RTA_IIF, &iif.to_ne_bytes());
+    }
     socket.send(&request.finish())?;
     let mut buffer = vec![0u8; 8192];
     loop {
         let length = socket.receive(&mut buffer)?;
         for message in super::messages(buffer.get(..length).unwrap_or_default()) {
+            if message.seq != seq {
+                continue;
+            }
             match message.kind {
                 RTM_NEWROUTE => {
+                    let kind = message.payload.get(7).copied().unwrap_or_default();
                     let attributes = Attributes(message.payload.get(RTMSG..).unwrap_or_default());
-                    let index = attributes
+                    let oif = attributes
                         .get(RTA_OIF)
                         .and_then(|i| Some(u32::from_ne_bytes(i.get(..4)?.try_into().ok()?)));
-                    return Ok(index.and_then(interface_name));
+                    return Ok(oif.map(|oif| (oif, kind)));
                 }
+                // An ack ends an answer that had no route; an error (ENETUNREACH,
+                // EHOSTUNREACH, EINVAL from rp_filter...) means no route here.
                 super::NLMSG_ERROR => {
                     return match message.error() {
-                        Some(0) => Ok(None),
-                        // No route to it (ENETUNREACH, EHOSTUNREACH...): no interface.
                         Some(_) => Ok(None),
                         None => Err("netlink: a truncated error message".into()),
                     };
