@@ -276,6 +276,8 @@ pub fn read_nat_table(
     let saved = runner
         .run(&tools.save, args, None, None)
         .doing(|| format!("reading {place}"))?;
+    // A neighbour's comment may hold a newline: one rule per line again.
+    let saved = crate::kernel::words::join_quoted_newlines(&saved).into_owned();
     if is_incompatible_listing(&saved) {
         return read_nat_by_chain(family, tools, chain, &place, runner);
     }
@@ -311,7 +313,11 @@ fn read_nat_by_chain(
             resolve_list_name(family)
         )));
     };
-    let show = |name: &str| runner.run(list, &["-t", "nat", "-S", name], None, None);
+    let show = |name: &str| {
+        runner
+            .run(list, &["-t", "nat", "-S", name], None, None)
+            .map(|listing| crate::kernel::words::join_quoted_newlines(&listing).into_owned())
+    };
     let postrouting = show("POSTROUTING").map_err(|err| {
         SyncError::Unreadable(format!(
             "{incompatible}, and so does its POSTROUTING chain ({err}); the agent cannot see its jump there, so it writes nothing until those rules are gone"

@@ -102,7 +102,7 @@ fn read_srcnat(
                     }
                 }
                 Ok(text) => {
-                    saved.text = text;
+                    saved.text = crate::kernel::words::join_quoted_newlines(&text).into_owned();
                     listings.read.push(label);
                     listings.saved.push(saved);
                 }

@@ -221,3 +221,48 @@ root_test!(
         );
     }
 );
+
+/// Found by the hostile review: iptables takes a newline in a rule's comment and
+/// iptables-save prints that rule over two lines; the agent called the whole listing
+/// unreadable and stopped syncing, in both flavours.
+fn a_neighbours_comment_with_a_newline_is_read(mode: &str, tool: &str) {
+    let topology = Topology::new();
+    let node = &topology.node;
+    node.sh(&[tool, "-t", "nat", "-N", "HOSTPORT"]);
+    node.sh(&[
+        tool,
+        "-t",
+        "nat",
+        "-A",
+        "HOSTPORT",
+        "-m",
+        "comment",
+        "--comment",
+        "hostport a\n(managed) \"q\"",
+        "-j",
+        "RETURN",
+    ]);
+    let mut volume =
+        ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 60s\n");
+    let mode_flag = format!("--iptables-mode={mode}");
+    let mut agent = AGENT.start_synced(node, &volume, &[&mode_flag]);
+    assert!(topology.is_masqueraded("203.0.113.10"));
+    volume.update("nonMasqueradeCIDRs: [10.0.0.0/8, 203.0.113.0/24]\nresyncInterval: 60s\n");
+    agent.wait_for_log("config changed; rules applied", 1, Duration::from_secs(10));
+    assert!(!topology.is_masqueraded("203.0.113.10"));
+    assert!(!agent.log().contains("unreadable"), "{}", agent.log());
+    let (in_sync, report) = status(node, &volume, &[&mode_flag]);
+    assert!(in_sync, "{report}");
+}
+
+root_test!(
+    fn regression_a_neighbours_comment_with_a_newline_is_read_on_iptables_nft() {
+        a_neighbours_comment_with_a_newline_is_read("nft", "iptables-nft");
+    }
+);
+
+root_test!(
+    fn regression_a_neighbours_comment_with_a_newline_is_read_on_iptables_legacy() {
+        a_neighbours_comment_with_a_newline_is_read("legacy", "iptables-legacy");
+    }
+);
