@@ -65,9 +65,9 @@ pub enum SyncOutcome {
     Applied { changed: bool },
     /// The config was rejected; the last good rules (if any) were re-applied.
     ConfigRejected,
-    /// The config file was missing or empty while another config is applied, other than
-    /// by a ConfigMap commit: the applied rules were re-synced, and the defaults follow
-    /// only if the file stays so for [`DEFAULTS_GRACE`].
+    /// The config file was missing or empty while another config is applied: the applied
+    /// rules were re-synced, and the defaults follow only if the file stays so for
+    /// [`DEFAULTS_GRACE`].
     Deferred,
     /// The backend failed to write the rules.
     BackendFailed,
@@ -346,7 +346,7 @@ impl Agent {
             self.resync_applied()
         } else {
             self.config_read = true;
-            self.read_and_apply(trigger)
+            self.read_and_apply()
         };
         self.last_outcome = Some(outcome.clone());
         outcome
@@ -370,7 +370,7 @@ impl Agent {
             && self.settings.config.identity().as_ref() == Some(&proof.identity)
     }
 
-    fn read_and_apply(&mut self, trigger: Trigger) -> SyncOutcome {
+    fn read_and_apply(&mut self) -> SyncOutcome {
         // Taken before the read: whatever changes after it shows in the next ones.
         let watch = self.watch.as_ref().map(ConfigWatch::proof);
         let read_started = SystemTime::now();
@@ -386,7 +386,10 @@ impl Agent {
             Ok(loaded) => {
                 self.telemetry.config_loaded(true);
                 self.last_error = None;
-                if trigger != Trigger::Commit && self.defers_defaults(&loaded) {
+                // Even after kubelet's `..data` swap: when a volume is set up anew (torn
+                // down, `rm -rf`, a new pod's first write) `..data` comes before the key's
+                // link, and the file is missing for that moment.
+                if self.defers_defaults(&loaded) {
                     return self.keep_applied_for_now();
                 }
                 self.defaults_since = None;
@@ -434,7 +437,10 @@ impl Agent {
             return false;
         };
         if applied.config == loaded.config
-            || !self.settings.config.is_blank(loaded, &self.parse_cache)
+            || !self
+                .settings
+                .config
+                .is_blank(loaded, &self.parse_cache, self.last_loaded.as_ref())
         {
             self.defaults_since = None;
             return false;
@@ -443,7 +449,7 @@ impl Agent {
         match self.defaults_since {
             None => {
                 tracing::info!(
-                    "{path} is missing or empty; keeping the current rules unless it stays so for {DEFAULTS_GRACE:?} (a writer may be replacing it)"
+                    "{path} is missing or empty (or a file of it is); keeping the current rules unless it stays so for {DEFAULTS_GRACE:?} (a writer may be replacing it)"
                 );
                 self.defaults_since = Some(Instant::now());
                 true
@@ -475,7 +481,7 @@ impl Agent {
     fn resync_applied(&mut self) -> SyncOutcome {
         match self.applied.take() {
             Some(applied) => self.write(applied, Change::Same),
-            None => self.read_and_apply(Trigger::Resync),
+            None => self.read_and_apply(),
         }
     }
 
@@ -991,11 +997,15 @@ mod tests {
     }
 
     #[test]
-    fn a_configmap_commit_that_empties_the_file_is_applied_at_once() {
+    fn a_configmap_commit_that_empties_the_file_waits_out_the_grace_too() {
+        // A volume set up anew commits `..data` before the key's link is there: for that
+        // moment a commit reads no file, which is no reason to flip the node.
         let mut f = fixture("commit-empty");
         std::fs::write(&f.file, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
         f.agent.sync_once();
         std::fs::remove_file(&f.file).unwrap();
+        assert_eq!(f.agent.sync(Trigger::Commit), SyncOutcome::Deferred);
+        f.agent.defaults_since = Some(Instant::now() - DEFAULTS_GRACE);
         assert_eq!(
             f.agent.sync(Trigger::Commit),
             SyncOutcome::Applied { changed: true }

@@ -84,7 +84,7 @@ pub struct WatchProof {
 /// A directory's identity: its device and inode.
 type DirId = (u64, u64);
 
-fn dir_id(path: &Path) -> Option<DirId> {
+pub fn dir_id(path: &Path) -> Option<DirId> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 

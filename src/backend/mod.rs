@@ -167,10 +167,10 @@ pub enum SyncError {
     Unreadable(String),
     /// Another agent in this network namespace held the agent lock too long.
     #[error(
-        "another ip-masq-agent in this network namespace held the lock on {path} for {waited:.1?}; not touching the rules meanwhile"
+        "another ip-masq-agent in this network namespace held the sync lock ({name}) for {waited:.1?}; not touching the rules meanwhile"
     )]
     LockBusy {
-        path: std::path::PathBuf,
+        name: String,
         waited: std::time::Duration,
     },
 }
@@ -223,7 +223,7 @@ impl SyncError {
 }
 
 /// Takes the agent lock (see [`crate::kernel::lock`]) for one read-and-write of the
-/// rules, waiting up to one tool deadline. Without a lock file to be had it goes on
+/// rules, waiting up to one tool deadline. Without a socket to be had it goes on
 /// unlocked, warning once: a second agent is rare, a node without NAT is not an option.
 pub fn lock_agents(runner: &SharedRunner) -> Result<crate::kernel::lock::AgentLock, SyncError> {
     use crate::kernel::lock::{AgentLock, LockError};
@@ -231,7 +231,7 @@ pub fn lock_agents(runner: &SharedRunner) -> Result<crate::kernel::lock::AgentLo
     static WARNED: AtomicBool = AtomicBool::new(false);
     match runner.lock_agents(crate::kernel::tool_timeout()) {
         Ok(lock) => Ok(lock),
-        Err(LockError::Busy { path, waited }) => Err(SyncError::LockBusy { path, waited }),
+        Err(LockError::Busy { name, waited }) => Err(SyncError::LockBusy { name, waited }),
         Err(LockError::Unavailable(why)) => {
             if !WARNED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(

@@ -150,7 +150,7 @@ impl<'a> Scanner<'a> {
                         self.skip_space();
                         let key_at = self.at;
                         let key = self.string()?;
-                        match seen.get(&key.to_ascii_lowercase()) {
+                        match seen.get(&go_fold(&key)) {
                             Some((first_key, first_at)) => {
                                 if self.duplicate.is_none() && is_read_by_the_rewrite(&self.path) {
                                     self.duplicate = Some(DuplicateKey {
@@ -163,7 +163,7 @@ impl<'a> Scanner<'a> {
                                 }
                             }
                             None => {
-                                seen.insert(key.to_ascii_lowercase(), (key.clone(), key_at));
+                                seen.insert(go_fold(&key), (key.clone(), key_at));
                             }
                         }
                         self.expect(b':')?;
@@ -226,16 +226,41 @@ impl<'a> Scanner<'a> {
     }
 }
 
+/// A string folded as Go's encoding/json folds field names (`bytes.EqualFold`): case
+/// folding of every character, not only ASCII (`ſ` is `s`, the Kelvin sign `K` is `k`).
+fn go_fold(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let mut upper = c.to_uppercase();
+            match (upper.next(), upper.next()) {
+                (Some(u), None) => {
+                    let mut lower = u.to_lowercase();
+                    match (lower.next(), lower.next()) {
+                        (Some(l), None) => l,
+                        _ => c,
+                    }
+                }
+                _ => c,
+            }
+        })
+        .collect()
+}
+
+/// Whether two keys are one for Go's encoding/json.
+fn same_key(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b) || go_fold(a) == go_fold(b)
+}
+
 /// A key of a JSON object as the CNI plugin (Go's encoding/json) finds it: the exact
-/// spelling first, otherwise one that differs only in ASCII case. Returns the key as
-/// written and its value.
+/// spelling first, otherwise one that folds to the same (see [`go_fold`]). Returns the key
+/// as written and its value.
 fn get_key<'v>(
     object: &'v serde_json::Value,
     name: &str,
 ) -> Option<(&'v str, &'v serde_json::Value)> {
     let map = object.as_object()?;
     map.get_key_value(name)
-        .or_else(|| map.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)))
+        .or_else(|| map.iter().find(|(key, _)| same_key(key, name)))
         .map(|(key, value)| (key.as_str(), value))
 }
 
@@ -328,7 +353,8 @@ fn format_list(list: &[String], old: &str, text: &str, old_start: usize) -> Stri
 /// a conflist, each policy, its `value` and the value's `Settings`. A duplicate key in one
 /// of them could make the plugin and this rewrite see different lists.
 fn is_read_by_the_rewrite(path: &[PathStep]) -> bool {
-    let is = |step: &PathStep, name: &str| matches!(step, PathStep::Key(key) if key.eq_ignore_ascii_case(name));
+    let is =
+        |step: &PathStep, name: &str| matches!(step, PathStep::Key(key) if same_key(key, name));
     let in_conf = match path {
         [plugins, PathStep::Index(_), rest @ ..] if is(plugins, "plugins") => rest,
         _ => path,
@@ -560,7 +586,16 @@ fn replace_file(
     let name = target
         .file_name()
         .with_context(|| format!("{} has no file name", quote::path(target)))?;
-    let temporary: PathBuf = dir.join(format!(".{}.ip-masq-agent.tmp", name.to_string_lossy()));
+    remove_stale_temporaries(dir, &name.to_string_lossy());
+    // One name per run: two runs at once never take each other's temporary file.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let temporary: PathBuf = dir.join(format!(
+        ".{}.ip-masq-agent.{}.{nanos}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let written = write_temporary(&temporary, target, contents, metadata)
         .and_then(|()| {
             before_rename(&temporary)
@@ -596,6 +631,39 @@ fn replace_file(
         })?;
     Ok(true)
 }
+
+/// Removes temporary files that crashed runs left beside `name`: the one name of older
+/// releases, and this release's names untouched for a minute. A live run holds its file
+/// for milliseconds; its PID says nothing here, as it may be of another PID namespace.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let legacy = format!(".{name}.ip-masq-agent.tmp");
+    let prefix = format!(".{name}.ip-masq-agent.");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        let ours = file
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit() || b == b'.'));
+        let untouched_for_a_minute = || {
+            entry
+                .metadata()
+                .and_then(|meta| meta.modified())
+                .ok()
+                .and_then(|modified| modified.elapsed().ok())
+                .is_some_and(|age| age >= STALE_TEMPORARY)
+        };
+        if file == legacy || (ours && untouched_for_a_minute()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// A temporary file of this age belongs to no live run.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Creates the temporary file with the target's contents, owner and mode, on disk.
 fn write_temporary(

@@ -81,10 +81,16 @@ impl ConfigPath {
 
 impl ConfigPath {
     /// Whether `loaded` (just returned by [`ConfigPath::load_cached`] with `cache`) came
-    /// from nothing: no file (for a directory, no `ip-masq*` file), or a file that is empty
-    /// or only whitespace (for a directory, files of zero bytes), which is what a writer
-    /// that truncates before it writes leaves for a moment.
-    pub fn is_blank(&self, loaded: &LoadedConfig, cache: &ParseCache) -> bool {
+    /// from nothing, as a writer that truncates before it writes leaves a file for a
+    /// moment: no file, or a file that is empty or only whitespace; for a directory, a
+    /// file of the set that is zero bytes, or one `previous` read with content that is
+    /// gone (one file truncated changes the merge as much as all of them).
+    pub fn is_blank(
+        &self,
+        loaded: &LoadedConfig,
+        cache: &ParseCache,
+        previous: Option<&LoadedConfig>,
+    ) -> bool {
         match &loaded.source {
             ConfigSource::Missing(_) => true,
             // The text the cache holds is the text of that read (see load_cached).
@@ -92,9 +98,16 @@ impl ConfigPath {
                 .last
                 .as_ref()
                 .is_some_and(|(file, _, text, _)| file == path && text.trim().is_empty()),
-            ConfigSource::Dir(_, files) => files
-                .iter()
-                .all(|file| std::fs::metadata(file).is_ok_and(|meta| meta.len() == 0)),
+            ConfigSource::Dir(_, files) => {
+                let empty = |file: &Path| std::fs::metadata(file).is_ok_and(|meta| meta.len() == 0);
+                let gone = match previous.map(|p| &p.source) {
+                    Some(ConfigSource::Dir(_, before)) => {
+                        before.iter().any(|file| !files.contains(file))
+                    }
+                    _ => false,
+                };
+                gone || files.iter().any(|file| empty(file))
+            }
         }
     }
 
@@ -348,7 +361,7 @@ mod tests {
                 }
             }
             let loaded = source.load_cached(options, cache).unwrap();
-            source.is_blank(&loaded, cache)
+            source.is_blank(&loaded, cache, None)
         };
         assert!(blank(None, &mut cache));
         assert!(blank(Some(""), &mut cache));
@@ -358,10 +371,22 @@ mod tests {
         assert!(!blank(Some("{}"), &mut cache));
         let merged = ConfigPath::Dir(dir.clone());
         let loaded = merged.load(options).unwrap();
-        assert!(!merged.is_blank(&loaded, &cache), "a file of 3 bytes");
+        assert!(!merged.is_blank(&loaded, &cache, None), "a file of 3 bytes");
         std::fs::write(&file, "").unwrap();
-        let loaded = merged.load(options).unwrap();
-        assert!(merged.is_blank(&loaded, &cache));
+        let truncated = merged.load(options).unwrap();
+        assert!(merged.is_blank(&truncated, &cache, Some(&loaded)));
+        // Found by the hostile review: one file of a set truncated (or removed) beside
+        // another that still holds a config counts too: the merge changes as much.
+        std::fs::write(&file, "resyncInterval: 60s\n").unwrap();
+        std::fs::write(dir.join("ip-masq-other"), "masqLinkLocal: true\n").unwrap();
+        let both = merged.load(options).unwrap();
+        std::fs::write(&file, "").unwrap();
+        let one_empty = merged.load(options).unwrap();
+        assert!(merged.is_blank(&one_empty, &cache, Some(&both)));
+        std::fs::remove_file(&file).unwrap();
+        let one_gone = merged.load(options).unwrap();
+        assert!(merged.is_blank(&one_gone, &cache, Some(&both)));
+        assert!(!merged.is_blank(&one_gone, &cache, Some(&one_gone)));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -116,11 +116,21 @@ fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// Serves the endpoint on a new thread and returns at once; never fails. The first bind
 /// is tried here, so a free port is listening before the first sync; a taken one is
 /// retried on the HTTP thread while the agent syncs.
-pub fn serve(address: SocketAddr, telemetry: Arc<Telemetry>) {
+/// Asked about once a second: Some(why) when another process should have the endpoint
+/// (a newer agent of the node): the endpoint is then closed for good and left to it.
+pub type HandOver = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The most a connection buffers of a request (hyper's minimum is 8 KiB).
+const READ_BUFFER: usize = 16 * 1024;
+
+/// How often the endpoint asks whether to hand itself over.
+const HAND_OVER_CHECK: Duration = Duration::from_secs(1);
+
+pub fn serve(address: SocketAddr, telemetry: Arc<Telemetry>, hand_over: Option<HandOver>) {
     let first_bind = bind(address);
     let spawned = std::thread::Builder::new()
         .name("http".into())
-        .spawn(move || run(address, first_bind, telemetry));
+        .spawn(move || run(address, first_bind, telemetry, hand_over));
     if let Err(err) = spawned {
         tracing::error!(
             "cannot start the HTTP thread ({err}); syncing without /metrics, /healthz and /readyz"
@@ -132,6 +142,7 @@ fn run(
     address: SocketAddr,
     first_bind: std::io::Result<std::net::TcpListener>,
     telemetry: Arc<Telemetry>,
+    hand_over: Option<HandOver>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -148,7 +159,7 @@ fn run(
     };
     runtime.block_on(async move {
         let listener = listen(address, first_bind, &telemetry).await;
-        accept_connections(listener, telemetry).await;
+        accept_connections(listener, telemetry, hand_over).await;
     });
 }
 
@@ -471,7 +482,11 @@ fn is_out_of_file_descriptors(err: &std::io::Error) -> bool {
     matches!(err.raw_os_error(), Some(EMFILE) | Some(ENFILE))
 }
 
-async fn accept_connections(listener: tokio::net::TcpListener, telemetry: Arc<Telemetry>) {
+async fn accept_connections(
+    listener: tokio::net::TcpListener,
+    telemetry: Arc<Telemetry>,
+    hand_over: Option<HandOver>,
+) {
     let open = SharedConnections::default();
     let mut capacity = Capacity::new();
     let mut errors = AcceptErrors::new();
@@ -479,10 +494,33 @@ async fn accept_connections(listener: tokio::net::TcpListener, telemetry: Arc<Te
         last_logged: None,
         since_logged: 0,
     };
+    let mut next_hand_over_check = Instant::now() + HAND_OVER_CHECK;
     loop {
+        // Two agents on one node (a rolling update with maxSurge) cannot both hold the
+        // port: the older lets the newer have it, so kubelet's probes reach the pod they
+        // are for instead of the one going away.
+        if let Some(hand_over) = &hand_over
+            && Instant::now() >= next_hand_over_check
+        {
+            next_hand_over_check = Instant::now() + HAND_OVER_CHECK;
+            if let Some(why) = hand_over() {
+                tracing::info!(
+                    "{why}: closing /metrics, /healthz and /readyz here so it can serve them"
+                );
+                lock(&open).close_beyond(0, None);
+                telemetry.http_unbound();
+                return;
+            }
+        }
         // While the cap is lowered, wake up to check on the descriptors even if nobody
-        // connects.
-        let accepted = match capacity.next_check() {
+        // connects; with a hand-over to ask about, at least every second.
+        let wake = match (capacity.next_check(), hand_over.is_some()) {
+            (Some(at), true) => Some(at.min(next_hand_over_check)),
+            (Some(at), false) => Some(at),
+            (None, true) => Some(next_hand_over_check),
+            (None, false) => None,
+        };
+        let accepted = match wake {
             Some(at) => tokio::time::timeout_at(at.into(), listener.accept())
                 .await
                 .ok(),
@@ -556,6 +594,10 @@ async fn serve_connection(
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        // A request here is a GET line and a few headers: a small read buffer keeps a
+        // local process sending endless heads on 64 connections from costing ~400 KB
+        // each (hyper's default) under the pod's memory limit.
+        .max_buf_size(READ_BUFFER)
         .serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
     match tokio::time::timeout(CONNECTION_LIFETIME, connection.as_mut()).await {

@@ -412,6 +412,11 @@ impl Telemetry {
         }
     }
 
+    /// The endpoint was closed for good (handed to a newer agent).
+    pub fn http_unbound(&self) {
+        self.http_endpoint_bound.set(0);
+    }
+
     pub fn http_accept_failed(&self) {
         self.http_accept_errors.inc();
     }

@@ -231,6 +231,39 @@ root_test!(
     }
 );
 
+root_test!(
+    /// Hostile review of issue 16: a request head that never ends was buffered up to
+    /// hyper's default (~400 KB per connection): 64 local connections doing so held 48 MB
+    /// of a pod limited to 64 MiB. A head is a GET line and a few headers: past 16 KiB the
+    /// connection is refused, and the endpoint keeps answering.
+    fn regression_a_request_head_over_16_kib_is_refused() {
+        let node = Netns::new("node");
+        let dir = TempDir::new("cfg");
+        let config = dir.path.join("ip-masq-agent");
+        std::fs::write(&config, "resyncInterval: 1s\n").unwrap();
+        let mut agent = start_with_endpoint(&node, &config);
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+        assert!(eventually(Duration::from_secs(5), || probe(&node) == Some(200)));
+        let mut stream = idle_connections(&node, 1).pop().expect("a connection");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: ".to_vec();
+        head.resize(head.len() + 20 * 1024, b'a');
+        // The agent may close while the rest is still being sent.
+        let _ = stream.write_all(&head);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 431"),
+            "a 20 KiB head was answered {answer:?}"
+        );
+        assert_eq!(probe(&node), Some(200));
+        assert!(agent.is_running());
+    }
+);
+
 /// `count` connections to `METRICS` from this process that never send a byte.
 fn idle_connections(node: &Netns, count: usize) -> Vec<TcpStream> {
     node.idle_tcp_connections(METRICS.parse().expect("address"), count)
@@ -393,6 +426,80 @@ root_test!(
             "the watch did not see the change:\n{}",
             agent.log()
         );
+    }
+);
+
+root_test!(
+    /// Hostile review of issue 16: a remount of the config's directory makes no inotify
+    /// event, so with the default resync (or a long one) a new config waited for minutes.
+    /// A second's look at the directory's identity notices it.
+    fn regression_a_remount_is_noticed_within_seconds_not_at_the_resync() {
+        let node = Netns::new("node");
+        let dir = TempDir::new("cfg");
+        let config = dir.path.join("ip-masq-agent");
+        std::fs::write(
+            &config,
+            "nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 10m\n",
+        )
+        .unwrap();
+        let mut agent = AGENT.start_as_container(
+            &node,
+            &["--config", config.to_str().unwrap(), "--iptables-mode=nft"],
+        );
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+        let pid = agent.agent_pid().to_string();
+        let dir_path = dir.path.to_str().unwrap();
+        let script = format!(
+            "mount -t tmpfs ima-remount {dir_path} && printf 'nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16]\\nresyncInterval: 10m\\n' > {dir_path}/ip-masq-agent"
+        );
+        let status = std::process::Command::new("nsenter")
+            .args(["-t", &pid, "-m", "--", "sh", "-c", &script])
+            .status()
+            .expect("nsenter");
+        assert!(status.success(), "{script}");
+        agent.wait_for_log("config changed; rules applied", 1, Duration::from_secs(10));
+        assert!(our_lines(&node).contains("10.1.0.0/16"), "{}", agent.log());
+        assert!(
+            agent
+                .log()
+                .contains("the config directory was remounted or replaced"),
+            "{}",
+            agent.log()
+        );
+    }
+);
+
+root_test!(
+    /// Hostile review of issue 16: removing the volume's entries (`rm -rf` of the
+    /// directory's contents, a volume torn down and set up again) removes `..data`,
+    /// which the agent took for a committed update: it read "no file" at once and
+    /// applied the defaults node-wide without the grace a missing file gets.
+    fn regression_a_removed_volume_is_no_committed_update() {
+        let node = Netns::new("node");
+        let content = "nonMasqueradeCIDRs: [10.0.0.0/8]\n";
+        let mut volume = ConfigMapVolume::new(content);
+        let mut agent = AGENT.start_synced(&node, &volume, &["--iptables-mode=nft"]);
+        let monitor = NftMonitor::start(&node);
+        for entry in ["..data", CONFIG_KEY] {
+            std::fs::remove_file(volume.dir.path.join(entry)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        volume.update(content);
+        std::os::unix::fs::symlink(
+            format!("..data/{CONFIG_KEY}"),
+            volume.dir.path.join(CONFIG_KEY),
+        )
+        .unwrap();
+        // Past the grace period: nothing came.
+        std::thread::sleep(Duration::from_millis(1500));
+        let defaults = lines_mentioning(&monitor, &DEFAULT_ONLY);
+        assert!(
+            defaults.is_empty(),
+            "the defaults reached the kernel: {defaults:?}\n{}",
+            agent.log()
+        );
+        assert_eq!(count(&agent.log(), "config changed; rules applied"), 0);
+        assert!(agent.is_running());
     }
 );
 

@@ -205,7 +205,8 @@ fn jumps_and_chain(ns: &Netns, save: &str) -> (usize, bool) {
 
 /// Issue 16 #1: two agents started within milliseconds of each other, and a jump deleted
 /// by hand that both repair at the same instant: exactly one jump every time.
-fn both_agents_repair_a_deleted_jump_at_once(mode: &str, save: &str) {
+/// `envs` are the two agents' extra environments.
+fn both_agents_repair_a_deleted_jump_at_once(mode: &str, save: &str, envs: [&[(&str, &str)]; 2]) {
     let seed = seeded::seed();
     eprintln!(
         "two agents repairing at once on iptables-{mode}: seed {seed} (IMA_SEED={seed} reproduces)"
@@ -225,9 +226,9 @@ fn both_agents_repair_a_deleted_jump_at_once(mode: &str, save: &str) {
     for round in 0..REPAIR_ROUNDS {
         let out = AGENT.run(&node, ["cleanup"]);
         assert!(out.status.success(), "cleanup before round {round}");
-        let mut first = AGENT.start(&node, &flags);
+        let mut first = AGENT.start_with(&node, &flags, &[], envs[0]);
         std::thread::sleep(Duration::from_millis(rng.below(8)));
-        let mut second = AGENT.start(&node, &flags);
+        let mut second = AGENT.start_with(&node, &flags, &[], envs[1]);
         first.wait_for_log("rules applied", 1, Duration::from_secs(10));
         second.wait_for_log("rules applied", 1, Duration::from_secs(10));
         let settled = |ns: &Netns| {
@@ -281,12 +282,204 @@ fn both_agents_repair_a_deleted_jump_at_once(mode: &str, save: &str) {
 
 root_test!(
     fn regression_both_agents_repair_a_deleted_jump_at_once_on_iptables_nft() {
-        both_agents_repair_a_deleted_jump_at_once("nft", "iptables-nft-save");
+        both_agents_repair_a_deleted_jump_at_once("nft", "iptables-nft-save", [&[], &[]]);
     }
 );
 
 root_test!(
     fn regression_both_agents_repair_a_deleted_jump_at_once_on_iptables_legacy() {
-        both_agents_repair_a_deleted_jump_at_once("legacy", "iptables-legacy-save");
+        both_agents_repair_a_deleted_jump_at_once("legacy", "iptables-legacy-save", [&[], &[]]);
+    }
+);
+
+root_test!(
+    /// Hostile review of issue 16 #1: the agents coordinated through a lock on the
+    /// xtables lock file, so two that mount different ones (`XTABLES_LOCKFILE` set in
+    /// one manifest, not in the other) raced as before. The lock is now a name of the
+    /// network namespace, which no mount changes.
+    fn regression_agents_with_different_xtables_lock_files_keep_one_jump() {
+        let dir = TempDir::new("locks");
+        let first = dir.path.join("first.lock");
+        let second = dir.path.join("second.lock");
+        both_agents_repair_a_deleted_jump_at_once(
+            "legacy",
+            "iptables-legacy-save",
+            [
+                &[("XTABLES_LOCKFILE", first.to_str().expect("utf-8"))],
+                &[("XTABLES_LOCKFILE", second.to_str().expect("utf-8"))],
+            ],
+        );
+    }
+);
+
+root_test!(
+    /// The same, told apart from chance: a process of the namespace holds the sync lock
+    /// (as another agent between its read and its write does); an agent with its own
+    /// `XTABLES_LOCKFILE` must not repair a deleted jump until it lets go. With the lock
+    /// on the lock file, the agent did not see it and wrote at once.
+    fn regression_an_agent_waits_for_the_sync_lock_whatever_its_xtables_lock_file() {
+        let node = Netns::new("node");
+        let volume = ConfigMapVolume::new(CONFIGS[0]);
+        let path = volume.path();
+        let dir = TempDir::new("locks");
+        let lock_file = dir.path.join("own.lock");
+        let flags = [
+            "--config",
+            path.to_str().expect("utf-8 path"),
+            "--iptables-mode=legacy",
+            "--metrics-address=",
+        ];
+        let mut agent = AGENT.start_with(
+            &node,
+            &flags,
+            &[],
+            &[("XTABLES_LOCKFILE", lock_file.to_str().expect("utf-8"))],
+        );
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+        let held = node.run_inside(|| {
+            use std::os::linux::net::SocketAddrExt;
+            let name = std::os::unix::net::SocketAddr::from_abstract_name("ip-masq-agent/sync")
+                .expect("abstract name");
+            std::os::unix::net::UnixListener::bind_addr(&name).expect("hold the sync lock")
+        });
+        let mut delete = vec!["iptables-legacy", "-t", "nat", "-D", "POSTROUTING"];
+        let spec = shell_words(JUMP_SPEC);
+        delete.extend(spec.iter().map(String::as_str));
+        node.sh(&delete);
+        // Resyncs come every 100 ms: for a second and a half none may write.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            jumps_and_chain(&node, "iptables-legacy-save").0,
+            0,
+            "the agent wrote while another held the sync lock:\n{}",
+            agent.log()
+        );
+        drop(held);
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                jumps_and_chain(&node, "iptables-legacy-save") == (1, true)
+            }),
+            "the jump was not repaired once the lock was free:\n{}",
+            agent.log()
+        );
+        assert!(agent.is_running());
+    }
+);
+
+/// A rolling update with `maxSurge`: the new pod's agent starts while the old one runs,
+/// then the old one gets SIGTERM. Both run as containers do (PID 1 each, in PID
+/// namespaces of their own), with `--cleanup-on-exit`.
+struct RollingUpdate {
+    topology: Topology,
+    _volume: ConfigMapVolume,
+    old: AgentProcess,
+    new: AgentProcess,
+}
+
+fn rolling_update(backend: &[&str], extra: &[&str]) -> RollingUpdate {
+    let topology = Topology::new();
+    let volume = ConfigMapVolume::new("resyncInterval: 10m\n");
+    let path = volume.path();
+    let mut flags = vec!["--config", path.to_str().expect("utf-8 path")];
+    flags.extend_from_slice(backend);
+    flags.extend_from_slice(extra);
+    let mut old = AGENT.start_as_container(&topology.node, &flags);
+    old.wait_for_log("rules applied", 1, Duration::from_secs(20));
+    let mut new = AGENT.start_as_container(&topology.node, &flags);
+    new.wait_for_log("rules applied", 1, Duration::from_secs(20));
+    RollingUpdate {
+        topology,
+        _volume: volume,
+        old,
+        new,
+    }
+}
+
+/// Masquerades to the internet, keeps the pod's address to 10/8, as the defaults say.
+fn masquerades_by_default(topology: &Topology) -> bool {
+    topology.is_masqueraded("203.0.113.10") && !topology.is_masqueraded("10.99.0.10")
+}
+
+/// Hostile review of issue 16: the old pod of a rolling update, exiting with
+/// `--cleanup-on-exit`, removed the rules the new pod had just written (the new one
+/// does not look again until its next resync, here ten minutes away), so pod traffic
+/// left unmasqueraded.
+fn cleanup_on_exit_leaves_the_rules_to_a_running_agent(backend: &[&str]) {
+    let RollingUpdate {
+        topology,
+        _volume,
+        mut old,
+        mut new,
+    } = rolling_update(backend, &["--cleanup-on-exit", "--metrics-address="]);
+    assert!(masquerades_by_default(&topology));
+    old.terminate();
+    let log = old.log();
+    assert!(
+        log.contains("runs in this network namespace; leaving the rules to it"),
+        "the old agent did not leave the rules to the new one:
+{log}"
+    );
+    assert!(
+        masquerades_by_default(&topology),
+        "after the old agent's exit:
+old:
+{log}
+new:
+{}",
+        new.log()
+    );
+    // Alone now, the last agent's clean-up removes them.
+    new.terminate();
+    assert!(
+        !topology.is_masqueraded("203.0.113.10"),
+        "the last agent left its rules:
+{}",
+        new.log()
+    );
+}
+
+root_test!(
+    fn regression_cleanup_on_exit_leaves_the_rules_to_a_running_agent_on_iptables() {
+        cleanup_on_exit_leaves_the_rules_to_a_running_agent(&["--iptables-mode=nft"]);
+    }
+);
+
+root_test!(
+    fn regression_cleanup_on_exit_leaves_the_rules_to_a_running_agent_on_nftables() {
+        cleanup_on_exit_leaves_the_rules_to_a_running_agent(&["--backend=nftables"]);
+    }
+);
+
+root_test!(
+    /// Hostile review of issue 16: during a rolling update the old pod kept the metrics
+    /// port, so kubelet's probes of the new pod (same host port) reached the old agent,
+    /// and the new one never became ready on its own answer. The old agent now hands
+    /// the port over within seconds of the new one's start, and the new one serves it.
+    fn regression_an_older_agent_hands_its_metrics_port_to_a_newer_one() {
+        let metrics = "--metrics-address=127.0.0.1:19431";
+        let RollingUpdate {
+            topology,
+            _volume,
+            mut old,
+            mut new,
+        } = rolling_update(&["--iptables-mode=nft"], &[metrics]);
+        old.wait_for_log(
+            "closing /metrics, /healthz and /readyz here so it can serve them",
+            1,
+            Duration::from_secs(10),
+        );
+        new.wait_for_log(
+            "serving /metrics, /healthz and /readyz on http://127.0.0.1:19431",
+            1,
+            Duration::from_secs(15),
+        );
+        let (status, _) = topology.node.http_get("127.0.0.1:19431", "/healthz");
+        assert_eq!(status, 200);
+        // The old one still syncs: only its endpoint went.
+        assert!(old.is_running(), "{}", old.log());
+        old.terminate();
+        let (status, _) = topology.node.http_get("127.0.0.1:19431", "/healthz");
+        assert_eq!(status, 200, "the new agent stopped serving:\n{}", new.log());
+        assert!(masquerades_by_default(&topology));
     }
 );

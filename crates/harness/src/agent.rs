@@ -113,7 +113,18 @@ impl Agent {
             child,
             log,
             _logdir: logdir,
+            signals_its_child: false,
         }
+    }
+
+    /// Starts the agent as a container runs it: PID 1 of a PID namespace of its own with
+    /// its own /proc (two pods' agents then have the same PID). Signals go to the agent,
+    /// not to the `unshare` that waits for it.
+    pub fn start_as_container(&self, ns: &Netns, args: &[&str]) -> AgentProcess {
+        let wrapper = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"];
+        let mut process = self.start_with(ns, args, &wrapper, &[]);
+        process.signals_its_child = true;
+        process
     }
 
     /// Starts the agent on `volume`'s config with `extra` flags and waits for its first sync.
@@ -138,6 +149,9 @@ pub struct AgentProcess {
     child: Child,
     log: PathBuf,
     _logdir: TempDir,
+    /// Started behind `unshare --fork`, which does not pass signals on: they go to its
+    /// one child.
+    signals_its_child: bool,
 }
 
 impl AgentProcess {
@@ -195,8 +209,30 @@ impl AgentProcess {
     }
 
     pub fn signal(&self, signal: Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
-            .expect("kill");
+        let pid = self.agent_pid();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("kill");
+    }
+
+    /// The agent's PID as this process sees it: for [`Agent::start_as_container`], that of
+    /// the wrapper's child, once it has forked (e.g. for `nsenter` into its mounts).
+    pub fn agent_pid(&self) -> u32 {
+        if !self.signals_its_child {
+            return self.child.id();
+        }
+        let wrapper = self.child.id();
+        let children = format!("/proc/{wrapper}/task/{wrapper}/children");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let listed = std::fs::read_to_string(&children).unwrap_or_default();
+            if let Some(pid) = listed.split_whitespace().find_map(|pid| pid.parse().ok()) {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{wrapper} has no child to signal"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends SIGTERM and returns the exit status.

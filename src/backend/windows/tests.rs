@@ -264,6 +264,19 @@ fn regression_rewrite_is_durable_temp_file_removed_on_failure() {
     std::fs::write(&path, V1).unwrap();
     // A stale temporary file from a crashed run does not get in the way.
     std::fs::write(dir.join(".10-l2bridge.conf.ip-masq-agent.tmp"), "stale").unwrap();
+    // ...nor one of this release's names untouched for two minutes.
+    let stale = dir.join(".10-l2bridge.conf.ip-masq-agent.4294967295.7.tmp");
+    std::fs::write(&stale, "stale").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))
+        .unwrap();
+    // A run at work beside this one (its PID may be of another PID namespace) keeps its
+    // file.
+    let live = dir.join(".10-l2bridge.conf.ip-masq-agent.1.5.tmp");
+    std::fs::write(&live, "another run's").unwrap();
 
     // Fails just before the rename, after checking the temporary file is complete.
     let fail = |temporary: &Path| {
@@ -282,6 +295,8 @@ fn regression_rewrite_is_durable_temp_file_removed_on_failure() {
         V1,
         "file unchanged"
     );
+    assert_eq!(std::fs::read_to_string(&live).unwrap(), "another run's");
+    std::fs::remove_file(&live).unwrap();
     assert_eq!(
         names_in(&dir),
         ["10-l2bridge.conf"],
@@ -415,5 +430,28 @@ fn regression_windows_cni_keeps_a_concurrent_writers_change() {
     assert!(text.contains(&format!("writer-{}", writes.get())), "{text}");
     assert!(!text.contains("\"10.0.0.0/8\""), "{text}");
     assert_eq!(names_in(&dir), ["10-l2bridge.conf"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Found by the hostile review: Go's encoding/json folds every character's case, not only
+/// ASCII (`ſ` is `s`): the plugin reads `"policieſ"` as `policies`, so the rewrite must too,
+/// and a second spelling of it is a duplicate.
+#[test]
+fn regression_keys_fold_as_go_folds_them() {
+    let dir = scratch_dir("fold");
+    let path = dir.join("10-l2bridge.conf");
+    let only = V1.replacen("\"policies\"", "\"policie\u{17f}\"", 1);
+    assert_ne!(only, V1);
+    std::fs::write(&path, &only).unwrap();
+    assert!(rewrite_file(&path, &list(&["10.0.0.0/8"])).unwrap());
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("\"10.0.0.0/8\"")
+    );
+    let both = V1.replacen("\"policies\"", "\"policies\": [], \"policie\u{17f}\"", 1);
+    std::fs::write(&path, &both).unwrap();
+    let err = rewrite_file(&path, &list(&["10.0.0.0/8"])).unwrap_err();
+    assert!(format!("{err:#}").contains("duplicate key"), "{err:#}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
