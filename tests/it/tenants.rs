@@ -374,39 +374,68 @@ root_test!(
     }
 );
 
+/// Runs `script` in the mount namespace of `agent` (started as a container: nothing is
+/// mounted on the host) with `content` on its standard input.
+fn in_agent_mounts(agent: &AgentProcess, script: &str, content: &str) {
+    let mut child = std::process::Command::new("nsenter")
+        .args([
+            "-t",
+            &agent.agent_pid().to_string(),
+            "-m",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nsenter");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(content.as_bytes())
+        .expect("write the config");
+    assert!(child.wait().expect("nsenter").success(), "{script}");
+}
+
+/// Mounts a tmpfs over `dir` holding `content` as the config file.
+fn remount_config_dir(agent: &AgentProcess, dir: &Path, content: &str) {
+    let dir = dir.to_str().expect("utf-8 path");
+    in_agent_mounts(
+        agent,
+        &format!("mount -t tmpfs ima-remount {dir} && cat > {dir}/ip-masq-agent"),
+        content,
+    );
+}
+
+/// A config file in a directory of its own, and the agent on it, started as a container.
+fn agent_on_a_plain_dir(node: &Netns, content: &str) -> (TempDir, PathBuf, AgentProcess) {
+    let dir = TempDir::new("cfg");
+    let config = dir.path.join("ip-masq-agent");
+    std::fs::write(&config, content).unwrap();
+    let mut agent = AGENT.start_as_container(
+        node,
+        &["--config", config.to_str().unwrap(), "--iptables-mode=nft"],
+    );
+    agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+    (dir, config, agent)
+}
+
 root_test!(
     /// Issue 16 #3 as a volume remount: a new filesystem mounted over the config's
-    /// directory makes no inotify event at all (the agent runs in a mount namespace of its
-    /// own, so nothing is mounted on the host). The resync finds the directory at the path
+    /// directory makes no inotify event at all. The agent finds the directory at the path
     /// is another one, re-arms the watch and logs it; later changes are seen at once.
     fn regression_config_watch_is_lost_when_its_directory_is_remounted() {
         let node = Netns::new("node");
-        let dir = TempDir::new("cfg");
-        let config = dir.path.join("ip-masq-agent");
-        std::fs::write(
-            &config,
-            "nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 3s\n",
-        )
-        .unwrap();
-        let mut agent = AGENT.start_with(
-            &node,
-            &["--config", config.to_str().unwrap(), "--iptables-mode=nft"],
-            &["unshare", "--mount", "--propagation", "private"],
-            &[],
-        );
-        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
-        let pid = agent.pid().to_string();
-        let inside = |script: &str| {
-            let status = std::process::Command::new("nsenter")
-                .args(["-t", &pid, "-m", "--", "sh", "-c", script])
-                .status()
-                .expect("nsenter");
-            assert!(status.success(), "{script}");
+        let with = |prefix: &str| {
+            format!("nonMasqueradeCIDRs: [10.0.0.0/8, {prefix}]\nresyncInterval: 3s\n")
         };
-        let dir_path = dir.path.to_str().unwrap();
-        inside(&format!(
-            "mount -t tmpfs ima-remount {dir_path} && printf 'nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16]\\nresyncInterval: 3s\\n' > {dir_path}/ip-masq-agent"
-        ));
+        let (dir, config, mut agent) = agent_on_a_plain_dir(
+            &node,
+            "nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 3s\n",
+        );
+        remount_config_dir(&agent, &dir.path, &with("10.1.0.0/16"));
         agent.wait_for_log(
             "watching the config directory again",
             1,
@@ -416,9 +445,11 @@ root_test!(
         assert!(our_lines(&node).contains("10.1.0.0/16"), "{}", agent.log());
         // The watch is on the new filesystem: the next change is an event, not a resync.
         let seen = count(&agent.log(), "config directory changed: reloading");
-        inside(&format!(
-            "printf 'nonMasqueradeCIDRs: [10.0.0.0/8, 10.2.0.0/16]\\nresyncInterval: 3s\\n' > {dir_path}/ip-masq-agent"
-        ));
+        in_agent_mounts(
+            &agent,
+            &format!("cat > {}", config.to_str().expect("utf-8 path")),
+            &with("10.2.0.0/16"),
+        );
         agent.wait_for_log("config changed; rules applied", 2, Duration::from_secs(10));
         assert!(our_lines(&node).contains("10.2.0.0/16"), "{}", agent.log());
         assert!(
@@ -435,28 +466,15 @@ root_test!(
     /// A second's look at the directory's identity notices it.
     fn regression_a_remount_is_noticed_within_seconds_not_at_the_resync() {
         let node = Netns::new("node");
-        let dir = TempDir::new("cfg");
-        let config = dir.path.join("ip-masq-agent");
-        std::fs::write(
-            &config,
-            "nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 10m\n",
-        )
-        .unwrap();
-        let mut agent = AGENT.start_as_container(
+        let (dir, _config, mut agent) = agent_on_a_plain_dir(
             &node,
-            &["--config", config.to_str().unwrap(), "--iptables-mode=nft"],
+            "nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 10m\n",
         );
-        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
-        let pid = agent.agent_pid().to_string();
-        let dir_path = dir.path.to_str().unwrap();
-        let script = format!(
-            "mount -t tmpfs ima-remount {dir_path} && printf 'nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16]\\nresyncInterval: 10m\\n' > {dir_path}/ip-masq-agent"
+        remount_config_dir(
+            &agent,
+            &dir.path,
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 10.1.0.0/16]\nresyncInterval: 10m\n",
         );
-        let status = std::process::Command::new("nsenter")
-            .args(["-t", &pid, "-m", "--", "sh", "-c", &script])
-            .status()
-            .expect("nsenter");
-        assert!(status.success(), "{script}");
         agent.wait_for_log("config changed; rules applied", 1, Duration::from_secs(10));
         assert!(our_lines(&node).contains("10.1.0.0/16"), "{}", agent.log());
         assert!(
