@@ -35,6 +35,17 @@ fn start_with_endpoint(node: &Netns, config: &Path) -> AgentProcess {
     )
 }
 
+/// The agent syncing every second with its endpoint answering probes.
+fn serving_agent(node: &Netns) -> (TempDir, AgentProcess) {
+    let dir = TempDir::new("cfg");
+    let config = dir.path.join("ip-masq-agent");
+    std::fs::write(&config, "resyncInterval: 1s\n").unwrap();
+    let mut agent = start_with_endpoint(node, &config);
+    agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
+    assert!(eventually(Duration::from_secs(5), || probe(node) == Some(200)));
+    (dir, agent)
+}
+
 /// A kubelet-style probe: a new connection, `GET /healthz`, 1 s for the connect and 1 s
 /// for the answer (kubelet's default `timeoutSeconds: 1`).
 fn probe(node: &Netns) -> Option<u16> {
@@ -179,12 +190,7 @@ root_test!(
     /// probes (1 s timeout) failed: the agent would be restarted forever.
     fn regression_idle_connections_of_another_process_starve_healthz() {
         let node = Netns::new("node");
-        let dir = TempDir::new("cfg");
-        let config = dir.path.join("ip-masq-agent");
-        std::fs::write(&config, "resyncInterval: 1s\n").unwrap();
-        let mut agent = start_with_endpoint(&node, &config);
-        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
-        assert!(eventually(Duration::from_secs(5), || probe(&node) == Some(200)));
+        let (_dir, mut agent) = serving_agent(&node);
 
         let holder = IdleHolder::start(&node, METRICS, 1000, false);
         eprintln!("another process holds {} idle connections", holder.held);
@@ -238,12 +244,7 @@ root_test!(
     /// connection is refused, and the endpoint keeps answering.
     fn regression_a_request_head_over_16_kib_is_refused() {
         let node = Netns::new("node");
-        let dir = TempDir::new("cfg");
-        let config = dir.path.join("ip-masq-agent");
-        std::fs::write(&config, "resyncInterval: 1s\n").unwrap();
-        let mut agent = start_with_endpoint(&node, &config);
-        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
-        assert!(eventually(Duration::from_secs(5), || probe(&node) == Some(200)));
+        let (_dir, mut agent) = serving_agent(&node);
         let mut stream = idle_connections(&node, 1).pop().expect("a connection");
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -297,12 +298,7 @@ root_test!(
     /// the connections open at that moment, for the rest of the process's life.
     fn regression_connection_cap_stays_low_after_one_emfile() {
         let node = Netns::new("node");
-        let dir = TempDir::new("cfg");
-        let config = dir.path.join("ip-masq-agent");
-        std::fs::write(&config, "resyncInterval: 1s\n").unwrap();
-        let mut agent = start_with_endpoint(&node, &config);
-        agent.wait_for_log("rules applied", 1, Duration::from_secs(20));
-        assert!(eventually(Duration::from_secs(5), || probe(&node) == Some(200)));
+        let (_dir, mut agent) = serving_agent(&node);
 
         // Eight descriptors left: the connections take them and accept() fails.
         let pid = agent.pid();
