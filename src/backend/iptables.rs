@@ -171,12 +171,15 @@ pub fn is_incompatible_listing(saved: &str) -> bool {
 }
 
 /// One flavour and family's nat table as the agent read it: iptables-save's text, or,
-/// when iptables-nft cannot print the table, the same form rebuilt from listing the
-/// chains the agent needs one by one (`by_chain`).
+/// for iptables-nft, the same form rebuilt from listing the chains that matter one by
+/// one (`by_chain`): POSTROUTING, every chain reached from it, and the agent's chain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NatRead {
     pub text: String,
     pub by_chain: bool,
+    /// Chains reached from POSTROUTING that iptables could not list (they hold native
+    /// nft rules); their rules are not in `text`.
+    pub unlisted: Vec<String>,
 }
 
 /// Why `saved` (iptables-save output, possibly of several tables) is not a listing the
@@ -242,27 +245,52 @@ fn quotes_balanced(line: &str) -> bool {
 }
 
 /// The chains that the POSTROUTING jumps of any release of the agent lead to.
-fn agent_jump_targets(saved_nat: &str) -> Vec<String> {
-    let mut targets: Vec<String> = Vec::new();
-    for spec in saved_nat
-        .lines()
-        .filter_map(|line| line.strip_prefix("-A POSTROUTING "))
-    {
-        if let Some(target) = agent_jump_target(spec)
-            && !targets.iter().any(|t| t == target)
-        {
-            targets.push(target.to_string());
-        }
-    }
-    targets
+/// The most chains one read lists one by one (POSTROUTING and what it reaches); what
+/// lies further is not read (kube-proxy's path from POSTROUTING is two chains long).
+pub const MAX_LISTED_CHAINS: usize = 64;
+
+/// Targets of iptables itself, never chains: not looked up.
+const BUILTIN_TARGETS: &[&str] = &[
+    "ACCEPT",
+    "DROP",
+    "RETURN",
+    "QUEUE",
+    "MASQUERADE",
+    "SNAT",
+    "DNAT",
+    "REDIRECT",
+    "NETMAP",
+    "MARK",
+    "CONNMARK",
+    "LOG",
+    "NFLOG",
+    "TRACE",
+    "CT",
+    "NOTRACK",
+    "CLASSIFY",
+    "AUDIT",
+];
+
+/// The chains a saved rule line jumps or goes to (`-j X` / `-g X` where X is no target
+/// of iptables itself).
+fn jump_targets(line: &str) -> Vec<String> {
+    let words = saved_words(line);
+    words
+        .windows(2)
+        .filter(|pair| pair[0] == "-j" || pair[0] == "-g")
+        .map(|pair| pair[1].clone())
+        .filter(|target| !BUILTIN_TARGETS.contains(&target.as_str()))
+        .collect()
 }
 
-/// Reads one flavour and family's nat table: `iptables-save` (`-t nat`, or everything
-/// when `whole`: naming a legacy table makes the kernel create it), checked before it
-/// is used. When iptables-nft cannot print the table, POSTROUTING, `chain` and every
-/// chain an agent jump leads to are listed one by one (`-S CHAIN`); a chain that exists
-/// but cannot be listed is left out of the text, and if it is `chain` or POSTROUTING
-/// the read fails: the agent never writes what it could not read.
+/// Reads one flavour and family's nat table. iptables-nft (when `iptables-nft` itself is
+/// installed) lists only POSTROUTING, the chains reached from it and `chain`, one by one
+/// (`-S CHAIN`): iptables-nft-save of a kube-proxy table of 10,000 Services peaks at
+/// about 100 MB, over the DaemonSet's memory limit, while one chain costs about 2 MB.
+/// iptables-legacy loads the whole table whichever way it is asked, so it is saved
+/// whole (`whole`: every table, since naming a legacy table makes the kernel create it).
+/// A read the agent cannot parse, or a POSTROUTING or `chain` it cannot list, fails: the
+/// agent never writes what it could not read.
 pub fn read_nat_table(
     flavour: Flavour,
     family: Family,
@@ -271,15 +299,23 @@ pub fn read_nat_table(
     whole: bool,
     runner: &SharedRunner,
 ) -> Result<NatRead, SyncError> {
-    let args: &[&str] = if whole { &[] } else { &["-t", "nat"] };
     let place = format!("the {family} nat table of iptables-{flavour}");
+    if flavour == Flavour::Nft
+        && let Some(list) = &tools.list
+    {
+        return read_nat_by_chain(family, list, chain, &place, runner);
+    }
+    let args: &[&str] = if whole { &[] } else { &["-t", "nat"] };
     let saved = runner
         .run(&tools.save, args, None, None)
         .doing(|| format!("reading {place}"))?;
     // A neighbour's comment may hold a newline: one rule per line again.
     let saved = crate::kernel::words::join_quoted_newlines(&saved).into_owned();
     if is_incompatible_listing(&saved) {
-        return read_nat_by_chain(family, tools, chain, &place, runner);
+        return Err(SyncError::Unreadable(format!(
+            "{place} holds rules iptables cannot list (native nft rules), and {} is not installed to list its chains one by one; nothing is written until the table can be read",
+            resolve_list_name(family)
+        )));
     }
     if let Some(problem) = saved_nat_problem(&saved) {
         return Err(SyncError::Unreadable(format!(
@@ -290,80 +326,129 @@ pub fn read_nat_table(
     Ok(NatRead {
         text: if whole { nat_section(&saved) } else { saved },
         by_chain: false,
+        unlisted: Vec::new(),
     })
 }
 
 fn read_nat_by_chain(
     family: Family,
-    tools: &FamilyTools,
+    list: &Program,
     chain: &ChainName,
     place: &str,
     runner: &SharedRunner,
 ) -> Result<NatRead, SyncError> {
-    let incompatible = format!(
-        "{place} holds rules iptables cannot list (native nft rules, `nft list table {} nat` shows them)",
-        match family {
-            Family::V4 => "ip",
-            Family::V6 => "ip6",
-        }
-    );
-    let Some(list) = &tools.list else {
-        return Err(SyncError::Unreadable(format!(
-            "{incompatible}, and {} is not installed to list its chains one by one; nothing is written until the table can be read",
-            resolve_list_name(family)
-        )));
+    let native = |what: &str| {
+        format!(
+            "{place} holds rules iptables cannot list in {what} (native nft rules, `nft list table {} nat` shows them)",
+            match family {
+                Family::V4 => "ip",
+                Family::V6 => "ip6",
+            }
+        )
     };
     let show = |name: &str| {
         runner
             .run(list, &["-t", "nat", "-S", name], None, None)
             .map(|listing| crate::kernel::words::join_quoted_newlines(&listing).into_owned())
     };
-    let postrouting = show("POSTROUTING").map_err(|err| {
-        SyncError::Unreadable(format!(
-            "{incompatible}, and so does its POSTROUTING chain ({err}); the agent cannot see its jump there, so it writes nothing until those rules are gone"
-        ))
-    })?;
-    let mut declarations = vec![":POSTROUTING ACCEPT [0:0]".to_string()];
-    let mut rules: Vec<String> = postrouting
-        .lines()
-        .filter(|line| line.starts_with("-A POSTROUTING "))
-        .map(str::to_string)
-        .collect();
-    let mut wanted = vec![chain.to_string()];
-    for target in agent_jump_targets(&postrouting) {
-        if !wanted.contains(&target) {
-            wanted.push(target);
+    let failed = |name: &str, error: ToolError| SyncError::Tool {
+        doing: format!("reading {place}: listing chain {name}"),
+        error,
+    };
+    let postrouting = match show("POSTROUTING") {
+        Ok(listing) => listing,
+        Err(err) if lists_native_rules(&err) => {
+            return Err(SyncError::Unreadable(format!(
+                "{} ({err}); the agent cannot see its jump there, so it writes nothing until those rules are gone",
+                native("its POSTROUTING chain")
+            )));
         }
-    }
-    for name in wanted {
+        Err(err) => return Err(failed("POSTROUTING", err)),
+    };
+    // `-S NAME` prints `-P NAME POLICY` or `-N NAME`, then `-A NAME ...` lines; anything
+    // else is a listing the agent does not understand and never writes on.
+    let own_rules = |listing: &str, name: &str| -> Result<Vec<String>, SyncError> {
+        let problem = |what: &str| {
+            SyncError::Unreadable(format!(
+                "{place}: {} printed something that is not a listing of chain {name} ({what}); nothing is written on a listing the agent cannot read",
+                list.display(&["-t", "nat", "-S", name])
+            ))
+        };
+        let own = format!("-A {name} ");
+        let mut headed = false;
+        let mut rules = Vec::new();
+        for line in listing.lines().filter(|line| !line.is_empty()) {
+            if line.starts_with(&format!("-P {name} ")) || line == format!("-N {name}") {
+                headed = true;
+            } else if line.starts_with(&own) && quotes_balanced(line) {
+                rules.push(line.to_string());
+            } else {
+                return Err(problem("a line that is no rule of the chain"));
+            }
+        }
+        if !headed {
+            return Err(problem("no `-P` or `-N` line"));
+        }
+        Ok(rules)
+    };
+    let mut declarations = vec![":POSTROUTING ACCEPT [0:0]".to_string()];
+    let mut rules = own_rules(&postrouting, "POSTROUTING")?;
+    let mut unlisted = Vec::new();
+    // Breadth first from POSTROUTING; the agent's chain is read wherever it stands.
+    let mut queue: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut seen: Vec<String> = vec!["POSTROUTING".into()];
+    let enqueue = |targets: Vec<String>,
+                   queue: &mut std::collections::VecDeque<String>,
+                   seen: &mut Vec<String>| {
+        for target in targets {
+            if !seen.contains(&target) {
+                seen.push(target.clone());
+                queue.push_back(target);
+            }
+        }
+    };
+    enqueue(vec![chain.to_string()], &mut queue, &mut seen);
+    let targets: Vec<String> = rules.iter().flat_map(|rule| jump_targets(rule)).collect();
+    enqueue(targets, &mut queue, &mut seen);
+    let mut listed = 1;
+    while let Some(name) = queue.pop_front() {
+        let ours = name == chain.as_str();
+        if !ours && listed >= MAX_LISTED_CHAINS {
+            continue;
+        }
+        // A target that is no chain (an extension iptables knows, e.g. TCPMSS) costs
+        // one netlink lookup, not a process.
+        let exists = runner
+            .nft_chain_exists(family, "nat", &name)
+            .map_err(|error| SyncError::Tool {
+                doing: format!("reading {place}: looking up chain {name}"),
+                error,
+            })?;
+        if !exists {
+            continue;
+        }
+        listed += 1;
         match show(&name) {
             Ok(listing) => {
                 declarations.push(format!(":{name} - [0:0]"));
-                let own = format!("-A {name} ");
-                rules.extend(
-                    listing
-                        .lines()
-                        .filter(|line| line.starts_with(&own))
-                        .map(str::to_string),
-                );
+                let chain_rules = own_rules(&listing, &name)?;
+                let targets: Vec<String> = chain_rules
+                    .iter()
+                    .flat_map(|rule| jump_targets(rule))
+                    .collect();
+                rules.extend(chain_rules);
+                enqueue(targets, &mut queue, &mut seen);
             }
-            // iptables-nft says "incompatible" of a missing chain too: ask the kernel.
-            Err(err) => match runner.nft_chain_exists(family, "nat", &name) {
-                Ok(false) => {}
-                Ok(true) if name == chain.as_str() => {
-                    return Err(SyncError::Unreadable(format!(
-                        "{incompatible}, among them rules in the agent's chain {name} ({err}); refusing to flush a chain the agent cannot read"
-                    )));
-                }
-                // A stale chain of an older name: only the jump into it will go.
-                Ok(true) => {}
-                Err(error) => {
-                    return Err(SyncError::Tool {
-                        doing: format!("{incompatible}; looking up chain {name}"),
-                        error,
-                    });
-                }
-            },
+            Err(err) if !lists_native_rules(&err) => return Err(failed(&name, err)),
+            Err(err) if ours => {
+                return Err(SyncError::Unreadable(format!(
+                    "{} ({err}); refusing to flush a chain the agent cannot read",
+                    native(&format!("the agent's chain {name}"))
+                )));
+            }
+            // Native rules in a neighbour's chain (or a stale chain of an older name:
+            // only the jump into it will go): left out, and said.
+            Err(_) => unlisted.push(name),
         }
     }
     let mut text = String::from("*nat\n");
@@ -375,7 +460,14 @@ fn read_nat_by_chain(
     Ok(NatRead {
         text,
         by_chain: true,
+        unlisted,
     })
+}
+
+/// Whether iptables-nft failed because the chain holds rules it cannot express ("...
+/// is incompatible, use 'nft' tool"), not for want of time, a lock or the tool.
+fn lists_native_rules(error: &ToolError) -> bool {
+    matches!(error, ToolError::Failed { stderr, .. } if stderr.contains("incompatible"))
 }
 
 fn resolve_list_name(family: Family) -> String {
@@ -989,8 +1081,9 @@ pub struct IptablesBackend {
     /// The nat tables the last sync or diff read, by family: the survey of rules acting
     /// before the agent's reuses them (`Backend::last_read_nat`).
     last_read: Vec<(Family, String)>,
-    /// Families whose table iptables-nft could not print whole at the last read.
-    read_by_chain: Vec<Family>,
+    /// Chains reached from POSTROUTING that iptables-nft could not list at the last
+    /// read (native nft rules), by family.
+    unlisted: Vec<(Family, Vec<String>)>,
 }
 
 impl IptablesBackend {
@@ -1030,7 +1123,7 @@ impl IptablesBackend {
             verified: None,
             verified_policy: None,
             last_read: Vec::new(),
-            read_by_chain: Vec::new(),
+            unlisted: Vec::new(),
         })
     }
 
@@ -1107,9 +1200,9 @@ impl IptablesBackend {
 
     /// Remembers how `family`'s table was read, for `read_notes`.
     fn note_read(&mut self, family: Family, read: &NatRead) {
-        self.read_by_chain.retain(|f| *f != family);
-        if read.by_chain {
-            self.read_by_chain.push(family);
+        self.unlisted.retain(|(f, _)| *f != family);
+        if !read.unlisted.is_empty() {
+            self.unlisted.push((family, read.unlisted.clone()));
         }
     }
 }
@@ -1128,11 +1221,11 @@ impl Backend for IptablesBackend {
     }
 
     fn last_read_nat(&self) -> Vec<(Family, &str)> {
-        // A table read chain by chain lacks the chains others jump to: the survey reads
-        // it through nft instead.
+        // A table read without some chain iptables could not list: the survey reads it
+        // through nft instead.
         self.last_read
             .iter()
-            .filter(|(family, _)| !self.read_by_chain.contains(family))
+            .filter(|(family, _)| !self.unlisted.iter().any(|(f, _)| f == family))
             .map(|(family, text)| (*family, text.as_str()))
             .collect()
     }
@@ -1142,12 +1235,13 @@ impl Backend for IptablesBackend {
     }
 
     fn read_notes(&self) -> Vec<String> {
-        self.read_by_chain
+        self.unlisted
             .iter()
-            .map(|family| {
+            .map(|(family, chains)| {
                 format!(
-                    "the {family} nat table of iptables-{} holds rules iptables cannot list (native nft rules); the agent read it chain by chain (`{} -t nat -S CHAIN`)",
+                    "the {family} nat table of iptables-{} holds rules iptables cannot list (native nft rules) in {} reached from POSTROUTING; the agent read the chains it needs one by one (`{} -t nat -S CHAIN`) and surveys those through nft",
                     self.flavour,
+                    chains.join(", "),
                     base_name(*family)
                 )
             })

@@ -81,15 +81,15 @@ fn iptables_first_sync_writes_once_and_idle_resyncs_write_nothing() {
         assert!(!report.wrote);
         let calls = runner.take_calls();
         assert!(writes(&calls).is_empty(), "{calls:#?}");
-        // One iptables-save per family to see the rules right; then, while the
-        // nf_tables generation stands still, nothing at all.
-        assert_eq!(calls.len(), if resync == 0 { 2 } else { 0 }, "{calls:#?}");
+        // POSTROUTING and the agent's chain listed per family to see the rules right;
+        // then, while the nf_tables generation stands still, nothing at all.
+        assert_eq!(calls.len(), if resync == 0 { 4 } else { 0 }, "{calls:#?}");
     }
     runner.bump_generation();
     backend.sync(&policy).unwrap();
     assert_eq!(
         runner.take_calls().len(),
-        2,
+        4,
         "the generation moved: read again"
     );
     assert!(backend.diff(&policy).unwrap().is_empty());
@@ -184,7 +184,7 @@ COMMIT
 #[test]
 fn a_hung_or_missing_tool_is_a_typed_error() {
     let runner = FakeRunner::new();
-    runner.inject("iptables-nft-save", Fault::TimesOut, Some(1));
+    runner.inject("iptables-nft -t nat -S", Fault::TimesOut, Some(1));
     let mut backend = iptables(&runner, false);
     let err = backend.sync(&default_policy()).unwrap_err();
     assert_eq!(err.kind(), SyncErrorKind::ToolTimedOut, "{err}");
@@ -197,7 +197,7 @@ fn a_hung_or_missing_tool_is_a_typed_error() {
     let err = backend.sync(&default_policy()).unwrap_err();
     assert_eq!(err.kind(), SyncErrorKind::ToolFailed);
     assert!(err.to_string().contains("xtables lock"), "{err}");
-    runner.inject("iptables-nft-save", Fault::Missing, Some(1));
+    runner.inject("iptables-nft -t nat -S", Fault::Missing, Some(1));
     assert_eq!(
         backend.sync(&default_policy()).unwrap_err().kind(),
         SyncErrorKind::ToolMissing
@@ -313,16 +313,87 @@ fn flavour_detection_reads_kubelets_hint_through_the_runner() {
 
 #[test]
 fn the_first_sync_learns_the_iptables_version_from_the_save_it_reads_anyway() {
+    // iptables-legacy saves the nat table, whose header names the release.
+    let runner = FakeRunner::new();
+    let shared: SharedRunner = runner.clone();
+    IptablesBackend::new(ChainName::default(), IptablesMode::Legacy, false, shared)
+        .unwrap()
+        .sync(&default_policy())
+        .unwrap();
+    let commands: Vec<String> = runner.calls().into_iter().map(|c| c.command).collect();
+    assert_eq!(
+        commands,
+        [
+            "iptables-legacy-save -t nat",
+            "iptables-legacy-restore -w 5 --noflush"
+        ]
+    );
+    // iptables-nft lists chains, which name no release: one question for the version.
     let runner = FakeRunner::new();
     iptables(&runner, false).sync(&default_policy()).unwrap();
     let commands: Vec<String> = runner.calls().into_iter().map(|c| c.command).collect();
     assert_eq!(
         commands,
         [
-            "iptables-nft-save -t nat",
+            "iptables-nft -t nat -S POSTROUTING",
+            "iptables-nft-restore --version",
             "iptables-nft-restore -w 5 --noflush"
         ]
     );
+}
+
+/// rv1 (live-traffic review) #1: beside kube-proxy's nat table of 10,000 Services,
+/// `iptables-nft-save -t nat` peaked at about 100 MB and was OOM-killed under the
+/// DaemonSet's 64 MiB limit at every sync. The agent now lists POSTROUTING, the chains
+/// it reaches and its own chain, never the Services' chains.
+#[test]
+fn regression_a_large_kube_proxy_table_is_never_read_whole() {
+    let runner = FakeRunner::new();
+    let mut services = String::from(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n-A KUBE-POSTROUTING -j MASQUERADE --random-fully\n",
+    );
+    for service in 0..200 {
+        services.push_str(&format!(
+            ":KUBE-SVC-{service} - [0:0]\n-A KUBE-SERVICES -d 10.96.0.{}/32 -j KUBE-SVC-{service}\n-A KUBE-SVC-{service} -j DNAT --to-destination 10.244.0.9\n",
+            service % 250
+        ));
+    }
+    services.push_str("COMMIT\n");
+    runner.restore_nat("iptables-nft", &services);
+    let mut backend = iptables(&runner, false);
+    let policy = default_policy();
+    for _ in 0..3 {
+        backend.sync(&policy).unwrap();
+        runner.bump_generation();
+    }
+    let listed: Vec<String> = runner
+        .calls()
+        .into_iter()
+        .map(|c| c.command)
+        .filter(|c| !c.starts_with("iptables-nft-restore"))
+        .collect();
+    assert!(
+        listed.iter().all(|c| {
+            [
+                " -S POSTROUTING",
+                " -S KUBE-POSTROUTING",
+                " -S IP-MASQ-AGENT",
+            ]
+            .iter()
+            .any(|chain| c.ends_with(chain))
+        }),
+        "{listed:#?}"
+    );
+    assert!(!listed.iter().any(|c| c.contains("-save")), "{listed:#?}");
+    // What it read still holds kube-proxy's masquerade, for the survey.
+    let read = backend.last_read_nat();
+    assert!(
+        read[0].1.contains("-A KUBE-POSTROUTING -j MASQUERADE"),
+        "{read:?}"
+    );
+    assert!(!read[0].1.contains("KUBE-SVC"), "{read:?}");
+    let saved = runner.nat("iptables-nft");
+    assert_eq!(saved.matches(JUMP).count(), 1, "{saved}");
 }
 
 /// Issue 15 #2: a native nft rule in `ip nat` makes iptables-nft-save print only
@@ -348,9 +419,21 @@ fn regression_an_incompatible_nat_table_never_piles_up_jumps() {
         "the chain is whole: {saved}"
     );
     assert_eq!(backend.diff(&policy).unwrap(), Vec::<String>::new());
+    // FOREIGN is not on the POSTROUTING path: nothing to say. Once it is, it is said.
+    assert_eq!(backend.read_notes(), Vec::<String>::new());
+    runner.restore_nat(
+        "iptables-nft",
+        "*nat\n:FOREIGN - [0:0]\n-A POSTROUTING -j FOREIGN\nCOMMIT\n",
+    );
+    runner.add_native_rule("iptables-nft", "FOREIGN");
+    assert!(
+        !backend.sync(&policy).unwrap().wrote,
+        "{:#?}",
+        runner.calls()
+    );
     let notes = backend.read_notes();
     assert!(
-        notes.len() == 1 && notes[0].contains("chain by chain"),
+        notes.len() == 1 && notes[0].contains("in FOREIGN reached from POSTROUTING"),
         "{notes:?}"
     );
 }
@@ -392,16 +475,38 @@ fn regression_a_save_the_agent_cannot_parse_is_never_written_on() {
     }
     let good = "# Generated by iptables-nft-save v1.8.9\n*nat\n:POSTROUTING ACCEPT [3:180]\n:X - [0:0]\n-A POSTROUTING -m comment --comment \"a \\\"b\\\" c\" -j X\nCOMMIT\n# Completed\n";
     assert_eq!(crate::backend::iptables::saved_nat_problem(good), None);
-    let runner = FakeRunner::new();
-    runner.inject(
-        "iptables-nft-save",
-        Fault::Prints("*nat\n-A \u{1}\u{ff} garbage \"\n:half"),
-        None,
-    );
-    let mut backend = iptables(&runner, false);
-    let err = backend.sync(&default_policy()).unwrap_err();
-    assert_eq!(err.kind(), SyncErrorKind::Unreadable, "{err}");
-    assert!(writes(&runner.calls()).is_empty());
+    for (tool, garbage) in [
+        (
+            "iptables-nft -t nat -S POSTROUTING",
+            "-A \u{1}\u{ff} garbage \"\n:half",
+        ),
+        ("iptables-nft -t nat -S POSTROUTING", ""),
+        (
+            "iptables-nft -t nat -S POSTROUTING",
+            "-P POSTROUTING ACCEPT\n-A POSTROUTING -j \"X\n",
+        ),
+        (
+            "iptables-legacy-save",
+            "*nat\n-A \u{1}\u{ff} garbage \"\n:half",
+        ),
+    ] {
+        let runner = FakeRunner::new();
+        runner.inject(tool, Fault::Prints(garbage), None);
+        let mode = if tool.contains("legacy") {
+            IptablesMode::Legacy
+        } else {
+            IptablesMode::Nft
+        };
+        let shared: SharedRunner = runner.clone();
+        let mut backend = IptablesBackend::new(ChainName::default(), mode, false, shared).unwrap();
+        let err = backend.sync(&default_policy()).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            SyncErrorKind::Unreadable,
+            "{tool} {garbage:?}: {err}"
+        );
+        assert!(writes(&runner.calls()).is_empty());
+    }
 }
 
 /// `cleanup` said "nothing to remove" beside an incompatible table; now it removes the

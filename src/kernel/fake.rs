@@ -718,6 +718,13 @@ impl FakeRunner {
                 }
                 Ok(out)
             }
+            ["-t", "list", "chain", family, table, chain] => {
+                let found = listed_chains(state.nft_tables.values())
+                    .into_iter()
+                    .find(|c| c.family == *family && c.table == *table && c.name == *chain)
+                    .ok_or_else(|| "Error: No such file or directory".to_string())?;
+                Ok(format!("table {family} {table} {{\n{}}}\n", found.block))
+            }
             ["list", "table", "inet", name]
                 if state.netlink_tables.contains_key(*name)
                     && !state.nft_tables.contains_key(&format!("inet {name}")) =>
@@ -744,6 +751,83 @@ impl FakeRunner {
             }
             _ => Err(format!("the fake does not know nft {args:?}")),
         }
+    }
+}
+
+/// One chain of the fake's nft listings: family, table, name, its lines from `chain
+/// NAME {` to its `}`, and its hook when it is a nat base chain on postrouting.
+struct ListedChain {
+    family: String,
+    table: String,
+    name: String,
+    block: String,
+    nat_postrouting: Option<i32>,
+}
+
+/// The chains of nft listings (`table FAMILY NAME {` blocks holding `chain NAME {`).
+fn listed_chains<'a>(listings: impl Iterator<Item = &'a String>) -> Vec<ListedChain> {
+    let mut chains = Vec::new();
+    for listing in listings {
+        let mut table: Option<(String, String)> = None;
+        let mut current: Option<ListedChain> = None;
+        let mut depth = 0i64;
+        for line in listing.lines() {
+            let trimmed = line.trim();
+            if depth == 0
+                && let Some(rest) = trimmed
+                    .strip_prefix("table ")
+                    .and_then(|r| r.strip_suffix(" {"))
+                && let Some((family, name)) = rest.split_once(' ')
+            {
+                table = Some((family.to_string(), name.to_string()));
+            }
+            if depth == 1
+                && let Some(name) = trimmed
+                    .strip_prefix("chain ")
+                    .and_then(|r| r.strip_suffix(" {"))
+                && let Some((family, table)) = &table
+            {
+                current = Some(ListedChain {
+                    family: family.clone(),
+                    table: table.clone(),
+                    name: name.to_string(),
+                    block: String::new(),
+                    nat_postrouting: None,
+                });
+            }
+            depth += line.matches('{').count() as i64 - line.matches('}').count() as i64;
+            if let Some(chain) = current.as_mut() {
+                chain.block.push_str(line);
+                chain.block.push('\n');
+                if let Some(rest) = trimmed.strip_prefix("type nat hook postrouting priority ") {
+                    chain.nat_postrouting = rest.split(';').next().and_then(fake_priority);
+                }
+                if depth <= 1 {
+                    chains.extend(current.take());
+                }
+            }
+        }
+    }
+    chains
+}
+
+/// `srcnat`, `srcnat + 10`, `security`, `100`, as the fake's listings write them.
+fn fake_priority(text: &str) -> Option<i32> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let base = match *words.first()? {
+        "srcnat" => 100,
+        "dstnat" => -100,
+        "security" => 50,
+        "filter" => 0,
+        "mangle" => -150,
+        "raw" => -300,
+        number => number.parse().ok()?,
+    };
+    match words.as_slice() {
+        [_] => Some(base),
+        [_, "+", n] => Some(base + n.parse::<i32>().ok()?),
+        [_, "-", n] => Some(base - n.parse::<i32>().ok()?),
+        _ => None,
     }
 }
 
@@ -890,6 +974,37 @@ impl Runner for FakeRunner {
     ) -> Result<super::lock::AgentLock, super::lock::LockError> {
         self.state().locks_taken += 1;
         Ok(super::lock::AgentLock::none())
+    }
+
+    fn nft_nat_postrouting_chains(
+        &self,
+    ) -> Result<Vec<super::netlink::lookup::NatPostroutingChain>, ToolError> {
+        let mut state = self.state();
+        let command = format!("{NETLINK} dump chains");
+        state.calls.push(Call {
+            command: command.clone(),
+            stdin: None,
+        });
+        if let Some(error) = Self::injected(&mut state, &command) {
+            return Err(error);
+        }
+        Ok(listed_chains(state.nft_tables.values())
+            .into_iter()
+            .filter_map(|chain| {
+                let family = match chain.family.as_str() {
+                    "ip" => "ip",
+                    "ip6" => "ip6",
+                    "inet" => "inet",
+                    _ => return None,
+                };
+                Some(super::netlink::lookup::NatPostroutingChain {
+                    family,
+                    table: chain.table,
+                    chain: chain.name,
+                    priority: chain.nat_postrouting?,
+                })
+            })
+            .collect())
     }
 
     fn nft_table_exists(

@@ -128,6 +128,12 @@ pub trait Runner: Send + Sync {
     fn nft_chain_exists(&self, family: Family, table: &str, chain: &str)
     -> Result<bool, ToolError>;
 
+    /// Every nf_tables base chain of type nat on the postrouting hook (ip, ip6, inet):
+    /// one streamed netlink dump, no process; only those chains are kept.
+    fn nft_nat_postrouting_chains(
+        &self,
+    ) -> Result<Vec<netlink::lookup::NatPostroutingChain>, ToolError>;
+
     /// The tables iptables-legacy holds for `family` (`/proc/net/ip_tables_names`,
     /// `ip6_tables_names`); an empty list when the legacy module is not loaded.
     fn legacy_tables(&self, family: Family) -> Vec<String>;
@@ -258,6 +264,17 @@ impl Runner for SystemRunner {
         netlink::lookup::chain_exists(nfproto as u8, table, chain).map_err(|message| {
             ToolError::Kernel {
                 what: format!("looking up chain {chain} of nft table {table} ({family})"),
+                message,
+            }
+        })
+    }
+
+    fn nft_nat_postrouting_chains(
+        &self,
+    ) -> Result<Vec<netlink::lookup::NatPostroutingChain>, ToolError> {
+        netlink::lookup::nat_postrouting_chains(tool_timeout()).map_err(|message| {
+            ToolError::Kernel {
+                what: "listing the nf_tables nat chains on the postrouting hook".into(),
                 message,
             }
         })

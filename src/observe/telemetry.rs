@@ -166,7 +166,7 @@ impl Telemetry {
         );
         registry.register(
             "nat_tables_read_by_chain",
-            "nat tables iptables-nft could not print whole (they hold native nft rules), read chain by chain at the last sync",
+            "nat tables with a chain on the POSTROUTING path iptables-nft could not list (native nft rules) at the last sync",
             read_by_chain.clone(),
         );
         let http_connections_closed = Counter::default();

@@ -27,31 +27,29 @@ pub(crate) fn srcnat_ours(place: SrcnatPlace, chain: Option<&ChainName>) -> prec
     }
 }
 
-/// Reads every table whose nat rules may act on srcnat before the agent's: `nft -t list
-/// ruleset` (native tables; `-t` leaves out set elements, so a large set costs nothing),
-/// and `iptables-save -t nat` of both flavours for each family in `families` — except
-/// what `fresh` already holds (the backend's own flavour, as its sync just read it), a
-/// legacy table the kernel does not have (`legacy_nat_present`; naming one would create
-/// it) and an iptables-nft table the ruleset does not list.
+/// The most native nft chains one survey lists (base chains on srcnat and the chains
+/// they reach); a survey that stops there says so.
+pub const MAX_SURVEYED_NFT_CHAINS: usize = 64;
+
+/// Reads every table whose nat rules may act on srcnat before the agent's, each in a way
+/// whose cost does not grow with what is not on that path (a kube-proxy nat table of
+/// 10,000 Services made `iptables-nft-save` peak at 100 MB and `nft list ruleset` at
+/// 300 MB): iptables-nft's POSTROUTING and the chains it reaches, listed one by one;
+/// iptables-legacy saved whole (its tools load the whole table however asked); and the
+/// native nft chains on the srcnat hook (found by one netlink chain dump) with the
+/// chains they reach, listed one by one. Left out: what `fresh` already holds (the
+/// backend's own flavour, as its sync just read it), a legacy table the kernel does not
+/// have (`legacy_nat_present`; naming one would create it), an iptables-nft table that
+/// does not exist, and the agent's own nft table.
 fn read_srcnat(
     runner: &SharedRunner,
     place: SrcnatPlace,
+    chain: &ChainName,
     families: &[Family],
     fresh: &[(Family, &str)],
     legacy_nat_present: impl Fn(Family) -> bool,
 ) -> precedence::Listings {
     let mut listings = precedence::Listings::default();
-    if runner.exists("nft") {
-        match runner.run(&Program::new("nft"), &["-t", "list", "ruleset"], None, None) {
-            Ok(ruleset) => {
-                listings.read.push("nft ruleset".into());
-                listings.ruleset = Some(ruleset);
-            }
-            Err(err) => listings
-                .notes
-                .push(format!("native nft tables not surveyed: {err}")),
-        }
-    }
     for flavour in [iptables::Flavour::Nft, iptables::Flavour::Legacy] {
         for &family in families {
             let mut saved = precedence::SavedNat {
@@ -70,16 +68,9 @@ fn read_srcnat(
                 listings.saved.push(saved);
                 continue;
             }
-            let present = match (flavour, &listings.ruleset) {
-                (iptables::Flavour::Legacy, _) => legacy_nat_present(family),
-                (iptables::Flavour::Nft, Some(ruleset)) => {
-                    let name = match family {
-                        Family::V4 => "table ip nat {",
-                        Family::V6 => "table ip6 nat {",
-                    };
-                    ruleset.lines().any(|line| line == name)
-                }
-                (iptables::Flavour::Nft, None) => true,
+            let present = match flavour {
+                iptables::Flavour::Legacy => legacy_nat_present(family),
+                iptables::Flavour::Nft => runner.nft_table_exists(family, "nat").unwrap_or(true),
             };
             if !present {
                 continue;
@@ -87,22 +78,16 @@ fn read_srcnat(
             let Some(tools) = iptables::resolve_tools(family, flavour, runner) else {
                 continue;
             };
-            match runner.run(&tools.save, &["-t", "nat"], None, None) {
-                // iptables-nft cannot print a table holding native nft rules: the nft
-                // ruleset shows it instead (and is read as such when this is not listed).
-                Ok(text) if iptables::is_incompatible_listing(&text) => {
-                    if listings.ruleset.is_some() {
-                        listings.read.push(format!(
-                            "{label} through nft (iptables-nft cannot print it: it holds native nft rules)"
-                        ));
-                    } else {
-                        listings.notes.push(format!(
-                            "{label} not surveyed: iptables-nft cannot print it (native nft rules) and nft could not be read"
-                        ));
-                    }
-                }
-                Ok(text) => {
-                    saved.text = crate::kernel::words::join_quoted_newlines(&text).into_owned();
+            let whole = flavour == iptables::Flavour::Legacy;
+            match iptables::read_nat_table(flavour, family, &tools, chain, whole, runner) {
+                // Chains iptables-nft cannot list (native nft rules): the nft part below
+                // reads that table's POSTROUTING path instead.
+                Ok(read) if !read.unlisted.is_empty() => listings.read.push(format!(
+                    "{label} through nft (iptables-nft cannot list {}: native nft rules)",
+                    read.unlisted.join(", ")
+                )),
+                Ok(read) => {
+                    saved.text = read.text;
                     listings.read.push(label);
                     listings.saved.push(saved);
                 }
@@ -110,7 +95,108 @@ fn read_srcnat(
             }
         }
     }
+    let covered: Vec<Family> = listings
+        .saved
+        .iter()
+        .filter(|s| s.flavour == iptables::Flavour::Nft.as_str())
+        .map(|s| s.family)
+        .collect();
+    read_native_srcnat(runner, &covered, &mut listings);
     listings
+}
+
+/// The native nft part of [`read_srcnat`]: the base chains of type nat on postrouting
+/// and the chains they jump or go to, breadth first, at most
+/// [`MAX_SURVEYED_NFT_CHAINS`]. iptables-nft's own POSTROUTING is left out for the
+/// families its listing covers.
+fn read_native_srcnat(
+    runner: &SharedRunner,
+    covered: &[Family],
+    listings: &mut precedence::Listings,
+) {
+    let bases = match runner.nft_nat_postrouting_chains() {
+        Ok(bases) => bases,
+        Err(err) => {
+            listings
+                .notes
+                .push(format!("native nft tables not surveyed: {err}"));
+            return;
+        }
+    };
+    let covered_by_iptables = |family: &str, table: &str, chain: &str| {
+        let family = match family {
+            "ip" => Family::V4,
+            "ip6" => Family::V6,
+            _ => return false,
+        };
+        table == "nat" && chain == "POSTROUTING" && covered.contains(&family)
+    };
+    let mut queue: std::collections::VecDeque<(&'static str, String, String)> = bases
+        .into_iter()
+        .filter(|base| (base.family, base.table.as_str()) != ("inet", nftables::TABLE))
+        .filter(|base| !covered_by_iptables(base.family, &base.table, &base.chain))
+        .map(|base| (base.family, base.table, base.chain))
+        .collect();
+    if queue.is_empty() {
+        listings.read.push("nft srcnat chains (none)".into());
+        listings.ruleset = Some(String::new());
+        return;
+    }
+    if !runner.exists("nft") {
+        listings.notes.push(format!(
+            "native nft chains on srcnat not surveyed ({}): nft is not installed",
+            queue
+                .iter()
+                .map(|(family, table, chain)| format!("{family} {table} {chain}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        return;
+    }
+    let mut seen: Vec<(&'static str, String, String)> = queue.iter().cloned().collect();
+    let mut text = String::new();
+    let mut listed = 0;
+    let mut left_out = 0;
+    while let Some((family, table, chain)) = queue.pop_front() {
+        if listed >= MAX_SURVEYED_NFT_CHAINS {
+            left_out += 1;
+            continue;
+        }
+        listed += 1;
+        let args = [
+            "-t",
+            "list",
+            "chain",
+            family,
+            table.as_str(),
+            chain.as_str(),
+        ];
+        match runner.run(&Program::new("nft"), &args, None, None) {
+            Ok(listing) => {
+                for target in precedence::nft_jump_targets(&listing) {
+                    let next = (family, table.clone(), target);
+                    if !seen.contains(&next) {
+                        seen.push(next.clone());
+                        queue.push_back(next);
+                    }
+                }
+                text.push_str(&listing);
+                if !listing.ends_with('\n') {
+                    text.push('\n');
+                }
+            }
+            Err(err) => listings.notes.push(format!(
+                "nft chain {family} {table} {chain} not surveyed: {err}"
+            )),
+        }
+    }
+    if left_out > 0 {
+        listings.notes.push(format!(
+            "the survey listed {MAX_SURVEYED_NFT_CHAINS} native nft chains on the srcnat path and left out {left_out} more"
+        ));
+    }
+    listings.read.push(format!("nft srcnat chains ({listed})"));
+    listings.ruleset = Some(text);
 }
 
 /// How the set of rules acting before the agent's changed since the last survey.
@@ -188,9 +274,15 @@ impl SrcnatWatch {
             }
             _ => {
                 let families: Vec<Family> = policy.families.iter().map(|f| f.family).collect();
-                let listings = read_srcnat(&self.runner, place, &families, &fresh, |family| {
-                    iptables::may_hold_nat_table(iptables::Flavour::Legacy, family, &self.runner)
-                });
+                let chain = backend.agent_chain().cloned().unwrap_or_default();
+                let listings =
+                    read_srcnat(&self.runner, place, &chain, &families, &fresh, |family| {
+                        iptables::may_hold_nat_table(
+                            iptables::Flavour::Legacy,
+                            family,
+                            &self.runner,
+                        )
+                    });
                 self.listings = Some(listings.clone());
                 listings
             }

@@ -67,7 +67,8 @@ fn xt_base(family: Family) -> &'static str {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Listings {
     pub saved: Vec<SavedNat>,
-    /// `nft -t list ruleset`; None when nft is missing or failed.
+    /// The native nft chains on the srcnat path, as `nft -t list chain` prints them
+    /// (one `table` block each); None when they could not be read.
     pub ruleset: Option<String>,
     /// What was read, e.g. `iptables-nft nat (IPv4)`, `nft ruleset`.
     pub read: Vec<String>,
@@ -790,6 +791,21 @@ fn parse_ruleset(text: &str) -> Vec<NftChain> {
         }
     }
     chains
+}
+
+/// The chains the rules of an `nft list chain` listing jump or go to (its own table).
+pub(crate) fn nft_jump_targets(listing: &str) -> Vec<String> {
+    let mut targets = Vec::new();
+    for chain in parse_ruleset(listing) {
+        for text in &chain.rules {
+            for (_, target) in NftRule::parse(text).jumps() {
+                if !targets.contains(&target) {
+                    targets.push(target);
+                }
+            }
+        }
+    }
+    targets
 }
 
 /// `type nat hook postrouting priority srcnat - 5; policy accept;`

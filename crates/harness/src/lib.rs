@@ -14,10 +14,12 @@
 //! - For benchmarks: [`flood::Flood`] (raw-socket UDP, a new connection per packet),
 //!   [`swap::SwapProbe`] (ConfigMap swap -> first packet with the new behaviour),
 //!   [`workload`] (prefix lists and configs), [`clean_up_on_signals`].
+//! - [`MemoryCgroup`]: an agent under the DaemonSet's memory limit.
 //! - [`conntrack`]: conntrack entries made by hand in a namespace and listed back;
 //!   [`seeded`]: the seed and generator of property tests.
 
 mod agent;
+mod cgroup;
 mod cleanup;
 pub mod conntrack;
 pub mod flood;
@@ -34,6 +36,7 @@ pub mod workload;
 use std::time::{Duration, Instant};
 
 pub use agent::{Agent, AgentProcess, log_field, log_time, wall_now};
+pub use cgroup::MemoryCgroup;
 pub use cleanup::{clean_up_on_signals, track_child, tracked_children, untrack_child};
 pub use monitor::NftMonitor;
 pub use netns::{Netns, TempDir, unique_name};

@@ -109,3 +109,43 @@ mod tests {
         assert!(json_config(&spread_v4(1, 0), &[]).contains("[\"11.0.0.0/24\"]"));
     }
 }
+
+/// A nat table as kube-proxy (iptables mode) writes it for `services` Services of two
+/// endpoints each, in iptables-restore form: KUBE-SERVICES, one KUBE-SVC and two KUBE-SEP
+/// chains per Service, and KUBE-POSTROUTING's marked masquerade (about 1.3 kB a Service).
+pub fn kube_proxy_nat(services: usize) -> String {
+    let mut out = String::from(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
+    );
+    for i in 0..services {
+        out.push_str(&format!(
+            ":KUBE-SVC-{i:016X} - [0:0]\n:KUBE-SEP-{i:016X}A - [0:0]\n:KUBE-SEP-{i:016X}B - [0:0]\n"
+        ));
+    }
+    out.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    out.push_str(
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    out.push_str("-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
+    out.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
+    out.push_str("-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n");
+    out.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
+    out.push_str("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n");
+    for i in 0..services {
+        let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+        let name = format!("namespace-{}/service-{i}:http", i % 100);
+        let pod = |e: usize| format!("10.244.{}.{}", i % 200, i % 250 + e);
+        out.push_str(&format!("-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport 80 -j KUBE-SVC-{i:016X}\n"));
+        out.push_str(&format!("-A KUBE-SVC-{i:016X} ! -s 10.244.0.0/16 -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ\n"));
+        out.push_str(&format!("-A KUBE-SVC-{i:016X} -m comment --comment \"{name} -> {}:8080\" -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-{i:016X}A\n", pod(0)));
+        out.push_str(&format!("-A KUBE-SVC-{i:016X} -m comment --comment \"{name} -> {}:8080\" -j KUBE-SEP-{i:016X}B\n", pod(1)));
+        for (suffix, e) in [("A", 0), ("B", 1)] {
+            out.push_str(&format!("-A KUBE-SEP-{i:016X}{suffix} -s {}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ\n", pod(e)));
+            out.push_str(&format!("-A KUBE-SEP-{i:016X}{suffix} -p tcp -m comment --comment \"{name}\" -m tcp -j DNAT --to-destination {}:8080\n", pod(e)));
+        }
+    }
+    out.push_str("COMMIT\n");
+    out
+}

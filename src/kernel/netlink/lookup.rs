@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::{Message, NLMSG_ERROR, Socket, messages};
+use super::{Message, NLM_F_DUMP_INTR, NLMSG_ERROR, Received, Socket, messages};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETTABLE: u16 = 1;
@@ -14,6 +14,25 @@ const NFT_MSG_GETCHAIN: u16 = 4;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
 const ENOENT: i32 = 2;
+const EINTR: i32 = 4;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NF_INET_POST_ROUTING: u32 = 4;
+/// Dumps interrupted by a concurrent commit are asked again at most this often.
+const DUMP_ATTEMPTS: usize = 3;
+
+/// One nf_tables base chain of type nat on the postrouting hook (srcnat).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatPostroutingChain {
+    /// `ip`, `ip6` or `inet`, as nft names the family.
+    pub family: &'static str,
+    pub table: String,
+    pub chain: String,
+    pub priority: i32,
+}
 
 /// `NFT_MSG_GETCHAIN` for one chain of one table of `family` (an NFPROTO_* value).
 fn chain_request(family: u8, table: &str, chain: &str) -> Vec<u8> {
@@ -80,6 +99,88 @@ fn ask(request: &[u8]) -> Result<bool, String> {
     }
 }
 
+/// Every base chain of type nat on the postrouting hook, in every table of the ip, ip6
+/// and inet families: one streamed chain dump (no process, nothing held but the chains
+/// kept), asked again when a concurrent commit interrupts it.
+pub fn nat_postrouting_chains(within: Duration) -> Result<Vec<NatPostroutingChain>, String> {
+    let mut last = String::new();
+    for _ in 0..DUMP_ATTEMPTS {
+        match dump_nat_postrouting_chains(within) {
+            Ok(Some(chains)) => return Ok(chains),
+            Ok(None) => last = "the chain dump was interrupted by commits".into(),
+            Err(error) => return Err(error),
+        }
+    }
+    Err(last)
+}
+
+/// None when the kernel flagged the dump as interrupted.
+fn dump_nat_postrouting_chains(
+    within: Duration,
+) -> Result<Option<Vec<NatPostroutingChain>>, String> {
+    let socket = Socket::open(within)?;
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    let request = Message::new(
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN,
+        flags,
+        1,
+        libc::NFPROTO_UNSPEC as u8,
+        0,
+    );
+    socket.send(&request.finish())?;
+    let mut chains = Vec::new();
+    let mut interrupted = false;
+    let result = socket.stream_dump(|message| {
+        interrupted |= message.flags & NLM_F_DUMP_INTR != 0;
+        if let Some(chain) = decode_nat_postrouting(message) {
+            chains.push(chain);
+        }
+        Ok(())
+    });
+    match result {
+        Err(error) if error.contains(&std::io::Error::from_raw_os_error(EINTR).to_string()) => {
+            Ok(None)
+        }
+        Err(error) => Err(error),
+        Ok(()) if interrupted => Ok(None),
+        Ok(()) => Ok(Some(chains)),
+    }
+}
+
+/// The chain of a NEWCHAIN dump message, when it is a nat base chain on postrouting.
+fn decode_nat_postrouting(message: &Received) -> Option<NatPostroutingChain> {
+    if message.kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN {
+        return None;
+    }
+    let family = match i32::from(*message.payload.first()?) {
+        libc::NFPROTO_IPV4 => "ip",
+        libc::NFPROTO_IPV6 => "ip6",
+        libc::NFPROTO_INET => "inet",
+        _ => return None,
+    };
+    let attributes = message.attributes();
+    if attributes.get(NFTA_CHAIN_TYPE)? != b"nat\0" {
+        return None;
+    }
+    let hook = super::Attributes(attributes.get(NFTA_CHAIN_HOOK)?);
+    let hook_number = u32::from_be_bytes(hook.get(NFTA_HOOK_HOOKNUM)?.try_into().ok()?);
+    if hook_number != NF_INET_POST_ROUTING {
+        return None;
+    }
+    let priority = i32::from_be_bytes(hook.get(NFTA_HOOK_PRIORITY)?.try_into().ok()?);
+    let text = |kind| {
+        let bytes = attributes.get(kind)?;
+        let bytes = bytes.strip_suffix(b"\0").unwrap_or(bytes);
+        String::from_utf8(bytes.to_vec()).ok()
+    };
+    Some(NatPostroutingChain {
+        family,
+        table: text(NFTA_CHAIN_TABLE)?,
+        chain: text(NFTA_CHAIN_NAME)?,
+        priority,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +211,37 @@ mod tests {
         let mut both = chain.clone();
         both.extend(error(0));
         assert_eq!(answer(&both), Ok(Some(true)));
+    }
+
+    #[test]
+    fn a_chain_dump_message_is_kept_only_for_a_nat_base_chain_on_postrouting() {
+        let chain = |family: u8, kind: &str, hook: u32| {
+            let mut message = Message::new((10 << 8) | NFT_MSG_NEWCHAIN, 0, 1, family, 0);
+            message.string(NFTA_CHAIN_TABLE, "kube-proxy");
+            message.string(NFTA_CHAIN_NAME, "nat-postrouting");
+            message.nested(NFTA_CHAIN_HOOK, |hook_attributes| {
+                hook_attributes.attribute(NFTA_HOOK_HOOKNUM, &hook.to_be_bytes());
+                hook_attributes.attribute(NFTA_HOOK_PRIORITY, &100i32.to_be_bytes());
+            });
+            message.string(NFTA_CHAIN_TYPE, kind);
+            message.finish()
+        };
+        let decoded = |bytes: Vec<u8>| {
+            let message = messages(&bytes).next().expect("one message");
+            decode_nat_postrouting(&message)
+        };
+        assert_eq!(
+            decoded(chain(2, "nat", 4)),
+            Some(NatPostroutingChain {
+                family: "ip",
+                table: "kube-proxy".into(),
+                chain: "nat-postrouting".into(),
+                priority: 100,
+            })
+        );
+        assert_eq!(decoded(chain(1, "nat", 4)).map(|c| c.family), Some("inet"));
+        assert_eq!(decoded(chain(2, "filter", 4)), None);
+        assert_eq!(decoded(chain(2, "nat", 0)), None);
+        assert_eq!(decoded(chain(7, "nat", 4)), None, "bridge");
     }
 }

@@ -762,11 +762,12 @@ fn idle_resyncs_start_no_process_and_a_change_in_the_synced_table_is_seen() {
     let first = watch.update(&backend, &policy, true).unwrap();
     let calls: Vec<String> = runner.take_calls().into_iter().map(|c| c.command).collect();
     assert!(
-        calls.contains(&"nft -t list ruleset".to_string()),
+        calls.contains(&"netlink nf_tables dump chains".to_string())
+            && calls.contains(&"nft -t list chain inet early post".to_string()),
         "{calls:?}"
     );
     assert!(
-        !calls.iter().any(|c| c.starts_with("iptables-nft-save")),
+        !calls.iter().any(|c| c.starts_with("iptables-nft")),
         "the sync's own read is reused: {calls:?}"
     );
     let places: Vec<&str> = first.appeared.iter().map(|r| r.place.as_str()).collect();
@@ -827,8 +828,13 @@ fn the_nftables_backend_is_surveyed_at_start_up_only() {
     runner.take_calls();
     let change = watch.update(&backend, &policy, true).unwrap();
     let calls: Vec<String> = runner.take_calls().into_iter().map(|c| c.command).collect();
-    assert!(calls.contains(&"nft -t list ruleset".to_string()));
-    assert!(calls.contains(&"iptables-nft-save -t nat".to_string()));
+    assert!(calls.contains(&"netlink nf_tables dump chains".to_string()));
+    assert!(calls.contains(&"iptables-nft -t nat -S POSTROUTING".to_string()));
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.contains("list ruleset") || c.contains("-save"))
+    );
     assert_eq!(change.survey.rules.len(), 1);
     assert!(
         change.survey.rules[0]
@@ -847,7 +853,7 @@ fn the_nftables_backend_is_surveyed_at_start_up_only() {
 fn a_failing_tool_is_a_note_not_an_error() {
     use crate::kernel::fake::Fault;
     let runner = FakeRunner::new();
-    runner.inject("list ruleset", Fault::Fails("simulated failure"), None);
+    runner.inject("dump chains", Fault::Fails("simulated failure"), None);
     let shared: SharedRunner = runner.clone();
     let backend = nftables::NftablesBackend::new(shared.clone()).unwrap();
     let survey = crate::survey::survey_srcnat(&backend, &default_policy(), &shared).unwrap();
@@ -1083,6 +1089,10 @@ fn regression_an_incompatible_iptables_nft_table_is_surveyed_through_nft() {
 #[test]
 fn an_incompatible_table_is_surveyed_through_nft_by_the_watch() {
     let runner = FakeRunner::new();
+    runner.restore_nat(
+        "iptables-nft",
+        "*nat\n:FOREIGN - [0:0]\n-A POSTROUTING -j FOREIGN\nCOMMIT\n",
+    );
     runner.add_native_rule("iptables-nft", "FOREIGN");
     let shared: SharedRunner = runner.clone();
     let mut backend = IptablesBackend::new(
