@@ -233,6 +233,36 @@ root_test!(
             agent.log()
         );
         drop(agent);
+
+        // rv1 #2: switched to the nftables backend with a config that keeps more, the
+        // iptables backend's chain (read whole before) must go, under the same limit:
+        // left there, it would still masquerade 203.0.113.0/24 at srcnat before ours.
+        let mut volume = volume;
+        volume.update("nonMasqueradeCIDRs: [10.0.0.0/8, 203.0.113.0/24]\nresyncInterval: 1s\n");
+        let wrapper = cgroup.wrapper();
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let config = volume.path();
+        let config = config.to_str().expect("utf-8 path");
+        let mut agent = AGENT.start_with(
+            node,
+            &["--config", config, "--backend=nftables"],
+            &wrapper,
+            &[],
+        );
+        agent.wait_for_log(
+            "removed the iptables backend's rules",
+            1,
+            Duration::from_secs(30),
+        );
+        assert!(!topology.is_masqueraded("203.0.113.10"), "{}", agent.log());
+        assert!(topology.is_masqueraded("100.64.0.10"), "{}", agent.log());
+        assert_eq!(nft_flavour_jumps(node), 0, "{}", agent.log());
+        assert_eq!(
+            cgroup.oom_kills(),
+            0,
+            "OOM kills under 64 MiB:\n{}",
+            agent.log()
+        );
     }
 );
 
