@@ -34,6 +34,8 @@ const PRIORITY: i32 = super::NFTABLES_PRIORITY;
 /// How often one sync computes and sends a batch when the kernel refuses it because
 /// someone committed since it was computed (another agent's batch, kube-proxy's).
 const ATTEMPTS: usize = 5;
+/// Repairs from reads that left chains or sets out, per sync (256 each).
+const MAX_PARTIAL_REPAIRS: usize = 64;
 
 fn set_name(family: Family) -> &'static str {
     match family {
@@ -686,7 +688,12 @@ impl NftablesBackend {
     fn converge(&mut self, want: Table) -> Result<bool, SyncError> {
         let doing = || format!("writing nft table inet {TABLE}");
         let mut whole = false;
-        for _ in 0..ATTEMPTS {
+        let mut wrote = false;
+        let mut attempts = 0;
+        // A read keeps at most 256 chains and sets that are not the agent's: each repair
+        // from such a read removes those and reads again, this many times per sync.
+        let mut partial_repairs = 0;
+        while attempts < ATTEMPTS {
             let now = self.runner.ruleset_generation();
             let known = match (&self.held, now) {
                 (Some(held), Some(now))
@@ -698,8 +705,9 @@ impl NftablesBackend {
                 }
                 _ => None,
             };
+            let mut incomplete = false;
             let batch = match known {
-                Some((held, _)) if *held == want => return Ok(false),
+                Some((held, _)) if *held == want => return Ok(wrote),
                 // Only elements change, on top of what was verified at this generation.
                 Some((held, now)) => element_batch(held, &want, now),
                 None => {
@@ -710,11 +718,12 @@ impl NftablesBackend {
                     if observed.is_as_wanted(&want) {
                         self.held = Some(want);
                         self.verified_generation = Some(u64::from(observed.generation));
-                        return Ok(false);
+                        return Ok(wrote);
                     }
                     for difference in observed.differences(&want) {
                         tracing::debug!("nft table inet {TABLE}: {difference}");
                     }
+                    incomplete = observed.table.as_ref().is_some_and(|t| t.incomplete);
                     repair_batch(&want, &observed, whole)
                 }
             };
@@ -728,6 +737,25 @@ impl NftablesBackend {
                 "nf_tables batch sent"
             );
             match committed {
+                Ok(Commit::Done) if incomplete && partial_repairs < MAX_PARTIAL_REPAIRS => {
+                    wrote = true;
+                    partial_repairs += 1;
+                    tracing::debug!(
+                        "the table held more chains and sets that are not the agent's than one read keeps; reading it again"
+                    );
+                }
+                Ok(Commit::Done) if incomplete => {
+                    // Not verified: the next sync reads the table again and goes on.
+                    return Err(SyncError::Tool {
+                        doing: doing(),
+                        error: ToolError::Kernel {
+                            what: "nf_tables".into(),
+                            message: format!(
+                                "the table still holds chains or sets that are not the agent's after {MAX_PARTIAL_REPAIRS} repairs of 256 each; going on at the next sync"
+                            ),
+                        },
+                    });
+                }
                 Ok(Commit::Done) => {
                     self.held = Some(want);
                     // Committed on top of the generation it was computed at: the kernel
@@ -740,9 +768,11 @@ impl NftablesBackend {
                     return Ok(true);
                 }
                 Ok(Commit::GenerationMoved) => {
+                    attempts += 1;
                     tracing::debug!("nf_tables changed since the table was read; reading it again");
                 }
                 Err(error) if !whole => {
+                    attempts += 1;
                     tracing::info!(
                         "the kernel refused the change ({error}); reading the table and rewriting every rule and element"
                     );

@@ -767,3 +767,43 @@ root_test!(
         assert_eq!(nft.take(), Vec::<String>::new(), "the agent ran nft");
     }
 );
+
+root_test!(
+    /// rv1 (live-traffic review) #7: 300 chains someone added to the agent's table, and a
+    /// base chain among them that masquerades pod traffic the config keeps. The repair
+    /// deleted the first 256 and then took the table for right until someone else
+    /// committed: the base chain stayed and kept masquerading.
+    fn regression_more_than_256_foreign_chains_in_the_agents_table_all_go() {
+        let topology = Topology::new();
+        let node = &topology.node;
+        let volume =
+            ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 500ms\n");
+        let mut agent = AGENT.start_synced(node, &volume, &["--backend=nftables"]);
+        let mut batch = String::new();
+        for i in 0..300 {
+            batch.push_str(&format!("add chain inet ip-masq-agent junk{i}\n"));
+        }
+        batch.push_str("add chain inet ip-masq-agent zzz { type nat hook postrouting priority 120; policy accept; }\n");
+        batch.push_str("add rule inet ip-masq-agent zzz ip saddr 10.244.0.0/16 masquerade\n");
+        let dir = TempDir::new("foreign");
+        let file = dir.path.join("foreign.nft");
+        std::fs::write(&file, batch).expect("write the batch");
+        node.sh(&["nft", "-f", file.to_str().expect("utf-8 path")]);
+        agent.wait_for_log(
+            "differed from the config; rewritten",
+            1,
+            Duration::from_secs(5),
+        );
+        // A few idle resyncs, no commit by anyone else.
+        let resynced = agent.log().matches("rules resynced").count();
+        agent.wait_for_log("rules resynced", resynced + 2, Duration::from_secs(5));
+        let table = agent_table(node).expect("the agent's table");
+        assert!(
+            !table.contains("junk") && !table.contains("zzz"),
+            "{table}\n{}",
+            agent.log()
+        );
+        assert!(!topology.is_masqueraded("10.99.0.10"), "{}", agent.log());
+        assert!(topology.is_masqueraded("203.0.113.10"));
+    }
+);

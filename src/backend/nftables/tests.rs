@@ -821,3 +821,34 @@ fn output_interfaces_and_addresses_render_as_nft_lists_them() {
         "{plain}"
     );
 }
+
+/// rv1 (live-traffic review) #7: a read keeps at most 256 chains and sets that are not
+/// the agent's; a repair from it deleted those, then took the table for right until
+/// someone else committed, so a foreign base chain among the rest kept masquerading.
+/// Now each partial repair reads again until the table is the agent's alone.
+#[test]
+fn regression_more_than_256_foreign_chains_are_all_removed_in_one_sync() {
+    let runner = FakeRunner::new();
+    let mut backend = backend(&runner);
+    let policy = policy("nonMasqueradeCIDRs: [10.0.0.0/8]\n", false, true, "");
+    backend.sync(&policy).unwrap();
+    runner.edit_netlink_table(TABLE, |table| {
+        for i in 0..600 {
+            table.chains.push(crate::kernel::nf_tables::Chain {
+                name: format!("junk{i}"),
+                base: None,
+                rules: Vec::new(),
+            });
+        }
+    });
+    assert!(backend.sync(&policy).unwrap().wrote);
+    assert!(
+        holds(&runner, &policy),
+        "{:#?}",
+        runner.netlink_table(TABLE)
+    );
+    // Verified now: an idle resync neither reads nor writes.
+    runner.take_calls();
+    assert!(!backend.sync(&policy).unwrap().wrote);
+    assert!(runner.take_calls().is_empty());
+}

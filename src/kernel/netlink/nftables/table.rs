@@ -274,6 +274,10 @@ pub struct Found {
     /// The differences in words, `-` for what the kernel lacks, `+` for what it has but
     /// should not, `~` for what it has differently; at most [`MAX_NOTES`] and a count.
     pub notes: Vec<String>,
+    /// Chains or sets that are not the agent's were left out past
+    /// [`MAX_FOREIGN_OBJECTS`]: a repair from this read removes only the first ones,
+    /// and the table must be read again after it.
+    pub incomplete: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -433,6 +437,7 @@ impl<'w> Comparison<'w> {
             None => {
                 self.note(format!("+ set {name}"));
                 if self.foreign_objects() >= MAX_FOREIGN_OBJECTS {
+                    self.found.incomplete = true;
                     return false;
                 }
                 false
@@ -508,6 +513,7 @@ impl<'w> Comparison<'w> {
             None => {
                 self.note(format!("+ chain {name}"));
                 if self.foreign_objects() >= MAX_FOREIGN_OBJECTS {
+                    self.found.incomplete = true;
                     return;
                 }
                 false
