@@ -155,8 +155,8 @@ pub enum SyncError {
         count: usize,
         example: String,
     },
-    /// A tool run failed while doing `doing`.
-    #[error("{doing}: {error}")]
+    /// A tool run failed while doing `doing` (said once when the error already says it).
+    #[error("{}", tool_error_text(doing, error))]
     Tool { doing: String, error: ToolError },
     /// The backend cannot work here (tools missing, a family not enabled).
     #[error("{0}")]
@@ -246,6 +246,17 @@ pub fn lock_agents(runner: &SharedRunner) -> Result<crate::kernel::lock::AgentLo
 /// Attaches what was being done to a tool's failure.
 pub trait Doing<T> {
     fn doing(self, what: impl FnOnce() -> String) -> Result<T, SyncError>;
+}
+
+/// `doing: error`, or only the error when it begins with `doing` already (a netlink
+/// error names what it was writing, as the backend's context does).
+fn tool_error_text(doing: &str, error: &ToolError) -> String {
+    let error = error.to_string();
+    if error.starts_with(doing) {
+        error
+    } else {
+        format!("{doing}: {error}")
+    }
 }
 
 impl<T> Doing<T> for Result<T, ToolError> {

@@ -560,3 +560,27 @@ fn regression_the_other_flavours_rules_are_leftovers_of_the_iptables_backend() {
     assert!(runner.nat("iptables-nft").contains(JUMP));
     assert!(leftovers.remove(&shared).unwrap().is_empty());
 }
+
+/// rv1 (live-traffic review) #10: a refused netlink write read "writing nft table inet
+/// ip-masq-agent: writing nft table inet ip-masq-agent: the kernel refused it".
+#[test]
+fn regression_a_tool_error_names_what_it_was_doing_once() {
+    let error: Result<(), ToolError> = Err(ToolError::Kernel {
+        what: "writing nft table inet ip-masq-agent".into(),
+        message: "the kernel refused it: Operation not permitted (os error 1)".into(),
+    });
+    let text = error
+        .doing(|| "writing nft table inet ip-masq-agent".into())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        text,
+        "writing nft table inet ip-masq-agent: the kernel refused it: Operation not permitted (os error 1)"
+    );
+    let error: Result<(), ToolError> = Err(ToolError::Kernel {
+        what: "nf_tables".into(),
+        message: "busy".into(),
+    });
+    let text = error.doing(|| "writing".into()).unwrap_err().to_string();
+    assert_eq!(text, "writing: nf_tables: busy");
+}

@@ -518,9 +518,18 @@ impl Telemetry {
             .last_error
             .as_deref()
             .unwrap_or("no sync has succeeded yet");
-        if age <= grace {
+        if age <= grace && health.last_success.is_none() {
+            // Within the start-up grace: healthy, but no success to speak of.
+            Ok(format!(
+                "ok: no sync has succeeded yet, {age:.1?} after start-up (unhealthy after {grace:?}); last attempt failed: {reason}\n"
+            ))
+        } else if age <= grace {
             Ok(format!(
                 "ok: last success {age:.1?} ago (within {grace:?}); last attempt failed: {reason}\n"
+            ))
+        } else if health.last_success.is_none() {
+            Err(format!(
+                "unhealthy: no sync has succeeded in the {age:.1?} since start-up (more than 3 x resyncInterval + tool timeout = {grace:?}); last error: {reason}\n"
             ))
         } else {
             Err(format!(
@@ -642,6 +651,31 @@ mod tests {
         assert!(
             t.readiness().is_ok(),
             "ready stays true once the first sync is done"
+        );
+    }
+
+    /// rv1 (live-traffic review) #10: with no sync ever successful, /healthz said "ok:
+    /// last success 6.0s ago", a success that never happened.
+    #[test]
+    fn regression_healthz_never_claims_a_success_that_did_not_happen() {
+        let t = Telemetry::new();
+        t.sync_finished(
+            SyncResult::Failure,
+            Duration::ZERO,
+            Duration::from_millis(20),
+            Some("refused".into()),
+        );
+        let body = t.liveness().unwrap();
+        assert!(
+            body.starts_with("ok: no sync has succeeded yet") && body.contains("refused"),
+            "{body}"
+        );
+        assert!(!body.contains("last success"), "{body}");
+        let later = Instant::now() + Duration::from_secs(3600);
+        let body = t.liveness_at(later).unwrap_err();
+        assert!(
+            body.starts_with("unhealthy: no sync has succeeded in the"),
+            "{body}"
         );
     }
 
