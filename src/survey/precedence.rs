@@ -296,6 +296,9 @@ struct Path {
     matches: Vec<(Option<String>, String)>,
     /// Positive destination prefixes along the way.
     destinations: Vec<IpNet>,
+    /// Negated destination prefixes along the way (`! -d X`, `ip daddr != X`): the
+    /// packet is in none of them.
+    excluded: Vec<IpNet>,
     /// The mark a packet must carry to get here (`M/M`), if any.
     guard: Option<String>,
     /// The only families packets can have here (an nft rule's `meta nfproto ipv6`,
@@ -424,9 +427,18 @@ impl XtRule {
     }
 
     fn destinations(&self) -> Vec<IpNet> {
+        self.destination_matches(false)
+    }
+
+    /// `! -d X` (iptables-save prints the `!` before the option).
+    fn excluded_destinations(&self) -> Vec<IpNet> {
+        self.destination_matches(true)
+    }
+
+    fn destination_matches(&self, negated: bool) -> Vec<IpNet> {
         let m = &self.matches;
         (0..m.len())
-            .filter(|&i| m[i].is("-d") && !(i > 0 && m[i - 1].is("!")))
+            .filter(|&i| m[i].is("-d") && (i > 0 && m[i - 1].is("!")) == negated)
             .filter_map(|i| m.get(i + 1).and_then(|t| parse_net(&t.text)))
             .collect()
     }
@@ -499,6 +511,7 @@ fn xt_reached(
         path.matches.push((at, matches));
     }
     path.destinations.extend(rule.destinations());
+    path.excluded.extend(rule.excluded_destinations());
     if path.guard.is_none() {
         path.guard = rule.positive_mark();
     }
@@ -1064,6 +1077,16 @@ impl NftRule {
             .filter_map(|i| w.get(i + 1).and_then(|t| parse_net(&t.text)))
             .collect()
     }
+
+    /// `ip daddr != X` / `ip6 daddr != X`.
+    fn excluded_destinations(&self, end: usize) -> Vec<IpNet> {
+        let w = &self.words[..end.min(self.words.len())];
+        (1..w.len())
+            .filter(|&i| w[i].is("daddr") && (w[i - 1].is("ip") || w[i - 1].is("ip6")))
+            .filter(|&i| w.get(i + 1).is_some_and(|t| t.is("!=")))
+            .filter_map(|i| w.get(i + 2).and_then(|t| parse_net(&t.text)))
+            .collect()
+    }
 }
 
 /// The agent's POSTROUTING jump as nft lists iptables-nft's rule (the comment match is
@@ -1107,6 +1130,7 @@ fn nft_reached(
             .push(((!top).then(|| chain.name.clone()), matches));
     }
     path.destinations.extend(rule.destinations(end));
+    path.excluded.extend(rule.excluded_destinations(end));
     if path.guard.is_none() {
         path.guard = rule.positive_mark(end);
     }
@@ -1370,20 +1394,32 @@ fn effect(reach: &Reached, kube_proxy: bool, families: &[FamilyPolicy]) -> (bool
         Some(mark) => format!("only packets marked {mark}: "),
         None => String::new(),
     };
-    let agrees = !path.destinations.is_empty()
-        && !source_scope
-        && path
-            .destinations
+    // A kept range is safe from this rule when the rule's destinations miss it, or when
+    // a negated destination leaves all of it out.
+    let outside_destinations = |k: &IpNet| {
+        !path.destinations.is_empty() && !path.destinations.iter().any(|d| overlaps(d, k))
+    };
+    let left_out = |k: &IpNet| {
+        path.excluded
             .iter()
-            .all(|d| !kept.iter().any(|k| overlaps(d, k)));
+            .any(|e| e.contains(&k.network()) && e.prefix_len() <= k.prefix_len())
+    };
+    let agrees = (!path.destinations.is_empty() || !path.excluded.is_empty())
+        && !source_scope
+        && kept.iter().all(|k| outside_destinations(k) || left_out(k));
     let text = if kept.is_empty() && !source_scope {
         format!(
             "{marked}acts before the agent, but the config keeps no destination: it can {verb} only traffic the agent masquerades too, for {matching}"
         )
-    } else if agrees {
+    } else if agrees && !path.destinations.is_empty() && path.excluded.is_empty() {
         format!(
             "{marked}overrides no decision to keep: its destinations ({}) are ones the agent masquerades too",
             list_prefixes(&path.destinations)
+        )
+    } else if agrees {
+        format!(
+            "{marked}overrides no decision to keep: it leaves out every kept destination (not {})",
+            list_prefixes(&path.excluded)
         )
     } else {
         let mut what = Vec::new();

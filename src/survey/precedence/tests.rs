@@ -1111,3 +1111,42 @@ fn an_incompatible_table_is_surveyed_through_nft_by_the_watch() {
         change.survey.read
     );
 }
+
+/// rv1 (live-traffic review) #5: `! -d 10.0.0.0/8 -j MASQUERADE` and nft's `ip daddr !=
+/// 10.0.0.0/8 masquerade` leave out every range the config keeps, yet were reported as
+/// able to masquerade it.
+#[test]
+fn regression_a_negated_destination_that_leaves_out_every_kept_range_overrides_nothing() {
+    let keep = policy(
+        "nonMasqueradeCIDRs: [10.0.0.0/8]\nmasqLinkLocal: true\n",
+        false,
+    );
+    let negated = "-A POSTROUTING -s 10.244.0.0/16 ! -d 10.0.0.0/8 -j MASQUERADE";
+    let narrower = "-A POSTROUTING -s 10.244.0.0/16 ! -d 10.0.0.0/16 -j MASQUERADE";
+    let survey = survey_iptables_nft(nat(&[negated, narrower, JUMP, AGENT_CHAIN]), None, &keep);
+    assert_eq!(survey.rules.len(), 2, "{survey:#?}");
+    assert_eq!(
+        survey.rules[0].effect,
+        "overrides no decision to keep: it leaves out every kept destination (not 10.0.0.0/8)"
+    );
+    assert!(
+        survey.rules[1]
+            .effect
+            .starts_with("can masquerade traffic that"),
+        "{}",
+        survey.rules[1].effect
+    );
+    let ruleset = "table ip t {
+	chain p {
+		type nat hook postrouting priority 50; policy accept;
+		ip daddr != 10.0.0.0/8 masquerade
+	}
+}
+";
+    let survey = survey_iptables_nft(nat(&[JUMP, AGENT_CHAIN]), Some(ruleset), &keep);
+    assert_eq!(survey.rules.len(), 1, "{survey:#?}");
+    assert_eq!(
+        survey.rules[0].effect,
+        "overrides no decision to keep: it leaves out every kept destination (not 10.0.0.0/8)"
+    );
+}
