@@ -424,7 +424,27 @@ pub fn preceding_lines(survey: &Survey) -> Vec<String> {
             expected + unexpected
         ));
     }
-    for rule in &survey.rules {
+    let following = survey.following();
+    let before: Vec<_> = survey
+        .rules
+        .iter()
+        .filter(|r| r.order != crate::survey::precedence::Order::After)
+        .collect();
+    let after: Vec<_> = survey
+        .rules
+        .iter()
+        .filter(|r| r.order == crate::survey::precedence::Order::After)
+        .collect();
+    let mut rules = before;
+    if following > 0 {
+        rules.extend(after);
+    }
+    for (at, rule) in rules.into_iter().enumerate() {
+        if following > 0 && at == survey.rules.len() - following {
+            lines.push(format!(
+                "NAT rules that act after the agent's on srcnat and can NAT what it keeps: {following}"
+            ));
+        }
         lines.push(format!("  {} {}:", rule.place, rule.position));
         lines.push(format!("      {}", rule.rule));
         if let Some(via) = &rule.via {

@@ -282,15 +282,21 @@ impl Agent {
             return;
         };
         for rule in &change.appeared {
-            if rule.expected {
+            if rule.order == crate::survey::precedence::Order::After {
+                tracing::warn!("NAT rule acts after the agent's on what it keeps: {rule}");
+            } else if rule.expected {
                 tracing::info!("NAT rule acts before the agent's: {rule}");
             } else {
                 tracing::warn!("NAT rule acts before the agent's: {rule}");
             }
         }
         for rule in &change.gone {
+            let when = match rule.order {
+                crate::survey::precedence::Order::After => "after",
+                _ => "before",
+            };
             tracing::info!(
-                "NAT rule no longer acts before the agent's: {} `{}`",
+                "NAT rule no longer acts {when} the agent's: {} `{}`",
                 rule.place,
                 rule.rule
             );
@@ -306,6 +312,8 @@ impl Agent {
         }
         let (expected, unexpected) = change.survey.counts();
         self.telemetry.preceding_nat_rules(expected, unexpected);
+        self.telemetry
+            .following_nat_rules(change.survey.following());
         if change.survey.has_leftovers() && self.leftovers.is_some() && !self.leftovers_pending {
             tracing::warn!(
                 "the agent's own rules are back where it does not work; removing them after the next successful sync"

@@ -103,6 +103,7 @@ pub struct Telemetry {
     source_prefixes: Family<FamilyLabels, Gauge>,
     drift_repairs: Counter,
     preceding_nat_rules: Family<ExpectedLabels, Gauge>,
+    following_nat_rules: Gauge,
     sync_errors: Family<KindLabels, Counter>,
     conntrack_deleted: Family<ProtocolLabels, Counter>,
     conntrack_stale: Family<ProtocolLabels, Gauge>,
@@ -135,6 +136,7 @@ impl Telemetry {
         let source_prefixes = Family::<FamilyLabels, Gauge>::default();
         let drift_repairs = Counter::default();
         let preceding_nat_rules = Family::<ExpectedLabels, Gauge>::default();
+        let following_nat_rules = Gauge::default();
         let sync_errors = Family::<KindLabels, Counter>::default();
         let conntrack_deleted = Family::<ProtocolLabels, Counter>::default();
         let conntrack_stale = Family::<ProtocolLabels, Gauge>::default();
@@ -226,6 +228,11 @@ impl Telemetry {
             preceding_nat_rules.clone(),
         );
         registry.register(
+            "following_nat_rules",
+            "Other owners' NAT rules that run after the agent's rules on srcnat and can masquerade or SNAT a destination the config keeps",
+            following_nat_rules.clone(),
+        );
+        registry.register(
             "http_endpoint_bound",
             "1 once this endpoint listens; 0 while its address cannot be bound (syncing goes on)",
             http_endpoint_bound.clone(),
@@ -257,6 +264,7 @@ impl Telemetry {
             source_prefixes,
             drift_repairs,
             preceding_nat_rules,
+            following_nat_rules,
             sync_errors,
             conntrack_deleted,
             conntrack_stale,
@@ -373,6 +381,12 @@ impl Telemetry {
                 .get_or_create(&ExpectedLabels { expected: label })
                 .set(gauge(count));
         }
+    }
+
+    /// The NAT rules of others that run after the agent's and can NAT what it keeps.
+    pub fn following_nat_rules(&self, count: usize) {
+        self.following_nat_rules
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// What the egress keys meet on the node: how many interface patterns are listed,

@@ -114,6 +114,9 @@ pub enum Order {
     /// Another table at the agent's own hook priority: the kernel runs them in
     /// registration order, which no listing shows.
     SamePriority,
+    /// It runs after the agent's rules, on what they kept (a RETURN or an accept ends
+    /// no later NAT rule); listed only when it can NAT a destination the agent keeps.
+    After,
 }
 
 /// One rule that can masquerade or SNAT a packet before the agent's rules get to it.
@@ -171,10 +174,20 @@ impl Survey {
         self.rules.iter().any(|rule| rule.leftover)
     }
 
-    /// (expected, unexpected), the omitted ones counted as unexpected.
+    /// (expected, unexpected) of the rules acting before the agent's (or at its
+    /// priority), the omitted ones counted as unexpected.
     pub fn counts(&self) -> (usize, usize) {
-        let expected = self.rules.iter().filter(|r| r.expected).count();
-        (expected, self.rules.len() - expected + self.omitted)
+        let before = || self.rules.iter().filter(|r| r.order != Order::After);
+        let expected = before().filter(|r| r.expected).count();
+        (expected, before().count() - expected + self.omitted)
+    }
+
+    /// The rules acting after the agent's that can NAT what it keeps.
+    pub fn following(&self) -> usize {
+        self.rules
+            .iter()
+            .filter(|r| r.order == Order::After)
+            .count()
     }
 }
 
@@ -576,9 +589,7 @@ fn classify_saved(
     let agent_chain = ours.chain.as_deref().filter(|_| holds_agent);
     let mut guard = None;
     for (index, rule) in postrouting.iter().enumerate() {
-        if holds_agent && agent_jump.is_some_and(|at| index >= at) {
-            break;
-        }
+        let after = holds_agent && agent_jump.is_some_and(|at| index > at);
         if is_agent_jump_line(&rule.line, ours) {
             if !holds_agent {
                 found.push(leftover(saved, index, &rule.line, ours, &place));
@@ -598,6 +609,14 @@ fn classify_saved(
         };
         xt_reached(&table, rule, path, agent_chain, steps, &mut reached);
         let (position, order) = match (holds_agent, agent_jump, ours.xtables) {
+            (true, Some(at), _) if after => (
+                format!(
+                    "rule {}, after the agent's jump (rule {}): it runs on what the agent's chain RETURNs",
+                    index + 1,
+                    at + 1
+                ),
+                Order::After,
+            ),
             (true, Some(at), _) => (
                 format!(
                     "rule {}, before the agent's jump (rule {})",
@@ -632,11 +651,14 @@ fn classify_saved(
             ),
         };
         for reach in reached {
-            let (expected, effect) = effect(
+            let (expected, effect, overrides) = effect(
                 &reach,
                 reach.chain == "KUBE-POSTROUTING",
                 std::slice::from_ref(family),
             );
+            if order == Order::After && !overrides {
+                continue;
+            }
             found.push(Preceding {
                 place: place.clone(),
                 position: position.clone(),
@@ -1245,7 +1267,13 @@ fn classify_ruleset(
                 ),
                 Order::SamePriority,
             ),
-            std::cmp::Ordering::Greater => continue,
+            std::cmp::Ordering::Greater => (
+                format!(
+                    "at priority {named}, after the agent's {}: it runs on what the agent kept",
+                    ours.describe()
+                ),
+                Order::After,
+            ),
         };
         let place = format!(
             "nft table {} {} chain {}",
@@ -1256,11 +1284,18 @@ fn classify_ruleset(
             && (chain.table == "kube-proxy" || chain.table == "nat");
         let mut guard = None;
         for (index, text) in chain.rules.iter().enumerate() {
-            if agent_jump.is_some_and(|at| index >= at) {
-                break;
+            if agent_jump == Some(index) {
+                continue;
             }
+            let after = agent_jump.is_some_and(|at| index > at);
+            let order = if after { Order::After } else { order };
             let position = if agent_here {
                 match agent_jump {
+                    Some(at) if after => format!(
+                        "rule {}, after the agent's jump (rule {}; read through nft: iptables-nft cannot print this table): it runs on what the agent's chain RETURNs",
+                        index + 1,
+                        at + 1
+                    ),
                     Some(at) => format!(
                         "rule {}, before the agent's jump (rule {}; read through nft: iptables-nft cannot print this table)",
                         index + 1,
@@ -1306,7 +1341,10 @@ fn classify_ruleset(
                 if reachable.is_empty() {
                     continue;
                 }
-                let (expected, effect) = effect(&reach, kube_proxy, &reachable);
+                let (expected, effect, overrides) = effect(&reach, kube_proxy, &reachable);
+                if order == Order::After && !overrides {
+                    continue;
+                }
                 found.push(Preceding {
                     place: place.clone(),
                     position: position.clone(),
@@ -1342,12 +1380,15 @@ fn list_prefixes(prefixes: &[IpNet]) -> String {
 }
 
 /// Whether `reach` is kube-proxy's expected masquerade, and what it can override.
-fn effect(reach: &Reached, kube_proxy: bool, families: &[FamilyPolicy]) -> (bool, String) {
+/// (expected, what it does to the agent's decisions, whether it can NAT a destination
+/// the agent keeps).
+fn effect(reach: &Reached, kube_proxy: bool, families: &[FamilyPolicy]) -> (bool, String, bool) {
     let path = &reach.path;
     if let (Some(mark), true, Action::Masquerade) = (&path.guard, kube_proxy, &reach.action) {
         return (
             true,
             format!("expected: kube-proxy masquerades only packets it marked ({mark})"),
+            false,
         );
     }
     let mut lists: Vec<&str> = Vec::new();
@@ -1407,6 +1448,7 @@ fn effect(reach: &Reached, kube_proxy: bool, families: &[FamilyPolicy]) -> (bool
     let agrees = (!path.destinations.is_empty() || !path.excluded.is_empty())
         && !source_scope
         && kept.iter().all(|k| outside_destinations(k) || left_out(k));
+    let overrides = (!kept.is_empty() || source_scope) && !agrees;
     let text = if kept.is_empty() && !source_scope {
         format!(
             "{marked}acts before the agent, but the config keeps no destination: it can {verb} only traffic the agent masquerades too, for {matching}"
@@ -1438,7 +1480,7 @@ fn effect(reach: &Reached, kube_proxy: bool, families: &[FamilyPolicy]) -> (bool
             what.join(" or that ")
         )
     };
-    (false, text)
+    (false, text, overrides)
 }
 
 #[cfg(test)]

@@ -239,10 +239,14 @@ root_test!(
                 "expected: kube-proxy masquerades only packets it marked (0x4000/0x4000)",
             ],
         );
-        assert!(
-            !log.contains("inet late") && !log.contains("-o lo"),
-            "{log}"
+        // The late table runs after the agent's chain, on what it keeps (rv1 #4).
+        assert_contains(
+            &log,
+            &[
+                "WARN NAT rule acts after the agent's on what it keeps: nft table inet late chain post at priority 150",
+            ],
         );
+        assert!(!log.contains("-o lo"), "{log}");
         wait_for_gauge(&node, 1.0, 3.0);
 
         let (code, out) = status(&node, &volume, &flags);
@@ -256,10 +260,11 @@ root_test!(
                 &format!("      {DOCKER}"),
                 &format!("      -> KUBE-POSTROUTING: {KUBE_MASQ}"),
                 "  nft table inet early chain post at priority security (50)",
-                "surveyed: nft ruleset, iptables-nft nat (IPv4)",
+                "NAT rules that act after the agent's on srcnat and can NAT what it keeps: 1",
+                "  nft table inet late chain post at priority 150, after the agent's",
+                "surveyed: iptables-nft nat (IPv4), nft srcnat chains (2)",
             ],
         );
-        assert!(!out.contains("inet late"), "{out}");
 
         // A rule inserted while the agent runs is seen at the next resync, and so is its
         // removal.
@@ -337,7 +342,7 @@ root_test!(
                 "  iptables-legacy nat POSTROUTING rule 3, before the agent's jump (rule 5):",
                 "expected: kube-proxy masquerades only packets it marked (0x4000/0x4000)",
                 "same priority: order not defined",
-                "surveyed: nft ruleset, iptables-nft nat (IPv4), iptables-legacy nat (IPv4)",
+                "surveyed: iptables-nft nat (IPv4), iptables-legacy nat (IPv4), nft srcnat chains (2)",
             ],
         );
         agent.terminate();
@@ -385,10 +390,11 @@ root_test!(
                 "  nft table inet early chain post at priority security (50), before the agent's nft chain, priority srcnat + 10 (110):",
             ],
         );
-        assert!(
-            !out.contains("inet late") && !out.contains("ip-masq-agent chain"),
-            "{out}"
+        assert_contains(
+            &out,
+            &["  nft table inet late chain post at priority 150, after the agent's nft chain"],
         );
+        assert!(!out.contains("ip-masq-agent chain"), "{out}");
 
         // Out of sync: the exit code is the diff's, the report is there all the same.
         node.sh(&["nft", "delete table inet ip-masq-agent"]);
@@ -403,5 +409,75 @@ root_test!(
             ],
         );
         assert_eq!(neighbours(&node, &watched, &tables), before);
+    }
+);
+
+root_test!(
+    /// rv1 (live-traffic review) #4: a POSTROUTING rule after the agent's jump and an nft
+    /// nat chain at a higher priority masqueraded traffic the config keeps (the agent's
+    /// RETURN ends no later NAT rule); status, the log and the metrics said nothing.
+    fn regression_nat_rules_after_the_agents_that_override_a_keep_are_reported() {
+        let topology = Topology::new();
+        let node = &topology.node;
+        let volume = ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12]\n");
+        let agent = start(node, &volume, &["--iptables-mode=nft"]);
+        drop(agent);
+        node.sh(&[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.244.0.0/16",
+            "-d",
+            "10.99.0.0/16",
+            "-j",
+            "MASQUERADE",
+        ]);
+        install_nft(
+            node,
+            "table ip late {
+	chain post {
+		type nat hook postrouting priority 200; policy accept;
+		ip daddr 172.16.0.0/12 masquerade
+	}
+}
+",
+        );
+        // What the packets say: both kept destinations are masqueraded after all.
+        assert!(topology.is_masqueraded("10.99.0.10"));
+        assert!(topology.is_masqueraded("172.16.5.10"));
+        let agent = start(node, &volume, &["--iptables-mode=nft"]);
+        let after = |log: &str| {
+            log.lines()
+                .filter(|l| {
+                    l.contains(" WARN ")
+                        && l.contains("NAT rule acts after the agent's on what it keeps: ")
+                })
+                .count()
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || after(&agent.log()) == 2),
+            "{}",
+            agent.log()
+        );
+        let (_, body) = node.http_get(METRICS, "/metrics");
+        assert_eq!(
+            metric(&body, "ip_masq_agent_following_nat_rules"),
+            Some(2.0),
+            "{body}"
+        );
+        let (code, report) = status(node, &volume, &["--iptables-mode=nft"]);
+        assert_eq!(code, Some(0), "{report}");
+        assert_contains(
+            &report,
+            &[
+                "NAT rules that act after the agent's on srcnat and can NAT what it keeps: 2",
+                "after the agent's jump (rule 1)",
+                "-d 10.99.0.0/16 -j MASQUERADE",
+                "nft table ip late chain post at priority 200, after the agent's",
+            ],
+        );
     }
 );

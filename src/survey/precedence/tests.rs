@@ -173,13 +173,18 @@ fn docker_before_the_agents_jump_is_listed_with_what_it_overrides() {
 }
 
 #[test]
-fn rules_after_the_agents_jump_and_the_agents_own_rules_are_not_listed() {
+fn rules_after_the_agents_jump_are_listed_only_where_they_can_nat_what_it_keeps() {
     let survey = survey_iptables_nft(
         nat(&[JUMP, AGENT_CHAIN, DOCKER, KUBE_PROXY]),
         None,
         &default_policy(),
     );
-    assert!(survey.rules.is_empty(), "{survey:#?}");
+    // Docker's masquerade runs on what the agent RETURNs (RFC 1918 destinations);
+    // kube-proxy's masquerades only what it marked; the agent's own rules are not others'.
+    assert_eq!(rules_of(&survey), [(DOCKER, None, false)], "{survey:#?}");
+    assert_eq!(survey.rules[0].order, Order::After);
+    assert_eq!(survey.counts(), (0, 0));
+    assert_eq!(survey.following(), 1);
 }
 
 #[test]
@@ -314,11 +319,18 @@ fn a_kube_postrouting_without_the_mark_guard_is_a_problem() {
 #[test]
 fn native_tables_precede_by_priority() {
     let survey = survey_iptables_nft(nat(&[JUMP]), Some(NFT_50_AND_150), &default_policy());
-    assert_eq!(
-        survey.rules.len(),
-        1,
-        "priority 150 runs after: {survey:#?}"
+    assert_eq!(survey.rules.len(), 2, "{survey:#?}");
+    // Priority 150 runs after, on what the agent kept: listed as such.
+    assert_eq!(survey.rules[1].order, Order::After);
+    assert_eq!(survey.rules[1].place, "nft table inet late chain post");
+    assert!(
+        survey.rules[1]
+            .position
+            .starts_with("at priority 150, after the agent's"),
+        "{}",
+        survey.rules[1].position
     );
+    assert_eq!(survey.counts(), (0, 1));
     let rule = &survey.rules[0];
     assert_eq!(rule.place, "nft table inet early chain post");
     assert_eq!(
@@ -359,16 +371,17 @@ fn native_tables_precede_by_priority() {
         [
             ("iptables-legacy nat POSTROUTING", Order::Before),
             ("nft table inet early chain post", Order::Before),
+            ("nft table inet late chain post", Order::After),
             ("nft table ip other chain p", Order::SamePriority),
         ]
     );
-    assert!(survey.rules[2].position.contains("order not defined"));
+    assert!(survey.rules[3].position.contains("order not defined"));
     assert!(
-        survey.rules[2]
+        survey.rules[3]
             .effect
             .starts_with("can SNAT (to 192.0.2.9)"),
         "{}",
-        survey.rules[2].effect
+        survey.rules[3].effect
     );
 }
 
@@ -775,7 +788,8 @@ fn idle_resyncs_start_no_process_and_a_change_in_the_synced_table_is_seen() {
         places,
         [
             "iptables-nft nat POSTROUTING",
-            "nft table inet early chain post"
+            "nft table inet early chain post",
+            "nft table inet late chain post"
         ]
     );
     assert!(first.gone.is_empty());
@@ -1073,8 +1087,17 @@ fn regression_an_incompatible_iptables_nft_table_is_surveyed_through_nft() {
         Some(&ChainName::default()),
     );
     let survey = classify(&listings, &ours, &default_policy());
-    assert_eq!(survey.rules.len(), 1, "{survey:#?}");
+    // The rule after the jump masquerades 10.0.0.0/8, which the agent keeps.
+    assert_eq!(survey.rules.len(), 2, "{survey:#?}");
     assert_eq!(survey.rules[0].order, Order::Before);
+    assert_eq!(survey.rules[1].order, Order::After);
+    assert!(
+        survey.rules[1]
+            .position
+            .starts_with("rule 3, after the agent's jump (rule 2; read through nft"),
+        "{}",
+        survey.rules[1].position
+    );
     assert!(
         survey.rules[0]
             .position
@@ -1148,5 +1171,61 @@ fn regression_a_negated_destination_that_leaves_out_every_kept_range_overrides_n
     assert_eq!(
         survey.rules[0].effect,
         "overrides no decision to keep: it leaves out every kept destination (not 10.0.0.0/8)"
+    );
+}
+
+/// rv1 (live-traffic review) #4: NAT rules that run after the agent's (a POSTROUTING
+/// rule after its jump, an nft nat chain at a higher priority) still NAT what the agent
+/// kept (its RETURN or accept ends no later NAT rule), and nothing reported them.
+#[test]
+fn regression_nat_rules_after_the_agents_that_override_a_keep_are_reported() {
+    let keep = policy("nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12]\n", false);
+    let late_kept = "-A POSTROUTING -s 10.244.0.0/16 -d 10.99.0.0/16 -j MASQUERADE";
+    let late_masqueraded = "-A POSTROUTING -d 203.0.113.0/24 -j MASQUERADE";
+    let ruleset = "table ip late {
+	chain post {
+		type nat hook postrouting priority 200; policy accept;
+		ip daddr 172.16.0.0/12 masquerade
+		ip daddr 198.51.100.0/24 masquerade
+	}
+}
+";
+    let survey = survey_iptables_nft(
+        nat(&[JUMP, late_kept, late_masqueraded, AGENT_CHAIN]),
+        Some(ruleset),
+        &keep,
+    );
+    let after: Vec<(&str, &str)> = survey
+        .rules
+        .iter()
+        .filter(|r| r.order == Order::After)
+        .map(|r| (r.place.as_str(), r.rule.as_str()))
+        .collect();
+    assert_eq!(
+        after,
+        [
+            ("iptables-nft nat POSTROUTING", late_kept),
+            (
+                "nft table ip late chain post",
+                "ip daddr 172.16.0.0/12 masquerade"
+            ),
+        ],
+        "{survey:#?}"
+    );
+    assert_eq!(survey.following(), 2);
+    assert_eq!(survey.counts(), (0, 0), "none acts before");
+    assert!(
+        survey.rules[0]
+            .position
+            .starts_with("rule 2, after the agent's jump (rule 1)"),
+        "{}",
+        survey.rules[0].position
+    );
+    let lines = crate::commands::preceding_lines(&survey).join("\n");
+    assert!(
+        lines.contains(
+            "NAT rules that act after the agent's on srcnat and can NAT what it keeps: 2"
+        ),
+        "{lines}"
     );
 }
