@@ -754,6 +754,27 @@ fn brace_balance(line: &str) -> i64 {
     balance
 }
 
+/// A rule's text without what its counter has counted (`counter packets 12 bytes 720`
+/// reads `counter`): a rule is the same rule whatever traffic it saw.
+fn without_counts(line: &str) -> String {
+    let words: Vec<&str> = line.split(' ').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(words.len());
+    let mut i = 0;
+    while i < words.len() {
+        out.push(words[i]);
+        let counted = words[i] == "counter"
+            && words.get(i + 1) == Some(&"packets")
+            && words.get(i + 3) == Some(&"bytes")
+            && [i + 2, i + 4].iter().all(|&at| {
+                words
+                    .get(at)
+                    .is_some_and(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit()))
+            });
+        i += if counted { 5 } else { 1 };
+    }
+    out.join(" ")
+}
+
 /// The chains of an `nft list ruleset` listing, with their hooks and rules.
 fn parse_ruleset(text: &str) -> Vec<NftChain> {
     let mut chains: Vec<NftChain> = Vec::new();
@@ -769,6 +790,7 @@ fn parse_ruleset(text: &str) -> Vec<NftChain> {
         if let Some((chain, mut rule, open)) = pending.take() {
             rule.push(' ');
             rule.push_str(line);
+            rule = without_counts(&rule);
             if open + balance > 0 {
                 pending = Some((chain, rule, open + balance));
             } else {
@@ -817,9 +839,9 @@ fn parse_ruleset(text: &str) -> Vec<NftChain> {
                     chains[index].base = parse_hook(&words);
                 } else if matches!(first, "comment" | "policy" | "devices" | "device") {
                 } else if balance > 0 {
-                    pending = Some((index, line.to_string(), balance));
+                    pending = Some((index, without_counts(line), balance));
                 } else {
-                    chains[index].rules.push(line.to_string());
+                    chains[index].rules.push(without_counts(line));
                 }
             }
             Some(Context::Skip(_)) => {}

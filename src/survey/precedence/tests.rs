@@ -541,7 +541,7 @@ fn iptables_nfts_own_chain_in_the_ruleset_is_not_read_twice() {
     assert_eq!(survey.rules.len(), 2);
     assert_eq!(
         survey.rules[0].rule,
-        "oifname != \"docker0\" ip saddr 172.17.0.0/16 counter packets 0 bytes 0 masquerade"
+        "oifname != \"docker0\" ip saddr 172.17.0.0/16 counter masquerade"
     );
     assert!(
         survey.rules[0]
@@ -1227,5 +1227,39 @@ fn regression_nat_rules_after_the_agents_that_override_a_keep_are_reported() {
             "NAT rules that act after the agent's on srcnat and can NAT what it keeps: 2"
         ),
         "{lines}"
+    );
+}
+
+/// rv1 (live-traffic review) #9: a native rule with a counter was logged again at every
+/// survey, its packet counts being part of what identified it.
+#[test]
+fn regression_a_rule_is_the_same_rule_whatever_its_counter_counted() {
+    let listing = |packets: u32| {
+        format!(
+            "table ip t {{
+	chain p {{
+		type nat hook postrouting priority 50; policy accept;
+		ip saddr 10.244.0.0/16 counter packets {packets} bytes {} masquerade
+	}}
+}}
+",
+            packets * 60
+        )
+    };
+    let first = survey_iptables_nft(
+        nat(&[JUMP, AGENT_CHAIN]),
+        Some(&listing(0)),
+        &default_policy(),
+    );
+    let later = survey_iptables_nft(
+        nat(&[JUMP, AGENT_CHAIN]),
+        Some(&listing(912)),
+        &default_policy(),
+    );
+    assert_eq!(first.rules.len(), 1, "{first:#?}");
+    assert_eq!(first.rules[0].key(), later.rules[0].key());
+    assert_eq!(
+        first.rules[0].rule,
+        "ip saddr 10.244.0.0/16 counter masquerade"
     );
 }
