@@ -382,7 +382,21 @@ pub fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
         settings.policy_settings.enable_ipv6,
         &runner,
     )?;
-    let diff = backend.diff(&policy)?;
+    let diff = match backend.diff(&policy) {
+        Ok(diff) => diff,
+        // What the agent cannot read is reported with what acts before it (the rules it
+        // cannot read are often those), and the exit code says the rules are not known good.
+        Err(err @ crate::backend::SyncError::Unreadable(_)) => {
+            complain!("error: {err}");
+            if let Some(survey) = crate::survey::survey_srcnat(backend.as_ref(), &policy, &runner) {
+                for line in preceding_lines(&survey) {
+                    say!("{line}");
+                }
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(err) => return Err(err.into()),
+    };
     for note in backend.read_notes() {
         println!("note: {note}");
     }

@@ -275,10 +275,18 @@ impl Agent {
     /// Logs the NAT rules acting before the agent's when their set changes: a warning per
     /// rule, kube-proxy's expected masquerade at info; sets the gauge.
     fn survey_srcnat(&mut self, full: bool) {
-        let (Some(watch), Some(applied)) = (self.srcnat.as_mut(), self.applied.as_ref()) else {
+        let Some(policy) = self.applied.as_ref().map(|a| a.policy.clone()) else {
             return;
         };
-        let Some(change) = watch.update(self.backend.as_ref(), &applied.policy, full) else {
+        self.survey_srcnat_for(&policy, full);
+    }
+
+    /// [`Agent::survey_srcnat`] against `policy` (the config a failed sync was for).
+    fn survey_srcnat_for(&mut self, policy: &Policy, full: bool) {
+        let Some(watch) = self.srcnat.as_mut() else {
+            return;
+        };
+        let Some(change) = watch.update(self.backend.as_ref(), policy, full) else {
             return;
         };
         for rule in &change.appeared {
@@ -698,6 +706,23 @@ impl Agent {
             kind = kind.label(),
             "syncing masquerade rules failed: {message}"
         );
+        // Rules the agent cannot read (native nft rules in POSTROUTING, say) or may not
+        // flush (someone else's in its chain) leave the node deciding by others' rules
+        // and the agent's leftovers: surveyed, as after a success, at the first such
+        // failure and then as often as a full survey runs.
+        if matches!(
+            kind,
+            SyncErrorKind::Unreadable | SyncErrorKind::ForeignChain
+        ) {
+            let full = self
+                .last_full_survey
+                .is_none_or(|at| at.elapsed() >= FULL_SURVEY_EVERY);
+            if full || self.consecutive_backend_failures == 1 {
+                self.last_full_survey = Some(Instant::now());
+                let policy = Policy::new(config, &self.settings.policy_settings);
+                self.survey_srcnat_for(&policy, true);
+            }
+        }
         SyncOutcome::BackendFailed
     }
 

@@ -101,7 +101,7 @@ fn read_srcnat(
         .filter(|s| s.flavour == iptables::Flavour::Nft.as_str())
         .map(|s| s.family)
         .collect();
-    read_native_srcnat(runner, &covered, &mut listings);
+    read_native_srcnat(runner, place, &covered, &mut listings);
     listings
 }
 
@@ -111,6 +111,7 @@ fn read_srcnat(
 /// families its listing covers.
 fn read_native_srcnat(
     runner: &SharedRunner,
+    place: SrcnatPlace,
     covered: &[Family],
     listings: &mut precedence::Listings,
 ) {
@@ -133,7 +134,11 @@ fn read_native_srcnat(
     };
     let mut queue: std::collections::VecDeque<(&'static str, String, String)> = bases
         .into_iter()
-        .filter(|base| (base.family, base.table.as_str()) != ("inet", nftables::TABLE))
+        // The agent's own table is read only where it is a leftover (iptables backend).
+        .filter(|base| {
+            place != SrcnatPlace::Nftables
+                || (base.family, base.table.as_str()) != ("inet", nftables::TABLE)
+        })
         .filter(|base| !covered_by_iptables(base.family, &base.table, &base.chain))
         .map(|base| (base.family, base.table, base.chain))
         .collect();

@@ -1225,12 +1225,36 @@ fn classify_ruleset(
 ) {
     let chains = parse_ruleset(ruleset);
     for (at, chain) in chains.iter().enumerate() {
-        if (chain.family.as_str(), chain.table.as_str()) == ours.nft_table {
+        let agents_table = (chain.family.as_str(), chain.table.as_str()) == ours.nft_table;
+        if agents_table && ours.xtables.is_none() {
             continue;
         }
         let Some(hook) = &chain.base else {
             continue;
         };
+        // The nftables backend's table where the agent works in iptables: it runs at
+        // srcnat + 10, after the agent's chain, on what that kept, by the config it was
+        // written for, until removed after a successful sync.
+        if agents_table {
+            if hook.kind == "nat" && hook.hook == "postrouting" {
+                found.push(Preceding {
+                    place: format!("nft table {} {}", chain.family, chain.table),
+                    position: format!(
+                        "chain {} at priority {}, after the agent's {}: it runs on what the agent kept",
+                        chain.name,
+                        hook.priority_text,
+                        ours.describe()
+                    ),
+                    order: Order::After,
+                    rule: format!("table {} {}", chain.family, chain.table),
+                    via: None,
+                    expected: false,
+                    effect: "the nftables backend's table, left where the agent no longer works: it decides traffic by the config it was written for until it is removed after a successful sync".into(),
+                    leftover: true,
+                });
+            }
+            continue;
+        }
         if hook.kind != "nat" || hook.hook != "postrouting" {
             continue;
         }

@@ -306,6 +306,46 @@ root_test!(
             metrics.contains("ip_masq_agent_sync_errors_total{kind=\"unreadable\"}"),
             "{metrics}"
         );
+        // rv1 (live-traffic review) #8: the native SNAT that keeps the agent from reading
+        // POSTROUTING acts before everything; it was reported nowhere (status stopped at
+        // the error, the log and the metric had nothing).
+        let native = "ip daddr 192.0.2.0/24 snat to 198.51.100.1";
+        assert!(
+            agent
+                .log_lines("NAT rule acts before the agent's")
+                .iter()
+                .any(|line| line.contains(native)),
+            "{}",
+            agent.log()
+        );
+        assert!(
+            metrics.contains("ip_masq_agent_preceding_nat_rules{expected=\"false\"} 1"),
+            "{metrics}"
+        );
+        let out = AGENT.run(
+            &node,
+            [
+                "status",
+                "--config",
+                path.to_str().expect("utf-8 path"),
+                "--iptables-mode=nft",
+            ],
+        );
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(1), "{said}");
+        assert!(
+            said.contains("unreadable") || said.contains("cannot list"),
+            "{said}"
+        );
+        assert!(
+            said.contains("NAT rules that act before the agent's on srcnat: 1")
+                && said.contains(native),
+            "{said}"
+        );
     }
 );
 
@@ -380,5 +420,56 @@ root_test!(
 root_test!(
     fn regression_a_neighbours_comment_with_a_newline_is_read_on_iptables_legacy() {
         a_neighbours_comment_with_a_newline_is_read("legacy", "iptables-legacy");
+    }
+);
+
+root_test!(
+    /// rv1 (live-traffic review) #6: the nftables backend's table, left behind while the
+    /// iptables backend cannot sync yet (its chain holds someone else's rule), kept
+    /// masquerading traffic the config keeps, and `status` did not list it.
+    fn regression_the_nftables_backends_leftover_table_is_listed_by_the_iptables_backend() {
+        let topology = Topology::new();
+        let node = &topology.node;
+        let mut volume = ConfigMapVolume::new("nonMasqueradeCIDRs: []\n");
+        let agent = AGENT.start_synced(node, &volume, &["--backend=nftables"]);
+        drop(agent);
+        node.sh(&["iptables-nft", "-t", "nat", "-N", "IP-MASQ-AGENT"]);
+        node.sh(&[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-A",
+            "IP-MASQ-AGENT",
+            "-d",
+            "192.0.2.200",
+            "-j",
+            "RETURN",
+        ]);
+        volume.update("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 500ms\n");
+        let path = volume.path();
+        let config = path.to_str().expect("utf-8 path");
+        let mut agent = AGENT.start(node, &["--config", config, "--backend=iptables"]);
+        agent.wait_for_log(
+            "syncing masquerade rules failed",
+            1,
+            Duration::from_secs(10),
+        );
+        // The leftover table still masquerades what the config keeps.
+        assert!(topology.is_masqueraded("10.99.0.10"));
+        let out = AGENT.run(node, ["status", "--config", config, "--backend=iptables"]);
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            said.contains("nft table inet ip-masq-agent chain postrouting")
+                && said
+                    .contains("the nftables backend's table, left where the agent no longer works"),
+            "{said}"
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || agent.log().contains(
+                "NAT rule acts after the agent's on what it keeps: nft table inet ip-masq-agent"
+            )),
+            "{}",
+            agent.log()
+        );
     }
 );
