@@ -164,6 +164,29 @@ struct Applied {
     policy: Policy,
 }
 
+/// The policy the agent's replaced rules carried out: their RETURN destinations kept,
+/// everything else masqueraded (or, with no MASQUERADE in force, nothing masqueraded).
+fn replaced_policy(
+    replaced: &crate::backend::ReplacedDecisions,
+    settings: &crate::policy::PolicySettings,
+) -> Policy {
+    let keep_all: Vec<ipnet::IpNet> = ["0.0.0.0/0", "::/0"]
+        .iter()
+        .filter_map(|net| net.parse().ok())
+        .collect();
+    let mut config = Config::defaults(crate::config::ParseOptions::default());
+    config.non_masquerade_cidrs = if replaced.masquerades {
+        replaced.keep.clone()
+    } else {
+        keep_all
+    };
+    config.cidr_limit = usize::MAX;
+    // Link-local ranges appear as RETURNs of their own when they were kept.
+    config.masq_link_local = true;
+    config.masq_link_local_ipv6 = true;
+    Policy::new(&config, settings)
+}
+
 impl Agent {
     pub fn new(settings: Settings, backend: Box<dyn Backend>) -> Agent {
         Agent {
@@ -614,11 +637,21 @@ impl Agent {
         }
         let resync_interval = config.resync_interval;
         let previous = self.applied.replace(Applied { config, policy });
-        if changed
-            && let (Some(previous), Some(flows), Some(applied)) =
-                (previous, &self.flows, &self.applied)
-        {
-            flows.submit(&previous.policy, &applied.policy);
+        match (previous, &self.flows, &self.applied) {
+            (Some(previous), Some(flows), Some(applied)) if changed => {
+                flows.submit(&previous.policy, &applied.policy);
+            }
+            // The first sync, or a repair of drift, wrote over rules that decided the
+            // existing flows: when the backend knows exactly what those decided (the
+            // rules of another config before a restart, none at all while the jump was
+            // missing), the flows they decided otherwise are re-decided too.
+            (_, Some(flows), Some(applied)) if report.wrote => {
+                if let Some(replaced) = self.backend.replaced_decisions() {
+                    let old = replaced_policy(&replaced, &self.settings.policy_settings);
+                    flows.submit(&old, &applied.policy);
+                }
+            }
+            _ => {}
         }
         // Only after our own rules are in force, so traffic is never left unmasqueraded.
         if let Err(err) = self.remove_leftovers() {
@@ -1272,6 +1305,109 @@ mod tests {
         f.agent.sync_once();
         settled(&f);
         assert_eq!(runner.calls().len(), 2);
+    }
+
+    /// rv1 (live-traffic review) #3: flows were re-decided only after a config change
+    /// while the agent ran. Restarted with another config (a rollout), it wrote over the
+    /// old rules and left every UDP flow they had decided as it was; after a drift repair
+    /// (the jump deleted by hand for a while) likewise.
+    #[test]
+    fn regression_flows_decided_by_the_rules_a_sync_replaced_are_re_decided() {
+        use crate::backend::iptables::{IptablesBackend, IptablesMode};
+        use crate::kernel::fake::FakeRunner;
+        let runner = FakeRunner::new();
+        runner.set_local_prefixes(crate::policy::Family::V4, &["127.0.0.0/8", "192.0.2.1/32"]);
+        // The rules of the previous run: `nonMasqueradeCIDRs: []` masquerades everything.
+        let dir = std::env::temp_dir().join(format!("ima-agent-{}-replaced", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ip-masq-agent");
+        let settings = |file: &std::path::Path| {
+            Cli::parse_go_style(
+                [
+                    "ip-masq-agent",
+                    "--config",
+                    file.to_str().unwrap(),
+                    "--conntrack-cleanup=udp",
+                ]
+                .map(OsString::from),
+            )
+            .unwrap()
+            .agent
+            .settings()
+        };
+        let old_config = crate::config::parse(
+            "nonMasqueradeCIDRs: []\n",
+            std::path::Path::new("old"),
+            crate::config::ParseOptions::default(),
+        )
+        .unwrap()
+        .config;
+        let old = Policy::new(&old_config, &settings(&file).policy_settings);
+        runner.restore_nat(
+            "iptables-nft",
+            &crate::backend::iptables::render(&old, &ChainName::default())
+                .lines()
+                .filter(|line| !line.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        runner.set_conntrack(
+            "ipv4",
+            "udp      17 29 src=10.244.1.2 dst=10.99.0.10 sport=40000 dport=9999 src=10.99.0.10 dst=192.0.2.1 sport=9999 dport=40000 mark=0 use=1\n\
+             udp      17 29 src=10.244.1.2 dst=203.0.113.10 sport=40001 dport=9999 src=203.0.113.10 dst=192.0.2.1 sport=9999 dport=40001 mark=0 use=1\n",
+        );
+        std::fs::write(&file, "nonMasqueradeCIDRs: [10.0.0.0/8]\n").unwrap();
+        let shared: SharedRunner = runner.clone();
+        let backend = IptablesBackend::new(
+            ChainName::default(),
+            IptablesMode::Nft,
+            false,
+            shared.clone(),
+        )
+        .unwrap();
+        let mut agent = Agent::new(settings(&file), Box::new(backend));
+        agent.start_conntrack(shared);
+        assert_eq!(agent.sync_once(), SyncOutcome::Applied { changed: true });
+        if let Some(flows) = &agent.flows {
+            flows.wait_idle();
+        }
+        let left: Vec<String> = runner
+            .conntrack_entries()
+            .iter()
+            .map(|e| e.original.destination.to_string())
+            .collect();
+        // Masqueraded under the old rules, kept by the new: re-decided. The other flow's
+        // decision is the same under both: left alone.
+        assert_eq!(left, ["203.0.113.10"]);
+
+        // Drift: the jump deleted by hand; a flow starts unmasqueraded meanwhile.
+        runner.restore_nat(
+            "iptables-nft",
+            &format!(
+                "*nat\n-D POSTROUTING {}\nCOMMIT\n",
+                crate::backend::iptables::jump_spec_for(&ChainName::default())
+            ),
+        );
+        runner.set_conntrack(
+            "ipv4",
+            "udp      17 29 src=10.244.1.2 dst=198.51.100.7 sport=40002 dport=53 src=198.51.100.7 dst=10.244.1.2 sport=53 dport=40002 mark=0 use=1\n",
+        );
+        runner.bump_generation();
+        assert_eq!(agent.sync_once(), SyncOutcome::Applied { changed: false });
+        if let Some(flows) = &agent.flows {
+            flows.wait_idle();
+        }
+        let left: Vec<String> = runner
+            .conntrack_entries()
+            .iter()
+            .map(|e| e.original.destination.to_string())
+            .collect();
+        assert_eq!(
+            left,
+            ["203.0.113.10"],
+            "the unmasqueraded flow is re-decided"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{Backend, ChainName, Doing, SrcnatPlace, SyncError, SyncReport};
+use super::{Backend, ChainName, Doing, ReplacedDecisions, SrcnatPlace, SyncError, SyncReport};
 use crate::kernel::{Program, SharedRunner, ToolError};
 use std::net::IpAddr;
 
@@ -521,6 +521,11 @@ fn jump_comment(chain: &str) -> String {
     )
 }
 
+/// The jump's rule spec (after `-A POSTROUTING `), for tests that delete it by hand.
+pub fn jump_spec_for(chain: &ChainName) -> String {
+    jump_spec(chain.as_str())
+}
+
 /// The jump's rule spec (after `-A POSTROUTING `) as iptables-save prints it.
 fn jump_spec(chain: &str) -> String {
     format!(
@@ -775,6 +780,49 @@ pub fn plan_jump_repairs(saved_nat: &str, chain: &ChainName) -> Vec<String> {
         repairs.push(canonical);
     }
     repairs
+}
+
+/// What the agent's chain (as read, before a sync replaces it) decided, when it has the
+/// plain shape every release writes for `nonMasqueradeCIDRs` alone: RETURNs with `-d`,
+/// then one MASQUERADE. No chain or no jump: nothing was masqueraded. Any other shape
+/// (source scope, force ranges, interfaces, SNAT): None, not a guess.
+pub fn replaced_decisions(saved_nat: &str, chain: &ChainName) -> Option<ReplacedDecisions> {
+    let jumped = saved_nat.lines().any(|line| {
+        line.strip_prefix("-A POSTROUTING ")
+            .and_then(agent_jump_target)
+            .is_some_and(|target| target == chain.as_str())
+    });
+    if !jumped || !declares(saved_nat, chain.as_str()) {
+        return Some(ReplacedDecisions::default());
+    }
+    let own = format!("-A {chain} ");
+    let mut decisions = ReplacedDecisions::default();
+    for line in saved_nat.lines().filter(|line| line.starts_with(&own)) {
+        if !is_agent_chain_rule(line) || decisions.masquerades {
+            return None;
+        }
+        let words = saved_words(line);
+        let value = |flag: &str| {
+            words
+                .windows(2)
+                .find(|pair| pair[0] == flag)
+                .map(|pair| pair[1].clone())
+        };
+        if ["-s", "-o", "!"]
+            .iter()
+            .any(|flag| words.iter().any(|w| w == flag))
+        {
+            return None;
+        }
+        match (value("-j").as_deref(), value("-d")) {
+            (Some("RETURN"), Some(destination)) => {
+                decisions.keep.push(parse_net(&destination)?);
+            }
+            (Some("MASQUERADE"), None) => decisions.masquerades = true,
+            _ => return None,
+        }
+    }
+    Some(decisions)
 }
 
 /// The `*nat` section of an iptables-save dump that may hold several tables.
@@ -1084,6 +1132,8 @@ pub struct IptablesBackend {
     /// Chains reached from POSTROUTING that iptables-nft could not list at the last
     /// read (native nft rules), by family.
     unlisted: Vec<(Family, Vec<String>)>,
+    /// What the agent's chains decided before the last sync wrote over them.
+    replaced: Option<ReplacedDecisions>,
 }
 
 impl IptablesBackend {
@@ -1124,6 +1174,7 @@ impl IptablesBackend {
             verified_policy: None,
             last_read: Vec::new(),
             unlisted: Vec::new(),
+            replaced: None,
         })
     }
 
@@ -1234,6 +1285,10 @@ impl Backend for IptablesBackend {
         Some(&self.chain)
     }
 
+    fn replaced_decisions(&self) -> Option<ReplacedDecisions> {
+        self.replaced.clone()
+    }
+
     fn read_notes(&self) -> Vec<String> {
         self.unlisted
             .iter()
@@ -1300,6 +1355,7 @@ impl Backend for IptablesBackend {
 
     fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError> {
         let started_with = self.runner.spawned();
+        self.replaced = None;
         // The cheapest idle resync: the policy the kernel was last seen holding, and no
         // commit to nf_tables since (iptables-nft only): nothing rendered, nothing read.
         if let Some((generation, verified, rules)) = &self.verified_policy
@@ -1361,6 +1417,7 @@ impl Backend for IptablesBackend {
         };
         let mut rules_total = 0;
         let mut wrote = false;
+        let mut replaced = Some(ReplacedDecisions::default());
         self.last_read.clear();
         for (family, rules) in policy.families.iter().zip(wanted) {
             let read = match (family.family, first_read.take()) {
@@ -1383,6 +1440,15 @@ impl Backend for IptablesBackend {
             repairs.extend(plan_jump_repairs(&saved, &self.chain));
             // Write only on difference: no xtables lock, no churn for kube-proxy.
             let unchanged = repairs.is_empty() && chain_matches(&saved, &self.chain, &rules);
+            // What this family's chain decided until now (whether or not it changes).
+            replaced = match (replaced, replaced_decisions(&saved, &self.chain)) {
+                (Some(mut all), Some(family)) => {
+                    all.keep.extend(family.keep);
+                    all.masquerades |= family.masquerades;
+                    Some(all)
+                }
+                _ => None,
+            };
             self.last_read.push((family.family, saved));
             if unchanged {
                 continue;
@@ -1398,6 +1464,7 @@ impl Backend for IptablesBackend {
                 .doing(|| format!("replacing the {} chain {}", family.family, self.chain))?;
             wrote = true;
         }
+        self.replaced = if wrote { replaced } else { None };
         // Seen right without writing: remember at which generation (read before the
         // saves, so a change in between only costs one more read).
         if !wrote && let Some(generation) = generation {

@@ -131,6 +131,15 @@ pub fn resolve_auto(runner: &SharedRunner) -> BackendChoice {
     }
 }
 
+/// What the agent's rules decided before a sync replaced them: the destinations they
+/// kept (RETURN) and whether everything else was masqueraded. No rules in force (no
+/// chain, no jump) kept everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplacedDecisions {
+    pub keep: Vec<ipnet::IpNet>,
+    pub masquerades: bool,
+}
+
 /// What one sync did, for logs and benchmarks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
@@ -296,6 +305,13 @@ pub trait Backend {
 
     /// The agent's nat chain, for the iptables backend.
     fn agent_chain(&self) -> Option<&ChainName> {
+        None
+    }
+
+    /// What the agent's own rules decided just before the last sync wrote over them,
+    /// when that is known exactly (the existing flows started under it); None when the
+    /// last sync wrote nothing or the old rules were of a shape it does not read back.
+    fn replaced_decisions(&self) -> Option<ReplacedDecisions> {
         None
     }
 

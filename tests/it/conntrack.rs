@@ -269,3 +269,112 @@ on_every_setup! {
     udp_flows_follow_a_flip_on_nftables_ipv4: &["--backend=nftables"], V4;
     udp_flows_follow_a_flip_on_nftables_ipv6: &["--backend=nftables"], V6;
 }
+
+root_test!(
+    /// rv1 (live-traffic review) #3: existing flows were re-decided only after a config
+    /// change while the agent ran. Restarted with another config (a rollout changing the
+    /// ConfigMap), or repairing a jump someone deleted, it wrote new rules and left the
+    /// UDP flows the replaced rules had decided as they were, for as long as they lived.
+    fn regression_flows_decided_by_replaced_rules_are_re_decided_after_a_restart_and_a_repair() {
+        let topology = Topology::new();
+        let node = &topology.node;
+        let mut volume = ConfigMapVolume::new("nonMasqueradeCIDRs: []\nresyncInterval: 500ms\n");
+        let mut agent = AGENT.start_synced(node, &volume, &["--iptables-mode=nft"]);
+        let receiver = topology
+            .remote
+            .udp_socket(socket_address("0.0.0.0", FLOW_PORT));
+        receiver
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let _kept = KeepAlive::start(
+            topology.pod.udp_socket(socket_address(V4.pod, 0)),
+            socket_address("10.99.0.10", FLOW_PORT),
+            "kept",
+            Duration::from_secs(25),
+        );
+        assert!(
+            wait_for_source(&receiver, "kept", V4.node, Duration::from_secs(3)).is_some(),
+            "masqueraded under the first config"
+        );
+        // A rollout: the agent stops, the ConfigMap changes, a new agent starts.
+        agent.terminate();
+        volume.update("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 500ms\n");
+        let mut agent = AGENT.start_synced(node, &volume, &["--iptables-mode=nft"]);
+        let took = wait_for_source(&receiver, "kept", V4.pod, Duration::from_secs(3));
+        assert!(
+            took.is_some(),
+            "the flow kept the replaced rules' decision after the restart\n{}",
+            agent.log()
+        );
+
+        // Drift: the jump deleted by hand; a flow starts unmasqueraded meanwhile.
+        let jump = node
+            .sh(&["iptables-nft", "-t", "nat", "-S", "POSTROUTING"])
+            .lines()
+            .find(|line| line.contains("-j IP-MASQ-AGENT"))
+            .expect("the agent's jump")
+            .replacen("-A ", "-D ", 1);
+        let mut delete = vec!["iptables-nft", "-t", "nat"];
+        let words = shell_words(&jump);
+        delete.extend(words.iter().map(String::as_str));
+        node.sh(&delete);
+        let other = topology
+            .remote
+            .udp_socket(socket_address("0.0.0.0", OTHER_PORT));
+        other
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let _started_meanwhile = KeepAlive::start(
+            topology.pod.udp_socket(socket_address(V4.pod, 0)),
+            socket_address("203.0.113.10", OTHER_PORT),
+            "meanwhile",
+            Duration::from_secs(20),
+        );
+        agent.wait_for_log(
+            "the kernel's rules differed from the config; rewritten",
+            1,
+            Duration::from_secs(5),
+        );
+        assert!(
+            wait_for_source(&other, "meanwhile", V4.node, Duration::from_secs(3)).is_some(),
+            "the flow that started while the jump was missing stayed unmasqueraded\n{}",
+            agent.log()
+        );
+    }
+);
+
+/// Splits an iptables -S line into words, honouring double quotes.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut has_word = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => {
+                if let Some(next) = chars.next() {
+                    word.push(next);
+                }
+            }
+            '"' => {
+                quoted = !quoted;
+                has_word = true;
+            }
+            ' ' if !quoted => {
+                if has_word {
+                    words.push(std::mem::take(&mut word));
+                    has_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                has_word = true;
+            }
+        }
+    }
+    if has_word {
+        words.push(word);
+    }
+    words
+}

@@ -723,3 +723,37 @@ fn without_the_egress_keys_no_rule_names_an_interface_or_snat() {
         }
     }
 }
+
+/// What a sync replaced is read back only from the plain shape every release writes.
+#[test]
+fn replaced_decisions_are_read_back_from_the_plain_shape_only() {
+    let chain = ChainName::default();
+    let jump = format!("-A POSTROUTING {}", jump_spec_for(&chain));
+    let keep = "-A IP-MASQ-AGENT -d 10.0.0.0/8 -m comment --comment \"ip-masq-agent: local traffic is not subject to MASQUERADE\" -j RETURN";
+    let masq = "-A IP-MASQ-AGENT -m comment --comment \"ip-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)\" -j MASQUERADE";
+    let table = |rules: &[&str]| {
+        let mut text = String::from("*nat\n:POSTROUTING ACCEPT [0:0]\n:IP-MASQ-AGENT - [0:0]\n");
+        for rule in rules {
+            text.push_str(rule);
+            text.push('\n');
+        }
+        text.push_str("COMMIT\n");
+        text
+    };
+    assert_eq!(
+        replaced_decisions(&table(&[&jump, keep, masq]), &chain),
+        Some(ReplacedDecisions {
+            keep: vec!["10.0.0.0/8".parse().unwrap()],
+            masquerades: true,
+        })
+    );
+    // No jump: the chain decided nothing; nothing was masqueraded.
+    assert_eq!(
+        replaced_decisions(&table(&[keep, masq]), &chain),
+        Some(ReplacedDecisions::default())
+    );
+    // A source scope or anything after the MASQUERADE: not guessed.
+    let scoped = "-A IP-MASQ-AGENT ! -s 10.244.0.0/16 -m comment --comment \"ip-masq-agent: traffic from outside masqueradeSourceCIDRs is not subject to MASQUERADE\" -j RETURN";
+    assert_eq!(replaced_decisions(&table(&[&jump, scoped, keep, masq]), &chain), None);
+    assert_eq!(replaced_decisions(&table(&[&jump, masq, keep]), &chain), None);
+}
