@@ -310,7 +310,8 @@ pub fn normalized_table(text: &str) -> Vec<String> {
     let start = text.rfind(&format!("table inet {TABLE} {{")).unwrap_or(0);
     let mut blocks: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut in_elements = false;
-    let mut container = String::new();
+    // Lines of the table itself (`flags dormant`) are named after it.
+    let mut container = format!("table inet {TABLE}");
     for raw in text[start..].lines() {
         let line = raw.trim();
         if in_elements || line.starts_with("elements = {") {
@@ -343,7 +344,9 @@ pub fn normalized_table(text: &str) -> Vec<String> {
         if container.starts_with("set ") {
             block.sort();
         }
-        lines.push(container);
+        if !container.starts_with("table ") {
+            lines.push(container);
+        }
         lines.extend(block);
     }
     lines

@@ -754,6 +754,12 @@ fn replaced_decisions_are_read_back_from_the_plain_shape_only() {
     );
     // A source scope or anything after the MASQUERADE: not guessed.
     let scoped = "-A IP-MASQ-AGENT ! -s 10.244.0.0/16 -m comment --comment \"ip-masq-agent: traffic from outside masqueradeSourceCIDRs is not subject to MASQUERADE\" -j RETURN";
-    assert_eq!(replaced_decisions(&table(&[&jump, scoped, keep, masq]), &chain), None);
-    assert_eq!(replaced_decisions(&table(&[&jump, masq, keep]), &chain), None);
+    assert_eq!(
+        replaced_decisions(&table(&[&jump, scoped, keep, masq]), &chain),
+        None
+    );
+    assert_eq!(
+        replaced_decisions(&table(&[&jump, masq, keep]), &chain),
+        None
+    );
 }

@@ -852,3 +852,22 @@ fn regression_more_than_256_foreign_chains_are_all_removed_in_one_sync() {
     assert!(!backend.sync(&policy).unwrap().wrote);
     assert!(runner.take_calls().is_empty());
 }
+
+/// rv1 (live-traffic review) #11: `status` showed a dormant table as `+ ` and
+/// `+ : flags dormant`, naming nothing.
+#[test]
+fn regression_a_table_flag_is_named_after_the_table_in_a_diff() {
+    let listing =
+        format!("table inet {TABLE} {{\n\tflags dormant\n\tchain postrouting {{\n\t}}\n}}\n");
+    let lines = normalized_table(&listing);
+    assert!(
+        lines.contains(&format!("table inet {TABLE}: flags dormant")),
+        "{lines:?}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|line| line.is_empty() || line.starts_with(": ")),
+        "{lines:?}"
+    );
+}
