@@ -100,11 +100,13 @@ fn program(ctx: &Ctx, setup: Option<&str>, workload: Workload, dir: &TempDir) ->
     } = workload
     {
         // Something for the wildcards to match, as on a node with a bond and a VLAN: a
-        // pattern that matches nothing is warned about, and warnings fail the run.
-        for name in ["bond0", "vlan0"] {
-            topology
-                .node
-                .sh(&["ip", "link", "add", name, "type", "dummy"]);
+        // pattern that matches nothing is warned about, and warnings fail the run. A veth
+        // pair each (kernels without the dummy driver have veth); the peers' names match
+        // no pattern.
+        for (name, peer) in [("bond0", "xpeer0"), ("vlan0", "xpeer1")] {
+            topology.node.sh(&[
+                "ip", "link", "add", name, "type", "veth", "peer", "name", peer,
+            ]);
         }
     }
     let counters = dir.path.join("remote.nft");

@@ -648,9 +648,9 @@ pub struct NftablesBackend {
     /// The table the kernel was last seen (read back, or written by a batch computed from
     /// what was read) to hold; None until then, and after a failed write.
     held: Option<Table>,
-    /// The policy `held` was made from: an unchanged one needs nothing built at all while
-    /// the generation stands still.
-    held_for: Option<Policy>,
+    /// The policy `held` was made from, and its rule count: an unchanged one needs
+    /// nothing built at all while the generation stands still.
+    held_for: Option<(Policy, usize)>,
     /// The ruleset generation at which the kernel held `held`: while it has not moved,
     /// no one changed any nf_tables table, so there is nothing to read.
     verified_generation: Option<u64>,
@@ -830,28 +830,31 @@ impl Backend for NftablesBackend {
     /// reads nothing; otherwise see [`NftablesBackend::converge`].
     fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError> {
         let started_with = self.runner.spawned();
-        let rules = nft_rule_count(policy);
         // The cheapest idle resync: same policy, and no commit to nf_tables since the
-        // kernel was known to hold it.
-        if self.held_for.as_ref() == Some(policy) {
+        // kernel was known to hold it. Nothing is built, not even to count the rules:
+        // that alone cost 1 ms per resync at 50,000 prefixes.
+        if let Some((held_for, rules)) = &self.held_for
+            && held_for == policy
+        {
             let now = self.runner.ruleset_generation();
             if now.is_some() && now == self.verified_generation {
                 return Ok(SyncReport {
                     processes: 0,
-                    rules,
+                    rules: *rules,
                     wrote: false,
                 });
             }
         }
         let building = std::time::Instant::now();
         let want = table_for(policy);
+        let rules = want.chains.iter().map(|chain| chain.rules.len()).sum();
         tracing::debug!(
             build_ms = format!("{:.3}", building.elapsed().as_secs_f64() * 1e3),
             "nft table built"
         );
         let result = self.converge(want);
         self.held_for = match (&result, &self.held) {
-            (Ok(_), Some(_)) => Some(policy.clone()),
+            (Ok(_), Some(_)) => Some((policy.clone(), rules)),
             _ => None,
         };
         let wrote = result?;
@@ -861,15 +864,6 @@ impl Backend for NftablesBackend {
             wrote,
         })
     }
-}
-
-/// The rules of the agent's table for `policy`, for sync reports.
-fn nft_rule_count(policy: &Policy) -> usize {
-    table_for(policy)
-        .chains
-        .iter()
-        .map(|chain| chain.rules.len())
-        .sum()
 }
 
 #[cfg(test)]
