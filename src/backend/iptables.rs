@@ -80,13 +80,15 @@ pub fn has_kubelet_hint(saved: &str) -> bool {
 
 /// The probes of kubernetes-sigs/iptables-wrappers' `DetectMode`, in its order: the first
 /// that shows kubelet's hint decides; none does, nft. There is no rule-count heuristic.
-pub const FLAVOUR_PROBES: [(Flavour, Family, &[&str]); 4] = [
-    (Flavour::Nft, Family::V4, &["-t", "mangle"]),
-    (Flavour::Nft, Family::V6, &["-t", "mangle"]),
-    // Naming a legacy table would make the kernel create it, so legacy is read whole.
-    (Flavour::Legacy, Family::V4, &[]),
-    (Flavour::Legacy, Family::V6, &[]),
+pub const FLAVOUR_PROBES: [(Flavour, Family); 4] = [
+    (Flavour::Nft, Family::V4),
+    (Flavour::Nft, Family::V6),
+    (Flavour::Legacy, Family::V4),
+    (Flavour::Legacy, Family::V6),
 ];
+
+/// kubelet's hint chains without the save format's `:`.
+const KUBELET_HINT_NAMES: [&str; 2] = ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"];
 
 /// The tools of one flavour and family.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -476,29 +478,44 @@ fn resolve_list_name(family: Family) -> String {
 
 /// Reads the host's tables and applies the iptables-wrapper rule. Like the wrapper, a
 /// probe that fails (tool missing, error, deadline) just moves on to the next.
+///
+/// The wrapper reads `iptables-nft-save -t mangle`, which loads every table of the
+/// family first: beside kube-proxy's nat table of 10,000 Services that is a process of
+/// about 100 MB for a yes or no. For iptables-nft the same question (a chain of mangle
+/// whose name starts with kubelet's) goes to the kernel as one streamed chain dump. A
+/// legacy table is read only when the kernel has it (naming one would create it), and
+/// then alone (`-t mangle`).
 pub fn detect_flavour(runner: &SharedRunner) -> Flavour {
-    detect_flavour_with(|flavour, family, args| {
-        // kubelet's chains live in the mangle table: no legacy mangle table, no hint
-        // there, and no process spent on finding that out.
-        if flavour == Flavour::Legacy && !runner.legacy_tables(family).iter().any(|t| t == "mangle")
-        {
-            return None;
+    detect_flavour_with(|flavour, family| match flavour {
+        Flavour::Nft => runner
+            .nft_has_chain_prefixed(family, "mangle", &KUBELET_HINT_NAMES)
+            .ok()
+            .map(|found| {
+                if found {
+                    format!(":{} - [0:0]", KUBELET_HINT_NAMES[0])
+                } else {
+                    String::new()
+                }
+            }),
+        Flavour::Legacy => {
+            if !runner.legacy_tables(family).iter().any(|t| t == "mangle") {
+                return None;
+            }
+            resolve_tool(family, flavour, "save", runner)
+                .and_then(|save| runner.run(&save, &["-t", "mangle"], None, None).ok())
         }
-        resolve_tool(family, flavour, "save", runner)
-            .and_then(|save| runner.run(&save, args, None, None).ok())
     })
 }
 
-/// The wrapper's decision given a way to run each probe (None: the probe failed).
-pub fn detect_flavour_with(
-    mut probe: impl FnMut(Flavour, Family, &[&str]) -> Option<String>,
-) -> Flavour {
+/// The wrapper's decision given a way to run each probe: what it read of the mangle
+/// table, as iptables-save prints it (None: the probe failed).
+pub fn detect_flavour_with(mut probe: impl FnMut(Flavour, Family) -> Option<String>) -> Flavour {
     FLAVOUR_PROBES
         .iter()
-        .find(|(flavour, family, args)| {
-            probe(*flavour, *family, args).is_some_and(|saved| has_kubelet_hint(&saved))
+        .find(|(flavour, family)| {
+            probe(*flavour, *family).is_some_and(|saved| has_kubelet_hint(&saved))
         })
-        .map_or(Flavour::Nft, |(flavour, _, _)| *flavour)
+        .map_or(Flavour::Nft, |(flavour, _)| *flavour)
 }
 
 /// `--random-fully` needs iptables 1.6.2 or newer (the same check kube-proxy makes).

@@ -976,6 +976,36 @@ impl Runner for FakeRunner {
         Ok(super::lock::AgentLock::none())
     }
 
+    fn nft_has_chain_prefixed(
+        &self,
+        family: crate::policy::Family,
+        table: &str,
+        prefixes: &[&str],
+    ) -> Result<bool, ToolError> {
+        let key = match family {
+            crate::policy::Family::V4 => "iptables-nft",
+            crate::policy::Family::V6 => "ip6tables-nft",
+        };
+        let mut state = self.state();
+        let command = format!("{NETLINK} dump chains {key} {table}");
+        state.calls.push(Call {
+            command: command.clone(),
+            stdin: None,
+        });
+        if let Some(error) = Self::injected(&mut state, &command) {
+            return Err(error);
+        }
+        // The fake keeps kubelet's mangle chains as save text.
+        let text = match table {
+            "mangle" => state.mangle.get(key).cloned().unwrap_or_default(),
+            _ => String::new(),
+        };
+        Ok(text.lines().any(|line| {
+            line.strip_prefix(':')
+                .is_some_and(|name| prefixes.iter().any(|p| name.starts_with(p)))
+        }))
+    }
+
     fn nft_nat_postrouting_chains(
         &self,
     ) -> Result<Vec<super::netlink::lookup::NatPostroutingChain>, ToolError> {

@@ -128,6 +128,15 @@ pub trait Runner: Send + Sync {
     fn nft_chain_exists(&self, family: Family, table: &str, chain: &str)
     -> Result<bool, ToolError>;
 
+    /// Whether the nf_tables table `table` of `family` (ip or ip6) holds a chain whose
+    /// name starts with one of `prefixes` (one streamed chain dump, no process).
+    fn nft_has_chain_prefixed(
+        &self,
+        family: Family,
+        table: &str,
+        prefixes: &[&str],
+    ) -> Result<bool, ToolError>;
+
     /// Every nf_tables base chain of type nat on the postrouting hook (ip, ip6, inet):
     /// one streamed netlink dump, no process; only those chains are kept.
     fn nft_nat_postrouting_chains(
@@ -267,6 +276,24 @@ impl Runner for SystemRunner {
                 message,
             }
         })
+    }
+
+    fn nft_has_chain_prefixed(
+        &self,
+        family: Family,
+        table: &str,
+        prefixes: &[&str],
+    ) -> Result<bool, ToolError> {
+        let nfproto = match family {
+            Family::V4 => libc::NFPROTO_IPV4,
+            Family::V6 => libc::NFPROTO_IPV6,
+        };
+        netlink::lookup::has_chain_prefixed(nfproto as u8, table, prefixes, tool_timeout()).map_err(
+            |message| ToolError::Kernel {
+                what: format!("listing the chains of nft table {table} ({family})"),
+                message,
+            },
+        )
     }
 
     fn nft_nat_postrouting_chains(

@@ -180,17 +180,16 @@ fn agent_under_the_daemonsets_limit(
     std::fs::write(&path, table).expect("write the table");
     let path = path.to_str().expect("utf-8 path");
     node.sh(&["iptables-nft-restore", "--noflush", path]);
+    // kubelet's hint that the node's iptables is iptables-nft.
+    node.sh(&["iptables-nft", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
     let cgroup = MemoryCgroup::new("agent", 64 << 20);
     let wrapper = cgroup.wrapper();
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let config = volume.path();
     let config = config.to_str().expect("utf-8 path");
-    let mut agent = AGENT.start_with(
-        node,
-        &["--config", config, "--iptables-mode=nft"],
-        &wrapper,
-        &[],
-    );
+    // The DaemonSet's flags: the flavour is detected (kubelet's hint in mangle), which
+    // read every table of the family through iptables-nft-save before.
+    let mut agent = AGENT.start_with(node, &["--config", config], &wrapper, &[]);
     agent.wait_for_log("rules applied", 1, Duration::from_secs(60));
     (cgroup, agent)
 }

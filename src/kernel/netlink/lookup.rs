@@ -114,6 +114,48 @@ pub fn nat_postrouting_chains(within: Duration) -> Result<Vec<NatPostroutingChai
     Err(last)
 }
 
+/// Whether `table` of `family` (an NFPROTO_* value) holds a chain whose name starts
+/// with one of `prefixes`: one streamed chain dump (the kernel leaves out other tables
+/// where it can; the rest are skipped here), nothing held but the answer.
+pub fn has_chain_prefixed(
+    family: u8,
+    table: &str,
+    prefixes: &[&str],
+    within: Duration,
+) -> Result<bool, String> {
+    let socket = Socket::open(within)?;
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    let mut request = Message::new(
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN,
+        flags,
+        1,
+        family,
+        0,
+    );
+    request.string(NFTA_CHAIN_TABLE, table);
+    socket.send(&request.finish())?;
+    let mut found = false;
+    socket.stream_dump(|message| {
+        if found || message.kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN {
+            return Ok(());
+        }
+        let attributes = message.attributes();
+        let text = |kind| {
+            attributes
+                .get(kind)
+                .map(|bytes| bytes.strip_suffix(b"\0").unwrap_or(bytes))
+        };
+        let in_table = text(NFTA_CHAIN_TABLE) == Some(table.as_bytes());
+        if in_table && let Some(name) = text(NFTA_CHAIN_NAME) {
+            found = prefixes
+                .iter()
+                .any(|prefix| name.starts_with(prefix.as_bytes()));
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
 /// None when the kernel flagged the dump as interrupted.
 fn dump_nat_postrouting_chains(
     within: Duration,
