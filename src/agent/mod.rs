@@ -1367,18 +1367,21 @@ mod tests {
         .unwrap();
         let mut agent = Agent::new(settings(&file), Box::new(backend));
         agent.start_conntrack(shared);
+        // The destinations of the flows left once the worker is done.
+        let left_after = |agent: &Agent| -> Vec<String> {
+            if let Some(flows) = &agent.flows {
+                flows.wait_idle();
+            }
+            runner
+                .conntrack_entries()
+                .iter()
+                .map(|e| e.original.destination.to_string())
+                .collect()
+        };
         assert_eq!(agent.sync_once(), SyncOutcome::Applied { changed: true });
-        if let Some(flows) = &agent.flows {
-            flows.wait_idle();
-        }
-        let left: Vec<String> = runner
-            .conntrack_entries()
-            .iter()
-            .map(|e| e.original.destination.to_string())
-            .collect();
         // Masqueraded under the old rules, kept by the new: re-decided. The other flow's
         // decision is the same under both: left alone.
-        assert_eq!(left, ["203.0.113.10"]);
+        assert_eq!(left_after(&agent), ["203.0.113.10"]);
 
         // Drift: the jump deleted by hand; a flow starts unmasqueraded meanwhile.
         runner.restore_nat(
@@ -1394,16 +1397,8 @@ mod tests {
         );
         runner.bump_generation();
         assert_eq!(agent.sync_once(), SyncOutcome::Applied { changed: false });
-        if let Some(flows) = &agent.flows {
-            flows.wait_idle();
-        }
-        let left: Vec<String> = runner
-            .conntrack_entries()
-            .iter()
-            .map(|e| e.original.destination.to_string())
-            .collect();
         assert_eq!(
-            left,
+            left_after(&agent),
             ["203.0.113.10"],
             "the unmasqueraded flow is re-decided"
         );
