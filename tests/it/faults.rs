@@ -45,8 +45,9 @@ root_test!(
     fn regression_a_hung_tool_is_killed_healthz_tells_and_sigterm_is_prompt() {
         let node = Netns::new("node");
         let shims = Shims::new();
-        // A marker no other test uses, to find the hung children.
-        shims.add("iptables-nft-save", "sleep 987");
+        // A marker no other test uses, to find the hung children. iptables-nft itself
+        // lists the chains the agent reads.
+        shims.add("iptables-nft", "sleep 987");
         let volume = ConfigMapVolume::new("resyncInterval: 200ms\n");
         let config = volume.path();
         let path = shims.path();
@@ -64,7 +65,7 @@ root_test!(
         agent.wait_for_log("rules applied", 1, Duration::from_secs(10));
         assert_eq!(health(&node).0, 200);
 
-        shims.fault_on("iptables-nft-save");
+        shims.fault_on("iptables-nft");
         touch_nf_tables(&node);
         agent.wait_for_log(
             "did not finish within 1s; killed",
@@ -90,7 +91,7 @@ root_test!(
             pids_matching("sleep 987")
         );
 
-        shims.fault_off("iptables-nft-save");
+        shims.fault_off("iptables-nft");
         assert!(
             eventually(Duration::from_secs(5), || health(&node).0 == 200),
             "{:?}",
@@ -98,7 +99,7 @@ root_test!(
         );
         assert_eq!(our_lines(&node).len(), 7);
 
-        shims.fault_on("iptables-nft-save");
+        shims.fault_on("iptables-nft");
         touch_nf_tables(&node);
         assert!(eventually(Duration::from_secs(5), || !pids_matching(
             "sleep 987"
@@ -109,7 +110,7 @@ root_test!(
         let took = asked.elapsed();
         assert!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
         assert!(status.success(), "{status:?}");
-        shims.fault_off("iptables-nft-save");
+        shims.fault_off("iptables-nft");
         assert_eq!(
             our_lines(&node).len(),
             7,
@@ -138,8 +139,9 @@ struct Fault {
 }
 
 const FAULTS: [Fault; 8] = [
+    // iptables-nft itself lists the chains the agent reads (`-S CHAIN`).
     Fault {
-        tool: "iptables-nft-save",
+        tool: "iptables-nft",
         script: "echo 'simulated failure' >&2; exit 1",
         backend: &["--iptables-mode=nft"],
         syncs_fail: true,
@@ -148,8 +150,8 @@ const FAULTS: [Fault; 8] = [
     // A listing the agent cannot read is never written on (a jump appended on every
     // misread would pile up): the sync fails as "unreadable".
     Fault {
-        tool: "iptables-nft-save",
-        script: "printf '*nat\\n-A \\001\\377 garbage \"\\n:half'; exit 0",
+        tool: "iptables-nft",
+        script: "printf -- '-P POSTROUTING ACCEPT\\n-A \\001\\377 garbage \"\\n:half'; exit 0",
         backend: &["--iptables-mode=nft"],
         syncs_fail: true,
         drift: &[],
