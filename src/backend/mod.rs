@@ -298,7 +298,7 @@ pub trait Backend {
     }
 
     /// The nat tables the last `sync` or `diff` read, by family (the iptables backend's
-    /// own `iptables-save -t nat`), so the survey reuses them instead of reading again.
+    /// own read of its nat table), so the survey reuses them instead of reading again.
     fn last_read_nat(&self) -> Vec<(Family, &str)> {
         Vec::new()
     }

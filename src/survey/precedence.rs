@@ -21,8 +21,10 @@
 //! traffic, with whatever config they were written for (`Preceding::leftover`). Verdict maps by name (`vmap @map`) are not followed (`nft -t` omits
 //! their elements).
 //!
-//! Pure: it classifies `iptables-save -t nat` and `nft -t list ruleset` text that the
-//! caller (backend/mod.rs) gathered; it runs nothing.
+//! Pure: it classifies iptables-save-form nat text and `nft -t list chain` listings
+//! (one `table` block each, as many as the caller read) that the caller (survey/mod.rs)
+//! gathered; it runs nothing. Rules after the agent's that can NAT what it keeps are
+//! listed too (`Order::After`).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -40,7 +42,8 @@ const MAX_STEPS: usize = 200_000;
 /// Prefixes named in one effect line.
 const MAX_PREFIXES_SHOWN: usize = 4;
 
-/// One iptables implementation's nat table as `iptables-save -t nat` printed it.
+/// One iptables implementation's nat table in iptables-save's form (saved whole, or the
+/// chains that matter listed one by one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SavedNat {
     /// `nft` or `legacy`.
@@ -775,7 +778,8 @@ fn without_counts(line: &str) -> String {
     out.join(" ")
 }
 
-/// The chains of an `nft list ruleset` listing, with their hooks and rules.
+/// The chains of nft listings (`list ruleset`, or `list chain` outputs one after another),
+/// with their hooks and rules.
 fn parse_ruleset(text: &str) -> Vec<NftChain> {
     let mut chains: Vec<NftChain> = Vec::new();
     let mut stack: Vec<Context> = Vec::new();
