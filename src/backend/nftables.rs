@@ -568,16 +568,18 @@ pub fn repair_batch(want: &Table, observed: &Observed, whole: bool) -> Batch {
                 .and_then(|f| f.chain(&chain.name))
                 .is_none_or(|c| !c.rules)
         });
-    // Rules go first: a chain or set still referenced by one cannot be deleted.
+    // Rules go first: a chain or set still referenced by one cannot be deleted. Then sets
+    // and maps, before chains: a verdict map's `jump CHAIN` holds its chain (the kernel
+    // refuses to delete that chain first, EBUSY, and the whole batch with it).
     if rules_differ {
         ops.push(Op::FlushRules);
     }
+    ops.extend(doomed_sets.iter().map(|name| Op::DelSet(name.to_string())));
     ops.extend(
         doomed_chains
             .iter()
             .map(|name| Op::DelChain(name.to_string())),
     );
-    ops.extend(doomed_sets.iter().map(|name| Op::DelSet(name.to_string())));
     for set in &want.sets {
         let seen = found.and_then(|f| f.set(&set.name)).filter(|s| s.declared);
         match seen.map(|s| &s.elements) {
