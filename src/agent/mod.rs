@@ -118,6 +118,8 @@ struct ReadProof {
 /// changes no timestamp and sends no event (a write through a shared mapping of a page
 /// already dirty) is picked up within this, as upstream's periodic re-read would.
 const FULL_READ_EVERY: Duration = Duration::from_secs(600);
+/// The longest wait between attempts to remove the agent's rules where it no longer works.
+const LEFTOVER_RETRY_CAP: Duration = Duration::from_secs(600);
 
 pub struct Agent {
     settings: Settings,
@@ -127,6 +129,10 @@ pub struct Agent {
     leftovers: Option<(Leftovers, SharedRunner)>,
     /// Set at start and whenever a survey finds such rules again; cleared once removed.
     leftovers_pending: bool,
+    /// Failed removals in a row, and when the next may be tried: the first retry comes
+    /// at the next sync, later ones after 1 s, 2 s, 4 s ... up to 10 minutes (a removal
+    /// that cannot fit in memory would otherwise run, and be killed, at every resync).
+    leftover_failures: (u32, Option<Instant>),
     /// What the backend said about how it had to read the kernel, as last logged.
     read_notes: Vec<String>,
     /// Looks at what outputInterface/outputAddress meet on the node (None: never), and
@@ -194,6 +200,7 @@ impl Agent {
             backend,
             leftovers: None,
             leftovers_pending: false,
+            leftover_failures: (0, None),
             read_notes: Vec::new(),
             egress: None,
             flows: None,
@@ -654,13 +661,31 @@ impl Agent {
             _ => {}
         }
         // Only after our own rules are in force, so traffic is never left unmasqueraded.
+        // A removal that fails does not fail the sync: the agent's own rules are in
+        // force, and a restart would not remove them either (an iptables-legacy-save that
+        // cannot fit in the pod's memory limit, say). It is logged, shown in /healthz
+        // and counted, and retried with backoff.
         if let Err(err) = self.remove_leftovers() {
-            let message =
-                format!("removing the other backend's rules (retried at the next sync): {err}");
-            let config = self.applied.as_ref().map(|a| a.config.clone());
-            if let Some(config) = config {
-                return self.sync_failed(&err, message, started, &config);
-            }
+            let (failures, _) = self.leftover_failures;
+            let failures = failures.saturating_add(1);
+            let wait = match failures {
+                1 => Duration::ZERO,
+                n => Duration::from_secs(1u64 << (n - 2).min(10)).min(LEFTOVER_RETRY_CAP),
+            };
+            self.leftover_failures = (failures, Some(Instant::now() + wait));
+            let when = if wait.is_zero() {
+                "retried at the next sync".to_string()
+            } else {
+                format!("retried in {wait:?}")
+            };
+            tracing::error!(
+                attempt = failures,
+                kind = err.kind().label(),
+                "removing the agent's rules where it no longer works failed ({when}): {err}"
+            );
+            self.telemetry.leftovers_pending(Some(format!(
+                "the agent's rules where it no longer works could not be removed ({failures} attempt(s); {when}): {err}"
+            )));
         }
         if self.consecutive_backend_failures > 0 {
             tracing::info!(
@@ -707,10 +732,19 @@ impl Agent {
         if !self.leftovers_pending {
             return Ok(());
         }
+        if let (_, Some(next)) = self.leftover_failures
+            && Instant::now() < next
+        {
+            return Ok(());
+        }
         for line in leftovers.remove(runner)? {
             tracing::info!("{line}");
         }
         self.leftovers_pending = false;
+        if self.leftover_failures.0 > 0 {
+            self.telemetry.leftovers_pending(None);
+        }
+        self.leftover_failures = (0, None);
         Ok(())
     }
 
@@ -1245,12 +1279,24 @@ mod tests {
             runner.clone(),
         ));
         f.agent.leftovers_pending = true;
-        // Our rules are written, then removing the other backend's fails: a failed sync.
-        assert_eq!(f.agent.sync_once(), SyncOutcome::BackendFailed);
+        // Our rules are written, then removing the other backend's fails: the sync still
+        // applied (rv4 #2: a removal that can never succeed must not fail every sync and
+        // have kubelet restart the agent for ever); /healthz says so in a note.
+        assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: true });
         assert_eq!(f.synced.borrow().len(), 1);
         assert!(runner.nft_table("inet ip-masq-agent").is_some());
+        let body = f.agent.telemetry.liveness().unwrap();
+        assert!(body.contains("could not be removed"), "{body}");
+        // Retried at the next sync.
         assert_eq!(f.agent.sync_once(), SyncOutcome::Applied { changed: false });
         assert!(runner.nft_table("inet ip-masq-agent").is_none());
+        assert!(
+            !f.agent
+                .telemetry
+                .liveness()
+                .unwrap()
+                .contains("could not be removed")
+        );
         let calls = runner.calls().len();
         f.agent.sync_once();
         assert_eq!(

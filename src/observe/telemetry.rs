@@ -80,6 +80,8 @@ struct Health {
     late_bind: Option<LateBind>,
     /// How the last sync had to read the kernel, when out of the ordinary.
     read_notes: Vec<String>,
+    /// Why the agent's rules where it no longer works are still there, while they are.
+    leftovers: Option<String>,
     /// Before any sync was attempted: when the loop last read a config it rejected, and
     /// why. The loop is alive while it keeps reading; a restart would not fix the file.
     waiting_for_config: Option<(Instant, String)>,
@@ -104,6 +106,7 @@ pub struct Telemetry {
     drift_repairs: Counter,
     preceding_nat_rules: Family<ExpectedLabels, Gauge>,
     following_nat_rules: Gauge,
+    leftovers_stuck: Gauge,
     sync_errors: Family<KindLabels, Counter>,
     conntrack_deleted: Family<ProtocolLabels, Counter>,
     conntrack_stale: Family<ProtocolLabels, Gauge>,
@@ -137,6 +140,7 @@ impl Telemetry {
         let drift_repairs = Counter::default();
         let preceding_nat_rules = Family::<ExpectedLabels, Gauge>::default();
         let following_nat_rules = Gauge::default();
+        let leftovers_stuck = Gauge::default();
         let sync_errors = Family::<KindLabels, Counter>::default();
         let conntrack_deleted = Family::<ProtocolLabels, Counter>::default();
         let conntrack_stale = Family::<ProtocolLabels, Gauge>::default();
@@ -228,6 +232,11 @@ impl Telemetry {
             preceding_nat_rules.clone(),
         );
         registry.register(
+            "leftover_rules_stuck",
+            "1 while the agent's rules where it no longer works (the other backend, the other iptables flavour) could not be removed; retried with backoff",
+            leftovers_stuck.clone(),
+        );
+        registry.register(
             "following_nat_rules",
             "Other owners' NAT rules that run after the agent's rules on srcnat and can masquerade or SNAT a destination the config keeps",
             following_nat_rules.clone(),
@@ -265,6 +274,7 @@ impl Telemetry {
             drift_repairs,
             preceding_nat_rules,
             following_nat_rules,
+            leftovers_stuck,
             sync_errors,
             conntrack_deleted,
             conntrack_stale,
@@ -284,6 +294,7 @@ impl Telemetry {
                 resync_interval: Duration::from_secs(60),
                 late_bind: None,
                 read_notes: Vec::new(),
+                leftovers: None,
                 waiting_for_config: None,
             }),
         }
@@ -409,6 +420,13 @@ impl Telemetry {
         self.health().read_notes = notes.to_vec();
     }
 
+    /// Whether the agent's rules where it no longer works could not be removed (why), or
+    /// are gone (None): a note in /healthz and a gauge.
+    pub fn leftovers_pending(&self, why: Option<String>) {
+        self.leftovers_stuck.set(i64::from(why.is_some()));
+        self.health().leftovers = why;
+    }
+
     pub fn http_bind_failed(&self) {
         self.http_bind_failures.inc();
     }
@@ -498,6 +516,9 @@ impl Telemetry {
         };
         for read in &health.read_notes {
             note.push_str(&format!("note: {read}\n"));
+        }
+        if let Some(leftovers) = &health.leftovers {
+            note.push_str(&format!("note: {leftovers}\n"));
         }
         Self::sync_liveness(&health, now)
             .map(|body| body + &note)

@@ -362,8 +362,23 @@ root_test!(
                 &[("PATH", &path)],
             );
             if removal_fails {
-                agent.wait_for_log("retried at the next sync", 2, Duration::from_secs(10));
+                agent.wait_for_log(
+                    "removing the agent's rules where it no longer works failed",
+                    2,
+                    Duration::from_secs(10),
+                );
                 assert!(!agent.log().contains(gone), "{}", agent.log());
+                // The agent's own rules are in force: healthy, with a note and a gauge.
+                let (code, body) = health(&node);
+                assert!(
+                    code == 200 && body.contains("could not be removed"),
+                    "{code} {body}"
+                );
+                let (_, metrics) = node.http_get(ENDPOINT, "/metrics");
+                assert!(
+                    metrics.contains("ip_masq_agent_leftover_rules_stuck 1"),
+                    "{metrics}"
+                );
             }
             shims.fault_off(tool);
             agent.wait_for_log(gone, 1, Duration::from_secs(10));

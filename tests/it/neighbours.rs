@@ -472,3 +472,65 @@ root_test!(
         );
     }
 );
+
+root_test!(
+    /// rv4 (hostile review of this stop's changes) #2: an nft node that still holds an
+    /// old kube-proxy's legacy nat table of thousands of Services (a common migration
+    /// state). Looking there for the agent's leftovers runs iptables-legacy-save, whose
+    /// libiptc loads the whole table: OOM-killed under the DaemonSet's limit at every
+    /// sync, each failure failed the sync, and /healthz turned 503: kubelet would restart
+    /// the agent for ever, though its own rules were in force.
+    fn regression_a_leftover_check_that_cannot_fit_in_memory_does_not_fail_the_sync() {
+        let topology = Topology::new();
+        let node = &topology.node;
+        let dir = TempDir::new("legacy");
+        let path = dir.path.join("nat.rules");
+        std::fs::write(&path, workload::kube_proxy_nat(7000)).expect("write the table");
+        node.sh(&[
+            "iptables-legacy-restore",
+            "--noflush",
+            path.to_str().expect("utf-8 path"),
+        ]);
+        let volume =
+            ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 500ms\n");
+        let cgroup = MemoryCgroup::new("agent", 64 << 20);
+        let wrapper = cgroup.wrapper();
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let config = volume.path();
+        let config = config.to_str().expect("utf-8 path");
+        let mut agent = AGENT.start_with(
+            node,
+            &[
+                "--config",
+                config,
+                "--iptables-mode=nft",
+                "--tool-timeout=2s",
+            ],
+            &wrapper,
+            &[],
+        );
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(30));
+        agent.wait_for_log(
+            "removing the agent's rules where it no longer works failed",
+            1,
+            Duration::from_secs(30),
+        );
+        // Past the liveness bound (3 x 500 ms + 2 s): still healthy, and saying why.
+        std::thread::sleep(Duration::from_secs(5));
+        let (code, body) = node.http_get(ENDPOINT, "/healthz");
+        assert!(
+            code == 200 && body.contains("could not be removed"),
+            "{code} {body}\n{}",
+            agent.log()
+        );
+        let (_, metrics) = node.http_get(ENDPOINT, "/metrics");
+        assert!(
+            metrics.contains("ip_masq_agent_leftover_rules_stuck 1"),
+            "{metrics}"
+        );
+        assert!(topology.is_masqueraded("203.0.113.10"));
+        assert!(!topology.is_masqueraded("10.99.0.10"));
+        eprintln!("OOM kills of the leftover check: {}", cgroup.oom_kills());
+        drop(agent);
+    }
+);
