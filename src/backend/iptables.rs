@@ -453,6 +453,36 @@ fn read_nat_by_chain(
             Err(_) => unlisted.push(name),
         }
     }
+    // nft lets anyone name a chain ACCEPT, RETURN or MASQUERADE, and iptables-nft prints
+    // a jump to it exactly as its own target: the agent could not tell its RETURN from
+    // a jump into someone's masquerade, nor a neighbour's ACCEPT from one. Where such a
+    // chain exists, nothing read here means what it says.
+    let mut named_like_targets: Vec<String> = Vec::new();
+    for rule in &rules {
+        let words = saved_words(rule);
+        for pair in words.windows(2) {
+            let target = &pair[1];
+            if (pair[0] == "-j" || pair[0] == "-g")
+                && BUILTIN_TARGETS.contains(&target.as_str())
+                && !named_like_targets.contains(target)
+            {
+                named_like_targets.push(target.clone());
+            }
+        }
+    }
+    for target in named_like_targets {
+        let exists = runner
+            .nft_chain_exists(family, "nat", &target)
+            .map_err(|error| SyncError::Tool {
+                doing: format!("reading {place}: looking up chain {target}"),
+                error,
+            })?;
+        if exists {
+            return Err(SyncError::Unreadable(format!(
+                "{place} holds a chain named {target} (native nft: iptables refuses that name), and iptables-nft prints a jump to it exactly as its own {target}; nothing is written until it is renamed"
+            )));
+        }
+    }
     let mut text = String::from("*nat\n");
     for line in declarations.iter().chain(&rules) {
         text.push_str(line);

@@ -534,3 +534,54 @@ root_test!(
         drop(agent);
     }
 );
+
+root_test!(
+    /// rv4 (hostile review of this stop's changes) #4: nft lets anyone name a chain
+    /// RETURN, and iptables-nft prints a jump to it exactly as the agent's own RETURN.
+    /// The agent's keep rule replaced by a jump into such a chain that masquerades: the
+    /// agent and `status` said "in sync" while the kept destination was masqueraded.
+    fn regression_a_chain_named_like_a_target_is_not_taken_for_the_target() {
+        let topology = Topology::new();
+        let node = &topology.node;
+        let volume =
+            ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 300ms\n");
+        let mut agent = AGENT.start_synced(node, &volume, &["--iptables-mode=nft"]);
+        let listing = node.sh(&["nft", "-a", "list", "chain", "ip", "nat", "IP-MASQ-AGENT"]);
+        let handle = listing
+            .lines()
+            .find(|line| line.contains("10.0.0.0/8"))
+            .and_then(|line| line.rsplit_once("handle "))
+            .map(|(_, handle)| handle.trim().to_string())
+            .expect("the agent's keep rule and its handle");
+        node.sh(&[
+            "nft",
+            "add chain ip nat RETURN; add rule ip nat RETURN masquerade",
+        ]);
+        node.sh(&[
+            "nft",
+            &format!(
+                "replace rule ip nat IP-MASQ-AGENT handle {handle} ip daddr 10.0.0.0/8 counter jump RETURN comment \"ip-masq-agent: local traffic is not subject to MASQUERADE\""
+            ),
+        ]);
+        // What the packets say: the kept destination is masqueraded now.
+        assert!(topology.is_masqueraded("10.99.0.10"));
+        agent.wait_for_log("holds a chain named RETURN", 1, Duration::from_secs(5));
+        let path = volume.path();
+        let out = AGENT.run(
+            node,
+            [
+                "status",
+                "--config",
+                path.to_str().expect("utf-8 path"),
+                "--iptables-mode=nft",
+            ],
+        );
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(1), "{said}");
+        assert!(said.contains("holds a chain named RETURN"), "{said}");
+    }
+);
