@@ -182,6 +182,8 @@ pub struct NatRead {
     /// Chains reached from POSTROUTING that iptables could not list (they hold native
     /// nft rules); their rules are not in `text`.
     pub unlisted: Vec<String>,
+    /// Chains reached from POSTROUTING past [`MAX_LISTED_CHAINS`], not read.
+    pub left_out: usize,
 }
 
 /// Why `saved` (iptables-save output, possibly of several tables) is not a listing the
@@ -329,6 +331,7 @@ pub fn read_nat_table(
         text: if whole { nat_section(&saved) } else { saved },
         by_chain: false,
         unlisted: Vec::new(),
+        left_out: 0,
     })
 }
 
@@ -413,9 +416,11 @@ fn read_nat_by_chain(
     let targets: Vec<String> = rules.iter().flat_map(|rule| jump_targets(rule)).collect();
     enqueue(targets, &mut queue, &mut seen);
     let mut listed = 1;
+    let mut left_out = 0;
     while let Some(name) = queue.pop_front() {
         let ours = name == chain.as_str();
         if !ours && listed >= MAX_LISTED_CHAINS {
+            left_out += 1;
             continue;
         }
         // A target that is no chain (an extension iptables knows, e.g. TCPMSS) costs
@@ -442,6 +447,12 @@ fn read_nat_by_chain(
                 enqueue(targets, &mut queue, &mut seen);
             }
             Err(err) if !lists_native_rules(&err) => return Err(failed(&name, err)),
+            // Deleted since it was looked up (iptables-nft says "incompatible" of a
+            // missing chain too): nothing of it to read, and nothing to say.
+            Err(_)
+                if !runner
+                    .nft_chain_exists(family, "nat", &name)
+                    .unwrap_or(true) => {}
             Err(err) if ours => {
                 return Err(SyncError::Unreadable(format!(
                     "{} ({err}); refusing to flush a chain the agent cannot read",
@@ -493,6 +504,7 @@ fn read_nat_by_chain(
         text,
         by_chain: true,
         unlisted,
+        left_out,
     })
 }
 
@@ -1181,6 +1193,8 @@ pub struct IptablesBackend {
     unlisted: Vec<(Family, Vec<String>)>,
     /// What the agent's chains decided before the last sync wrote over them.
     replaced: Option<ReplacedDecisions>,
+    /// Chains reached from POSTROUTING left unread past the limit at the last read.
+    left_out: Vec<(Family, usize)>,
 }
 
 impl IptablesBackend {
@@ -1222,6 +1236,7 @@ impl IptablesBackend {
             last_read: Vec::new(),
             unlisted: Vec::new(),
             replaced: None,
+            left_out: Vec::new(),
         })
     }
 
@@ -1302,6 +1317,10 @@ impl IptablesBackend {
         if !read.unlisted.is_empty() {
             self.unlisted.push((family, read.unlisted.clone()));
         }
+        self.left_out.retain(|(f, _)| *f != family);
+        if read.left_out > 0 {
+            self.left_out.push((family, read.left_out));
+        }
     }
 }
 
@@ -1347,6 +1366,12 @@ impl Backend for IptablesBackend {
                     base_name(*family)
                 )
             })
+            .chain(self.left_out.iter().map(|(family, count)| {
+                format!(
+                    "the {family} nat table of iptables-{}: {MAX_LISTED_CHAINS} chains reached from POSTROUTING were read and {count} more left out; NAT rules in those are not surveyed",
+                    self.flavour
+                )
+            }))
             .collect()
     }
 

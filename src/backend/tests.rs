@@ -585,3 +585,24 @@ fn regression_a_tool_error_names_what_it_was_doing_once() {
     let text = error.doing(|| "writing".into()).unwrap_err().to_string();
     assert_eq!(text, "writing: nf_tables: busy");
 }
+
+/// rv4 (hostile review of this stop's changes) #5: past 64 chains reached from
+/// POSTROUTING the read stopped without a word, and a masquerade behind them was
+/// reported nowhere. Now the read says how many it left out.
+#[test]
+fn regression_chains_left_out_past_the_limit_are_said() {
+    let runner = FakeRunner::new();
+    let mut table = String::from("*nat\n");
+    for i in 0..70 {
+        table.push_str(&format!(":HOP{i} - [0:0]\n-A POSTROUTING -j HOP{i}\n"));
+    }
+    table.push_str("COMMIT\n");
+    runner.restore_nat("iptables-nft", &table);
+    let mut backend = iptables(&runner, false);
+    backend.sync(&default_policy()).unwrap();
+    let notes = backend.read_notes();
+    assert!(
+        notes.len() == 1 && notes[0].contains("and 7 more left out"),
+        "{notes:?}"
+    );
+}

@@ -172,7 +172,7 @@ impl Telemetry {
         );
         registry.register(
             "nat_tables_read_by_chain",
-            "nat tables with a chain on the POSTROUTING path iptables-nft could not list (native nft rules) at the last sync",
+            "nat tables the last sync could not read in full: a chain on the POSTROUTING path iptables-nft cannot list (native nft rules), or more chains reached than it reads (64)",
             read_by_chain.clone(),
         );
         let http_connections_closed = Counter::default();

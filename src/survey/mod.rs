@@ -87,6 +87,13 @@ fn read_srcnat(
                     read.unlisted.join(", ")
                 )),
                 Ok(read) => {
+                    if read.left_out > 0 {
+                        listings.notes.push(format!(
+                            "{label}: {} chains reached from POSTROUTING were read and {} more left out; NAT rules in those are not surveyed",
+                            iptables::MAX_LISTED_CHAINS,
+                            read.left_out
+                        ));
+                    }
                     saved.text = read.text;
                     listings.read.push(label);
                     listings.saved.push(saved);
