@@ -257,6 +257,10 @@ impl SrcnatWatch {
         full: bool,
     ) -> Option<SrcnatChange> {
         let place = backend.srcnat_place()?;
+        // A table the backend could not read whole (a chain on its POSTROUTING path holds
+        // native nft rules) is left out of what it hands over: only a full survey, through
+        // nft, sees changes there, so every update is a full one while that lasts.
+        let full = full || !backend.read_notes().is_empty();
         let fresh = backend.last_read_nat();
         let hash = fingerprint(&fresh);
         let listings = match self.listings.as_mut() {
