@@ -1127,13 +1127,60 @@ impl NftRule {
     }
 
     /// `ip daddr != X` / `ip6 daddr != X`.
+    /// `ip daddr != X` where X is a prefix, an address, a range `A-B` or an anonymous
+    /// set `{ ... }` of those: every destination it leaves out, as prefixes.
     fn excluded_destinations(&self, end: usize) -> Vec<IpNet> {
         let w = &self.words[..end.min(self.words.len())];
-        (1..w.len())
-            .filter(|&i| w[i].is("daddr") && (w[i - 1].is("ip") || w[i - 1].is("ip6")))
-            .filter(|&i| w.get(i + 1).is_some_and(|t| t.is("!=")))
-            .filter_map(|i| w.get(i + 2).and_then(|t| parse_net(&t.text)))
-            .collect()
+        let mut out = Vec::new();
+        for i in 1..w.len() {
+            if !(w[i].is("daddr") && (w[i - 1].is("ip") || w[i - 1].is("ip6"))) {
+                continue;
+            }
+            if !w.get(i + 1).is_some_and(|t| t.is("!=")) {
+                continue;
+            }
+            let Some(first) = w.get(i + 2) else {
+                continue;
+            };
+            if first.text.starts_with('{') {
+                // `{ a, b, c }`: the items up to the closing brace.
+                for token in &w[i + 2..] {
+                    let item = token
+                        .text
+                        .trim_matches(|c| c == '{' || c == '}' || c == ',');
+                    out.extend(destination_item(item));
+                    if token.text.ends_with('}') {
+                        break;
+                    }
+                }
+            } else {
+                out.extend(destination_item(&first.text));
+            }
+        }
+        out
+    }
+}
+
+/// One item of a destination match as prefixes: `10.0.0.0/8`, `10.0.0.1`, or the range
+/// `10.0.0.0-10.255.255.255` as the prefixes that cover exactly it.
+fn destination_item(item: &str) -> Vec<IpNet> {
+    if item.is_empty() {
+        return Vec::new();
+    }
+    if let Some(net) = parse_net(item) {
+        return vec![net];
+    }
+    let Some((start, end)) = item.split_once('-') else {
+        return Vec::new();
+    };
+    match (start.parse::<IpAddr>(), end.parse::<IpAddr>()) {
+        (Ok(IpAddr::V4(a)), Ok(IpAddr::V4(b))) if a <= b => {
+            ipnet::Ipv4Subnets::new(a, b, 0).map(IpNet::V4).collect()
+        }
+        (Ok(IpAddr::V6(a)), Ok(IpAddr::V6(b))) if a <= b => {
+            ipnet::Ipv6Subnets::new(a, b, 0).map(IpNet::V6).collect()
+        }
+        _ => Vec::new(),
     }
 }
 

@@ -1263,3 +1263,43 @@ fn regression_a_rule_is_the_same_rule_whatever_its_counter_counted() {
         "ip saddr 10.244.0.0/16 counter masquerade"
     );
 }
+
+/// rv4 (hostile review of this stop's changes) #7: a negated anonymous set or range that
+/// leaves out every kept range was still reported as able to masquerade one.
+#[test]
+fn regression_negated_sets_and_ranges_that_leave_out_every_kept_range_override_nothing() {
+    let keep = policy("nonMasqueradeCIDRs: [10.0.0.0/8]\n", false);
+    let chain = |rule: &str| {
+        format!(
+            "table ip t {{\n\tchain p {{\n\t\ttype nat hook postrouting priority 50; policy accept;\n\t\t{rule}\n\t}}\n}}\n"
+        )
+    };
+    for rule in [
+        "ip daddr != { 10.0.0.0/8, 169.254.0.0/16 } masquerade",
+        "ip daddr != { 10.0.0.0/7, 169.254.0.0/16 } masquerade",
+        "ip daddr != { 0.0.0.0/1, 169.254.0.0/16 } masquerade",
+        "ip daddr != { 0.0.0.0/0 } masquerade",
+        "ip daddr != 10.0.0.0-10.255.255.255 ip daddr != 169.254.0.0/16 masquerade",
+    ] {
+        let survey = survey_iptables_nft(nat(&[JUMP, AGENT_CHAIN]), Some(&chain(rule)), &keep);
+        assert_eq!(survey.rules.len(), 1, "{rule}: {survey:#?}");
+        assert!(
+            survey.rules[0]
+                .effect
+                .starts_with("overrides no decision to keep"),
+            "{rule}: {}",
+            survey.rules[0].effect
+        );
+    }
+    // A set that leaves a kept range in is still reported.
+    let survey = survey_iptables_nft(
+        nat(&[JUMP, AGENT_CHAIN]),
+        Some(&chain("ip daddr != { 10.0.0.0/16 } masquerade")),
+        &keep,
+    );
+    assert!(
+        survey.rules[0].effect.starts_with("can masquerade"),
+        "{}",
+        survey.rules[0].effect
+    );
+}
