@@ -440,6 +440,10 @@ impl Agent {
                 }
                 self.defaults_since = None;
                 self.note_loaded(&loaded);
+                // The liveness bound follows the config from the first read on, not from
+                // the first sync that finishes.
+                self.telemetry
+                    .resync_interval(loaded.config.resync_interval);
                 let policy = Policy::new(&loaded.config, &self.settings.policy_settings);
                 self.apply(loaded.config, policy)
             }

@@ -337,6 +337,11 @@ impl Telemetry {
         self.sync_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
+    /// The resync interval of the config just read (part of the liveness bound).
+    pub fn resync_interval(&self, interval: Duration) {
+        self.health().resync_interval = interval;
+    }
+
     pub fn sync_finished(
         &self,
         result: SyncResult,
@@ -552,8 +557,17 @@ impl Telemetry {
         let reason = health
             .last_error
             .as_deref()
-            .unwrap_or("no sync has succeeded yet");
-        if age <= grace && health.last_success.is_none() {
+            .unwrap_or(if health.last_attempt_ok.is_none() {
+                "the first sync has not finished"
+            } else {
+                "no sync has succeeded yet"
+            });
+        if age <= grace && health.last_attempt_ok.is_none() {
+            // The first sync has not finished yet: nothing failed, nothing succeeded.
+            Ok(format!(
+                "ok: the first sync is under way, {age:.1?} after start-up (unhealthy after {grace:?} without a success)\n"
+            ))
+        } else if age <= grace && health.last_success.is_none() {
             // Within the start-up grace: healthy, but no success to speak of.
             Ok(format!(
                 "ok: no sync has succeeded yet, {age:.1?} after start-up (unhealthy after {grace:?}); last attempt failed: {reason}\n"
@@ -690,10 +704,19 @@ mod tests {
     }
 
     /// rv1 (live-traffic review) #10: with no sync ever successful, /healthz said "ok:
-    /// last success 6.0s ago", a success that never happened.
+    /// last success 6.0s ago", a success that never happened. rv4 #8: while the first
+    /// sync ran it said "last attempt failed", with the bound of the default interval.
     #[test]
     fn regression_healthz_never_claims_a_success_that_did_not_happen() {
         let t = Telemetry::new();
+        t.resync_interval(Duration::from_secs(3));
+        let body = t.liveness().unwrap();
+        assert!(
+            body.starts_with("ok: the first sync is under way")
+                && !body.contains("failed")
+                && body.contains("unhealthy after 9s"),
+            "{body}"
+        );
         t.sync_finished(
             SyncResult::Failure,
             Duration::ZERO,
