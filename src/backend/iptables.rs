@@ -528,23 +528,37 @@ fn resolve_list_name(family: Family) -> String {
 /// legacy table is read only when the kernel has it (naming one would create it), and
 /// then alone (`-t mangle`).
 pub fn detect_flavour(runner: &SharedRunner) -> Flavour {
+    // A probe that fails counts as no hint (the wrapper's rule), but never silently: the
+    // flavour it picks then may not be kubelet's.
+    let failed = |flavour: Flavour, family: Family, error: &dyn fmt::Display| {
+        tracing::warn!(
+            "looking for kubelet's iptables hint in {}-{flavour}'s mangle table failed ({error}); taken as no hint there",
+            base_name(family)
+        );
+    };
     detect_flavour_with(|flavour, family| match flavour {
-        Flavour::Nft => runner
-            .nft_has_chain_prefixed(family, "mangle", &KUBELET_HINT_NAMES)
-            .ok()
-            .map(|found| {
-                if found {
-                    format!(":{} - [0:0]", KUBELET_HINT_NAMES[0])
-                } else {
-                    String::new()
+        Flavour::Nft => {
+            match runner.nft_has_chain_prefixed(family, "mangle", &KUBELET_HINT_NAMES) {
+                Ok(true) => Some(format!(":{} - [0:0]", KUBELET_HINT_NAMES[0])),
+                Ok(false) => Some(String::new()),
+                Err(error) => {
+                    failed(flavour, family, &error);
+                    None
                 }
-            }),
+            }
+        }
         Flavour::Legacy => {
             if !runner.legacy_tables(family).iter().any(|t| t == "mangle") {
                 return None;
             }
-            resolve_tool(family, flavour, "save", runner)
-                .and_then(|save| runner.run(&save, &["-t", "mangle"], None, None).ok())
+            let save = resolve_tool(family, flavour, "save", runner)?;
+            match runner.run(&save, &["-t", "mangle"], None, None) {
+                Ok(saved) => Some(saved),
+                Err(error) => {
+                    failed(flavour, family, &error);
+                    None
+                }
+            }
         }
     })
 }
