@@ -180,8 +180,16 @@ fn agent_under_the_daemonsets_limit(
     std::fs::write(&path, table).expect("write the table");
     let path = path.to_str().expect("utf-8 path");
     node.sh(&["iptables-nft-restore", "--noflush", path]);
-    // kubelet's hint that the node's iptables is iptables-nft.
+    // kubelet's hint that the node's iptables is iptables-nft, and an older kubelet's
+    // canary left in legacy: a failed nft probe would pick legacy (rv4 #1).
     node.sh(&["iptables-nft", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
+    node.sh(&[
+        "iptables-legacy",
+        "-t",
+        "mangle",
+        "-N",
+        "KUBE-KUBELET-CANARY",
+    ]);
     let cgroup = MemoryCgroup::new("agent", 64 << 20);
     let wrapper = cgroup.wrapper();
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
@@ -191,6 +199,11 @@ fn agent_under_the_daemonsets_limit(
     // read every table of the family through iptables-nft-save before.
     let mut agent = AGENT.start_with(node, &["--config", config], &wrapper, &[]);
     agent.wait_for_log("rules applied", 1, Duration::from_secs(60));
+    assert!(
+        agent.log().contains("starting backend=iptables (nft;"),
+        "the flavour kubelet uses is nft:\n{}",
+        agent.log()
+    );
     (cgroup, agent)
 }
 
