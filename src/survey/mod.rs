@@ -168,6 +168,7 @@ fn read_native_srcnat(
     let mut seen: Vec<(&'static str, String, String)> = queue.iter().cloned().collect();
     let mut text = String::new();
     let mut listed = 0;
+    let mut read_ok = 0;
     let mut left_out = 0;
     while let Some((family, table, chain)) = queue.pop_front() {
         if listed >= MAX_SURVEYED_NFT_CHAINS {
@@ -185,6 +186,7 @@ fn read_native_srcnat(
         ];
         match runner.run(&Program::new("nft"), &args, None, None) {
             Ok(listing) => {
+                read_ok += 1;
                 for target in precedence::nft_jump_targets(&listing) {
                     let next = (family, table.clone(), target);
                     if !seen.contains(&next) {
@@ -207,7 +209,7 @@ fn read_native_srcnat(
             "the survey listed {MAX_SURVEYED_NFT_CHAINS} native nft chains on the srcnat path and left out {left_out} more"
         ));
     }
-    listings.read.push(format!("nft srcnat chains ({listed})"));
+    listings.read.push(format!("nft srcnat chains ({read_ok})"));
     listings.ruleset = Some(text);
 }
 
