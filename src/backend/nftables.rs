@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::{Backend, Doing, SrcnatPlace, SyncError, SyncReport};
+use super::{Backend, Doing, ReplacedDecisions, SrcnatPlace, SyncError, SyncReport};
 use crate::config::egress::{AddressRange, InterfacePattern};
 use crate::kernel::nf_tables::expr::{self, Address, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 use crate::kernel::nf_tables::table::{HOOK_POSTROUTING, POLICY_ACCEPT};
@@ -656,6 +656,9 @@ pub struct NftablesBackend {
     /// The ruleset generation at which the kernel held `held`: while it has not moved,
     /// no one changed any nf_tables table, so there is nothing to read.
     verified_generation: Option<u64>,
+    /// Set by a sync that found no table of the agent's and wrote one: until then
+    /// nothing was masqueraded by it (see `Backend::replaced_decisions`).
+    replaced: Option<ReplacedDecisions>,
 }
 
 impl NftablesBackend {
@@ -670,6 +673,7 @@ impl NftablesBackend {
             held: None,
             held_for: None,
             verified_generation: None,
+            replaced: None,
         })
     }
 
@@ -729,6 +733,10 @@ impl NftablesBackend {
                         tracing::debug!("nft table inet {TABLE}: {difference}");
                     }
                     incomplete = observed.table.as_ref().is_some_and(|t| t.incomplete);
+                    // No table at all: the rules written now replace nothing that decided.
+                    if observed.table.is_none() {
+                        self.replaced = Some(ReplacedDecisions::default());
+                    }
                     repair_batch(&want, &observed, whole)
                 }
             };
@@ -803,6 +811,10 @@ impl Backend for NftablesBackend {
         Some(SrcnatPlace::Nftables)
     }
 
+    fn replaced_decisions(&self) -> Option<ReplacedDecisions> {
+        self.replaced.clone()
+    }
+
     /// Reads the table over netlink; where it differs and nft is installed, nft's
     /// listing against the rendered table says how (in nft's words), else the read does.
     fn diff(&mut self, policy: &Policy) -> Result<Vec<String>, SyncError> {
@@ -832,6 +844,7 @@ impl Backend for NftablesBackend {
     /// reads nothing; otherwise see [`NftablesBackend::converge`].
     fn sync(&mut self, policy: &Policy) -> Result<SyncReport, SyncError> {
         let started_with = self.runner.spawned();
+        self.replaced = None;
         // The cheapest idle resync: same policy, and no commit to nf_tables since the
         // kernel was known to hold it. Nothing is built, not even to count the rules:
         // that alone cost 1 ms per resync at 50,000 prefixes.

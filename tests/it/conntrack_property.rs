@@ -354,6 +354,9 @@ fn run(seed: u64) {
     let mut config = Config::generate(&mut rng);
     let mut volume = ConfigMapVolume::new(&config.yaml());
     let mut agent = AGENT.start_synced(node, &volume, &["--enable-ipv6", backend]);
+    // The first sync replaced no rules (a fresh namespace): the flows pass it starts
+    // finds the table empty. Waited for, so it cannot meet the flows made below.
+    agent.wait_for_log(" examined=", 1, Duration::from_secs(20));
     let mut ports = Ports {
         original: 10_000,
         rewritten: 40_000,
@@ -379,7 +382,7 @@ fn run(seed: u64) {
             next = Config::generate(&mut rng);
         }
         volume.update(&next.yaml());
-        agent.wait_for_log(" examined=", step, Duration::from_secs(20));
+        agent.wait_for_log(" examined=", step + 1, Duration::from_secs(20));
         let after = conntrack::listed(node);
         let gone: BTreeSet<String> = generated
             .iter()
