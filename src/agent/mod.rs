@@ -664,7 +664,22 @@ impl Agent {
             }
             _ => {}
         }
-        // Only after our own rules are in force, so traffic is never left unmasqueraded.
+        if self.consecutive_backend_failures > 0 {
+            tracing::info!(
+                "rules written again after {} failed attempt(s)",
+                self.consecutive_backend_failures
+            );
+        }
+        self.consecutive_backend_failures = 0;
+        self.telemetry.sync_finished(
+            SyncResult::Success,
+            started.elapsed(),
+            resync_interval,
+            None,
+        );
+        // Only after our own rules are in force, so traffic is never left unmasqueraded,
+        // and after the success is recorded: a removal whose tool hangs until its deadline
+        // must not keep /readyz and /healthz from saying the rules are in force.
         // A removal that fails does not fail the sync: the agent's own rules are in
         // force, and a restart would not remove them either (an iptables-legacy-save that
         // cannot fit in the pod's memory limit, say). It is logged, shown in /healthz
@@ -690,20 +705,10 @@ impl Agent {
             self.telemetry.leftovers_pending(Some(format!(
                 "the agent's rules where it no longer works could not be removed ({failures} attempt(s); {when}): {err}"
             )));
+            // The agent's own rules stayed in force all along: the loop is alive and the
+            // success stands as of now (liveness counts from it; nothing more is counted).
+            self.telemetry.success_stands();
         }
-        if self.consecutive_backend_failures > 0 {
-            tracing::info!(
-                "rules written again after {} failed attempt(s)",
-                self.consecutive_backend_failures
-            );
-        }
-        self.consecutive_backend_failures = 0;
-        self.telemetry.sync_finished(
-            SyncResult::Success,
-            started.elapsed(),
-            resync_interval,
-            None,
-        );
         let full = self
             .last_full_survey
             .is_none_or(|at| at.elapsed() >= FULL_SURVEY_EVERY);

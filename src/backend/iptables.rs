@@ -25,7 +25,7 @@ const SNAT_COMMENT: &str =
 const SOURCE_COMMENT: &str =
     "ip-masq-agent: traffic from outside masqueradeSourceCIDRs is not subject to MASQUERADE";
 /// How long iptables-restore waits for the xtables lock (`-w`), as upstream passes it.
-const LOCK_WAIT: Duration = Duration::from_secs(5);
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Which of the two iptables implementations holds the host's rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

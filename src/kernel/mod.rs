@@ -566,7 +566,7 @@ impl Program {
 }
 
 /// The deadline of a tool told to wait `lock_wait` for the xtables lock.
-fn lock_deadline(tool_timeout: Duration, lock_wait: Duration) -> Duration {
+pub fn lock_deadline(tool_timeout: Duration, lock_wait: Duration) -> Duration {
     tool_timeout.max(lock_wait + LOCK_WAIT_MARGIN)
 }
 

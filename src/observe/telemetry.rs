@@ -337,6 +337,15 @@ impl Telemetry {
         self.sync_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
+    /// The last success still stands as of now (a step after it, such as removing
+    /// leftovers, took a while and changed nothing of the agent's rules).
+    pub fn success_stands(&self) {
+        let mut health = self.health();
+        if health.last_attempt_ok == Some(true) {
+            health.last_success = Some(Instant::now());
+        }
+    }
+
     /// The resync interval of the config just read (part of the liveness bound).
     pub fn resync_interval(&self, interval: Duration) {
         self.health().resync_interval = interval;

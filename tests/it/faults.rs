@@ -603,3 +603,57 @@ root_test!(
         }
     }
 );
+
+root_test!(
+    /// rv5 (hostile review of the rv4 fixes) #1: removing the agent's old chain in the
+    /// other flavour ran before the sync's success was recorded; with its tool hanging
+    /// until the deadline, /readyz said "the first sync has not succeeded yet" and
+    /// /healthz flipped to 503 at every retry, though the agent's rules were in force.
+    fn regression_a_hanging_leftover_removal_does_not_hold_up_health() {
+        let node = Netns::new("node");
+        let volume = ConfigMapVolume::new("resyncInterval: 1s\n");
+        // An earlier agent in the legacy flavour left its chain and jump.
+        let mut old = AGENT.start_synced(&node, &volume, &["--iptables-mode=legacy"]);
+        old.terminate();
+        let shims = Shims::new();
+        shims.add("iptables-legacy-restore", "sleep 984");
+        shims.fault_on("iptables-legacy-restore");
+        let config = volume.path();
+        let path = shims.path();
+        let mut agent = AGENT.start_with(
+            &node,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--iptables-mode=nft",
+                "--tool-timeout=3s",
+            ],
+            &[],
+            &[("PATH", &path)],
+        );
+        agent.wait_for_log("rules applied", 1, Duration::from_secs(10));
+        assert!(
+            eventually(Duration::from_secs(1), || node
+                .http_get(ENDPOINT, "/readyz")
+                .0
+                == 200),
+            "{:?}\n{}",
+            node.http_get(ENDPOINT, "/readyz"),
+            agent.log()
+        );
+        // Past the liveness bound (3 x 1 s + 3 s) while removals hang and are killed.
+        let until = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < until {
+            let (code, body) = health(&node);
+            assert_eq!(code, 200, "{body}\n{}", agent.log());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        agent.wait_for_log(
+            "removing the agent's rules where it no longer works failed",
+            1,
+            Duration::from_secs(5),
+        );
+        shims.fault_off("iptables-legacy-restore");
+        agent.terminate();
+    }
+);
