@@ -481,6 +481,12 @@ fn read_nat_by_chain(
             }
         }
     }
+    let read_chains: Vec<String> = declarations
+        .iter()
+        .filter_map(|line| line.strip_prefix(':'))
+        .filter_map(|line| line.split(' ').next())
+        .map(str::to_string)
+        .collect();
     for target in named_like_targets {
         let exists = runner
             .nft_chain_exists(family, "nat", &target)
@@ -488,9 +494,11 @@ fn read_nat_by_chain(
                 doing: format!("reading {place}: looking up chain {target}"),
                 error,
             })?;
-        if exists {
+        // A chain of that name alone (nothing of what was read jumps to it) changes
+        // nothing; nft's own listing tells `return` from `jump RETURN`.
+        if exists && jumped_to_natively(family, &read_chains, &target, runner)? {
             return Err(SyncError::Unreadable(format!(
-                "{place} holds a chain named {target} (native nft: iptables refuses that name), and iptables-nft prints a jump to it exactly as its own {target}; nothing is written until it is renamed"
+                "{place} holds a chain named {target} (native nft: iptables refuses that name) that a rule the agent reads jumps to, and iptables-nft prints that jump exactly as its own {target}; nothing is written until it is renamed"
             )));
         }
     }
@@ -506,6 +514,47 @@ fn read_nat_by_chain(
         unlisted,
         left_out,
     })
+}
+
+/// Whether a rule of `chains` (of `family`'s nat table) jumps or goes to the chain
+/// `target`, as nft lists them (`jump RETURN`, where iptables-nft prints `-j RETURN` for
+/// that and for a plain return alike). Without nft, or when a listing fails, it cannot
+/// be told apart: true.
+fn jumped_to_natively(
+    family: Family,
+    chains: &[String],
+    target: &str,
+    runner: &SharedRunner,
+) -> Result<bool, SyncError> {
+    if !runner.exists("nft") {
+        return Ok(true);
+    }
+    let nft_family = match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    };
+    for chain in chains {
+        let listing = match runner.run(
+            &Program::new("nft"),
+            &["list", "chain", nft_family, "nat", chain],
+            None,
+            None,
+        ) {
+            Ok(listing) => listing,
+            Err(_) => return Ok(true),
+        };
+        let jumps = listing.lines().any(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            words.windows(2).any(|pair| {
+                matches!(pair[0], "jump" | "goto")
+                    && pair[1].trim_matches(|c| matches!(c, '"' | ',' | '}')) == target
+            })
+        });
+        if jumps {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Whether iptables-nft failed because the chain holds rules it cannot express ("...

@@ -598,3 +598,29 @@ root_test!(
         assert!(said.contains("holds a chain named RETURN"), "{said}");
     }
 );
+
+root_test!(
+    /// rv5 (hostile review of the rv4 fixes) #2: a chain named like a target that nothing
+    /// jumps to tripped the check above through the agent's own `-j RETURN` rules: every
+    /// sync after the first was "unreadable", /healthz went 503, and no config change
+    /// applied, for good.
+    fn regression_a_chain_named_like_a_target_that_nothing_jumps_to_changes_nothing() {
+        let topology = Topology::new();
+        let node = &topology.node;
+        let mut volume =
+            ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 300ms\n");
+        let mut agent = AGENT.start_synced(node, &volume, &["--iptables-mode=nft"]);
+        node.sh(&[
+            "nft",
+            "add chain ip nat RETURN; add chain ip nat MASQUERADE",
+        ]);
+        commit_elsewhere(node, 3);
+        volume.update("nonMasqueradeCIDRs: [10.0.0.0/8, 203.0.113.0/24]\nresyncInterval: 300ms\n");
+        agent.wait_for_log("config changed; rules applied", 1, Duration::from_secs(5));
+        assert!(!agent.log().contains("unreadable"), "{}", agent.log());
+        assert!(!topology.is_masqueraded("203.0.113.10"));
+        assert!(topology.is_masqueraded("100.64.0.10"));
+        let (code, body) = node.http_get(ENDPOINT, "/healthz");
+        assert_eq!(code, 200, "{body}");
+    }
+);
