@@ -129,6 +129,10 @@ pub struct Agent {
     leftovers: Option<(Leftovers, SharedRunner)>,
     /// Set at start and whenever a survey finds such rules again; cleared once removed.
     leftovers_pending: bool,
+    /// The other agents running in this network namespace, when known.
+    other_agents: Option<Box<dyn Fn() -> Vec<crate::kernel::lock::OtherAgent>>>,
+    /// Whether the agent last said another agent rewrites its rules (said once a spell).
+    fighting_said: bool,
     /// Failed removals in a row, and when the next may be tried: the first retry comes
     /// at the next sync, later ones after 1 s, 2 s, 4 s ... up to 10 minutes (a removal
     /// that cannot fit in memory would otherwise run, and be killed, at every resync).
@@ -201,6 +205,8 @@ impl Agent {
             leftovers: None,
             leftovers_pending: false,
             leftover_failures: (0, None),
+            other_agents: None,
+            fighting_said: false,
             read_notes: Vec::new(),
             egress: None,
             flows: None,
@@ -257,6 +263,16 @@ impl Agent {
     /// outputAddress(IPv6) and has the interfaces outputInterface lists; warns when not.
     pub fn with_egress_check(mut self, runner: SharedRunner) -> Agent {
         self.egress = Some((runner, Vec::new()));
+        self
+    }
+
+    /// How to list the other agents running in this network namespace (see
+    /// [`crate::kernel::lock`]): while one runs, the rules it writes are not drift.
+    pub fn with_other_agents(
+        mut self,
+        others: impl Fn() -> Vec<crate::kernel::lock::OtherAgent> + 'static,
+    ) -> Agent {
+        self.other_agents = Some(Box::new(others));
         self
     }
 
@@ -655,14 +671,34 @@ impl Agent {
             // The first sync, or a repair of drift, wrote over rules that decided the
             // existing flows: when the backend knows exactly what those decided (the
             // rules of another config before a restart, none at all while the jump was
-            // missing), the flows they decided otherwise are re-decided too.
+            // missing), the flows they decided otherwise are re-decided too. Not while
+            // another agent runs here and the "drift" is its rules: two agents of two
+            // configs (a rolling update to a new ConfigMap) rewrite each other's rules
+            // at every resync, and re-deciding each time would give a live UDP flow a
+            // new source port every few seconds.
+            // (On an unchanged config `previous` may be None: the caller took it out.)
             (_, Some(flows), Some(applied)) if report.wrote => {
-                if let Some(replaced) = self.backend.replaced_decisions() {
+                let others = match &self.other_agents {
+                    Some(list) if !first => list(),
+                    _ => Vec::new(),
+                };
+                if let Some(other) = others.first() {
+                    if !self.fighting_said {
+                        tracing::warn!(
+                            other_pid = other.pid,
+                            "another agent runs in this network namespace and its rules differ: each rewrites the other's at every resync until one stops; existing flows are not re-decided meanwhile"
+                        );
+                        self.fighting_said = true;
+                    }
+                } else if let Some(replaced) = self.backend.replaced_decisions() {
                     let old = replaced_policy(&replaced, &self.settings.policy_settings);
                     flows.submit(&old, &applied.policy);
                 }
             }
             _ => {}
+        }
+        if !report.wrote || changed {
+            self.fighting_said = false;
         }
         if self.consecutive_backend_failures > 0 {
             tracing::info!(

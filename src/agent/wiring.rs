@@ -140,6 +140,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     agent = agent
         .with_srcnat_survey(runner.clone())
         .with_egress_check(runner.clone());
+    if let Some(presence) = presence.clone() {
+        agent = agent.with_other_agents(move || kernel::lock::others(&presence));
+    }
     agent.run(&events);
     // Another agent still running here (the new pod of a rolling update) relies on the
     // rules: removing them would leave the node unmasqueraded until its next resync.

@@ -342,3 +342,58 @@ root_test!(
         );
     }
 );
+
+root_test!(
+    /// rv5 (hostile review of the rv4 fixes) #3: two agents of two configs in one
+    /// namespace (a rolling update whose new pods read a new ConfigMap, with maxSurge)
+    /// rewrite each other's rules at every resync; each rewrite counted as a drift repair
+    /// and re-decided existing flows, so a live UDP flow got a new source port every few
+    /// seconds for as long as both ran.
+    fn regression_two_agents_of_two_configs_do_not_churn_a_live_flow() {
+        let topology = Topology::new();
+        let node = &topology.node;
+        let keep_less =
+            ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 1s\n");
+        let keep_more = ConfigMapVolume::new(
+            "nonMasqueradeCIDRs: [10.0.0.0/8, 172.16.0.0/12]\nresyncInterval: 1s\n",
+        );
+        let _first = AGENT.start_synced(node, &keep_less, &["--iptables-mode=nft"]);
+        let receiver = topology
+            .remote
+            .udp_socket(socket_address("0.0.0.0", FLOW_PORT));
+        receiver
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let _flow = KeepAlive::start(
+            topology.pod.udp_socket(socket_address(V4.pod, 0)),
+            socket_address("172.16.5.10", FLOW_PORT),
+            "flow",
+            Duration::from_secs(20),
+        );
+        assert!(wait_for_source(&receiver, "flow", V4.node, Duration::from_secs(3)).is_some());
+        let mut second = AGENT.start_synced(
+            node,
+            &keep_more,
+            &["--iptables-mode=nft", "--metrics-address=127.0.0.1:9911"],
+        );
+        // Let the first sync's own re-decision (a new config taking over) settle, then
+        // watch the flow's source port while the two keep rewriting each other's rules.
+        std::thread::sleep(Duration::from_secs(2));
+        let mut ports = std::collections::BTreeSet::new();
+        let mut buffer = [0u8; 64];
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until {
+            if let Ok((n, from)) = receiver.recv_from(&mut buffer)
+                && &buffer[..n] == b"flow"
+            {
+                ports.insert((from.ip(), from.port()));
+            }
+        }
+        assert_eq!(ports.len(), 1, "{ports:?}\n{}", second.log());
+        second.wait_for_log(
+            "another agent runs in this network namespace and its rules differ",
+            1,
+            Duration::from_secs(5),
+        );
+    }
+);
