@@ -395,7 +395,7 @@ pub enum ToolError {
         command: String,
         source: std::io::Error,
     },
-    #[error("{command} failed ({status}): {stderr}")]
+    #[error("{command} failed ({status}{}): {stderr}", killed_hint(status))]
     Failed {
         command: String,
         status: ExitStatus,
@@ -562,6 +562,17 @@ impl Program {
         };
         kill_group(child);
         Some(error)
+    }
+}
+
+/// What a SIGKILL the agent did not send most likely was: the kernel's OOM killer, under
+/// the pod's memory limit (the agent's own deadline kills are reported as timeouts).
+fn killed_hint(status: &ExitStatus) -> &'static str {
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal() == Some(libc::SIGKILL) {
+        "; killed by someone else: most likely the OOM killer, under the memory limit"
+    } else {
+        ""
     }
 }
 

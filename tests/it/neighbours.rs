@@ -532,7 +532,7 @@ root_test!(
         std::thread::sleep(Duration::from_secs(5));
         let (code, body) = node.http_get(ENDPOINT, "/healthz");
         assert!(
-            code == 200 && body.contains("could not be removed"),
+            code == 200 && body.contains("could not be removed") && body.contains("OOM killer"),
             "{code} {body}\n{}",
             agent.log()
         );
