@@ -79,37 +79,6 @@ pub fn json_config(non_masq: &[String], force: &[String]) -> String {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lists_are_distinct_and_nested_where_asked() {
-        assert_eq!(
-            spread_v4(3, 0),
-            ["11.0.0.0/24", "11.0.2.0/24", "11.0.4.0/24"]
-        );
-        assert_eq!(spread_v4(2, 1), ["11.0.1.0/24", "11.0.3.0/24"]);
-        assert_eq!(spread_v4(129, 0)[128], "11.1.0.0/24");
-        assert_eq!(nested_force_v4(2, 10), ["11.0.0.64/26", "11.0.20.64/26"]);
-        assert_eq!(dense_v4(257)[256], "10.1.0.0/24");
-        let yaml = yaml_config(
-            &spread_v4(1, 0),
-            &nested_force_v4(1, 1),
-            &["resyncInterval: 1h"],
-        );
-        assert_eq!(
-            yaml,
-            "cidrLimit: 64\nresyncInterval: 1h\nnonMasqueradeCIDRs:\n  - 11.0.0.0/24\nforceMasqueradeCIDRs:\n  - 11.0.0.64/26\n"
-        );
-        assert_eq!(
-            yaml_config(&[], &[], &[]),
-            "cidrLimit: 64\nnonMasqueradeCIDRs: []\n"
-        );
-        assert!(json_config(&spread_v4(1, 0), &[]).contains("[\"11.0.0.0/24\"]"));
-    }
-}
-
 /// A nat table as kube-proxy (iptables mode) writes it for `services` Services of two
 /// endpoints each, in iptables-restore form: KUBE-SERVICES, one KUBE-SVC and two KUBE-SEP
 /// chains per Service, and KUBE-POSTROUTING's marked masquerade (about 1.3 kB a Service).
@@ -148,4 +117,35 @@ pub fn kube_proxy_nat(services: usize) -> String {
     }
     out.push_str("COMMIT\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_are_distinct_and_nested_where_asked() {
+        assert_eq!(
+            spread_v4(3, 0),
+            ["11.0.0.0/24", "11.0.2.0/24", "11.0.4.0/24"]
+        );
+        assert_eq!(spread_v4(2, 1), ["11.0.1.0/24", "11.0.3.0/24"]);
+        assert_eq!(spread_v4(129, 0)[128], "11.1.0.0/24");
+        assert_eq!(nested_force_v4(2, 10), ["11.0.0.64/26", "11.0.20.64/26"]);
+        assert_eq!(dense_v4(257)[256], "10.1.0.0/24");
+        let yaml = yaml_config(
+            &spread_v4(1, 0),
+            &nested_force_v4(1, 1),
+            &["resyncInterval: 1h"],
+        );
+        assert_eq!(
+            yaml,
+            "cidrLimit: 64\nresyncInterval: 1h\nnonMasqueradeCIDRs:\n  - 11.0.0.0/24\nforceMasqueradeCIDRs:\n  - 11.0.0.64/26\n"
+        );
+        assert_eq!(
+            yaml_config(&[], &[], &[]),
+            "cidrLimit: 64\nnonMasqueradeCIDRs: []\n"
+        );
+        assert!(json_config(&spread_v4(1, 0), &[]).contains("[\"11.0.0.0/24\"]"));
+    }
 }
