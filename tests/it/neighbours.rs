@@ -166,6 +166,13 @@ root_test!(
     }
 );
 
+/// Starts the agent with `args` on `node` inside `cgroup`.
+fn start_in(cgroup: &MemoryCgroup, node: &Netns, args: &[&str]) -> AgentProcess {
+    let wrapper = cgroup.wrapper();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    AGENT.start_with(node, args, &wrapper, &[])
+}
+
 /// Runs the agent in a memory cgroup of the DaemonSet's limit (64 MiB) on `topology`'s
 /// node, beside kube-proxy's nat table of `services` Services in iptables-nft.
 fn agent_under_the_daemonsets_limit(
@@ -191,13 +198,11 @@ fn agent_under_the_daemonsets_limit(
         "KUBE-KUBELET-CANARY",
     ]);
     let cgroup = MemoryCgroup::new("agent", 64 << 20);
-    let wrapper = cgroup.wrapper();
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let config = volume.path();
     let config = config.to_str().expect("utf-8 path");
     // The DaemonSet's flags: the flavour is detected (kubelet's hint in mangle), which
     // read every table of the family through iptables-nft-save before.
-    let mut agent = AGENT.start_with(node, &["--config", config], &wrapper, &[]);
+    let mut agent = start_in(&cgroup, node, &["--config", config]);
     agent.wait_for_log("rules applied", 1, Duration::from_secs(60));
     assert!(
         agent.log().contains("starting backend=iptables (nft;"),
@@ -251,16 +256,9 @@ root_test!(
         // left there, it would still masquerade 203.0.113.0/24 at srcnat before ours.
         let mut volume = volume;
         volume.update("nonMasqueradeCIDRs: [10.0.0.0/8, 203.0.113.0/24]\nresyncInterval: 1s\n");
-        let wrapper = cgroup.wrapper();
-        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
         let config = volume.path();
         let config = config.to_str().expect("utf-8 path");
-        let mut agent = AGENT.start_with(
-            node,
-            &["--config", config, "--backend=nftables"],
-            &wrapper,
-            &[],
-        );
+        let mut agent = start_in(&cgroup, node, &["--config", config, "--backend=nftables"]);
         agent.wait_for_log(
             "removed the iptables backend's rules",
             1,
@@ -334,21 +332,8 @@ root_test!(
             metrics.contains("ip_masq_agent_preceding_nat_rules{expected=\"false\"} 1"),
             "{metrics}"
         );
-        let out = AGENT.run(
-            &node,
-            [
-                "status",
-                "--config",
-                path.to_str().expect("utf-8 path"),
-                "--iptables-mode=nft",
-            ],
-        );
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(out.status.code(), Some(1), "{said}");
+        let (in_sync, said) = status(&node, &volume, &["--iptables-mode=nft"]);
+        assert!(!in_sync, "{said}");
         assert!(
             said.contains("unreadable") || said.contains("cannot list"),
             "{said}"
@@ -507,11 +492,10 @@ root_test!(
         let volume =
             ConfigMapVolume::new("nonMasqueradeCIDRs: [10.0.0.0/8]\nresyncInterval: 500ms\n");
         let cgroup = MemoryCgroup::new("agent", 64 << 20);
-        let wrapper = cgroup.wrapper();
-        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
         let config = volume.path();
         let config = config.to_str().expect("utf-8 path");
-        let mut agent = AGENT.start_with(
+        let mut agent = start_in(
+            &cgroup,
             node,
             &[
                 "--config",
@@ -519,8 +503,6 @@ root_test!(
                 "--iptables-mode=nft",
                 "--tool-timeout=2s",
             ],
-            &wrapper,
-            &[],
         );
         agent.wait_for_log("rules applied", 1, Duration::from_secs(30));
         agent.wait_for_log(
@@ -579,22 +561,8 @@ root_test!(
         // What the packets say: the kept destination is masqueraded now.
         assert!(topology.is_masqueraded("10.99.0.10"));
         agent.wait_for_log("holds a chain named RETURN", 1, Duration::from_secs(5));
-        let path = volume.path();
-        let out = AGENT.run(
-            node,
-            [
-                "status",
-                "--config",
-                path.to_str().expect("utf-8 path"),
-                "--iptables-mode=nft",
-            ],
-        );
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(out.status.code(), Some(1), "{said}");
+        let (in_sync, said) = status(node, &volume, &["--iptables-mode=nft"]);
+        assert!(!in_sync, "{said}");
         assert!(said.contains("holds a chain named RETURN"), "{said}");
     }
 );
