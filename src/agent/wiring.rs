@@ -104,12 +104,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     };
     start_remount_guard(watched.clone(), guard_sender);
     let telemetry = Arc::new(Telemetry::new());
-    // The longest a tool of a sync may run: iptables-restore waits for the xtables lock
-    // first, and its deadline grows with that wait.
-    telemetry.set_sync_deadline(crate::kernel::lock_deadline(
-        settings.tool_timeout,
-        crate::backend::iptables::LOCK_WAIT,
-    ));
+    telemetry.set_sync_deadline(settings.tool_timeout);
     if let Some(address) = settings.metrics_address {
         // No `?`: a taken port or a failing HTTP thread must not keep the rules from being
         // written; serve logs such failures and retries the bind on its own thread.

@@ -25,7 +25,7 @@ const SNAT_COMMENT: &str =
 const SOURCE_COMMENT: &str =
     "ip-masq-agent: traffic from outside masqueradeSourceCIDRs is not subject to MASQUERADE";
 /// How long iptables-restore waits for the xtables lock (`-w`), as upstream passes it.
-pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Which of the two iptables implementations holds the host's rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,7 +307,18 @@ pub fn read_nat_table(
     if flavour == Flavour::Nft
         && let Some(list) = &tools.list
     {
-        return read_nat_by_chain(family, list, chain, &place, runner);
+        match read_nat_by_chain(family, list, chain, &place, runner) {
+            // Its chain lookups go over netlink; where nf_tables cannot be reached that
+            // way (user-mode emulation of another architecture refuses the socket), the
+            // table is saved whole, as iptables-nft-save alone can.
+            Err(SyncError::Tool {
+                error: ToolError::Kernel { message, .. },
+                ..
+            }) => tracing::debug!(
+                "{place}: chain lookups over netlink failed ({message}); saving the table whole"
+            ),
+            other => return other,
+        }
     }
     let args: &[&str] = if whole { &[] } else { &["-t", "nat"] };
     let saved = runner

@@ -577,7 +577,7 @@ fn killed_hint(status: &ExitStatus) -> &'static str {
 }
 
 /// The deadline of a tool told to wait `lock_wait` for the xtables lock.
-pub fn lock_deadline(tool_timeout: Duration, lock_wait: Duration) -> Duration {
+fn lock_deadline(tool_timeout: Duration, lock_wait: Duration) -> Duration {
     tool_timeout.max(lock_wait + LOCK_WAIT_MARGIN)
 }
 

@@ -376,9 +376,11 @@ root_test!(
             &keep_more,
             &["--iptables-mode=nft", "--metrics-address=127.0.0.1:9911"],
         );
-        // Let the first sync's own re-decision (a new config taking over) settle, then
-        // watch the flow's source port while the two keep rewriting each other's rules.
-        std::thread::sleep(Duration::from_secs(2));
+        // Let the first sync's own re-decision (a new config taking over) finish and the
+        // flow settle, then watch its source port while the two keep rewriting each
+        // other's rules.
+        second.wait_for_log(" examined=", 1, Duration::from_secs(10));
+        std::thread::sleep(Duration::from_secs(1));
         let mut ports = std::collections::BTreeSet::new();
         let mut buffer = [0u8; 64];
         let until = Instant::now() + Duration::from_secs(6);
