@@ -316,24 +316,7 @@ pub fn exceptions(ctx: &Ctx) -> String {
         .collect();
     let flags = backend_flags(&setup).join(" ");
     measure(ctx, &mut load, &mut points, runs);
-    let none = median(&points[0].rates);
-    let rows: Vec<Vec<String>> = points
-        .iter()
-        .map(|p| {
-            let pct = 100.0 * median(&p.rates) / none;
-            vec![
-                p.label.clone(),
-                rate(median(&p.rates)),
-                format!("{pct:.1} %"),
-                ms(p.sync_ms),
-                if pct >= 90.0 {
-                    "yes".into()
-                } else {
-                    "**no**".into()
-                },
-            ]
-        })
-        .collect();
+    let rows = rows_against_the_first(&points, 90.0, true);
     let block = runs_block(&[(setup.clone(), points)]);
     format!(
         "### Masquerade exceptions on the data path (`{flags}`, median of {runs} interleaved runs)\n\n{}\nEvery run (packets/s):\n\n{block}\n{}\n",
@@ -373,23 +356,7 @@ pub fn egress(ctx: &Ctx) -> String {
         .collect();
     let flags = backend_flags(&setup).join(" ");
     measure(ctx, &mut load, &mut points, runs);
-    let none = median(&points[0].rates);
-    let rows: Vec<Vec<String>> = points
-        .iter()
-        .map(|p| {
-            let pct = 100.0 * median(&p.rates) / none;
-            vec![
-                p.label.clone(),
-                rate(median(&p.rates)),
-                format!("{pct:.1} %"),
-                if pct >= 95.0 {
-                    "yes".into()
-                } else {
-                    "**no**".into()
-                },
-            ]
-        })
-        .collect();
+    let rows = rows_against_the_first(&points, 95.0, false);
     let block = runs_block(&[(setup.clone(), points)]);
     format!(
         "### outputInterface and outputAddress on the data path (`{flags}`, median of {runs} interleaved runs)\n\n{}\nEvery run (packets/s):\n\n{block}\n{}\n",
@@ -405,4 +372,34 @@ pub fn egress(ctx: &Ctx) -> String {
         ),
         load.sentence()
     )
+}
+
+/// One row per point: its label, median rate, that rate as a share of the first
+/// point's, the first sync's time (`with_sync`), and whether the share reaches
+/// `target_pct`.
+fn rows_against_the_first(points: &[Point], target_pct: f64, with_sync: bool) -> Vec<Vec<String>> {
+    let Some(first) = points.first() else {
+        return Vec::new();
+    };
+    let none = median(&first.rates);
+    points
+        .iter()
+        .map(|p| {
+            let pct = 100.0 * median(&p.rates) / none;
+            let mut row = vec![
+                p.label.clone(),
+                rate(median(&p.rates)),
+                format!("{pct:.1} %"),
+            ];
+            if with_sync {
+                row.push(ms(p.sync_ms));
+            }
+            row.push(if pct >= target_pct {
+                "yes".into()
+            } else {
+                "**no**".into()
+            });
+            row
+        })
+        .collect()
 }

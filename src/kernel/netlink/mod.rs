@@ -235,22 +235,10 @@ impl Socket {
     /// sent with NLM_F_ACK): Ok once every one is acknowledged, the first refusal
     /// otherwise. Messages that are not acks (echoes) are skipped.
     pub fn wait_for_acks(&self, acked: &[u32]) -> Result<(), String> {
-        let mut waiting: Vec<u32> = acked.to_vec();
-        let mut buffer = vec![0u8; RECEIVE_BUFFER];
-        while !waiting.is_empty() {
-            let length = self.receive(&mut buffer)?;
-            for message in messages(buffer.get(..length).unwrap_or_default()) {
-                if message.kind != NLMSG_ERROR {
-                    continue;
-                }
-                match message.error() {
-                    Some(0) => waiting.retain(|seq| *seq != message.seq),
-                    Some(code) => return Err(kernel_error(code)),
-                    None => return Err("netlink: a truncated error message".into()),
-                }
-            }
+        match self.await_acks(acked)? {
+            Some(code) => Err(kernel_error(code)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Waits for the kernel's answer to each of `acked` like [`Socket::wait_for_acks`],
